@@ -1,0 +1,190 @@
+//! Backup: walk, chunk, dedup, store, then commit a snapshot.
+//!
+//! Directories are walked depth-first with their entries processed in
+//! parallel (rayon); a file's chunks are hashed, compressed and sealed in
+//! parallel too, while its cut points are found sequentially. A directory's
+//! tree blob is written once all its entries are, so trees are built bottom
+//! up. Files whose size, mtime, ctime and inode match the parent snapshot
+//! reuse its chunk list without being read. The snapshot is written only
+//! after [`Packer::finish`] has made every pack and index segment durable.
+
+mod stream;
+mod walk;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+pub use stream::{backup_stream, NamedFile};
+
+use crate::id::{BlobKind, SnapshotId};
+use crate::packer::{Packer, PackerStats};
+use crate::repo::{RepoError, Repository};
+use crate::snapshot::{Snapshot, Summary};
+use crate::tree::{Tree, TreeError};
+
+/// Why a backup failed (a file that cannot be read is a warning, not this).
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{path}: {source}")]
+    Source { path: PathBuf, source: std::io::Error },
+    #[error("building a tree: {0}")]
+    Tree(#[from] TreeError),
+    #[error("nothing to back up: {0}")]
+    NoPaths(String),
+}
+
+/// Which snapshot to compare against for unchanged files.
+#[derive(Clone, Debug, Default)]
+pub enum ParentChoice {
+    /// The latest snapshot of the same host and paths.
+    #[default]
+    Auto,
+    /// Read every file.
+    None,
+    Snapshot(SnapshotId),
+}
+
+/// Options of one backup.
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    pub tags: Vec<String>,
+    /// Host name to record; the machine's by default.
+    pub hostname: Option<String>,
+    pub parent: ParentChoice,
+    pub tenant: Option<String>,
+    pub user: Option<String>,
+    pub device: Option<String>,
+    /// Upload threads (at least 1).
+    pub uploaders: usize,
+}
+
+/// Live counters a progress display polls.
+#[derive(Debug, Default)]
+pub struct BackupProgress {
+    pub files: AtomicU64,
+    pub dirs: AtomicU64,
+    /// File bytes done (read, or reused from the parent).
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+    pub packer: Mutex<Option<Arc<PackerStats>>>,
+}
+
+/// A committed backup.
+#[derive(Debug)]
+pub struct BackupResult {
+    pub id: SnapshotId,
+    pub snapshot: Snapshot,
+    /// Entries that could not be read and were left out.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    files_new: AtomicU64,
+    files_changed: AtomicU64,
+    files_unmodified: AtomicU64,
+    dirs: AtomicU64,
+    symlinks: AtomicU64,
+    total_bytes: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+/// Backs up `paths` (files or directories) into one snapshot.
+pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progress: &BackupProgress) -> Result<BackupResult, BackupError> {
+    let started = Instant::now();
+    let time = chrono::Local::now().fixed_offset();
+    if paths.is_empty() {
+        return Err(BackupError::NoPaths("no paths given".into()));
+    }
+    let mut abs = Vec::new();
+    for p in paths {
+        let a = std::path::absolute(p).map_err(|source| BackupError::Source { path: p.clone(), source })?;
+        let a = normalize(&a);
+        std::fs::symlink_metadata(&a).map_err(|source| BackupError::Source { path: p.clone(), source })?;
+        abs.push(a);
+    }
+    abs.sort();
+    abs.dedup();
+    let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let (username, machine) = crate::repo::keys::whoami();
+    let hostname = opts.hostname.clone().unwrap_or(machine);
+
+    let parent = match &opts.parent {
+        ParentChoice::None => None,
+        ParentChoice::Snapshot(id) => Some((*id, repo.load_snapshot(id)?)),
+        ParentChoice::Auto => repo
+            .list_snapshots()?
+            .into_iter()
+            .rev()
+            .find(|(_, s)| s.hostname == hostname && s.paths == path_strings),
+    };
+    let parent_tree = match &parent {
+        Some((_, s)) => Some(repo.load_tree(&s.tree)?),
+        None => None,
+    };
+
+    let packer = Packer::new(repo, opts.uploaders);
+    *progress.packer.lock().expect("progress lock") = Some(packer.stats());
+    let walker = walk::Walker { repo, packer: &packer, progress, counters: Counters::default(), warnings: Mutex::new(Vec::new()) };
+    let root = walker.backup_roots(&abs, parent_tree.as_ref())?;
+    let walk::Walker { counters: c, warnings, .. } = walker;
+    let stats = packer.stats();
+    packer.finish()?;
+
+    let summary = Summary {
+        files_new: c.files_new.load(Ordering::Relaxed),
+        files_changed: c.files_changed.load(Ordering::Relaxed),
+        files_unmodified: c.files_unmodified.load(Ordering::Relaxed),
+        dirs: c.dirs.load(Ordering::Relaxed),
+        symlinks: c.symlinks.load(Ordering::Relaxed),
+        errors: progress.errors.load(Ordering::Relaxed),
+        total_bytes: c.total_bytes.load(Ordering::Relaxed),
+        bytes_read: c.bytes_read.load(Ordering::Relaxed),
+        blobs_new: stats.blobs_new.load(Ordering::Relaxed),
+        bytes_new: stats.bytes_new.load(Ordering::Relaxed),
+        bytes_stored: stats.bytes_stored.load(Ordering::Relaxed),
+        duration_secs: started.elapsed().as_secs_f64(),
+    };
+    let snapshot = Snapshot {
+        time,
+        hostname,
+        username,
+        tenant: opts.tenant.clone(),
+        user: opts.user.clone(),
+        device: opts.device.clone(),
+        tags: opts.tags.clone(),
+        paths: path_strings,
+        tree: root,
+        parent: parent.map(|(id, _)| id),
+        summary,
+        program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
+    };
+    let id = repo.save_snapshot(&snapshot)?;
+    let warnings = warnings.into_inner().expect("warnings lock");
+    Ok(BackupResult { id, snapshot, warnings })
+}
+
+/// Removes `.` and `..` components lexically (the path is absolute).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Stores a tree blob and returns its id.
+fn save_tree(packer: &Packer<'_>, nodes: Vec<crate::tree::Node>) -> Result<crate::id::BlobId, BackupError> {
+    let tree = Tree::new(nodes)?;
+    Ok(packer.save(BlobKind::Tree, &tree.encode())?.0)
+}

@@ -1,0 +1,126 @@
+//! Backing up a stream of named files that are not on a local filesystem
+//! (an embedder's own data, an archive being imported).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use super::{save_tree, BackupError, BackupOptions};
+use crate::id::{BlobId, BlobKind, SnapshotId};
+use crate::packer::Packer;
+use crate::repo::Repository;
+use crate::snapshot::{Snapshot, Summary};
+use crate::tree::{validate_name, Node, NodeKind, Timestamp};
+
+/// One file of a stream backup.
+pub struct NamedFile<R> {
+    /// Slash-separated path inside the snapshot, e.g. `photos/2026/a.jpg`.
+    pub path: String,
+    pub reader: R,
+    /// Permission bits (e.g. 0o644).
+    pub mode: u32,
+    pub mtime: Timestamp,
+}
+
+#[derive(Default)]
+struct Dir {
+    dirs: BTreeMap<Vec<u8>, Dir>,
+    files: Vec<Node>,
+}
+
+/// Backs up the files an iterator yields into one snapshot whose root holds
+/// them at their paths. Intermediate directories are created with mode 0755.
+pub fn backup_stream<R: Read>(
+    repo: &Repository,
+    files: impl IntoIterator<Item = NamedFile<R>>,
+    opts: &BackupOptions,
+) -> Result<(SnapshotId, Snapshot), BackupError> {
+    let started = std::time::Instant::now();
+    let time = chrono::Local::now().fixed_offset();
+    let packer = Packer::new(repo, opts.uploaders);
+    let mut root = Dir::default();
+    let mut summary = Summary::default();
+    for file in files {
+        let parts: Vec<&str> = file.path.split('/').filter(|p| !p.is_empty()).collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(BackupError::NoPaths(format!("empty path {:?}", file.path)));
+        };
+        let mut dir = &mut root;
+        for d in dirs {
+            validate_name(d.as_bytes())?;
+            dir = dir.dirs.entry(d.as_bytes().to_vec()).or_default();
+        }
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        for chunk in repo.chunker().stream(file.reader) {
+            let chunk = chunk.map_err(|e| BackupError::Source { path: file.path.clone().into(), source: chunker_io(e) })?;
+            size += chunk.len() as u64;
+            chunks.push(packer.save(BlobKind::Data, &chunk)?.0);
+        }
+        summary.files_new += 1;
+        summary.total_bytes += size;
+        summary.bytes_read += size;
+        dir.files.push(Node {
+            name: name.as_bytes().to_vec(),
+            kind: NodeKind::File { chunks },
+            mode: 0o100000 | (file.mode & 0o7777),
+            uid: 0,
+            gid: 0,
+            mtime: file.mtime,
+            ctime: file.mtime,
+            inode: 0,
+            size,
+        });
+    }
+    let tree = save_dir(&packer, root, &mut summary)?;
+    let stats = packer.stats();
+    packer.finish()?;
+    summary.blobs_new = stats.blobs_new.load(std::sync::atomic::Ordering::Relaxed);
+    summary.bytes_new = stats.bytes_new.load(std::sync::atomic::Ordering::Relaxed);
+    summary.bytes_stored = stats.bytes_stored.load(std::sync::atomic::Ordering::Relaxed);
+    summary.duration_secs = started.elapsed().as_secs_f64();
+    let (username, machine) = crate::repo::keys::whoami();
+    let snapshot = Snapshot {
+        time,
+        hostname: opts.hostname.clone().unwrap_or(machine),
+        username,
+        tenant: opts.tenant.clone(),
+        user: opts.user.clone(),
+        device: opts.device.clone(),
+        tags: opts.tags.clone(),
+        paths: vec!["/".into()],
+        tree,
+        parent: None,
+        summary,
+        program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
+    };
+    let id = repo.save_snapshot(&snapshot)?;
+    Ok((id, snapshot))
+}
+
+fn chunker_io(e: crate::chunker::ChunkerError) -> std::io::Error {
+    match e {
+        crate::chunker::ChunkerError::Io(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+fn save_dir(packer: &Packer<'_>, dir: Dir, summary: &mut Summary) -> Result<BlobId, BackupError> {
+    let mut nodes = dir.files;
+    let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
+    for (name, sub) in dir.dirs {
+        let subtree = save_dir(packer, sub, summary)?;
+        summary.dirs += 1;
+        nodes.push(Node {
+            name,
+            kind: NodeKind::Dir { subtree },
+            mode: 0o040755,
+            uid: 0,
+            gid: 0,
+            mtime: now,
+            ctime: now,
+            inode: 0,
+            size: 0,
+        });
+    }
+    save_tree(packer, nodes)
+}

@@ -1,0 +1,268 @@
+//! The filesystem side of a backup: metadata, file contents, directories.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{File, Metadata};
+use std::io::Read;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use super::{save_tree, BackupError, BackupProgress, Counters};
+use crate::id::{BlobId, BlobKind};
+use crate::packer::Packer;
+use crate::repo::Repository;
+use crate::tree::{Node, NodeKind, Timestamp, Tree};
+
+/// Files at least this large are memory-mapped instead of read.
+const MMAP_THRESHOLD: u64 = 1 << 20;
+
+pub(super) struct Walker<'a, 'r> {
+    pub repo: &'r Repository,
+    pub packer: &'a Packer<'r>,
+    pub progress: &'a BackupProgress,
+    pub counters: Counters,
+    pub warnings: Mutex<Vec<String>>,
+}
+
+/// The part of the absolute path hierarchy above the backed-up paths.
+#[derive(Default)]
+struct Virtual {
+    children: BTreeMap<OsString, Entry>,
+}
+
+enum Entry {
+    Real(PathBuf),
+    Virtual(Virtual),
+}
+
+impl<'r> Walker<'_, 'r> {
+    fn warn(&self, path: &Path, err: impl std::fmt::Display) {
+        let msg = format!("{}: {err}", path.display());
+        tracing::debug!("{msg}");
+        self.progress.errors.fetch_add(1, Ordering::Relaxed);
+        self.warnings.lock().expect("warnings lock").push(msg);
+    }
+
+    /// Builds the root tree: the components of each absolute path lead to it.
+    pub fn backup_roots(&self, paths: &[PathBuf], parent: Option<&Tree>) -> Result<BlobId, BackupError> {
+        let mut root = Virtual::default();
+        for path in paths {
+            let comps: Vec<OsString> = path.components().skip(1).map(|c| c.as_os_str().to_owned()).collect();
+            let mut cur = &mut root;
+            for (i, c) in comps.iter().enumerate() {
+                if i + 1 == comps.len() {
+                    cur.children.insert(c.clone(), Entry::Real(path.clone()));
+                    break;
+                }
+                let entry = cur.children.entry(c.clone()).or_insert_with(|| Entry::Virtual(Virtual::default()));
+                match entry {
+                    Entry::Virtual(v) => cur = v,
+                    Entry::Real(_) => break, // an ancestor is backed up whole
+                }
+            }
+        }
+        self.backup_virtual(Path::new("/"), &root, parent)
+    }
+
+    fn backup_virtual(&self, dir: &Path, v: &Virtual, parent: Option<&Tree>) -> Result<BlobId, BackupError> {
+        let mut nodes = Vec::new();
+        for (name, entry) in &v.children {
+            let path = dir.join(name);
+            let parent_node = parent.and_then(|t| t.find(name.as_bytes()));
+            let node = match entry {
+                Entry::Real(p) => match std::fs::symlink_metadata(p) {
+                    Ok(meta) => self.backup_entry(p, name.as_bytes(), &meta, parent_node)?,
+                    Err(e) => {
+                        self.warn(p, e);
+                        None
+                    }
+                },
+                Entry::Virtual(child) => {
+                    let meta = std::fs::metadata(&path).map_err(|source| BackupError::Source { path: path.clone(), source })?;
+                    let parent_sub = self.parent_subtree(parent_node);
+                    let subtree = self.backup_virtual(&path, child, parent_sub.as_ref())?;
+                    Some(node_from_meta(name.as_bytes(), &meta, NodeKind::Dir { subtree }))
+                }
+            };
+            nodes.extend(node);
+        }
+        save_tree(self.packer, nodes)
+    }
+
+    fn parent_subtree(&self, node: Option<&Node>) -> Option<Tree> {
+        match node.map(|n| &n.kind) {
+            Some(NodeKind::Dir { subtree }) => match self.repo.load_tree(subtree) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("parent tree {subtree} unreadable, reading files again: {e}");
+                    None
+                }
+            },
+            _ => None,
+        }
+    }
+
+    /// One filesystem entry; `None` when it was skipped with a warning.
+    fn backup_entry(&self, path: &Path, name: &[u8], meta: &Metadata, parent: Option<&Node>) -> Result<Option<Node>, BackupError> {
+        let ft = meta.file_type();
+        if ft.is_file() {
+            match self.backup_file(path, meta, parent) {
+                Ok((chunks, size)) => {
+                    let mut node = node_from_meta(name, meta, NodeKind::File { chunks });
+                    node.size = size;
+                    Ok(Some(node))
+                }
+                Err(e) => {
+                    self.warn(path, e);
+                    Ok(None)
+                }
+            }
+        } else if ft.is_dir() {
+            let parent_tree = self.parent_subtree(parent);
+            match self.backup_dir(path, parent_tree.as_ref()) {
+                Ok(subtree) => {
+                    self.counters.dirs.fetch_add(1, Ordering::Relaxed);
+                    self.progress.dirs.fetch_add(1, Ordering::Relaxed);
+                    Ok(Some(node_from_meta(name, meta, NodeKind::Dir { subtree })))
+                }
+                Err(BackupError::Source { path, source }) => {
+                    self.warn(&path, source);
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        } else if ft.is_symlink() {
+            match std::fs::read_link(path) {
+                Ok(target) => {
+                    self.counters.symlinks.fetch_add(1, Ordering::Relaxed);
+                    let target = target.into_os_string().into_vec();
+                    Ok(Some(node_from_meta(name, meta, NodeKind::Symlink { target })))
+                }
+                Err(e) => {
+                    self.warn(path, e);
+                    Ok(None)
+                }
+            }
+        } else {
+            let what = if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else {
+                "device"
+            };
+            tracing::info!("{}: skipping {what}", path.display());
+            Ok(None)
+        }
+    }
+
+    fn backup_dir(&self, path: &Path, parent: Option<&Tree>) -> Result<BlobId, BackupError> {
+        let source = |source| BackupError::Source { path: path.to_owned(), source };
+        let mut entries: Vec<(OsString, PathBuf)> = Vec::new();
+        for e in std::fs::read_dir(path).map_err(source)? {
+            let e = e.map_err(source)?;
+            entries.push((e.file_name(), e.path()));
+        }
+        entries.sort();
+        let nodes: Vec<Option<Node>> = entries
+            .par_iter()
+            .map(|(name, p)| {
+                let meta = match std::fs::symlink_metadata(p) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.warn(p, e);
+                        return Ok(None);
+                    }
+                };
+                let parent_node = parent.and_then(|t| t.find(name.as_bytes()));
+                self.backup_entry(p, name.as_bytes(), &meta, parent_node)
+            })
+            .collect::<Result<_, BackupError>>()?;
+        save_tree(self.packer, nodes.into_iter().flatten().collect())
+    }
+
+    /// Returns the file's chunk list and size, reusing the parent's list when
+    /// the file is unchanged.
+    fn backup_file(&self, path: &Path, meta: &Metadata, parent: Option<&Node>) -> Result<(Vec<BlobId>, u64), BackupError> {
+        let c = &self.counters;
+        if let Some(chunks) = self.reusable(meta, parent) {
+            c.files_unmodified.fetch_add(1, Ordering::Relaxed);
+            c.total_bytes.fetch_add(meta.size(), Ordering::Relaxed);
+            self.progress.files.fetch_add(1, Ordering::Relaxed);
+            self.progress.bytes.fetch_add(meta.size(), Ordering::Relaxed);
+            return Ok((chunks, meta.size()));
+        }
+        let source = |source| BackupError::Source { path: path.to_owned(), source };
+        let file = File::open(path).map_err(source)?;
+        let size = file.metadata().map_err(source)?.len();
+        let chunks = if size >= MMAP_THRESHOLD {
+            // SAFETY: the map is read-only and private to this process. A file
+            // truncated by another process while mapped raises SIGBUS, which
+            // aborts the backup in flight; committed snapshots are unaffected.
+            let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(source)?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            self.save_chunks(&map)?
+        } else {
+            let mut data = Vec::with_capacity(size as usize);
+            (&file).read_to_end(&mut data).map_err(source)?;
+            self.save_chunks(&data)?
+        };
+        let (ids, read) = chunks;
+        if parent.is_some() {
+            c.files_changed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.files_new.fetch_add(1, Ordering::Relaxed);
+        }
+        c.total_bytes.fetch_add(read, Ordering::Relaxed);
+        c.bytes_read.fetch_add(read, Ordering::Relaxed);
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        Ok((ids, read))
+    }
+
+    fn save_chunks(&self, data: &[u8]) -> Result<(Vec<BlobId>, u64), BackupError> {
+        let ranges: Vec<_> = self.repo.chunker().cut_points(data).collect();
+        let ids = ranges
+            .par_iter()
+            .map(|r| {
+                let id = self.packer.save(BlobKind::Data, &data[r.clone()]).map(|(id, _)| id);
+                self.progress.bytes.fetch_add(r.len() as u64, Ordering::Relaxed);
+                id
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((ids, data.len() as u64))
+    }
+
+    fn reusable(&self, meta: &Metadata, parent: Option<&Node>) -> Option<Vec<BlobId>> {
+        let p = parent?;
+        let NodeKind::File { chunks } = &p.kind else { return None };
+        let same = p.size == meta.size()
+            && p.inode == meta.ino()
+            && p.mtime == Timestamp { sec: meta.mtime(), nsec: meta.mtime_nsec() as u32 }
+            && p.ctime == Timestamp { sec: meta.ctime(), nsec: meta.ctime_nsec() as u32 };
+        if !same {
+            return None;
+        }
+        let index = self.repo.index();
+        chunks.iter().all(|c| index.contains(c)).then(|| chunks.clone())
+    }
+}
+
+/// A tree node with the metadata of `meta`.
+pub(super) fn node_from_meta(name: &[u8], meta: &Metadata, kind: NodeKind) -> Node {
+    Node {
+        name: name.to_vec(),
+        size: if matches!(kind, NodeKind::File { .. }) { meta.size() } else { 0 },
+        kind,
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime: Timestamp { sec: meta.mtime(), nsec: meta.mtime_nsec() as u32 },
+        ctime: Timestamp { sec: meta.ctime(), nsec: meta.ctime_nsec() as u32 },
+        inode: meta.ino(),
+    }
+}

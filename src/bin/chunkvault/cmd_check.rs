@@ -1,0 +1,59 @@
+//! `check`.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chunkvault::check::{check, CheckOptions, CheckProgress, Severity};
+
+use crate::ctx::Ctx;
+use crate::{exit, CmdResult};
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Read every pack and verify every blob against its id.
+    #[arg(long)]
+    pub read_data: bool,
+}
+
+pub fn run(ctx: &Ctx, a: CheckArgs) -> CmdResult {
+    let repo = ctx.open()?;
+    let progress = Arc::new(CheckProgress::default());
+    let shown = progress.clone();
+    let bar = ctx.progress(None, move |bar| {
+        let total = shown.packs_total.load(Ordering::Relaxed);
+        if total > 0 {
+            bar.set_message(format!("read {}/{} packs", shown.packs_done.load(Ordering::Relaxed), total));
+        }
+    });
+    let report = check(&repo, CheckOptions { read_data: a.read_data }, &progress);
+    drop(bar);
+    let report = report?;
+    let damaged = report.has_damage();
+    if ctx.args.json {
+        let mut v = serde_json::to_value(&report).expect("serializable");
+        v["ok"] = serde_json::json!(!damaged);
+        ctx.print_json(&v);
+    } else {
+        for p in &report.problems {
+            let label = match p.severity {
+                Severity::Damage => "error",
+                Severity::Warning => "warning",
+            };
+            eprintln!("{label}: {}", p.message);
+        }
+        for f in &report.damaged_files {
+            eprintln!("damaged file: {} in snapshot {}", f.path, f.snapshot.short());
+        }
+        println!(
+            "checked {} snapshots, {} trees, {} packs ({} read), {} blobs: {}",
+            report.snapshots,
+            report.trees,
+            report.packs,
+            report.packs_read,
+            report.blobs,
+            if damaged { "DAMAGE FOUND" } else { "no errors were found" }
+        );
+    }
+    Ok(if damaged { ExitCode::from(exit::DAMAGE) } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,178 @@
+//! `restore`, `ls` and `cat`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chunkvault::id::BlobId;
+use chunkvault::repo::Repository;
+use chunkvault::restore::{self, RestoreOptions, RestoreProgress};
+use chunkvault::tree::{Node, NodeKind};
+
+use crate::ctx::{human_bytes, CliError, Ctx};
+use crate::{exit, CmdResult};
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id, unique id prefix, or `latest`.
+    pub snapshot: String,
+    /// Directory to restore into (created if missing).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Restore only this path of the snapshot and what lies below it (repeatable).
+    #[arg(long)]
+    pub include: Vec<String>,
+}
+
+pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
+    let repo = ctx.open()?;
+    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let progress = Arc::new(RestoreProgress::default());
+    let shown = progress.clone();
+    let bar = ctx.progress(None, move |bar| {
+        let total = shown.total_bytes.load(Ordering::Relaxed);
+        bar.set_message(format!("{} / {} restored", human_bytes(shown.bytes.load(Ordering::Relaxed)), human_bytes(total)));
+    });
+    let result = restore::restore(&repo, &snap, &a.target, &RestoreOptions { include: a.include }, &progress);
+    drop(bar);
+    let report = result?;
+    for w in &report.warnings {
+        ctx.info(format!("warning: {w}"));
+    }
+    for d in &report.damaged {
+        eprintln!("damaged: {}: {} (not restored)", d.path, d.error);
+    }
+    if ctx.args.json {
+        let mut v = serde_json::to_value(&report).expect("serializable");
+        v["snapshot"] = serde_json::json!(id);
+        v["target"] = serde_json::json!(a.target);
+        ctx.print_json(&v);
+    } else {
+        println!(
+            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}",
+            id.short(),
+            a.target.display(),
+            report.files,
+            report.dirs,
+            report.symlinks,
+            human_bytes(report.bytes)
+        );
+    }
+    if report.damaged.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("chunkvault: error: {} files could not be restored because the repository is damaged", report.damaged.len());
+        Ok(ExitCode::from(exit::DAMAGE))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LsArgs {
+    /// Snapshot id, unique id prefix, or `latest`.
+    pub snapshot: String,
+    /// Path inside the snapshot (default: everything).
+    pub path: Option<String>,
+    /// Do not descend into subdirectories.
+    #[arg(long)]
+    pub no_recurse: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Entry {
+    path: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    mode: String,
+    size: u64,
+    mtime: String,
+    uid: u32,
+    gid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+}
+
+fn entry(path: String, n: &Node) -> Entry {
+    let (kind, target) = match &n.kind {
+        NodeKind::File { .. } => ("file", None),
+        NodeKind::Dir { .. } => ("dir", None),
+        NodeKind::Symlink { target } => ("symlink", Some(String::from_utf8_lossy(target).into_owned())),
+    };
+    let mtime = chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec).map(|t| t.to_rfc3339()).unwrap_or_default();
+    Entry { path, kind, mode: format!("{:o}", n.mode & 0o7777), size: n.size, mtime, uid: n.uid, gid: n.gid, target }
+}
+
+pub fn ls(ctx: &Ctx, a: LsArgs) -> CmdResult {
+    let repo = ctx.open()?;
+    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let base = a.path.clone().unwrap_or_default();
+    let base = base.trim_matches('/');
+    let mut out = Vec::new();
+    match repo.find_node(&snap.tree, base)? {
+        None => list_tree(&repo, &snap.tree, "", !a.no_recurse, &mut out)?,
+        Some(node) => {
+            let path = format!("/{base}");
+            out.push(entry(path.clone(), &node));
+            if let NodeKind::Dir { subtree } = &node.kind {
+                list_tree(&repo, subtree, &path, !a.no_recurse, &mut out)?;
+            }
+        }
+    }
+    if ctx.args.json {
+        ctx.print_json(&out);
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        for e in &out {
+            let suffix = e.target.as_ref().map(|t| format!(" -> {t}")).unwrap_or_default();
+            let _ = writeln!(stdout, "{:<7} {:>5} {:>12} {:<25} {}{}", e.kind, e.mode, e.size, e.mtime, e.path, suffix);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_tree(repo: &Repository, tree: &BlobId, prefix: &str, recurse: bool, out: &mut Vec<Entry>) -> Result<(), CliError> {
+    for n in repo.load_tree(tree)?.nodes() {
+        let path = format!("{prefix}/{}", n.name_lossy());
+        out.push(entry(path.clone(), n));
+        if let (true, NodeKind::Dir { subtree }) = (recurse, &n.kind) {
+            list_tree(repo, subtree, &path, recurse, out)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CatArgs {
+    /// Snapshot id, unique id prefix, or `latest`.
+    pub snapshot: String,
+    /// Path of a file inside the snapshot.
+    pub path: String,
+    /// Only bytes START-END (END exclusive; either may be omitted).
+    #[arg(long)]
+    pub range: Option<String>,
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), CliError> {
+    let bad = || CliError::Usage(format!("--range {s:?}: expected START-END, e.g. 0-4096 or 100-"));
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let start = if a.is_empty() { 0 } else { a.parse().map_err(|_| bad())? };
+    let end = if b.is_empty() { u64::MAX } else { b.parse().map_err(|_| bad())? };
+    if end < start {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
+pub fn cat(ctx: &Ctx, a: CatArgs) -> CmdResult {
+    let range = a.range.as_deref().map(parse_range).transpose()?;
+    let repo = ctx.open()?;
+    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let node = repo
+        .find_node(&snap.tree, &a.path)?
+        .ok_or_else(|| CliError::Other(format!("{}: not a file", a.path)))?;
+    let mut stdout = std::io::stdout().lock();
+    restore::cat(&repo, &node, range, &mut stdout)?;
+    stdout.flush().map_err(|e| CliError::Other(format!("writing stdout: {e}")))?;
+    Ok(ExitCode::SUCCESS)
+}

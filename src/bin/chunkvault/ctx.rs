@@ -1,0 +1,192 @@
+//! What every command shares: global flags, opening the repository, output,
+//! progress and the mapping of errors to exit codes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chunkvault::backup::BackupError;
+use chunkvault::repo::{self, RepoError, Repository};
+use chunkvault::restore::RestoreError;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::exit;
+
+#[derive(clap::Args, Debug)]
+pub struct GlobalArgs {
+    /// Repository location (a directory).
+    #[arg(short = 'r', long, env = "CHUNKVAULT_REPO", global = true)]
+    pub repo: Option<String>,
+    /// Read the password from this file (first line). Default: $CHUNKVAULT_PASSWORD, else a prompt.
+    #[arg(long, env = "CHUNKVAULT_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress and no informational output on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+}
+
+/// A command's failure, classified for the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// The one place errors become exit codes.
+    pub fn exit_code(&self) -> u8 {
+        let repo_err = match self {
+            CliError::Usage(_) => return exit::USAGE,
+            CliError::Repo(e) => Some(e),
+            CliError::Backup(BackupError::Repo(e)) => Some(e),
+            CliError::Restore(RestoreError::Repo(e)) => Some(e),
+            _ => None,
+        };
+        match repo_err {
+            Some(e) if e.is_damage() => exit::DAMAGE,
+            _ => exit::ERROR,
+        }
+    }
+}
+
+pub struct Ctx {
+    pub args: GlobalArgs,
+    show_progress: bool,
+}
+
+impl Ctx {
+    pub fn new(args: GlobalArgs) -> Ctx {
+        let filter = if args.quiet { "error" } else { "warn" };
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| filter.into()))
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+        if let Some(n) = args.threads {
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+        }
+        let show_progress = !args.quiet && std::io::stderr().is_terminal();
+        Ctx { args, show_progress }
+    }
+
+    pub fn repo_location(&self) -> Result<&str, CliError> {
+        self.args.repo.as_deref().ok_or_else(|| CliError::Usage("no repository given: use --repo or set CHUNKVAULT_REPO".into()))
+    }
+
+    /// The password from --password-file, $CHUNKVAULT_PASSWORD, or a prompt.
+    pub fn password(&self, prompt: &str) -> Result<Vec<u8>, CliError> {
+        password_from(self.args.password_file.as_ref(), "CHUNKVAULT_PASSWORD", prompt)
+    }
+
+    pub fn open(&self) -> Result<Repository, CliError> {
+        let location = self.repo_location()?;
+        let backend = repo::open_backend(location, false)?;
+        let password = self.password("repository password: ")?;
+        Ok(Repository::open(backend, &password)?)
+    }
+
+    /// Informational text on stderr, unless --quiet or --json.
+    pub fn info(&self, msg: impl AsRef<str>) {
+        if !self.args.quiet && !self.args.json {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+
+    pub fn print_json(&self, value: &impl serde::Serialize) {
+        println!("{}", serde_json::to_string_pretty(value).expect("serializable"));
+    }
+
+    pub fn print_error(&self, e: &CliError) {
+        if self.args.json {
+            let code = match e.exit_code() {
+                exit::DAMAGE => "damage",
+                exit::USAGE => "usage",
+                _ => "error",
+            };
+            eprintln!("{}", serde_json::json!({"error": code, "message": e.to_string()}));
+        } else {
+            eprintln!("chunkvault: error: {e}");
+        }
+    }
+
+    /// A progress display on stderr that redraws from `render` until the
+    /// returned guard is dropped; nothing when stderr is not a terminal.
+    pub fn progress(&self, total: Option<u64>, render: impl Fn(&ProgressBar) + Send + 'static) -> Progress {
+        if !self.show_progress {
+            return Progress { bar: None, stop: Arc::new(AtomicBool::new(false)), thread: None };
+        }
+        let bar = match total {
+            Some(t) => ProgressBar::new(t).with_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}").expect("template"),
+            ),
+            None => ProgressBar::new_spinner()
+                .with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("template")),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, s) = (bar.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                render(&b);
+                b.tick();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+        Progress { bar: Some(bar), stop, thread: Some(thread) }
+    }
+}
+
+/// Stops and clears a progress display when dropped.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Reads a password from a file, an environment variable, or the terminal.
+pub fn password_from(file: Option<&PathBuf>, env: &str, prompt: &str) -> Result<Vec<u8>, CliError> {
+    if let Some(f) = file {
+        let text = std::fs::read(f).map_err(|e| CliError::Other(format!("reading password file {}: {e}", f.display())))?;
+        let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+        return Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
+    }
+    if let Some(p) = std::env::var_os(env) {
+        return Ok(std::os::unix::ffi::OsStringExt::into_vec(p));
+    }
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password(prompt).map(String::into_bytes).map_err(|e| CliError::Other(format!("reading password: {e}")));
+    }
+    Err(CliError::Usage(format!("no password: set {env} or use --password-file")))
+}
+
+/// Human-readable byte counts.
+pub fn human_bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}

@@ -1,0 +1,82 @@
+//! The chunkvault command-line tool: a thin layer over the library.
+
+mod cmd_backup;
+mod cmd_check;
+mod cmd_repo;
+mod cmd_restore;
+mod ctx;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ctx::{CliError, Ctx, GlobalArgs};
+
+/// Deduplicating, compressing, encrypting backups.
+#[derive(Parser, Debug)]
+#[command(name = "chunkvault", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new repository.
+    Init(cmd_repo::InitArgs),
+    /// Back up files and directories into a new snapshot; prints its id.
+    Backup(cmd_backup::BackupArgs),
+    /// List snapshots.
+    Snapshots,
+    /// List the entries of a snapshot below PATH.
+    Ls(cmd_restore::LsArgs),
+    /// Restore a snapshot (or parts of it) into a directory.
+    Restore(cmd_restore::RestoreArgs),
+    /// Write one file of a snapshot to stdout.
+    Cat(cmd_restore::CatArgs),
+    /// Verify the repository's structure, and with --read-data every byte.
+    Check(cmd_check::CheckArgs),
+    /// Manage the passwords (key files) that open the repository.
+    #[command(subcommand)]
+    Key(cmd_repo::KeyCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let ctx = Ctx::new(cli.global);
+    let result = match cli.command {
+        Command::Init(a) => cmd_repo::init(&ctx, a),
+        Command::Backup(a) => cmd_backup::run(&ctx, a),
+        Command::Snapshots => cmd_repo::snapshots(&ctx),
+        Command::Ls(a) => cmd_restore::ls(&ctx, a),
+        Command::Restore(a) => cmd_restore::restore(&ctx, a),
+        Command::Cat(a) => cmd_restore::cat(&ctx, a),
+        Command::Check(a) => cmd_check::run(&ctx, a),
+        Command::Key(k) => cmd_repo::key(&ctx, k),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e.exit_code();
+            ctx.print_error(&e);
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Exit codes, as SPEC.md fixes them.
+pub mod exit {
+    pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const DAMAGE: u8 = 3;
+}
+
+pub(crate) type CmdResult = Result<ExitCode, CliError>;

@@ -1,0 +1,172 @@
+//! The blob codec: plaintext chunk or tree -> stored bytes, and back.
+//!
+//! Stored bytes are `seal(flag || payload)` where `flag` is 0 for a payload
+//! kept as is and 1 for a zstd frame. Compression is kept only when it makes
+//! the blob smaller, so incompressible data costs one failed attempt and no
+//! space. Opening decompresses into a buffer no larger than the length the
+//! index promises, then checks that the plaintext hashes to the blob's id:
+//! a blob is verified before a byte of it is used.
+
+use std::cell::RefCell;
+use std::io::Cursor;
+
+use crate::crypto::{CryptoError, IdKey, MasterKey};
+use crate::id::{BlobId, BlobKind};
+
+const FLAG_RAW: u8 = 0;
+const FLAG_ZSTD: u8 = 1;
+
+/// Why stored bytes did not yield the expected blob.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob {0}: {1}")]
+    Crypto(BlobId, CryptoError),
+    #[error("blob {0}: unknown encoding flag {1}")]
+    BadFlag(BlobId, u8),
+    #[error("blob {0}: decompression failed: {1}")]
+    Decompress(BlobId, std::io::Error),
+    #[error("blob {id}: expected {expected} bytes, got {got}")]
+    Length { id: BlobId, expected: usize, got: usize },
+    #[error("blob {0}: content does not match its id")]
+    IdMismatch(BlobId),
+}
+
+/// Encodes and decodes blobs for one repository.
+#[derive(Clone, Debug)]
+pub struct BlobCodec {
+    key: MasterKey,
+    level: i32,
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+impl BlobCodec {
+    /// A codec sealing with `key` and compressing at zstd `level` (0 = store).
+    pub fn new(key: MasterKey, level: i32) -> Self {
+        BlobCodec { key, level }
+    }
+
+    /// The id key, for naming blobs.
+    pub fn id_key(&self) -> IdKey {
+        self.key.id_key()
+    }
+
+    /// Compresses (when it pays) and seals a blob whose id the caller computed.
+    pub fn seal(&self, kind: BlobKind, id: &BlobId, plaintext: &[u8]) -> Vec<u8> {
+        let mut buf = self.compress(plaintext);
+        self.key.seal_blob(kind.role(), id, &mut buf);
+        buf
+    }
+
+    fn compress(&self, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plaintext.len() + 1 + crate::crypto::SEAL_OVERHEAD);
+        if self.level != 0 && plaintext.len() >= 64 {
+            out.push(FLAG_ZSTD);
+            // The output buffer holds at most plaintext.len() bytes of frame:
+            // when zstd cannot fit, compression does not pay and we store.
+            let mut cursor = Cursor::new(out);
+            cursor.set_position(1);
+            let fitted = COMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().map(|(l, _)| *l) != Some(self.level) {
+                    *slot = zstd::bulk::Compressor::new(self.level).ok().map(|c| (self.level, c));
+                }
+                match slot.as_mut() {
+                    Some((_, c)) => c.compress_to_buffer(plaintext, &mut cursor).is_ok(),
+                    None => false,
+                }
+            });
+            out = cursor.into_inner();
+            if fitted && out.len() < plaintext.len() {
+                return out;
+            }
+            out.clear();
+        }
+        out.push(FLAG_RAW);
+        out.extend_from_slice(plaintext);
+        out
+    }
+
+    /// Opens stored bytes, decompresses into at most `raw_len` bytes and
+    /// verifies that the result is the blob `id`.
+    pub fn open(&self, kind: BlobKind, id: &BlobId, mut stored: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, BlobError> {
+        self.key.open_blob(kind.role(), id, &mut stored).map_err(|e| BlobError::Crypto(*id, e))?;
+        let (&flag, payload) = stored.split_first().ok_or(BlobError::BadFlag(*id, 0xff))?;
+        let plain = match flag {
+            FLAG_RAW => {
+                stored.remove(0);
+                stored
+            }
+            FLAG_ZSTD => {
+                let mut out = Vec::with_capacity(raw_len);
+                DECOMPRESSOR
+                    .with(|cell| {
+                        let mut slot = cell.borrow_mut();
+                        if slot.is_none() {
+                            *slot = Some(zstd::bulk::Decompressor::new()?);
+                        }
+                        slot.as_mut().expect("just set").decompress_to_buffer(payload, &mut out)
+                    })
+                    .map_err(|e| BlobError::Decompress(*id, e))?;
+                out
+            }
+            other => return Err(BlobError::BadFlag(*id, other)),
+        };
+        if plain.len() != raw_len {
+            return Err(BlobError::Length { id: *id, expected: raw_len, got: plain.len() });
+        }
+        if self.key.id_key().blob_id(&plain) != *id {
+            return Err(BlobError::IdMismatch(*id));
+        }
+        Ok(plain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn codec() -> BlobCodec {
+        BlobCodec::new(MasterKey::generate(), 3)
+    }
+
+    proptest! {
+        #[test]
+        fn seal_open_roundtrip(data in proptest::collection::vec(any::<u8>(), 0..10_000), repeat in 1usize..8) {
+            let c = codec();
+            let data: Vec<u8> = data.iter().copied().cycle().take(data.len() * repeat).collect();
+            let id = c.id_key().blob_id(&data);
+            let stored = c.seal(BlobKind::Data, &id, &data);
+            prop_assert!(stored.len() <= data.len() + 1 + crate::crypto::SEAL_OVERHEAD);
+            prop_assert_eq!(c.open(BlobKind::Data, &id, stored, data.len()).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn compressible_data_shrinks_and_random_data_is_stored() {
+        let c = codec();
+        let text = b"the same line again and again\n".repeat(1000);
+        let id = c.id_key().blob_id(&text);
+        assert!(c.seal(BlobKind::Data, &id, &text).len() < text.len() / 10);
+        let random: Vec<u8> = (0..10_000).map(|_| rand::random::<u8>()).collect();
+        let id = c.id_key().blob_id(&random);
+        let stored = c.seal(BlobKind::Data, &id, &random);
+        assert_eq!(stored.len(), random.len() + 1 + crate::crypto::SEAL_OVERHEAD);
+    }
+
+    #[test]
+    fn wrong_length_wrong_kind_and_wrong_id_are_refused() {
+        let c = codec();
+        let data = b"abc".repeat(100);
+        let id = c.id_key().blob_id(&data);
+        let stored = c.seal(BlobKind::Data, &id, &data);
+        assert!(matches!(c.open(BlobKind::Data, &id, stored.clone(), 10), Err(BlobError::Decompress(..) | BlobError::Length { .. })));
+        assert!(matches!(c.open(BlobKind::Tree, &id, stored.clone(), data.len()), Err(BlobError::Crypto(..))));
+        let other = c.id_key().blob_id(b"other");
+        assert!(c.open(BlobKind::Data, &other, stored, data.len()).is_err());
+    }
+}

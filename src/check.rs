@@ -1,0 +1,264 @@
+//! Verifying a repository: structure always, every byte with `read_data`.
+//!
+//! Structure: every index entry lies inside an existing pack, every snapshot
+//! loads, every tree it reaches decrypts, decodes and hashes to its id, and
+//! every chunk a file names is in the index. Data: every pack is read whole,
+//! its name re-hashed, its frames' crc32 checked, its blob table compared
+//! with the index and every blob opened and verified against its id.
+//! Damage is then attributed to the files (snapshot and path) that use it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use crate::backend::{FileType, ObjectKey};
+use crate::id::{BlobId, PackId, SnapshotId};
+use crate::index::BlobLocation;
+use crate::pack::{self, FRAME_HEADER_LEN, HEADER_LEN, TRAILER_LEN};
+use crate::repo::{RepoError, Repository};
+use crate::tree::NodeKind;
+
+/// What `check` should do beyond the structure.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CheckOptions {
+    /// Read and verify every blob of every pack.
+    pub read_data: bool,
+}
+
+/// Live counters a progress display polls.
+#[derive(Debug, Default)]
+pub struct CheckProgress {
+    pub packs_total: AtomicU64,
+    pub packs_done: AtomicU64,
+}
+
+/// One problem found.
+#[derive(Clone, Debug, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// `damage` (data lost or altered) or `warning` (harmless, e.g. an
+    /// unreferenced pack that prune will remove).
+    pub severity: Severity,
+    pub message: String,
+}
+
+/// How bad a problem is.
+#[derive(Clone, Copy, Debug, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Damage,
+    Warning,
+}
+
+/// A file some snapshot cannot restore exactly.
+#[derive(Clone, Debug, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DamagedFile {
+    pub snapshot: SnapshotId,
+    pub path: String,
+}
+
+/// The result of a check.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CheckReport {
+    pub snapshots: u64,
+    pub trees: u64,
+    pub packs: u64,
+    pub blobs: u64,
+    pub packs_read: u64,
+    pub problems: Vec<Problem>,
+    pub damaged_files: Vec<DamagedFile>,
+}
+
+impl CheckReport {
+    /// True when any stored data is damaged or missing.
+    pub fn has_damage(&self) -> bool {
+        self.problems.iter().any(|p| p.severity == Severity::Damage)
+    }
+}
+
+/// Checks `repo`; see the module docs.
+pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) -> Result<CheckReport, RepoError> {
+    let mut report = CheckReport::default();
+    let problems: Mutex<Vec<Problem>> = Mutex::default();
+    let damage = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Damage, message: m });
+    let warn = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Warning, message: m });
+
+    let sizes: HashMap<PackId, u64> = repo
+        .backend()
+        .list(FileType::Pack)?
+        .into_iter()
+        .filter_map(|(k, size)| match k {
+            ObjectKey::Pack(id) => Some((id, size)),
+            _ => None,
+        })
+        .collect();
+    report.packs = sizes.len() as u64;
+    let mut bad_blobs: HashSet<BlobId> = HashSet::new();
+    let mut by_pack: HashMap<PackId, Vec<(BlobId, BlobLocation)>> = HashMap::new();
+    {
+        let index = repo.index();
+        report.blobs = index.len() as u64;
+        for (id, loc) in index.iter() {
+            by_pack.entry(loc.pack).or_default().push((id, loc));
+        }
+    }
+    for (pack, blobs) in &by_pack {
+        let Some(&size) = sizes.get(pack) else {
+            damage(format!("pack {pack} is in the index but missing from storage ({} blobs)", blobs.len()));
+            bad_blobs.extend(blobs.iter().map(|(id, _)| *id));
+            continue;
+        };
+        for (id, loc) in blobs {
+            let end = u64::from(loc.offset) + (FRAME_HEADER_LEN as u64) + u64::from(loc.stored_len);
+            if (loc.offset as usize) < HEADER_LEN || end + TRAILER_LEN as u64 > size {
+                damage(format!("blob {id}: index points outside pack {pack} ({size} bytes)"));
+                bad_blobs.insert(*id);
+            }
+        }
+    }
+    for (segment, why) in repo.unreadable_index_segments() {
+        warn(format!("index segment {segment} is unreadable and was skipped ({why}); `repair index` rebuilds the index from the packs"));
+    }
+    for pack in sizes.keys().filter(|p| !by_pack.contains_key(p)) {
+        warn(format!("pack {pack} is not in the index (left by an interrupted backup; prune removes it)"));
+    }
+
+    if opts.read_data {
+        let ids: Vec<PackId> = {
+            let mut v: Vec<PackId> = sizes.keys().copied().filter(|p| by_pack.contains_key(p)).collect();
+            v.sort();
+            v
+        };
+        progress.packs_total.store(ids.len() as u64, Ordering::Relaxed);
+        let bad: Mutex<HashSet<BlobId>> = Mutex::default();
+        ids.par_iter().for_each(|pack| {
+            let expected = &by_pack[pack];
+            let found = read_pack(repo, pack, expected);
+            progress.packs_done.fetch_add(1, Ordering::Relaxed);
+            if !found.problems.is_empty() {
+                for m in found.problems {
+                    damage(m);
+                }
+                bad.lock().expect("lock").extend(found.bad_blobs);
+            }
+        });
+        report.packs_read = ids.len() as u64;
+        bad_blobs.extend(bad.into_inner().expect("lock"));
+    }
+
+    // Walk every snapshot's trees, attributing missing or damaged blobs to files.
+    let snapshots = repo.backend().list(FileType::Snapshot)?;
+    let mut seen_trees: HashSet<BlobId> = HashSet::new();
+    let mut damaged_files = Vec::new();
+    for (key, _) in snapshots {
+        let ObjectKey::Snapshot(sid) = key else { continue };
+        report.snapshots += 1;
+        let snap = match repo.load_snapshot(&sid) {
+            Ok(s) => s,
+            Err(e) => {
+                damage(format!("snapshot {sid}: {e}"));
+                continue;
+            }
+        };
+        let mut stack = vec![(snap.tree, String::new())];
+        while let Some((tree_id, path)) = stack.pop() {
+            let first_visit = seen_trees.insert(tree_id);
+            let tree = match repo.load_tree(&tree_id) {
+                Ok(t) => t,
+                Err(e) => {
+                    if first_visit {
+                        damage(format!("tree {tree_id} at {path}/: {e}"));
+                    }
+                    damaged_files.push(DamagedFile { snapshot: sid, path: format!("{path}/") });
+                    continue;
+                }
+            };
+            if first_visit {
+                report.trees += 1;
+            }
+            for node in tree.nodes() {
+                let child = format!("{path}/{}", node.name_lossy());
+                match &node.kind {
+                    NodeKind::Dir { subtree } => stack.push((*subtree, child)),
+                    NodeKind::File { chunks } => {
+                        let index = repo.index();
+                        let missing = chunks.iter().find(|c| !index.contains(c));
+                        if let Some(c) = missing {
+                            if first_visit {
+                                damage(format!("{child} in snapshot {}: chunk {c} is not in the index", sid.short()));
+                            }
+                            damaged_files.push(DamagedFile { snapshot: sid, path: child });
+                        } else if chunks.iter().any(|c| bad_blobs.contains(c)) {
+                            damaged_files.push(DamagedFile { snapshot: sid, path: child });
+                        }
+                    }
+                    NodeKind::Symlink { .. } => {}
+                }
+            }
+        }
+    }
+    damaged_files.sort();
+    damaged_files.dedup();
+    report.damaged_files = damaged_files;
+    let mut problems = problems.into_inner().expect("lock");
+    problems.sort();
+    problems.dedup();
+    report.problems = problems;
+    Ok(report)
+}
+
+struct PackFindings {
+    problems: Vec<String>,
+    bad_blobs: Vec<BlobId>,
+}
+
+/// Reads one pack whole and verifies everything in it.
+fn read_pack(repo: &Repository, pack: &PackId, expected: &[(BlobId, BlobLocation)]) -> PackFindings {
+    let mut f = PackFindings { problems: Vec::new(), bad_blobs: Vec::new() };
+    let all_bad = |f: &mut PackFindings| f.bad_blobs.extend(expected.iter().map(|(id, _)| *id));
+    let bytes = match repo.backend().get(&ObjectKey::Pack(*pack)) {
+        Ok(b) => b,
+        Err(e) => {
+            f.problems.push(format!("pack {pack}: {e}"));
+            all_bad(&mut f);
+            return f;
+        }
+    };
+    if PackId::of_content(&bytes) != *pack {
+        f.problems.push(format!("pack {pack}: content does not match its name (damaged on storage)"));
+    }
+    match pack::scrub(&bytes) {
+        Ok(d) => {
+            for off in d {
+                f.problems.push(format!("pack {pack}: crc32 mismatch in the frame at offset {off}"));
+            }
+        }
+        Err(e) => f.problems.push(format!("pack {pack}: {e}")),
+    }
+    match pack::read_table(repo.master_key(), &bytes) {
+        Ok(table) => {
+            let in_table: HashSet<BlobId> = table.blobs.iter().map(|b| b.id).collect();
+            for (id, _) in expected {
+                if !in_table.contains(id) {
+                    f.problems.push(format!("pack {pack}: blob {id} is in the index but not in the pack's table"));
+                }
+            }
+        }
+        Err(e) => f.problems.push(format!("pack {pack}: blob table: {e}")),
+    }
+    for (id, loc) in expected {
+        let start = loc.offset as usize;
+        let end = start + FRAME_HEADER_LEN + loc.stored_len as usize;
+        let Some(frame) = bytes.get(start..end) else {
+            f.problems.push(format!("pack {pack}: blob {id} lies past the end of the pack"));
+            f.bad_blobs.push(*id);
+            continue;
+        };
+        if let Err(e) = repo.open_frame(id, loc.kind, frame, u64::from(loc.offset), loc.stored_len, loc.raw_len) {
+            f.problems.push(format!("pack {pack}: {e}"));
+            f.bad_blobs.push(*id);
+        }
+    }
+    f
+}

@@ -1,0 +1,227 @@
+//! Writing blobs: dedup, compress + seal, pack, upload, index.
+//!
+//! A [`Packer`] is shared by the worker threads of one backup (or server
+//! upload). `save` hashes a blob, skips it when the index or this session
+//! already has it, seals it outside any lock, and appends it to the open pack
+//! of its kind. A full pack is handed over a bounded channel to uploader
+//! threads, which seal its table, verify it, and store it; the channel bound
+//! is what keeps memory flat when storage is slower than the CPU. The first
+//! upload error is sticky: every later call fails instead of writing on over
+//! a hole. `finish` flushes, waits for every upload, and writes the index
+//! segment naming the new packs, after which a snapshot may reference them.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::backend::{Backend, ObjectKey};
+use crate::crypto::MasterKey;
+use crate::id::{BlobId, BlobKind};
+use crate::index::{IndexSegment, PackEntries};
+use crate::pack::{self, PackBuilder};
+use crate::repo::{RepoError, Repository};
+
+/// Packs per index segment: bounds a segment's size (~45 bytes per blob).
+const PACKS_PER_SEGMENT: usize = 256;
+
+/// Counters of what a packer wrote.
+#[derive(Debug, Default)]
+pub struct PackerStats {
+    pub blobs_new: AtomicU64,
+    pub bytes_new: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub packs: AtomicU64,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+/// Blob writer for one session; see the module docs.
+pub struct Packer<'r> {
+    repo: &'r Repository,
+    open: [Mutex<Option<PackBuilder>>; 2],
+    claimed: Mutex<HashSet<BlobId>>,
+    tx: Option<SyncSender<PackBuilder>>,
+    workers: Vec<JoinHandle<()>>,
+    written: Shared<Vec<PackEntries>>,
+    error: Shared<Option<String>>,
+    stats: Arc<PackerStats>,
+}
+
+impl<'r> Packer<'r> {
+    /// A packer with `uploaders` upload threads and at most `uploaders + 1`
+    /// finished packs waiting in memory.
+    pub fn new(repo: &'r Repository, uploaders: usize) -> Self {
+        let uploaders = uploaders.max(1);
+        let (tx, rx) = sync_channel::<PackBuilder>(1);
+        let rx = Arc::new(Mutex::new(rx));
+        let written: Shared<Vec<PackEntries>> = Arc::default();
+        let error: Shared<Option<String>> = Arc::default();
+        let stats = Arc::new(PackerStats::default());
+        let workers = (0..uploaders)
+            .map(|i| {
+                let ctx = Uploader {
+                    rx: rx.clone(),
+                    backend: repo.backend().clone(),
+                    key: repo.master_key().clone(),
+                    written: written.clone(),
+                    error: error.clone(),
+                    stats: stats.clone(),
+                };
+                std::thread::Builder::new().name(format!("upload-{i}")).spawn(move || ctx.run()).expect("spawn uploader")
+            })
+            .collect();
+        Packer {
+            repo,
+            open: [Mutex::new(None), Mutex::new(None)],
+            claimed: Mutex::default(),
+            tx: Some(tx),
+            workers,
+            written,
+            error,
+            stats,
+        }
+    }
+
+    /// Counters, shared so a progress display can read them.
+    pub fn stats(&self) -> Arc<PackerStats> {
+        self.stats.clone()
+    }
+
+    fn check_error(&self) -> Result<(), RepoError> {
+        match &*self.error.lock().expect("error lock") {
+            Some(e) => Err(RepoError::Invalid(format!("an earlier pack upload failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// True when the blob is already stored or claimed by this session;
+    /// otherwise claims it, so exactly one caller stores it.
+    fn is_known_or_claim(&self, id: &BlobId) -> bool {
+        if self.repo.index().contains(id) {
+            return true;
+        }
+        !self.claimed.lock().expect("claim lock").insert(*id)
+    }
+
+    /// Stores a blob unless it exists; returns its id and whether it was new.
+    pub fn save(&self, kind: BlobKind, plaintext: &[u8]) -> Result<(BlobId, bool), RepoError> {
+        let id = self.repo.blob_id(plaintext);
+        if self.is_known_or_claim(&id) {
+            return Ok((id, false));
+        }
+        let stored = self.repo.codec().seal(kind, &id, plaintext);
+        self.add_sealed(kind, id, plaintext.len() as u32, &stored)?;
+        Ok((id, true))
+    }
+
+    fn add_sealed(&self, kind: BlobKind, id: BlobId, raw_len: u32, stored: &[u8]) -> Result<(), RepoError> {
+        self.check_error()?;
+        self.stats.blobs_new.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_new.fetch_add(u64::from(raw_len), Ordering::Relaxed);
+        self.stats.bytes_stored.fetch_add(stored.len() as u64, Ordering::Relaxed);
+        let pack_size = self.repo.config().pack_size as usize;
+        let full = {
+            let mut slot = self.open[kind as usize - 1].lock().expect("pack lock");
+            let builder = slot.get_or_insert_with(|| PackBuilder::new(kind, pack_size + pack_size / 8));
+            builder.add(id, raw_len, stored);
+            if builder.len() >= pack_size {
+                slot.take()
+            } else {
+                None
+            }
+        };
+        match full {
+            Some(b) => self.send(b),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, builder: PackBuilder) -> Result<(), RepoError> {
+        let tx = self.tx.as_ref().expect("sender lives until finish");
+        if tx.send(builder).is_err() {
+            self.check_error()?;
+            return Err(RepoError::Invalid("pack uploaders stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Flushes the open packs, waits for every upload and writes the index
+    /// segments naming them. When this returns Ok, every blob saved is durable
+    /// and indexed.
+    pub fn finish(mut self) -> Result<Vec<PackEntries>, RepoError> {
+        let mut result = Ok(());
+        for slot in &self.open {
+            let pending = slot.lock().expect("pack lock").take();
+            if let Some(b) = pending.filter(|b| !b.is_empty()) {
+                if let Err(e) = self.send(b) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(self.tx.take());
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                *self.error.lock().expect("error lock") = Some("an uploader thread panicked".into());
+            }
+        }
+        result?;
+        self.check_error()?;
+        let written = std::mem::take(&mut *self.written.lock().expect("written lock"));
+        for packs in written.chunks(PACKS_PER_SEGMENT) {
+            self.repo.save_index_segment(&IndexSegment { packs: packs.to_vec() })?;
+        }
+        Ok(written)
+    }
+}
+
+impl Drop for Packer<'_> {
+    fn drop(&mut self) {
+        // An abandoned packer (error path) still stops its threads.
+        drop(self.tx.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+struct Uploader {
+    rx: Arc<Mutex<Receiver<PackBuilder>>>,
+    backend: Arc<dyn Backend>,
+    key: MasterKey,
+    written: Shared<Vec<PackEntries>>,
+    error: Shared<Option<String>>,
+    stats: Arc<PackerStats>,
+}
+
+impl Uploader {
+    fn run(self) {
+        loop {
+            let next = self.rx.lock().expect("rx lock").recv();
+            let Ok(builder) = next else { return };
+            if self.error.lock().expect("error lock").is_some() {
+                continue; // drain without writing after a failure
+            }
+            if let Err(e) = self.upload(builder) {
+                tracing::error!("pack upload failed: {e}");
+                self.error.lock().expect("error lock").get_or_insert(e);
+            }
+        }
+    }
+
+    fn upload(&self, builder: PackBuilder) -> Result<(), String> {
+        let pack = builder.finish(&self.key);
+        // Verify what we are about to store: the table must decode to what we
+        // meant to write (restic's "re-read before upload").
+        let table = pack::read_table(&self.key, &pack.bytes).map_err(|e| format!("pack self-check: {e}"))?;
+        if table.blobs != pack.entries.blobs {
+            return Err("pack self-check: table does not match".into());
+        }
+        self.backend.put(&ObjectKey::Pack(pack.id), &pack.bytes).map_err(|e| e.to_string())?;
+        self.stats.packs.fetch_add(1, Ordering::Relaxed);
+        self.written.lock().expect("written lock").push(pack.entries);
+        Ok(())
+    }
+}

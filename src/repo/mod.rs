@@ -1,0 +1,470 @@
+//! Opening and creating repositories, and reading the objects in them.
+//!
+//! [`Repository`] ties a [`Backend`] to the unwrapped master key, the
+//! config and the in-memory [`Index`]. Everything above (backup, restore,
+//! check, the server) goes through it.
+
+pub mod config;
+pub mod keys;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use rayon::prelude::*;
+
+use crate::backend::{Backend, BackendError, FileType, LocalBackend, ObjectKey};
+use crate::blob::{BlobCodec, BlobError};
+use crate::chunker::{Chunker, ChunkerError, ChunkerParams};
+use crate::crypto::{CryptoError, IdKey, KdfParams, MasterKey, Role};
+use crate::id::{BlobId, BlobKind, IndexId, KeyId, SnapshotId};
+use crate::index::{Index, IndexSegment, SegmentError};
+use crate::pack::{self, PackError};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::tree::{Tree, TreeError};
+pub use config::{Config, ConfigError, FORMAT_VERSION};
+pub use keys::KeyFile;
+
+/// Errors of repository-level operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("wrong password: no key in this repository opens with it")]
+    WrongPassword,
+    #[error("no repository at {0} (run `chunkvault init` first)")]
+    NotARepository(String),
+    #[error("a repository already exists at {0}")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Chunker(#[from] ChunkerError),
+    #[error("{what} {name}: {source}")]
+    Crypto { what: &'static str, name: String, source: CryptoError },
+    #[error("{0} is damaged: its content does not match its name")]
+    NameMismatch(String),
+    #[error("pack {pack}: {source}")]
+    Pack { pack: String, source: PackError },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("tree {0}: {1}")]
+    Tree(BlobId, TreeError),
+    #[error("index segment {0}: {1}")]
+    Segment(String, SegmentError),
+    #[error("snapshot {0}: {1}")]
+    Snapshot(String, SnapshotError),
+    #[error("key file {0}: {1}")]
+    KeyFile(String, serde_json::Error),
+    #[error("blob {0} is not in the index")]
+    MissingBlob(BlobId),
+    #[error("no snapshot matches {0:?}")]
+    NoSuchSnapshot(String),
+    #[error("{0:?} matches several snapshots; give more characters")]
+    AmbiguousSnapshot(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RepoError {
+    /// True when the error means stored data is damaged (exit code 3).
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            RepoError::NameMismatch(_)
+                | RepoError::Pack { .. }
+                | RepoError::Blob(_)
+                | RepoError::Tree(..)
+                | RepoError::Segment(..)
+                | RepoError::Crypto { .. }
+                | RepoError::MissingBlob(_)
+        ) || matches!(self, RepoError::Snapshot(_, SnapshotError::Json(_)))
+    }
+}
+
+/// Settings fixed when a repository is created.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub chunker: ChunkerParams,
+    pub compression_level: i32,
+    pub pack_size: u32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunker: ChunkerParams::default(),
+            compression_level: 3,
+            pack_size: 16 << 20,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// Opens the backend a location names: today a local directory path.
+pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn Backend>, RepoError> {
+    let path = Path::new(location);
+    if create {
+        if path.join("config").exists() {
+            return Err(RepoError::AlreadyExists(location.into()));
+        }
+        Ok(Arc::new(LocalBackend::create(path)?))
+    } else {
+        if !path.join("config").is_file() {
+            return Err(RepoError::NotARepository(location.into()));
+        }
+        Ok(Arc::new(LocalBackend::open(path)?))
+    }
+}
+
+/// A repository opened with a password.
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    key: MasterKey,
+    key_id: KeyId,
+    id_key: IdKey,
+    config: Config,
+    codec: BlobCodec,
+    chunker: Chunker,
+    index: RwLock<Index>,
+    bad_segments: Mutex<Vec<(IndexId, String)>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("location", &self.backend.location()).field("config", &self.config).finish()
+    }
+}
+
+/// A key as `key list` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KeyInfo {
+    pub id: KeyId,
+    pub current: bool,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub hostname: String,
+    pub username: String,
+}
+
+impl Repository {
+    /// Creates a repository in an empty backend and opens it.
+    pub fn init(backend: Arc<dyn Backend>, password: &[u8], opts: &InitOptions) -> Result<Repository, RepoError> {
+        if crate::backend::exists(backend.as_ref(), &ObjectKey::Config)? {
+            return Err(RepoError::AlreadyExists(backend.location()));
+        }
+        opts.chunker.validate()?;
+        let key = MasterKey::generate();
+        let config = Config {
+            version: FORMAT_VERSION,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            chunker: opts.chunker,
+            compression_level: opts.compression_level,
+            pack_size: opts.pack_size,
+        };
+        // Validate through the same path `open` uses, so init never writes
+        // a config that open would refuse.
+        Config::decode(&config.encode())?;
+        let key_id = write_key(backend.as_ref(), &key, password, opts.kdf)?;
+        // The config goes last: its presence marks a usable repository.
+        backend.put(&ObjectKey::Config, &key.seal_object(Role::Config, &config.encode()))?;
+        Repository::assemble(backend, key, key_id, config, Index::new())
+    }
+
+    /// Opens a repository: finds the key the password unwraps, reads the
+    /// config and loads every index segment.
+    pub fn open(backend: Arc<dyn Backend>, password: &[u8]) -> Result<Repository, RepoError> {
+        let sealed_config = match backend.get(&ObjectKey::Config) {
+            Err(e) if e.is_not_found() => return Err(RepoError::NotARepository(backend.location())),
+            other => other?,
+        };
+        let (key_id, key) = unlock(backend.as_ref(), password)?;
+        let config_bytes = key.open_object(Role::Config, &sealed_config).map_err(|source| RepoError::Crypto {
+            what: "config",
+            name: "config".into(),
+            source,
+        })?;
+        let config = Config::decode(&config_bytes)?;
+        let repo = Repository::assemble(backend, key, key_id, config, Index::new())?;
+        repo.reload_index()?;
+        Ok(repo)
+    }
+
+    fn assemble(backend: Arc<dyn Backend>, key: MasterKey, key_id: KeyId, config: Config, index: Index) -> Result<Repository, RepoError> {
+        let chunker = Chunker::new(config.chunker, key.chunker_seed())?;
+        let codec = BlobCodec::new(key.clone(), config.compression_level);
+        Ok(Repository {
+            id_key: key.id_key(),
+            backend,
+            key,
+            key_id,
+            codec,
+            chunker,
+            config,
+            index: RwLock::new(index),
+            bad_segments: Mutex::default(),
+        })
+    }
+
+    /// Loads every index segment from the backend (in parallel), replacing
+    /// the in-memory index. A segment that cannot be read is skipped with a
+    /// warning and remembered for `check`: the packs it names count as
+    /// unindexed, and only snapshots that need them are affected.
+    pub fn reload_index(&self) -> Result<(), RepoError> {
+        let listed = self.backend.list(FileType::Index)?;
+        let loaded: Vec<(IndexId, Result<IndexSegment, RepoError>)> = listed
+            .par_iter()
+            .filter_map(|(key, _)| match key {
+                ObjectKey::Index(id) => Some((*id, self.load_index_segment(id))),
+                _ => None,
+            })
+            .collect();
+        let mut index = Index::new();
+        let mut bad = Vec::new();
+        for (id, segment) in loaded {
+            match segment {
+                Ok(s) => index.add_segment(&s),
+                Err(RepoError::Backend(e)) if !e.is_not_found() => return Err(RepoError::Backend(e)),
+                Err(e) => {
+                    tracing::warn!("skipping unreadable index segment {id}: {e}");
+                    bad.push((id, e.to_string()));
+                }
+            }
+        }
+        *self.index.write().expect("index lock") = index;
+        *self.bad_segments.lock().expect("segments lock") = bad;
+        Ok(())
+    }
+
+    /// Index segments the last load had to skip, with why.
+    pub fn unreadable_index_segments(&self) -> Vec<(IndexId, String)> {
+        self.bad_segments.lock().expect("segments lock").clone()
+    }
+
+    /// Reads, verifies and decodes one index segment.
+    pub fn load_index_segment(&self, id: &IndexId) -> Result<IndexSegment, RepoError> {
+        let plain = self.load_named(&ObjectKey::Index(*id), id.0, Role::Index, "index segment")?;
+        IndexSegment::decode(&plain).map_err(|e| RepoError::Segment(id.to_hex(), e))
+    }
+
+    /// Fetches an object named by the BLAKE3 of its bytes, checks the name
+    /// and opens it.
+    fn load_named(&self, key: &ObjectKey, name: [u8; 32], role: Role, what: &'static str) -> Result<Vec<u8>, RepoError> {
+        let sealed = self.backend.get(key)?;
+        if *blake3::hash(&sealed).as_bytes() != name {
+            return Err(RepoError::NameMismatch(key.to_string()));
+        }
+        self.key.open_object(role, &sealed).map_err(|source| RepoError::Crypto { what, name: key.to_string(), source })
+    }
+
+    /// Seals and stores an object named by the hash of its stored bytes.
+    fn save_named(&self, role: Role, plain: &[u8], make_key: impl Fn([u8; 32]) -> ObjectKey) -> Result<[u8; 32], RepoError> {
+        let sealed = self.key.seal_object(role, plain);
+        let name = *blake3::hash(&sealed).as_bytes();
+        self.backend.put(&make_key(name), &sealed)?;
+        Ok(name)
+    }
+
+    /// Stores an index segment durably and adds it to the in-memory index.
+    pub fn save_index_segment(&self, segment: &IndexSegment) -> Result<IndexId, RepoError> {
+        let name = self.save_named(Role::Index, &segment.encode(), |n| ObjectKey::Index(IndexId(n)))?;
+        self.index.write().expect("index lock").add_segment(segment);
+        Ok(IndexId(name))
+    }
+
+    /// Stores a snapshot manifest. Call only after everything it references
+    /// is durable: this write is the backup's commit.
+    pub fn save_snapshot(&self, snapshot: &Snapshot) -> Result<SnapshotId, RepoError> {
+        let name = self.save_named(Role::Snapshot, &snapshot.encode(), |n| ObjectKey::Snapshot(SnapshotId(n)))?;
+        Ok(SnapshotId(name))
+    }
+
+    /// Reads one snapshot manifest.
+    pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot, RepoError> {
+        let plain = self.load_named(&ObjectKey::Snapshot(*id), id.0, Role::Snapshot, "snapshot")?;
+        Snapshot::decode(&plain).map_err(|e| RepoError::Snapshot(id.to_hex(), e))
+    }
+
+    /// Every readable snapshot, oldest first. One that cannot be read is
+    /// skipped with a warning (`check` reports it as damage).
+    pub fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
+        let listed = self.backend.list(FileType::Snapshot)?;
+        let loaded: Vec<(SnapshotId, Result<Snapshot, RepoError>)> = listed
+            .par_iter()
+            .filter_map(|(k, _)| match k {
+                ObjectKey::Snapshot(id) => Some((*id, self.load_snapshot(id))),
+                _ => None,
+            })
+            .collect();
+        let mut out = Vec::with_capacity(loaded.len());
+        for (id, snap) in loaded {
+            match snap {
+                Ok(s) => out.push((id, s)),
+                Err(RepoError::Backend(e)) if !e.is_not_found() => return Err(RepoError::Backend(e)),
+                Err(e) => tracing::warn!("skipping unreadable snapshot {id}: {e}"),
+            }
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    /// Resolves `latest`, a full id or a unique id prefix.
+    pub fn find_snapshot(&self, spec: &str) -> Result<(SnapshotId, Snapshot), RepoError> {
+        if spec == "latest" {
+            return self.list_snapshots()?.pop().ok_or_else(|| RepoError::NoSuchSnapshot(spec.into()));
+        }
+        if spec.is_empty() || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RepoError::NoSuchSnapshot(spec.into()));
+        }
+        let spec_lower = spec.to_ascii_lowercase();
+        let matches: Vec<SnapshotId> = self
+            .backend
+            .list(FileType::Snapshot)?
+            .into_iter()
+            .filter_map(|(k, _)| match k {
+                ObjectKey::Snapshot(id) if id.to_hex().starts_with(&spec_lower) => Some(id),
+                _ => None,
+            })
+            .collect();
+        match matches.as_slice() {
+            [] => Err(RepoError::NoSuchSnapshot(spec.into())),
+            [id] => Ok((*id, self.load_snapshot(id)?)),
+            _ => Err(RepoError::AmbiguousSnapshot(spec.into())),
+        }
+    }
+
+    /// Reads a blob, verifying crc, authenticity and that it hashes to `id`.
+    pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>, RepoError> {
+        let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
+        let frame_len = pack::FRAME_HEADER_LEN as u64 + u64::from(loc.stored_len);
+        let frame = self.backend.get_range(&ObjectKey::Pack(loc.pack), u64::from(loc.offset), frame_len)?;
+        self.open_frame(id, loc.kind, &frame, u64::from(loc.offset), loc.stored_len, loc.raw_len)
+    }
+
+    /// Verifies and opens one blob frame read from a pack.
+    pub fn open_frame(&self, id: &BlobId, kind: BlobKind, frame: &[u8], offset: u64, stored_len: u32, raw_len: u32) -> Result<Vec<u8>, RepoError> {
+        let stored = pack::check_frame(frame, offset, stored_len).map_err(|source| RepoError::Pack { pack: format!("blob {id}"), source })?;
+        Ok(self.codec.open(kind, id, stored.to_vec(), raw_len as usize)?)
+    }
+
+    /// Loads and decodes a tree blob.
+    pub fn load_tree(&self, id: &BlobId) -> Result<Tree, RepoError> {
+        let bytes = self.read_blob(id)?;
+        Tree::decode(&bytes).map_err(|e| RepoError::Tree(*id, e))
+    }
+
+    /// Finds the node at `path` (slash-separated, relative to the root tree)
+    /// and returns it with the tree that holds it; `None` for the root itself.
+    pub fn find_node(&self, root: &BlobId, path: &str) -> Result<Option<crate::tree::Node>, RepoError> {
+        let mut tree_id = *root;
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let Some((last, dirs)) = parts.split_last() else { return Ok(None) };
+        for part in dirs {
+            let tree = self.load_tree(&tree_id)?;
+            match tree.find(part.as_bytes()).map(|n| &n.kind) {
+                Some(crate::tree::NodeKind::Dir { subtree }) => tree_id = *subtree,
+                _ => return Err(RepoError::Invalid(format!("{path}: no such directory {part:?} in the snapshot"))),
+            }
+        }
+        let tree = self.load_tree(&tree_id)?;
+        tree.find(last.as_bytes())
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| RepoError::Invalid(format!("{path}: not found in the snapshot")))
+    }
+
+    /// Adds a key file for another password.
+    pub fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<KeyId, RepoError> {
+        write_key(self.backend.as_ref(), &self.key, password, kdf)
+    }
+
+    /// The key files, without unwrapping them.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, RepoError> {
+        let mut out = Vec::new();
+        for (k, _) in self.backend.list(FileType::Key)? {
+            let ObjectKey::Key(id) = k else { continue };
+            let file = KeyFile::decode(&self.backend.get(&k)?).map_err(|e| RepoError::KeyFile(id.to_hex(), e))?;
+            out.push(KeyInfo { id, current: id == self.key_id, created: file.created, hostname: file.hostname, username: file.username });
+        }
+        out.sort_by_key(|k| k.created);
+        Ok(out)
+    }
+
+    /// Removes a key file; refuses the key this session opened with.
+    pub fn remove_key(&self, id: &KeyId) -> Result<(), RepoError> {
+        if *id == self.key_id {
+            return Err(RepoError::Invalid("refusing to remove the key in use; open with another password first".into()));
+        }
+        if !crate::backend::exists(self.backend.as_ref(), &ObjectKey::Key(*id))? {
+            return Err(RepoError::Invalid(format!("no key {id}")));
+        }
+        self.backend.remove(&ObjectKey::Key(*id))?;
+        Ok(())
+    }
+
+    /// The id of the key this repository was opened with.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn chunker(&self) -> &Chunker {
+        &self.chunker
+    }
+
+    pub fn codec(&self) -> &BlobCodec {
+        &self.codec
+    }
+
+    /// The id of a blob's plaintext.
+    pub fn blob_id(&self, plaintext: &[u8]) -> BlobId {
+        self.id_key.blob_id(plaintext)
+    }
+
+    pub(crate) fn master_key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// Read access to the in-memory index.
+    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.index.read().expect("index lock")
+    }
+}
+
+fn write_key(backend: &dyn Backend, key: &MasterKey, password: &[u8], kdf: KdfParams) -> Result<KeyId, RepoError> {
+    let (username, hostname) = keys::whoami();
+    let file = KeyFile {
+        created: chrono::Utc::now(),
+        hostname,
+        username,
+        key: key.wrap(password, kdf).map_err(|source| RepoError::Crypto { what: "key", name: "new".into(), source })?,
+    };
+    let id = KeyId::random();
+    backend.put(&ObjectKey::Key(id), &serde_json::to_vec_pretty(&file).expect("key file serializes"))?;
+    Ok(id)
+}
+
+fn unlock(backend: &dyn Backend, password: &[u8]) -> Result<(KeyId, MasterKey), RepoError> {
+    for (k, _) in backend.list(FileType::Key)? {
+        let ObjectKey::Key(id) = k else { continue };
+        let file = match backend.get(&k).map_err(RepoError::from).and_then(|b| KeyFile::decode(&b).map_err(|e| RepoError::KeyFile(id.to_hex(), e))) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("skipping unreadable key file {id}: {e}");
+                continue;
+            }
+        };
+        match file.key.unwrap_key(password) {
+            Ok(master) => return Ok((id, master)),
+            Err(CryptoError::Authentication) => continue,
+            Err(e) => tracing::warn!("skipping key file {id}: {e}"),
+        }
+    }
+    Err(RepoError::WrongPassword)
+}

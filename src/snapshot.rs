@@ -1,0 +1,128 @@
+//! Snapshot manifests: what was backed up, when, by whom, and its root tree.
+//!
+//! Stored as JSON sealed with role `Snapshot`, named by the BLAKE3 of the
+//! stored bytes. Written last in a backup: its presence is the commit.
+
+use chrono::{DateTime, FixedOffset};
+use serde::{Deserialize, Serialize};
+
+use crate::id::{BlobId, SnapshotId};
+
+/// Largest snapshot manifest accepted when decoding.
+pub const MAX_SNAPSHOT_SIZE: usize = 16 << 20;
+
+/// Why bytes are not a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot manifest too large ({0} bytes)")]
+    TooLarge(usize),
+    #[error("snapshot manifest is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// One committed backup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// When the backup started, with the local UTC offset of the machine.
+    pub time: DateTime<FixedOffset>,
+    pub hostname: String,
+    pub username: String,
+    /// The server's tenant, user and device, for snapshots taken by devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The paths given to the backup, absolute.
+    pub paths: Vec<String>,
+    /// Root tree: the absolute paths' components lead to the backed-up data.
+    pub tree: BlobId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<SnapshotId>,
+    pub summary: Summary,
+    pub program_version: String,
+}
+
+/// Counts from the backup that made a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unmodified: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Entries skipped because they could not be read (see the warnings).
+    pub errors: u64,
+    /// Bytes of file content in the snapshot.
+    pub total_bytes: u64,
+    /// Bytes of file content read and chunked (excludes unmodified files).
+    pub bytes_read: u64,
+    pub blobs_new: u64,
+    /// Plaintext bytes of new blobs.
+    pub bytes_new: u64,
+    /// Bytes of new blobs as stored (compressed and sealed).
+    pub bytes_stored: u64,
+    pub duration_secs: f64,
+}
+
+impl Snapshot {
+    /// JSON for sealing.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a snapshot always serializes")
+    }
+
+    /// Parses an opened manifest, refusing oversized input.
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        if bytes.len() > MAX_SNAPSHOT_SIZE {
+            return Err(SnapshotError::TooLarge(bytes.len()));
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            time: DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123456789+01:00").unwrap(),
+            hostname: "host".into(),
+            username: "me".into(),
+            tenant: None,
+            user: Some("a@example.com".into()),
+            device: None,
+            tags: vec!["daily".into()],
+            paths: vec!["/home/me".into()],
+            tree: BlobId([1; 32]),
+            parent: Some(SnapshotId([2; 32])),
+            summary: Summary { files_new: 3, duration_secs: 1.5, ..Summary::default() },
+            program_version: "chunkvault 0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn snapshot_roundtrip() {
+        let s = sample();
+        assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Snapshot::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_of_damaged_json_never_panics(pos in any::<usize>(), byte in any::<u8>()) {
+            let mut bytes = sample().encode();
+            let pos = pos % bytes.len();
+            bytes[pos] = byte;
+            let _ = Snapshot::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,861 @@
+//! Tree blobs: the listing of one directory.
+//!
+//! A snapshot points at the tree of its root directory; each directory node
+//! points at the tree of that subdirectory, and each file node lists the
+//! chunks of the file's content in order. Trees are stored as blobs of kind
+//! [`BlobKind::Tree`](crate::id::BlobKind), so equal directories deduplicate
+//! like equal chunks do.
+//!
+//! # Format
+//!
+//! All integers are little-endian. A tree is:
+//!
+//! | field      | size | meaning                            |
+//! |------------|------|------------------------------------|
+//! | magic      | 4    | `b"CVTR"`                          |
+//! | version    | 1    | `1`                                |
+//! | node_count | 4    | u32, number of nodes that follow   |
+//!
+//! followed by `node_count` nodes, each:
+//!
+//! | field      | size     | meaning                                   |
+//! |------------|----------|-------------------------------------------|
+//! | kind       | 1        | `1` file, `2` directory, `3` symlink      |
+//! | name_len   | 2        | u16                                       |
+//! | name       | name_len | one path component (see [`validate_name`])|
+//! | mode       | 4        | u32, `st_mode`                            |
+//! | uid        | 4        | u32                                       |
+//! | gid        | 4        | u32                                       |
+//! | mtime sec  | 8        | i64, seconds since the Unix epoch         |
+//! | mtime nsec | 4        | u32, below 1 000 000 000                  |
+//! | ctime sec  | 8        | i64                                       |
+//! | ctime nsec | 4        | u32, below 1 000 000 000                  |
+//! | inode      | 8        | u64                                       |
+//! | size       | 8        | u64, content length in bytes              |
+//!
+//! and then, by kind:
+//!
+//! * file: `chunk_count` u32, then `chunk_count` 32-byte chunk blob ids;
+//! * directory: the 32-byte blob id of the subdirectory's tree;
+//! * symlink: `target_len` u16, then the target bytes.
+//!
+//! Nodes appear in strictly increasing order of their name bytes, so names
+//! are unique, a lookup is a binary search, and every tree has exactly one
+//! encoding (equal directories give equal blob ids). Nothing may follow the
+//! last node.
+//!
+//! Tree bytes come from storage and are treated as hostile: [`Tree::decode`]
+//! checks every count against the bytes that remain before allocating for
+//! it, refuses anything over [`MAX_TREE_SIZE`], and never panics.
+
+use crate::id::BlobId;
+
+/// Largest encoded tree accepted (decode refuses more).
+///
+/// [`Tree::new`] refuses to build a tree whose encoding would be larger, so
+/// every tree that can be built can also be read back.
+pub const MAX_TREE_SIZE: usize = 64 << 20;
+
+/// Longest name, and longest symlink target, in bytes (Linux's `PATH_MAX`).
+const MAX_NAME_LEN: usize = 4096;
+const MAX_TARGET_LEN: usize = 4096;
+
+const MAGIC: &[u8; 4] = b"CVTR";
+const VERSION: u8 = 1;
+
+const KIND_FILE: u8 = 1;
+const KIND_DIR: u8 = 2;
+const KIND_SYMLINK: u8 = 3;
+
+/// magic, version, node_count.
+const HEADER_LEN: usize = 4 + 1 + 4;
+/// A node without its name and kind-specific payload: kind, name_len, mode,
+/// uid, gid, mtime, ctime, inode, size.
+const NODE_FIXED_LEN: usize = 1 + 2 + 4 + 4 + 4 + (8 + 4) + (8 + 4) + 8 + 8;
+/// The smallest possible node: a one-byte name and an empty symlink target.
+const MIN_NODE_LEN: usize = NODE_FIXED_LEN + 1 + 2;
+const ID_LEN: usize = 32;
+
+/// A point in time with nanosecond precision, as `stat` reports it.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch (negative before 1970).
+    pub sec: i64,
+    /// Nanoseconds within the second; always below 1 000 000 000 in a tree.
+    pub nsec: u32,
+}
+
+impl Timestamp {
+    fn is_valid(self) -> bool {
+        self.nsec < 1_000_000_000
+    }
+}
+
+/// What a node is, with what only that kind of node has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A regular file: its content is these chunks concatenated, in order.
+    File { chunks: Vec<BlobId> },
+    /// A directory: its listing is the tree blob `subtree`.
+    Dir { subtree: BlobId },
+    /// A symbolic link to `target` (raw bytes, never followed on restore).
+    Symlink { target: Vec<u8> },
+}
+
+/// One entry of a directory with the metadata restore needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// One path component (see [`validate_name`]), raw bytes as on disk.
+    pub name: Vec<u8>,
+    pub kind: NodeKind,
+    /// `st_mode`: file type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    /// The inode number at backup time (lets the next backup spot unchanged files).
+    pub inode: u64,
+    /// Content length in bytes (0 for directories and symlinks by convention).
+    pub size: u64,
+}
+
+impl Node {
+    /// Whether this node is a directory.
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, NodeKind::Dir { .. })
+    }
+
+    /// Whether this node is a regular file.
+    pub fn is_file(&self) -> bool {
+        matches!(self.kind, NodeKind::File { .. })
+    }
+
+    /// The name as text, invalid UTF-8 replaced by U+FFFD (for display and
+    /// for building display paths, never for touching the filesystem).
+    pub fn name_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+
+    /// Bytes this node takes in the encoding.
+    fn encoded_len(&self) -> usize {
+        let payload = match &self.kind {
+            NodeKind::File { chunks } => 4 + ID_LEN.saturating_mul(chunks.len()),
+            NodeKind::Dir { .. } => ID_LEN,
+            NodeKind::Symlink { target } => 2 + target.len(),
+        };
+        NODE_FIXED_LEN
+            .saturating_add(self.name.len())
+            .saturating_add(payload)
+    }
+
+    /// Checks what the format requires of one node on its own.
+    fn validate(&self) -> Result<(), TreeError> {
+        validate_name(&self.name)?;
+        if !self.mtime.is_valid() || !self.ctime.is_valid() {
+            return Err(TreeError::BadTimestamp(escape(&self.name)));
+        }
+        if let NodeKind::Symlink { target } = &self.kind {
+            validate_target(target)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a tree cannot be built or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("tree is truncated")]
+    Truncated,
+    #[error("not a tree (bad magic bytes)")]
+    BadMagic,
+    #[error("unsupported tree format version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown node kind {0}")]
+    BadKind(u8),
+    #[error("invalid name \"{0}\": a name is one path component of 1 to 4096 bytes, not \".\" or \"..\", without '/' or NUL")]
+    InvalidName(String),
+    #[error("invalid symlink target \"{0}\": a target is at most 4096 bytes without NUL")]
+    InvalidSymlinkTarget(String),
+    #[error("the name \"{0}\" appears more than once")]
+    DuplicateName(String),
+    #[error("nodes are not sorted by name (\"{0}\" is out of order)")]
+    NotSorted(String),
+    #[error("tree of {0} bytes is larger than the limit of {MAX_TREE_SIZE} bytes")]
+    TooLarge(usize),
+    #[error("{0} bytes follow the last node")]
+    TrailingBytes(usize),
+    #[error("node \"{0}\" has a timestamp with 1 000 000 000 or more nanoseconds")]
+    BadTimestamp(String),
+    #[error("tree claims {count} nodes but only {remaining} bytes follow")]
+    TooManyNodes { count: u32, remaining: usize },
+    #[error("file claims {count} chunks but only {remaining} bytes follow")]
+    TooManyChunks { count: u32, remaining: usize },
+}
+
+/// A name is one path component: non-empty, at most 4096 bytes, not "." or
+/// "..", no '/' and no NUL.
+///
+/// Restore joins names onto a target directory, so anything else could make
+/// it write outside that directory (or fail in the kernel).
+pub fn validate_name(name: &[u8]) -> Result<(), TreeError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != b"."
+        && name != b".."
+        && !name.iter().any(|&b| b == b'/' || b == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(TreeError::InvalidName(escape(name)))
+    }
+}
+
+/// A symlink target: at most 4096 bytes, no NUL. It may be absolute or
+/// contain "..": restore creates the link and never follows it.
+fn validate_target(target: &[u8]) -> Result<(), TreeError> {
+    if target.len() <= MAX_TARGET_LEN && !target.contains(&0) {
+        Ok(())
+    } else {
+        Err(TreeError::InvalidSymlinkTarget(escape(target)))
+    }
+}
+
+/// Hostile bytes made fit for an error message: lossy UTF-8, control
+/// characters and quotes escaped, long values cut short.
+fn escape(bytes: &[u8]) -> String {
+    const SHOWN: usize = 100;
+    let shown = bytes.get(..SHOWN).unwrap_or(bytes);
+    let mut s: String = String::from_utf8_lossy(shown).escape_debug().collect();
+    if bytes.len() > SHOWN {
+        s.push_str(&format!("... ({} bytes)", bytes.len()));
+    }
+    s
+}
+
+/// A directory listing: nodes sorted by name, names unique and valid.
+///
+/// The field is private so that a `Tree` can only come from [`Tree::new`] or
+/// [`Tree::decode`], which both enforce those rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+impl Tree {
+    /// Builds a tree from nodes in any order. Sorts them by name and rejects
+    /// invalid or duplicate names, invalid timestamps or symlink targets, and
+    /// trees whose encoding would exceed [`MAX_TREE_SIZE`].
+    pub fn new(mut nodes: Vec<Node>) -> Result<Tree, TreeError> {
+        for node in &nodes {
+            node.validate()?;
+        }
+        nodes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        if let Some(pair) = nodes.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(TreeError::DuplicateName(escape(&pair[0].name)));
+        }
+        let tree = Tree { nodes };
+        let len = tree.encoded_len();
+        if len > MAX_TREE_SIZE {
+            return Err(TreeError::TooLarge(len));
+        }
+        Ok(tree)
+    }
+
+    /// The nodes, sorted by name.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The node called `name`, by binary search.
+    pub fn find(&self, name: &[u8]) -> Option<&Node> {
+        self.nodes
+            .binary_search_by(|n| n.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.nodes[i])
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.nodes
+            .iter()
+            .fold(HEADER_LEN, |acc, n| acc.saturating_add(n.encoded_len()))
+    }
+
+    /// The canonical encoding (see the module documentation).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        put_u32_len(&mut out, self.nodes.len());
+        for n in &self.nodes {
+            out.push(match n.kind {
+                NodeKind::File { .. } => KIND_FILE,
+                NodeKind::Dir { .. } => KIND_DIR,
+                NodeKind::Symlink { .. } => KIND_SYMLINK,
+            });
+            put_u16_len(&mut out, n.name.len());
+            out.extend_from_slice(&n.name);
+            out.extend_from_slice(&n.mode.to_le_bytes());
+            out.extend_from_slice(&n.uid.to_le_bytes());
+            out.extend_from_slice(&n.gid.to_le_bytes());
+            for t in [n.mtime, n.ctime] {
+                out.extend_from_slice(&t.sec.to_le_bytes());
+                out.extend_from_slice(&t.nsec.to_le_bytes());
+            }
+            out.extend_from_slice(&n.inode.to_le_bytes());
+            out.extend_from_slice(&n.size.to_le_bytes());
+            match &n.kind {
+                NodeKind::File { chunks } => {
+                    put_u32_len(&mut out, chunks.len());
+                    for c in chunks {
+                        out.extend_from_slice(c.as_bytes());
+                    }
+                }
+                NodeKind::Dir { subtree } => out.extend_from_slice(subtree.as_bytes()),
+                NodeKind::Symlink { target } => {
+                    put_u16_len(&mut out, target.len());
+                    out.extend_from_slice(target);
+                }
+            }
+        }
+        out
+    }
+
+    /// Parses and validates an encoded tree: everything [`Tree::new`] checks,
+    /// plus strictly increasing names, exact length and bounded counts.
+    pub fn decode(bytes: &[u8]) -> Result<Tree, TreeError> {
+        if bytes.len() > MAX_TREE_SIZE {
+            return Err(TreeError::TooLarge(bytes.len()));
+        }
+        let mut r = Reader(bytes);
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(TreeError::BadMagic);
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(TreeError::UnsupportedVersion(version));
+        }
+        let count = r.u32()?;
+        if count as usize > r.remaining() / MIN_NODE_LEN {
+            return Err(TreeError::TooManyNodes {
+                count,
+                remaining: r.remaining(),
+            });
+        }
+        let mut nodes: Vec<Node> = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let node = read_node(&mut r)?;
+            if let Some(prev) = nodes.last() {
+                match prev.name.cmp(&node.name) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => {
+                        return Err(TreeError::DuplicateName(escape(&node.name)))
+                    }
+                    std::cmp::Ordering::Greater => {
+                        return Err(TreeError::NotSorted(escape(&node.name)))
+                    }
+                }
+            }
+            nodes.push(node);
+        }
+        if r.remaining() != 0 {
+            return Err(TreeError::TrailingBytes(r.remaining()));
+        }
+        Ok(Tree { nodes })
+    }
+}
+
+/// Reads and validates one node.
+fn read_node(r: &mut Reader<'_>) -> Result<Node, TreeError> {
+    let kind = r.u8()?;
+    if !matches!(kind, KIND_FILE | KIND_DIR | KIND_SYMLINK) {
+        return Err(TreeError::BadKind(kind));
+    }
+    let name_len = r.u16()?;
+    let name = r.take(usize::from(name_len))?;
+    validate_name(name)?;
+    let name = name.to_vec();
+    let mode = r.u32()?;
+    let uid = r.u32()?;
+    let gid = r.u32()?;
+    let mtime = Timestamp {
+        sec: r.i64()?,
+        nsec: r.u32()?,
+    };
+    let ctime = Timestamp {
+        sec: r.i64()?,
+        nsec: r.u32()?,
+    };
+    if !mtime.is_valid() || !ctime.is_valid() {
+        return Err(TreeError::BadTimestamp(escape(&name)));
+    }
+    let inode = r.u64()?;
+    let size = r.u64()?;
+    let kind = match kind {
+        KIND_FILE => {
+            let count = r.u32()?;
+            if count as usize > r.remaining() / ID_LEN {
+                return Err(TreeError::TooManyChunks {
+                    count,
+                    remaining: r.remaining(),
+                });
+            }
+            let mut chunks = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                chunks.push(BlobId(r.id()?));
+            }
+            NodeKind::File { chunks }
+        }
+        KIND_DIR => NodeKind::Dir {
+            subtree: BlobId(r.id()?),
+        },
+        _ => {
+            let len = r.u16()?;
+            let target = r.take(usize::from(len))?;
+            validate_target(target)?;
+            NodeKind::Symlink {
+                target: target.to_vec(),
+            }
+        }
+    };
+    Ok(Node {
+        name,
+        kind,
+        mode,
+        uid,
+        gid,
+        mtime,
+        ctime,
+        inode,
+        size,
+    })
+}
+
+/// Appends a count that [`Tree::new`] has bounded (names and targets are at
+/// most 4096 bytes).
+fn put_u16_len(out: &mut Vec<u8>, n: usize) {
+    let n = u16::try_from(n).expect("names and targets are validated to at most 4096 bytes");
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+/// Appends a count that [`Tree::new`] has bounded (the whole encoding is at
+/// most [`MAX_TREE_SIZE`] bytes, so no count reaches 2^32).
+fn put_u32_len(out: &mut Vec<u8>, n: usize) {
+    let n = u32::try_from(n).expect("counts are bounded by MAX_TREE_SIZE");
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+/// A cursor over untrusted bytes: every read is bounds-checked and fails
+/// with [`TreeError::Truncated`] instead of panicking.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.0.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], TreeError> {
+        if n > self.0.len() {
+            return Err(TreeError::Truncated);
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], TreeError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, TreeError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, TreeError> {
+        self.array().map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, TreeError> {
+        self.array().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, TreeError> {
+        self.array().map(u64::from_le_bytes)
+    }
+
+    fn i64(&mut self) -> Result<i64, TreeError> {
+        self.array().map(i64::from_le_bytes)
+    }
+
+    fn id(&mut self) -> Result<[u8; ID_LEN], TreeError> {
+        self.array()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(name: &[u8], kind: NodeKind) -> Node {
+        Node {
+            name: name.to_vec(),
+            kind,
+            mode: 0o100644,
+            uid: 1000,
+            gid: 1000,
+            mtime: Timestamp {
+                sec: 1_700_000_000,
+                nsec: 5,
+            },
+            ctime: Timestamp {
+                sec: -3,
+                nsec: 999_999_999,
+            },
+            inode: 42,
+            size: 7,
+        }
+    }
+
+    fn file(name: &[u8]) -> Node {
+        node(
+            name,
+            NodeKind::File {
+                chunks: vec![BlobId([1; 32]), BlobId([2; 32])],
+            },
+        )
+    }
+
+    fn sample() -> Tree {
+        Tree::new(vec![
+            file(b"zeta"),
+            node(
+                b"dir",
+                NodeKind::Dir {
+                    subtree: BlobId([9; 32]),
+                },
+            ),
+            node(
+                b"link",
+                NodeKind::Symlink {
+                    target: b"../../etc/passwd".to_vec(),
+                },
+            ),
+            file("caf\u{e9} au lait".as_bytes()),
+            file(b"\xff\xfe not utf-8"),
+        ])
+        .unwrap()
+    }
+
+    fn name_strategy() -> impl Strategy<Value = Vec<u8>> {
+        // Any byte but '/' and NUL.
+        let byte = any::<u8>().prop_map(|b| if b == b'/' || b == 0 { b'_' } else { b });
+        prop_oneof![
+            4 => "[a-zA-Z0-9 ._-]{1,16}".prop_map(String::into_bytes),
+            2 => "[^/\\x00]{1,8}".prop_map(String::into_bytes),
+            2 => prop::collection::vec(byte.clone(), 1..24),
+            1 => prop::collection::vec(byte, 4000..=4096),
+        ]
+        .prop_filter("not . or ..", |n| validate_name(n).is_ok())
+    }
+
+    fn timestamp_strategy() -> impl Strategy<Value = Timestamp> {
+        (any::<i64>(), 0u32..1_000_000_000).prop_map(|(sec, nsec)| Timestamp { sec, nsec })
+    }
+
+    fn id_strategy() -> impl Strategy<Value = BlobId> {
+        any::<[u8; 32]>().prop_map(BlobId)
+    }
+
+    fn kind_strategy() -> impl Strategy<Value = NodeKind> {
+        prop_oneof![
+            prop::collection::vec(id_strategy(), 0..8).prop_map(|chunks| NodeKind::File { chunks }),
+            id_strategy().prop_map(|subtree| NodeKind::Dir { subtree }),
+            prop::collection::vec(1u8..=255, 0..64).prop_map(|target| NodeKind::Symlink { target }),
+        ]
+    }
+
+    prop_compose! {
+        fn node_strategy()(
+            name in name_strategy(),
+            kind in kind_strategy(),
+            (mode, uid, gid) in any::<(u32, u32, u32)>(),
+            mtime in timestamp_strategy(),
+            ctime in timestamp_strategy(),
+            (inode, size) in any::<(u64, u64)>(),
+        ) -> Node {
+            Node { name, kind, mode, uid, gid, mtime, ctime, inode, size }
+        }
+    }
+
+    /// Arbitrary valid trees: random nodes with duplicate names dropped.
+    fn tree_strategy() -> impl Strategy<Value = Tree> {
+        prop::collection::vec(node_strategy(), 0..12).prop_map(|nodes| {
+            let mut seen = std::collections::HashSet::new();
+            let unique = nodes
+                .into_iter()
+                .filter(|n| seen.insert(n.name.clone()))
+                .collect();
+            Tree::new(unique).unwrap()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(tree in tree_strategy()) {
+            let bytes = tree.encode();
+            prop_assert_eq!(bytes.len(), tree.encoded_len());
+            let back = Tree::decode(&bytes).unwrap();
+            prop_assert_eq!(&back, &tree);
+            prop_assert!(tree.nodes().windows(2).all(|w| w[0].name < w[1].name));
+            for n in tree.nodes() {
+                prop_assert_eq!(back.find(&n.name), Some(n));
+            }
+        }
+
+        #[test]
+        fn new_sorts_any_order(tree in tree_strategy(), seed in any::<u64>()) {
+            let mut nodes = tree.nodes().to_vec();
+            if !nodes.is_empty() {
+                let len = nodes.len();
+                nodes.rotate_left(seed as usize % len);
+                nodes.reverse();
+            }
+            prop_assert_eq!(Tree::new(nodes).unwrap(), tree);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Tree::decode(&bytes);
+            // Past the header too, so the node parser sees random input.
+            let mut with_header = b"CVTR\x01".to_vec();
+            with_header.extend_from_slice(&bytes);
+            if let Ok(tree) = Tree::decode(&with_header) {
+                prop_assert_eq!(tree.encode(), with_header);
+            }
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(tree in tree_strategy(), pos in any::<prop::sample::Index>(), mask in 1u8..=255) {
+            let mut bytes = tree.encode();
+            let i = pos.index(bytes.len());
+            bytes[i] ^= mask;
+            // Whatever decodes must be canonical: re-encoding gives the same bytes.
+            if let Ok(t) = Tree::decode(&bytes) {
+                prop_assert_eq!(t.encode(), bytes);
+            }
+        }
+
+        #[test]
+        fn truncated_is_rejected(tree in tree_strategy(), cut in any::<prop::sample::Index>()) {
+            let bytes = tree.encode();
+            let cut = cut.index(bytes.len());
+            prop_assert!(Tree::decode(&bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_names() {
+        let long = vec![b'a'; 4097];
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"a\0b", &long] {
+            assert!(
+                matches!(validate_name(bad), Err(TreeError::InvalidName(_))),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(Tree::new(vec![file(bad)]), Err(TreeError::InvalidName(_))),
+                "{bad:?}"
+            );
+        }
+        for good in [
+            &b"a"[..],
+            b"...",
+            b".hidden",
+            b"with space",
+            "\u{1f600}".as_bytes(),
+            b"\xff",
+            &[b'a'; 4096],
+        ] {
+            assert!(validate_name(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_name_message_is_escaped_and_short() {
+        let msg = validate_name(b"evil\n\0name").unwrap_err().to_string();
+        assert!(msg.contains(r"evil\n\0name"), "{msg}");
+        let msg = validate_name(&[b'x'; 5000]).unwrap_err().to_string();
+        assert!(msg.contains("(5000 bytes)") && msg.len() < 400, "{msg}");
+    }
+
+    #[test]
+    fn decode_rejects_invalid_names() {
+        let mut bytes = Tree::new(vec![file(b"ab")]).unwrap().encode();
+        let at = HEADER_LEN + 3;
+        assert_eq!(&bytes[at..at + 2], b"ab");
+        bytes[at..at + 2].copy_from_slice(b"..");
+        assert!(matches!(
+            Tree::decode(&bytes),
+            Err(TreeError::InvalidName(_))
+        ));
+        bytes[at..at + 2].copy_from_slice(b"a/");
+        assert!(matches!(
+            Tree::decode(&bytes),
+            Err(TreeError::InvalidName(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_duplicates() {
+        assert!(matches!(
+            Tree::new(vec![file(b"a"), file(b"b"), file(b"a")]),
+            Err(TreeError::DuplicateName(_))
+        ));
+        // Splice two encodings of the same node into one tree.
+        let one = Tree::new(vec![file(b"a")]).unwrap().encode();
+        let mut two = one.clone();
+        two[5..9].copy_from_slice(&2u32.to_le_bytes());
+        two.extend_from_slice(&one[HEADER_LEN..]);
+        assert!(matches!(
+            Tree::decode(&two),
+            Err(TreeError::DuplicateName(_))
+        ));
+    }
+
+    #[test]
+    fn decode_rejects_unsorted() {
+        let b = Tree::new(vec![file(b"b")]).unwrap().encode();
+        let a = Tree::new(vec![file(b"a")]).unwrap().encode();
+        let mut bytes = b.clone();
+        bytes[5..9].copy_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&a[HEADER_LEN..]);
+        assert!(matches!(Tree::decode(&bytes), Err(TreeError::NotSorted(_))));
+    }
+
+    #[test]
+    fn rejects_bad_timestamps_and_targets() {
+        let mut n = file(b"a");
+        n.ctime.nsec = 1_000_000_000;
+        assert!(matches!(
+            Tree::new(vec![n]),
+            Err(TreeError::BadTimestamp(_))
+        ));
+        let mut bytes = Tree::new(vec![file(b"a")]).unwrap().encode();
+        let mtime_nsec = HEADER_LEN + 1 + 2 + 1 + 12 + 8;
+        bytes[mtime_nsec..mtime_nsec + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Tree::decode(&bytes),
+            Err(TreeError::BadTimestamp(_))
+        ));
+
+        for bad in [b"a\0b".to_vec(), vec![b'x'; 4097]] {
+            let n = node(b"l", NodeKind::Symlink { target: bad });
+            assert!(matches!(
+                Tree::new(vec![n]),
+                Err(TreeError::InvalidSymlinkTarget(_))
+            ));
+        }
+        let ok = node(
+            b"l",
+            NodeKind::Symlink {
+                target: vec![b'x'; 4096],
+            },
+        );
+        assert!(Tree::new(vec![ok]).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_header_kind_and_trailing_bytes() {
+        let bytes = sample().encode();
+        let mut b = bytes.clone();
+        b[0] = b'X';
+        assert!(matches!(Tree::decode(&b), Err(TreeError::BadMagic)));
+        let mut b = bytes.clone();
+        b[4] = 2;
+        assert!(matches!(
+            Tree::decode(&b),
+            Err(TreeError::UnsupportedVersion(2))
+        ));
+        let mut b = bytes.clone();
+        b[HEADER_LEN] = 7;
+        assert!(matches!(Tree::decode(&b), Err(TreeError::BadKind(7))));
+        let mut b = bytes.clone();
+        b.push(0);
+        assert!(matches!(Tree::decode(&b), Err(TreeError::TrailingBytes(1))));
+        assert!(matches!(
+            Tree::decode(&bytes[..3]),
+            Err(TreeError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn huge_counts_are_refused_before_allocating() {
+        let mut b = b"CVTR\x01".to_vec();
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Tree::decode(&b),
+            Err(TreeError::TooManyNodes {
+                count: u32::MAX,
+                remaining: 0
+            })
+        ));
+
+        let bytes = Tree::new(vec![node(b"f", NodeKind::File { chunks: vec![] })])
+            .unwrap()
+            .encode();
+        let mut b = bytes.clone();
+        let at = bytes.len() - 4;
+        b[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Tree::decode(&b),
+            Err(TreeError::TooManyChunks {
+                count: u32::MAX,
+                remaining: 0
+            })
+        ));
+
+        assert!(matches!(
+            Tree::decode(&vec![0; MAX_TREE_SIZE + 1]),
+            Err(TreeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn new_refuses_trees_too_large_to_decode() {
+        let chunks = vec![BlobId([0; 32]); MAX_TREE_SIZE / 32];
+        let n = node(b"big", NodeKind::File { chunks });
+        assert!(matches!(Tree::new(vec![n]), Err(TreeError::TooLarge(_))));
+    }
+
+    #[test]
+    fn find_and_accessors() {
+        let t = sample();
+        assert_eq!(t.nodes().len(), 5);
+        assert!(t.find(b"dir").unwrap().is_dir());
+        assert!(t.find(b"zeta").unwrap().is_file());
+        assert!(!t.find(b"link").unwrap().is_file());
+        assert!(t.find(b"missing").is_none());
+        assert_eq!(
+            t.find(b"\xff\xfe not utf-8").unwrap().name_lossy(),
+            "\u{fffd}\u{fffd} not utf-8"
+        );
+        assert_eq!(
+            Tree::decode(&Tree::default().encode()).unwrap(),
+            Tree::default()
+        );
+    }
+}

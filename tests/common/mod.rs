@@ -1,0 +1,168 @@
+//! Shared helpers for the integration tests: run the real binary, build
+//! trees, compare trees.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const PASSWORD: &str = "test password";
+
+/// A repository in a temp dir plus a helper to run the CLI against it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+}
+
+impl Env {
+    /// A fresh, initialised repository (with cheap KDF parameters).
+    pub fn new() -> Env {
+        let env = Env::uninit();
+        env.ok(&["init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"]);
+        env
+    }
+
+    /// A temp dir with a repository path that is not created yet.
+    pub fn uninit() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = dir.path().join("repo");
+        Env { dir, repo }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_chunkvault"));
+        c.env("CHUNKVAULT_REPO", &self.repo).env("CHUNKVAULT_PASSWORD", PASSWORD).env_remove("CHUNKVAULT_PASSWORD_FILE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run chunkvault")
+    }
+
+    /// Runs and requires exit code 0; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "chunkvault {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs with `--json` and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("json stdout")
+    }
+
+    /// Backs up `path` and returns the snapshot's JSON summary.
+    pub fn backup(&self, path: &Path) -> serde_json::Value {
+        self.json(&["backup", path.to_str().expect("utf-8 path")])
+    }
+
+    pub fn repo_size(&self) -> u64 {
+        dir_size(&self.repo)
+    }
+}
+
+pub fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(p).expect("read dir") {
+        let e = e.expect("entry");
+        let m = e.metadata().expect("metadata");
+        total += if m.is_dir() { dir_size(&e.path()) } else { m.len() };
+    }
+    total
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast in debug builds.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// What a comparison looks at for one entry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub content: Vec<u8>,
+}
+
+/// Every entry below `root`, keyed by relative path.
+pub fn scan(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    scan_into(root, root, &mut out);
+    out
+}
+
+fn scan_into(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
+    for e in std::fs::read_dir(dir).expect("read dir") {
+        let p = e.expect("entry").path();
+        let m = std::fs::symlink_metadata(&p).expect("lstat");
+        let (kind, content) = if m.file_type().is_symlink() {
+            ("symlink", std::fs::read_link(&p).expect("readlink").into_os_string().into_encoded_bytes())
+        } else if m.is_dir() {
+            scan_into(root, &p, out);
+            ("dir", Vec::new())
+        } else {
+            ("file", std::fs::read(&p).expect("read"))
+        };
+        let mode = if kind == "symlink" { 0 } else { m.permissions().mode() };
+        out.insert(
+            p.strip_prefix(root).expect("below root").to_owned(),
+            Entry { kind, mode, uid: m.uid(), gid: m.gid(), mtime: (m.mtime(), m.mtime_nsec()), content },
+        );
+    }
+}
+
+/// Asserts two trees are identical, naming the first difference.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (sa, sb) = (scan(a), scan(b));
+    let keys_a: Vec<_> = sa.keys().collect();
+    let keys_b: Vec<_> = sb.keys().collect();
+    assert_eq!(keys_a, keys_b, "different entries");
+    for (k, ea) in &sa {
+        let eb = &sb[k];
+        assert_eq!(ea.kind, eb.kind, "{k:?} kind");
+        assert_eq!(ea.content.len(), eb.content.len(), "{k:?} length");
+        assert!(ea.content == eb.content, "{k:?} content differs");
+        assert_eq!(ea.mode, eb.mode, "{k:?} mode");
+        assert_eq!((ea.uid, ea.gid), (eb.uid, eb.gid), "{k:?} owner");
+        assert_eq!(ea.mtime, eb.mtime, "{k:?} mtime");
+    }
+}
+
+/// Sets a path's mtime with nanoseconds, without following symlinks.
+pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    let t = libc::timespec { tv_sec: sec, tv_nsec: nsec };
+    // SAFETY: valid C string and a two-element array, as utimensat requires.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    assert_eq!(rc, 0, "utimensat {p:?}");
+}
+
+/// Where a backed-up absolute path lands under a restore target.
+pub fn restored(target: &Path, original: &Path) -> PathBuf {
+    target.join(original.strip_prefix("/").expect("absolute"))
+}
