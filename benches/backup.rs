@@ -36,7 +36,8 @@ fn write_corpus(dir: &Path) -> PathBuf {
 fn new_repo(dir: &Path) -> Repository {
     let _ = std::fs::remove_dir_all(dir);
     let backend = Arc::new(LocalBackend::create(dir).unwrap());
-    let opts = InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..InitOptions::default() };
+    let opts =
+        InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..InitOptions::default() };
     Repository::init(backend, b"bench", &opts).unwrap()
 }
 
@@ -50,12 +51,12 @@ fn end_to_end(c: &mut Criterion) {
     g.bench_function("backup-64MiB", |b| {
         b.iter_batched(
             || new_repo(&work.path().join("repo")),
-            |repo| backup(&repo, &[src.clone()], &opts, &BackupProgress::default()).unwrap(),
+            |repo| backup(&repo, &[&src], &opts, &BackupProgress::default()).unwrap(),
             BatchSize::PerIteration,
         )
     });
     let repo = new_repo(&work.path().join("repo"));
-    let done = backup(&repo, &[src.clone()], &opts, &BackupProgress::default()).unwrap();
+    let done = backup(&repo, &[&src], &opts, &BackupProgress::default()).unwrap();
     g.bench_function("restore-64MiB", |b| {
         b.iter_batched(
             || {

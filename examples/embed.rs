@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("created repository {}", repo.config().id);
 
     // 2. Back up a directory.
-    let done = backup(&repo, &[source.clone()], &BackupOptions::default(), &BackupProgress::default())?;
+    let done = backup(&repo, &[&source], &BackupOptions::default(), &BackupProgress::default())?;
     let s = &done.snapshot.summary;
     println!("snapshot {}: {} files, {} bytes, {} stored", done.id.short(), s.files_new, s.total_bytes, s.bytes_stored);
 

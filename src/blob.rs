@@ -164,7 +164,10 @@ mod tests {
         let data = b"abc".repeat(100);
         let id = c.id_key().blob_id(&data);
         let stored = c.seal(BlobKind::Data, &id, &data);
-        assert!(matches!(c.open(BlobKind::Data, &id, stored.clone(), 10), Err(BlobError::Decompress(..) | BlobError::Length { .. })));
+        assert!(matches!(
+            c.open(BlobKind::Data, &id, stored.clone(), 10),
+            Err(BlobError::Decompress(..) | BlobError::Length { .. })
+        ));
         assert!(matches!(c.open(BlobKind::Tree, &id, stored.clone(), data.len()), Err(BlobError::Crypto(..))));
         let other = c.id_key().blob_id(b"other");
         assert!(c.open(BlobKind::Data, &other, stored, data.len()).is_err());

@@ -152,7 +152,9 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
     let mut seen_trees: HashSet<BlobId> = HashSet::new();
     let mut damaged_files = Vec::new();
     for (key, _) in snapshots {
-        let ObjectKey::Snapshot(sid) = key else { continue };
+        let ObjectKey::Snapshot(sid) = key else {
+            continue;
+        };
         report.snapshots += 1;
         let snap = match repo.load_snapshot(&sid) {
             Ok(s) => s,

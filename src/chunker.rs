@@ -260,9 +260,7 @@ mod tests {
         let data = pseudo_random(1 << 20, 42);
         let mut edited = data.clone();
         edited.splice(500_000..500_000, b"inserted bytes".iter().copied());
-        let set = |d: &[u8]| -> std::collections::HashSet<Vec<u8>> {
-            c.cut_points(d).map(|r| d[r].to_vec()).collect()
-        };
+        let set = |d: &[u8]| -> std::collections::HashSet<Vec<u8>> { c.cut_points(d).map(|r| d[r].to_vec()).collect() };
         let before = set(&data);
         let after = set(&edited);
         let new = after.difference(&before).count();
@@ -281,8 +279,8 @@ mod tests {
     }
 
     const GOLDEN_LENGTHS: [usize; 24] = [
-        8587, 10113, 4393, 10553, 9606, 4267, 7677, 8669, 11619, 4724, 10962, 11242, 11060, 5664, 10727, 6102, 9499, 13000, 4759,
-        11314, 10632, 5603, 5915, 3313,
+        8587, 10113, 4393, 10553, 9606, 4267, 7677, 8669, 11619, 4724, 10962, 11242, 11060, 5664, 10727, 6102, 9499,
+        13000, 4759, 11314, 10632, 5603, 5915, 3313,
     ];
 
     #[test]

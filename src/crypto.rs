@@ -163,11 +163,7 @@ impl MasterKey {
         let cipher = password_cipher(password, &salt, &params)?;
         let mut buf = self.0.to_vec();
         seal_in_place(&cipher, KEY_WRAP_AAD, &mut buf);
-        Ok(WrappedKey {
-            kdf: params,
-            salt: hex::encode(salt),
-            sealed: hex::encode(&buf),
-        })
+        Ok(WrappedKey { kdf: params, salt: hex::encode(salt), sealed: hex::encode(&buf) })
     }
 }
 
@@ -240,9 +236,7 @@ fn password_cipher(password: &[u8], salt: &[u8], p: &KdfParams) -> Result<Aes256
         .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut key = [0u8; 32];
-    argon
-        .hash_password_into(password, salt, &mut key)
-        .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
+    argon.hash_password_into(password, salt, &mut key).map_err(|e| CryptoError::KdfParams(e.to_string()))?;
     let cipher = Aes256Gcm::new(&key.into());
     key.zeroize();
     Ok(cipher)
@@ -274,9 +268,7 @@ fn open_in_place(cipher: &Aes256Gcm, aad: &[u8], buf: &mut Vec<u8>) -> Result<()
     let nonce = *Nonce::from_slice(&buf[body_len + TAG_LEN..]);
     let tag = *Tag::from_slice(&buf[body_len..body_len + TAG_LEN]);
     buf.truncate(body_len);
-    cipher
-        .decrypt_in_place_detached(&nonce, aad, buf, &tag)
-        .map_err(|_| CryptoError::Authentication)
+    cipher.decrypt_in_place_detached(&nonce, aad, buf, &tag).map_err(|_| CryptoError::Authentication)
 }
 
 #[cfg(test)]

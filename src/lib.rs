@@ -26,7 +26,7 @@
 //! let opts = InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..InitOptions::default() };
 //! let repo = Repository::init(backend, b"secret", &opts)?;
 //!
-//! let done = backup(&repo, &[data.clone()], &BackupOptions::default(), &BackupProgress::default())?;
+//! let done = backup(&repo, &[&data], &BackupOptions::default(), &BackupProgress::default())?;
 //! println!("snapshot {}", done.id);
 //!
 //! let target = dir.path().join("restored");

@@ -69,7 +69,10 @@ impl<'r> Packer<'r> {
                     error: error.clone(),
                     stats: stats.clone(),
                 };
-                std::thread::Builder::new().name(format!("upload-{i}")).spawn(move || ctx.run()).expect("spawn uploader")
+                std::thread::Builder::new()
+                    .name(format!("upload-{i}"))
+                    .spawn(move || ctx.run())
+                    .expect("spawn uploader")
             })
             .collect();
         Packer {

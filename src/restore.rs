@@ -97,7 +97,13 @@ fn include_parts(s: &str) -> Vec<&[u8]> {
 }
 
 /// Restores `snapshot` (or the parts `opts.include` names) under `target`.
-pub fn restore(repo: &Repository, snapshot: &Snapshot, target: &Path, opts: &RestoreOptions, progress: &RestoreProgress) -> Result<RestoreReport, RestoreError> {
+pub fn restore(
+    repo: &Repository,
+    snapshot: &Snapshot,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &RestoreProgress,
+) -> Result<RestoreReport, RestoreError> {
     let includes: Vec<Vec<&[u8]>> = opts.include.iter().map(|s| include_parts(s)).collect();
     let mut plan = Plan { dirs: Vec::new(), files: Vec::new(), symlinks: Vec::new() };
     let mut matched = vec![includes.is_empty(); includes.len()];
@@ -133,13 +139,21 @@ pub fn restore(repo: &Repository, snapshot: &Snapshot, target: &Path, opts: &Res
     }
     for (rel, node) in &plan.symlinks {
         let path = target.join(rel);
-        let NodeKind::Symlink { target: link } = &node.kind else { continue };
+        let NodeKind::Symlink { target: link } = &node.kind else {
+            continue;
+        };
         match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => return Err(RestoreError::Io { path, source: std::io::Error::other("a directory is in the way of a symlink") }),
+            Ok(m) if m.is_dir() => {
+                return Err(RestoreError::Io {
+                    path,
+                    source: std::io::Error::other("a directory is in the way of a symlink"),
+                })
+            }
             Ok(_) => std::fs::remove_file(&path).map_err(|source| RestoreError::Io { path: path.clone(), source })?,
             Err(_) => {}
         }
-        std::os::unix::fs::symlink(OsStr::from_bytes(link), &path).map_err(|source| RestoreError::Io { path: path.clone(), source })?;
+        std::os::unix::fs::symlink(OsStr::from_bytes(link), &path)
+            .map_err(|source| RestoreError::Io { path: path.clone(), source })?;
         report.symlinks += 1;
         apply_metadata(&path, node, true, &mut report.warnings);
     }
@@ -197,7 +211,10 @@ fn make_dir(path: &Path) -> Result<(), RestoreError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => Err(RestoreError::SymlinkInTarget { path: path.into() }),
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(RestoreError::Io { path: path.into(), source: std::io::Error::other("a file is in the way of a directory") }),
+        Ok(_) => Err(RestoreError::Io {
+            path: path.into(),
+            source: std::io::Error::other("a file is in the way of a directory"),
+        }),
         Err(_) => std::fs::create_dir(path).map_err(|source| RestoreError::Io { path: path.into(), source }),
     }
 }
@@ -211,7 +228,12 @@ fn open_for_write(path: &Path, create: bool) -> std::io::Result<File> {
 type Targets = Vec<(usize, u64)>;
 
 /// Writes every file's content; returns the files that failed, with why.
-fn write_contents(repo: &Repository, target: &Path, files: &[(PathBuf, Node)], progress: &RestoreProgress) -> HashMap<usize, String> {
+fn write_contents(
+    repo: &Repository,
+    target: &Path,
+    files: &[(PathBuf, Node)],
+    progress: &RestoreProgress,
+) -> HashMap<usize, String> {
     let damaged: Mutex<HashMap<usize, String>> = Mutex::default();
     let mark = |file: usize, err: String| {
         damaged.lock().expect("damage lock").entry(file).or_insert(err);
@@ -221,7 +243,9 @@ fn write_contents(repo: &Repository, target: &Path, files: &[(PathBuf, Node)], p
     {
         let index = repo.index();
         for (i, (_, node)) in files.iter().enumerate() {
-            let NodeKind::File { chunks } = &node.kind else { continue };
+            let NodeKind::File { chunks } = &node.kind else {
+                continue;
+            };
             let mut offset = 0u64;
             for c in chunks {
                 let Some(loc) = index.get(c) else {
@@ -302,7 +326,8 @@ fn coalesce(blobs: &[(BlobId, BlobLocation)]) -> Vec<&[(BlobId, BlobLocation)]> 
             let prev_end = u64::from(prev.offset) + FRAME_HEADER_LEN as u64 + u64::from(prev.stored_len);
             let next = &blobs[i].1;
             let next_end = u64::from(next.offset) + FRAME_HEADER_LEN as u64 + u64::from(next.stored_len);
-            u64::from(next.offset).saturating_sub(prev_end) > COALESCE_GAP || next_end - u64::from(blobs[start].1.offset) > MAX_READ
+            u64::from(next.offset).saturating_sub(prev_end) > COALESCE_GAP
+                || next_end - u64::from(blobs[start].1.offset) > MAX_READ
         };
         if split {
             groups.push(&blobs[start..i]);
@@ -313,7 +338,9 @@ fn coalesce(blobs: &[(BlobId, BlobLocation)]) -> Vec<&[(BlobId, BlobLocation)]> 
 }
 
 fn apply_metadata(path: &Path, node: &Node, is_link: bool, warnings: &mut Vec<String>) {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
     let flags = if is_link { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
     // SAFETY: `c` is a valid NUL-terminated path; the calls only read it.
     unsafe {
@@ -337,7 +364,12 @@ fn to_timespec(t: Timestamp) -> libc::timespec {
 
 /// Writes one file of a snapshot (or the byte range `start..end` of it) to
 /// `out`, verifying every chunk. Returns the bytes written.
-pub fn cat(repo: &Repository, node: &Node, range: Option<(u64, u64)>, out: &mut dyn Write) -> Result<u64, RestoreError> {
+pub fn cat(
+    repo: &Repository,
+    node: &Node,
+    range: Option<(u64, u64)>,
+    out: &mut dyn Write,
+) -> Result<u64, RestoreError> {
     let NodeKind::File { chunks } = &node.kind else {
         return Err(RestoreError::NotFound(format!("{} is not a file", node.name_lossy())));
     };

@@ -28,9 +28,10 @@ fn make_varied_tree(root: &Path) {
     fs::set_permissions(root.join("dir/big.bin"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(root.join("empty file"), fs::Permissions::from_mode(0o444)).unwrap();
     fs::set_permissions(root.join("empty dir"), fs::Permissions::from_mode(0o700)).unwrap();
-    for (i, rel) in ["small.txt", "dir/big.bin", "empty file", "dangling link", "link to small", "dir/sub dir", "empty dir", "dir"]
-        .iter()
-        .enumerate()
+    for (i, rel) in
+        ["small.txt", "dir/big.bin", "empty file", "dangling link", "link to small", "dir/sub dir", "empty dir", "dir"]
+            .iter()
+            .enumerate()
     {
         set_mtime(&root.join(rel), 1_600_000_000 + i as i64 * 1000, 123_456_789 + i as i64);
     }
@@ -218,16 +219,19 @@ fn restore_include_selects_a_subtree() {
 #[test]
 fn key_add_list_remove() {
     let env = Env::new();
-    let added = env.cmd().env("CHUNKVAULT_NEW_PASSWORD", "second password").args(["key", "add", "--json"]).output().unwrap();
+    let added =
+        env.cmd().env("CHUNKVAULT_NEW_PASSWORD", "second password").args(["key", "add", "--json"]).output().unwrap();
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     let id = serde_json::from_slice::<serde_json::Value>(&added.stdout).unwrap()["key"].as_str().unwrap().to_string();
     let keys = env.json(&["key", "list"]);
     assert_eq!(keys.as_array().unwrap().len(), 2);
     // The new password opens the repository.
-    let with_new = env.cmd().env("CHUNKVAULT_PASSWORD", "second password").args(["snapshots", "--json"]).output().unwrap();
+    let with_new =
+        env.cmd().env("CHUNKVAULT_PASSWORD", "second password").args(["snapshots", "--json"]).output().unwrap();
     assert!(with_new.status.success());
     // The key in use cannot be removed; the other can.
-    let own = keys.as_array().unwrap().iter().find(|k| k["current"] == true).unwrap()["id"].as_str().unwrap().to_string();
+    let own =
+        keys.as_array().unwrap().iter().find(|k| k["current"] == true).unwrap()["id"].as_str().unwrap().to_string();
     assert_eq!(env.run(&["key", "remove", &own]).status.code(), Some(1));
     env.ok(&["key", "remove", &id[..12]]);
     let gone = env.cmd().env("CHUNKVAULT_PASSWORD", "second password").args(["snapshots"]).output().unwrap();

@@ -19,7 +19,11 @@ use common::{assert_same_tree, pseudo_random, restored};
 const PW: &[u8] = b"pw";
 
 fn init(backend: Arc<dyn Backend>) -> Repository {
-    let opts = InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, pack_size: 1 << 20, ..InitOptions::default() };
+    let opts = InitOptions {
+        kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
+        pack_size: 1 << 20,
+        ..InitOptions::default()
+    };
     Repository::init(backend, PW, &opts).unwrap()
 }
 
@@ -59,7 +63,10 @@ fn restore_refuses_entry_escaping_target() {
         let mut snap = sample_snapshot();
         snap.tree = tree;
         let err = restore(&repo, &snap, &target, &RestoreOptions::default(), &RestoreProgress::default()).unwrap_err();
-        assert!(matches!(err, RestoreError::Repo(RepoError::Tree(..)) | RestoreError::UnsafeName(_)), "{evil:?}: {err}");
+        assert!(
+            matches!(err, RestoreError::Repo(RepoError::Tree(..)) | RestoreError::UnsafeName(_)),
+            "{evil:?}: {err}"
+        );
     }
     assert!(!dir.path().join("deep/escaped").exists());
     assert!(!dir.path().join("escaped").exists());
@@ -117,7 +124,7 @@ fn a_failed_write_at_any_point_of_a_backup_loses_nothing_committed() {
     let repo = init(faulty.clone());
     let first = dir.path().join("first");
     sample_tree(&first, 1);
-    let committed = backup(&repo, &[first.clone()], &BackupOptions::default(), &BackupProgress::default()).unwrap();
+    let committed = backup(&repo, &[&first], &BackupOptions::default(), &BackupProgress::default()).unwrap();
 
     let second = dir.path().join("second");
     sample_tree(&second, 100);
@@ -125,10 +132,11 @@ fn a_failed_write_at_any_point_of_a_backup_loses_nothing_committed() {
     let before = faulty.puts();
     // A throwaway repository measures how many puts the second backup makes.
     let probe_dir = tempfile::tempdir().unwrap();
-    let probe_backend = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::create(&probe_dir.path().join("repo")).unwrap())));
+    let probe_backend =
+        Arc::new(FaultyBackend::new(Arc::new(LocalBackend::create(&probe_dir.path().join("repo")).unwrap())));
     let probe = init(probe_backend.clone());
     let probe_start = probe_backend.puts();
-    backup(&probe, &[second.clone()], &opts, &BackupProgress::default()).unwrap();
+    backup(&probe, &[&second], &opts, &BackupProgress::default()).unwrap();
     let write_points = probe_backend.puts() - probe_start;
     assert!(write_points >= 4, "{write_points} write points");
     let pack_points = probe_backend.list(FileType::Pack).unwrap().len();
@@ -138,27 +146,31 @@ fn a_failed_write_at_any_point_of_a_backup_loses_nothing_committed() {
     assert_eq!(faulty.puts(), before);
 
     for (k, fault) in faults.enumerate() {
-            faulty.clear();
-            faulty.inject(fault.clone());
-            let repo = Repository::open(faulty.clone(), PW).unwrap();
-            let result = backup(&repo, &[second.clone()], &opts, &BackupProgress::default());
-            assert!(result.is_err(), "{fault:?}: the backup must fail");
-            faulty.clear();
-            let repo = Repository::open(faulty.clone(), PW).unwrap_or_else(|e| panic!("{fault:?}: reopen: {e}"));
-            let snaps = repo.list_snapshots().unwrap_or_else(|e| panic!("{fault:?}: list: {e}"));
-            assert_eq!(snaps.len(), 1, "{fault:?}: only the committed snapshot exists");
-            let target = dir.path().join(format!("restore-{k}"));
-            let report = restore(&repo, &committed.snapshot, &target, &RestoreOptions::default(), &RestoreProgress::default()).unwrap();
-            assert!(report.damaged.is_empty(), "{fault:?}");
-            assert_same_tree(&first, &restored(&target, &first));
-            std::fs::remove_dir_all(&target).unwrap();
+        faulty.clear();
+        faulty.inject(fault.clone());
+        let repo = Repository::open(faulty.clone(), PW).unwrap();
+        let result = backup(&repo, &[&second], &opts, &BackupProgress::default());
+        assert!(result.is_err(), "{fault:?}: the backup must fail");
+        faulty.clear();
+        let repo = Repository::open(faulty.clone(), PW).unwrap_or_else(|e| panic!("{fault:?}: reopen: {e}"));
+        let snaps = repo.list_snapshots().unwrap_or_else(|e| panic!("{fault:?}: list: {e}"));
+        assert_eq!(snaps.len(), 1, "{fault:?}: only the committed snapshot exists");
+        let target = dir.path().join(format!("restore-{k}"));
+        let report =
+            restore(&repo, &committed.snapshot, &target, &RestoreOptions::default(), &RestoreProgress::default())
+                .unwrap();
+        assert!(report.damaged.is_empty(), "{fault:?}");
+        assert_same_tree(&first, &restored(&target, &first));
+        std::fs::remove_dir_all(&target).unwrap();
     }
     let repo = Repository::open(faulty.clone(), PW).unwrap();
-    let next = backup(&repo, &[second.clone()], &opts, &BackupProgress::default()).unwrap();
+    let next = backup(&repo, &[&second], &opts, &BackupProgress::default()).unwrap();
     let target = dir.path().join("restore-next");
     restore(&repo, &next.snapshot, &target, &RestoreOptions::default(), &RestoreProgress::default()).unwrap();
     assert_same_tree(&second, &restored(&target, &second));
-    let report = chunkvault::check::check(&repo, chunkvault::check::CheckOptions { read_data: true }, &Default::default()).unwrap();
+    let report =
+        chunkvault::check::check(&repo, chunkvault::check::CheckOptions { read_data: true }, &Default::default())
+            .unwrap();
     assert!(!report.has_damage(), "{:?}", report.problems);
 }
 
@@ -170,7 +182,7 @@ fn a_flipped_byte_on_read_fails_the_restore_of_the_files_it_touches() {
     let repo = init(faulty.clone());
     let src = dir.path().join("src");
     sample_tree(&src, 5);
-    let done = backup(&repo, &[src.clone()], &BackupOptions::default(), &BackupProgress::default()).unwrap();
+    let done = backup(&repo, &[&src], &BackupOptions::default(), &BackupProgress::default()).unwrap();
     faulty.inject(Fault::FlipOnRead { file_type: FileType::Pack, offset: 100 });
     let target = dir.path().join("restore");
     let report = restore(&repo, &done.snapshot, &target, &RestoreOptions::default(), &RestoreProgress::default());

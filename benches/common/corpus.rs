@@ -22,14 +22,18 @@ pub fn mixed(bytes: usize) -> Vec<u8> {
 }
 
 fn collect(dir: &Path, limit: usize, out: &mut Vec<u8>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut entries: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
         if out.len() >= limit {
             return;
         }
-        let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         if m.is_dir() {
             collect(&p, limit, out);
         } else if m.is_file() && m.len() < 8 << 20 {

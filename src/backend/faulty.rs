@@ -69,7 +69,9 @@ impl State {
         for armed in &self.armed {
             if let Fault::FailAfter { ops } = armed.fault {
                 if armed.seen >= ops {
-                    return Err(BackendError::Injected(format!("{op} {what}: the store is gone after {ops} operations")));
+                    return Err(BackendError::Injected(format!(
+                        "{op} {what}: the store is gone after {ops} operations"
+                    )));
                 }
             }
         }
@@ -92,7 +94,9 @@ impl State {
         let mut plan = None;
         for armed in &mut self.armed {
             let (nth, only, action) = match armed.fault {
-                Fault::FailPut { nth, file_type } => (nth, file_type, PutPlan::Fail(io::Error::from_raw_os_error(libc::EIO))),
+                Fault::FailPut { nth, file_type } => {
+                    (nth, file_type, PutPlan::Fail(io::Error::from_raw_os_error(libc::EIO)))
+                }
                 Fault::NoSpace { nth, file_type } => {
                     (nth, file_type, PutPlan::Fail(io::Error::from_raw_os_error(libc::ENOSPC)))
                 }

@@ -170,7 +170,9 @@ fn write_synced(mut file: File, data: &[u8]) -> io::Result<()> {
 fn rename_into_place(tmp: &Path, target: &Path) -> io::Result<()> {
     match fs::rename(tmp, target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let Some(parent) = target.parent() else { return Err(e) };
+            let Some(parent) = target.parent() else {
+                return Err(e);
+            };
             match DirBuilder::new().mode(0o700).create(parent) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
                 _ => {}

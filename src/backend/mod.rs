@@ -267,11 +267,8 @@ pub(crate) fn conformance(b: &dyn Backend) {
 
     // Listing shows exactly what was put, with sizes, in key order.
     for t in TYPES {
-        let mut expected: Vec<(ObjectKey, u64)> = objects
-            .iter()
-            .filter(|(k, _)| k.file_type() == t)
-            .map(|(k, d)| (*k, d.len() as u64))
-            .collect();
+        let mut expected: Vec<(ObjectKey, u64)> =
+            objects.iter().filter(|(k, _)| k.file_type() == t).map(|(k, d)| (*k, d.len() as u64)).collect();
         expected.sort();
         assert_eq!(b.list(t).unwrap(), expected, "{t:?}");
     }

@@ -94,7 +94,12 @@ struct Counters {
 }
 
 /// Backs up `paths` (files or directories) into one snapshot.
-pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progress: &BackupProgress) -> Result<BackupResult, BackupError> {
+pub fn backup<P: AsRef<Path>>(
+    repo: &Repository,
+    paths: &[P],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<BackupResult, BackupError> {
     let started = Instant::now();
     let time = chrono::Local::now().fixed_offset();
     if paths.is_empty() {
@@ -102,9 +107,10 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
     }
     let mut abs = Vec::new();
     for p in paths {
-        let a = std::path::absolute(p).map_err(|source| BackupError::Source { path: p.clone(), source })?;
+        let p = p.as_ref();
+        let a = std::path::absolute(p).map_err(|source| BackupError::Source { path: p.into(), source })?;
         let a = normalize(&a);
-        std::fs::symlink_metadata(&a).map_err(|source| BackupError::Source { path: p.clone(), source })?;
+        std::fs::symlink_metadata(&a).map_err(|source| BackupError::Source { path: p.into(), source })?;
         abs.push(a);
     }
     abs.sort();
@@ -116,11 +122,9 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
     let parent = match &opts.parent {
         ParentChoice::None => None,
         ParentChoice::Snapshot(id) => Some((*id, repo.load_snapshot(id)?)),
-        ParentChoice::Auto => repo
-            .list_snapshots()?
-            .into_iter()
-            .rev()
-            .find(|(_, s)| s.hostname == hostname && s.paths == path_strings),
+        ParentChoice::Auto => {
+            repo.list_snapshots()?.into_iter().rev().find(|(_, s)| s.hostname == hostname && s.paths == path_strings)
+        }
     };
     let parent_tree = match &parent {
         Some((_, s)) => Some(repo.load_tree(&s.tree)?),
@@ -129,7 +133,13 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
 
     let packer = Packer::new(repo, opts.uploaders);
     *progress.packer.lock().expect("progress lock") = Some(packer.stats());
-    let walker = walk::Walker { repo, packer: &packer, progress, counters: Counters::default(), warnings: Mutex::new(Vec::new()) };
+    let walker = walk::Walker {
+        repo,
+        packer: &packer,
+        progress,
+        counters: Counters::default(),
+        warnings: Mutex::new(Vec::new()),
+    };
     let root = walker.backup_roots(&abs, parent_tree.as_ref())?;
     let walk::Walker { counters: c, warnings, .. } = walker;
     let stats = packer.stats();

@@ -52,7 +52,8 @@ pub fn backup_stream<R: Read>(
         let mut chunks = Vec::new();
         let mut size = 0u64;
         for chunk in repo.chunker().stream(file.reader) {
-            let chunk = chunk.map_err(|e| BackupError::Source { path: file.path.clone().into(), source: chunker_io(e) })?;
+            let chunk =
+                chunk.map_err(|e| BackupError::Source { path: file.path.clone().into(), source: chunker_io(e) })?;
             size += chunk.len() as u64;
             chunks.push(packer.save(BlobKind::Data, &chunk)?.0);
         }

@@ -83,7 +83,8 @@ impl<'r> Walker<'_, 'r> {
                     }
                 },
                 Entry::Virtual(child) => {
-                    let meta = std::fs::metadata(&path).map_err(|source| BackupError::Source { path: path.clone(), source })?;
+                    let meta = std::fs::metadata(&path)
+                        .map_err(|source| BackupError::Source { path: path.clone(), source })?;
                     let parent_sub = self.parent_subtree(parent_node);
                     let subtree = self.backup_virtual(&path, child, parent_sub.as_ref())?;
                     Some(node_from_meta(name.as_bytes(), &meta, NodeKind::Dir { subtree }))
@@ -108,7 +109,13 @@ impl<'r> Walker<'_, 'r> {
     }
 
     /// One filesystem entry; `None` when it was skipped with a warning.
-    fn backup_entry(&self, path: &Path, name: &[u8], meta: &Metadata, parent: Option<&Node>) -> Result<Option<Node>, BackupError> {
+    fn backup_entry(
+        &self,
+        path: &Path,
+        name: &[u8],
+        meta: &Metadata,
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>, BackupError> {
         let ft = meta.file_type();
         if ft.is_file() {
             match self.backup_file(path, meta, parent) {
@@ -188,7 +195,12 @@ impl<'r> Walker<'_, 'r> {
 
     /// Returns the file's chunk list and size, reusing the parent's list when
     /// the file is unchanged.
-    fn backup_file(&self, path: &Path, meta: &Metadata, parent: Option<&Node>) -> Result<(Vec<BlobId>, u64), BackupError> {
+    fn backup_file(
+        &self,
+        path: &Path,
+        meta: &Metadata,
+        parent: Option<&Node>,
+    ) -> Result<(Vec<BlobId>, u64), BackupError> {
         let c = &self.counters;
         if let Some(chunks) = self.reusable(meta, parent) {
             c.files_unmodified.fetch_add(1, Ordering::Relaxed);
@@ -239,7 +251,9 @@ impl<'r> Walker<'_, 'r> {
 
     fn reusable(&self, meta: &Metadata, parent: Option<&Node>) -> Option<Vec<BlobId>> {
         let p = parent?;
-        let NodeKind::File { chunks } = &p.kind else { return None };
+        let NodeKind::File { chunks } = &p.kind else {
+            return None;
+        };
         let same = p.size == meta.size()
             && p.inode == meta.ino()
             && p.mtime == Timestamp { sec: meta.mtime(), nsec: meta.mtime_nsec() as u32 }

@@ -131,13 +131,7 @@ impl Index {
     fn location(&self, loc: &Loc) -> BlobLocation {
         // `loc.pack` was a valid position in `packs` when stored, and packs are never removed.
         let (pack, kind) = self.packs[loc.pack as usize];
-        BlobLocation {
-            pack,
-            kind,
-            offset: loc.offset,
-            stored_len: loc.stored_len,
-            raw_len: loc.raw_len,
-        }
+        BlobLocation { pack, kind, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len }
     }
 
     /// Where the blob `id` is stored, if it is indexed.
@@ -213,20 +207,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn entry(id: u8, offset: u32) -> IndexEntry {
-        IndexEntry {
-            id: BlobId([id; 32]),
-            offset,
-            stored_len: 10 + u32::from(id),
-            raw_len: 20 + u32::from(id),
-        }
+        IndexEntry { id: BlobId([id; 32]), offset, stored_len: 10 + u32::from(id), raw_len: 20 + u32::from(id) }
     }
 
     fn pack(id: u8, kind: BlobKind, blobs: Vec<IndexEntry>) -> PackEntries {
-        PackEntries {
-            pack: PackId([id; 32]),
-            kind,
-            blobs,
-        }
+        PackEntries { pack: PackId([id; 32]), kind, blobs }
     }
 
     #[test]
@@ -248,32 +233,16 @@ mod tests {
         assert_eq!(index.get(&BlobId([4; 32])), None);
         assert_eq!(
             index.get(&BlobId([3; 32])),
-            Some(BlobLocation {
-                pack: PackId([2; 32]),
-                kind: BlobKind::Tree,
-                offset: 50,
-                stored_len: 13,
-                raw_len: 23
-            })
+            Some(BlobLocation { pack: PackId([2; 32]), kind: BlobKind::Tree, offset: 50, stored_len: 13, raw_len: 23 })
         );
         assert_eq!(index.get(&BlobId([2; 32])).unwrap().pack, PackId([1; 32]));
         assert_eq!(
             index.packs().collect::<Vec<_>>(),
-            vec![
-                (PackId([1; 32]), BlobKind::Data),
-                (PackId([2; 32]), BlobKind::Tree)
-            ]
+            vec![(PackId([1; 32]), BlobKind::Data), (PackId([2; 32]), BlobKind::Tree)]
         );
         let mut all: Vec<_> = index.iter().map(|(id, loc)| (id, loc.offset)).collect();
         all.sort();
-        assert_eq!(
-            all,
-            vec![
-                (BlobId([1; 32]), 0),
-                (BlobId([2; 32]), 100),
-                (BlobId([3; 32]), 50)
-            ]
-        );
+        assert_eq!(all, vec![(BlobId([1; 32]), 0), (BlobId([2; 32]), 100), (BlobId([3; 32]), 50)]);
     }
 
     #[test]
@@ -295,33 +264,21 @@ mod tests {
         index.add_pack(&pack(1, BlobKind::Data, vec![entry(1, 200), entry(2, 0)]));
         index.add_pack(&pack(2, BlobKind::Data, vec![entry(1, 0)]));
         let seg = index.to_segment();
-        assert_eq!(
-            seg,
-            IndexSegment {
-                packs: vec![pack(1, BlobKind::Data, vec![entry(2, 0), entry(1, 200)])]
-            }
-        );
+        assert_eq!(seg, IndexSegment { packs: vec![pack(1, BlobKind::Data, vec![entry(2, 0), entry(1, 200)])] });
     }
 
     fn segment_strategy() -> impl Strategy<Value = IndexSegment> {
         // Few distinct blob and pack ids, so duplicates across packs are common.
-        let entry = (0u8..40, any::<u32>(), 1..=u32::MAX, any::<u32>()).prop_map(
-            |(id, offset, stored_len, raw_len)| IndexEntry {
-                id: BlobId([id; 32]),
-                offset,
-                stored_len,
-                raw_len,
-            },
-        );
-        let kind = prop_oneof![Just(BlobKind::Data), Just(BlobKind::Tree)];
-        let pack =
-            (0u8..10, kind, prop::collection::vec(entry, 0..12)).prop_map(|(id, kind, blobs)| {
-                PackEntries {
-                    pack: PackId([id; 32]),
-                    kind,
-                    blobs,
-                }
+        let entry =
+            (0u8..40, any::<u32>(), 1..=u32::MAX, any::<u32>()).prop_map(|(id, offset, stored_len, raw_len)| {
+                IndexEntry { id: BlobId([id; 32]), offset, stored_len, raw_len }
             });
+        let kind = prop_oneof![Just(BlobKind::Data), Just(BlobKind::Tree)];
+        let pack = (0u8..10, kind, prop::collection::vec(entry, 0..12)).prop_map(|(id, kind, blobs)| PackEntries {
+            pack: PackId([id; 32]),
+            kind,
+            blobs,
+        });
         prop::collection::vec(pack, 0..10).prop_map(|packs| IndexSegment { packs })
     }
 

@@ -189,7 +189,13 @@ impl Repository {
         Ok(repo)
     }
 
-    fn assemble(backend: Arc<dyn Backend>, key: MasterKey, key_id: KeyId, config: Config, index: Index) -> Result<Repository, RepoError> {
+    fn assemble(
+        backend: Arc<dyn Backend>,
+        key: MasterKey,
+        key_id: KeyId,
+        config: Config,
+        index: Index,
+    ) -> Result<Repository, RepoError> {
         let chunker = Chunker::new(config.chunker, key.chunker_seed())?;
         let codec = BlobCodec::new(key.clone(), config.compression_level);
         Ok(Repository {
@@ -248,7 +254,13 @@ impl Repository {
 
     /// Fetches an object named by the BLAKE3 of its bytes, checks the name
     /// and opens it.
-    fn load_named(&self, key: &ObjectKey, name: [u8; 32], role: Role, what: &'static str) -> Result<Vec<u8>, RepoError> {
+    fn load_named(
+        &self,
+        key: &ObjectKey,
+        name: [u8; 32],
+        role: Role,
+        what: &'static str,
+    ) -> Result<Vec<u8>, RepoError> {
         let sealed = self.backend.get(key)?;
         if *blake3::hash(&sealed).as_bytes() != name {
             return Err(RepoError::NameMismatch(key.to_string()));
@@ -257,7 +269,12 @@ impl Repository {
     }
 
     /// Seals and stores an object named by the hash of its stored bytes.
-    fn save_named(&self, role: Role, plain: &[u8], make_key: impl Fn([u8; 32]) -> ObjectKey) -> Result<[u8; 32], RepoError> {
+    fn save_named(
+        &self,
+        role: Role,
+        plain: &[u8],
+        make_key: impl Fn([u8; 32]) -> ObjectKey,
+    ) -> Result<[u8; 32], RepoError> {
         let sealed = self.key.seal_object(role, plain);
         let name = *blake3::hash(&sealed).as_bytes();
         self.backend.put(&make_key(name), &sealed)?;
@@ -341,8 +358,17 @@ impl Repository {
     }
 
     /// Verifies and opens one blob frame read from a pack.
-    pub fn open_frame(&self, id: &BlobId, kind: BlobKind, frame: &[u8], offset: u64, stored_len: u32, raw_len: u32) -> Result<Vec<u8>, RepoError> {
-        let stored = pack::check_frame(frame, offset, stored_len).map_err(|source| RepoError::Pack { pack: format!("blob {id}"), source })?;
+    pub fn open_frame(
+        &self,
+        id: &BlobId,
+        kind: BlobKind,
+        frame: &[u8],
+        offset: u64,
+        stored_len: u32,
+        raw_len: u32,
+    ) -> Result<Vec<u8>, RepoError> {
+        let stored = pack::check_frame(frame, offset, stored_len)
+            .map_err(|source| RepoError::Pack { pack: format!("blob {id}"), source })?;
         Ok(self.codec.open(kind, id, stored.to_vec(), raw_len as usize)?)
     }
 
@@ -357,7 +383,9 @@ impl Repository {
     pub fn find_node(&self, root: &BlobId, path: &str) -> Result<Option<crate::tree::Node>, RepoError> {
         let mut tree_id = *root;
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
-        let Some((last, dirs)) = parts.split_last() else { return Ok(None) };
+        let Some((last, dirs)) = parts.split_last() else {
+            return Ok(None);
+        };
         for part in dirs {
             let tree = self.load_tree(&tree_id)?;
             match tree.find(part.as_bytes()).map(|n| &n.kind) {
@@ -383,7 +411,13 @@ impl Repository {
         for (k, _) in self.backend.list(FileType::Key)? {
             let ObjectKey::Key(id) = k else { continue };
             let file = KeyFile::decode(&self.backend.get(&k)?).map_err(|e| RepoError::KeyFile(id.to_hex(), e))?;
-            out.push(KeyInfo { id, current: id == self.key_id, created: file.created, hostname: file.hostname, username: file.username });
+            out.push(KeyInfo {
+                id,
+                current: id == self.key_id,
+                created: file.created,
+                hostname: file.hostname,
+                username: file.username,
+            });
         }
         out.sort_by_key(|k| k.created);
         Ok(out)
@@ -392,7 +426,9 @@ impl Repository {
     /// Removes a key file; refuses the key this session opened with.
     pub fn remove_key(&self, id: &KeyId) -> Result<(), RepoError> {
         if *id == self.key_id {
-            return Err(RepoError::Invalid("refusing to remove the key in use; open with another password first".into()));
+            return Err(RepoError::Invalid(
+                "refusing to remove the key in use; open with another password first".into(),
+            ));
         }
         if !crate::backend::exists(self.backend.as_ref(), &ObjectKey::Key(*id))? {
             return Err(RepoError::Invalid(format!("no key {id}")));
@@ -453,7 +489,11 @@ fn write_key(backend: &dyn Backend, key: &MasterKey, password: &[u8], kdf: KdfPa
 fn unlock(backend: &dyn Backend, password: &[u8]) -> Result<(KeyId, MasterKey), RepoError> {
     for (k, _) in backend.list(FileType::Key)? {
         let ObjectKey::Key(id) = k else { continue };
-        let file = match backend.get(&k).map_err(RepoError::from).and_then(|b| KeyFile::decode(&b).map_err(|e| RepoError::KeyFile(id.to_hex(), e))) {
+        let file = match backend
+            .get(&k)
+            .map_err(RepoError::from)
+            .and_then(|b| KeyFile::decode(&b).map_err(|e| RepoError::KeyFile(id.to_hex(), e)))
+        {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("skipping unreadable key file {id}: {e}");

@@ -36,7 +36,9 @@ impl Env {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_chunkvault"));
-        c.env("CHUNKVAULT_REPO", &self.repo).env("CHUNKVAULT_PASSWORD", PASSWORD).env_remove("CHUNKVAULT_PASSWORD_FILE");
+        c.env("CHUNKVAULT_REPO", &self.repo)
+            .env("CHUNKVAULT_PASSWORD", PASSWORD)
+            .env_remove("CHUNKVAULT_PASSWORD_FILE");
         c
     }
 

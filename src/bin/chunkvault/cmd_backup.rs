@@ -42,7 +42,8 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
     let progress = Arc::new(BackupProgress::default());
     let shown = progress.clone();
     let bar = ctx.progress(None, move |bar| {
-        let stored = shown.packer.lock().expect("progress lock").as_ref().map_or(0, |s| s.bytes_stored.load(Ordering::Relaxed));
+        let stored =
+            shown.packer.lock().expect("progress lock").as_ref().map_or(0, |s| s.bytes_stored.load(Ordering::Relaxed));
         bar.set_message(format!(
             "{} files, {} processed, {} stored, {} errors",
             shown.files.load(Ordering::Relaxed),

@@ -46,7 +46,9 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> CmdResult {
     let backend = repo::open_backend(location, true)?;
     let r = Repository::init(backend, &password, &opts)?;
     if ctx.args.json {
-        ctx.print_json(&serde_json::json!({"repository": location, "id": r.config().id, "key": r.key_id(), "config": r.config()}));
+        ctx.print_json(
+            &serde_json::json!({"repository": location, "id": r.config().id, "key": r.key_id(), "config": r.config()}),
+        );
     } else {
         println!("created repository {} at {location}", r.config().id);
         ctx.info("Keep the password safe: without it the data cannot be recovered.");
@@ -122,13 +124,20 @@ pub fn key(ctx: &Ctx, cmd: KeyCommand) -> CmdResult {
                 println!("  {:<8}  {:<20}  {:<12}  host", "id", "created", "user");
                 for k in keys {
                     let mark = if k.current { "*" } else { " " };
-                    println!("{mark} {:<8}  {:<20}  {:<12}  {}", k.id.short(), k.created.format("%Y-%m-%d %H:%M:%S"), k.username, k.hostname);
+                    println!(
+                        "{mark} {:<8}  {:<20}  {:<12}  {}",
+                        k.id.short(),
+                        k.created.format("%Y-%m-%d %H:%M:%S"),
+                        k.username,
+                        k.hostname
+                    );
                 }
             }
         }
         KeyCommand::Remove { id } => {
             let keys = r.list_keys()?;
-            let matches: Vec<KeyId> = keys.iter().map(|k| k.id).filter(|k| k.to_hex().starts_with(&id.to_ascii_lowercase())).collect();
+            let matches: Vec<KeyId> =
+                keys.iter().map(|k| k.id).filter(|k| k.to_hex().starts_with(&id.to_ascii_lowercase())).collect();
             let [key_id] = matches.as_slice() else {
                 return Err(CliError::Other(format!("{id:?} matches {} keys", matches.len())));
             };

@@ -33,7 +33,11 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     let shown = progress.clone();
     let bar = ctx.progress(None, move |bar| {
         let total = shown.total_bytes.load(Ordering::Relaxed);
-        bar.set_message(format!("{} / {} restored", human_bytes(shown.bytes.load(Ordering::Relaxed)), human_bytes(total)));
+        bar.set_message(format!(
+            "{} / {} restored",
+            human_bytes(shown.bytes.load(Ordering::Relaxed)),
+            human_bytes(total)
+        ));
     });
     let result = restore::restore(&repo, &snap, &a.target, &RestoreOptions { include: a.include }, &progress);
     drop(bar);
@@ -63,7 +67,10 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     if report.damaged.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("chunkvault: error: {} files could not be restored because the repository is damaged", report.damaged.len());
+        eprintln!(
+            "chunkvault: error: {} files could not be restored because the repository is damaged",
+            report.damaged.len()
+        );
         Ok(ExitCode::from(exit::DAMAGE))
     }
 }
@@ -131,7 +138,13 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list_tree(repo: &Repository, tree: &BlobId, prefix: &str, recurse: bool, out: &mut Vec<Entry>) -> Result<(), CliError> {
+fn list_tree(
+    repo: &Repository,
+    tree: &BlobId,
+    prefix: &str,
+    recurse: bool,
+    out: &mut Vec<Entry>,
+) -> Result<(), CliError> {
     for n in repo.load_tree(tree)?.nodes() {
         let path = format!("{prefix}/{}", n.name_lossy());
         out.push(entry(path.clone(), n));
@@ -168,9 +181,8 @@ pub fn cat(ctx: &Ctx, a: CatArgs) -> CmdResult {
     let range = a.range.as_deref().map(parse_range).transpose()?;
     let repo = ctx.open()?;
     let (_, snap) = repo.find_snapshot(&a.snapshot)?;
-    let node = repo
-        .find_node(&snap.tree, &a.path)?
-        .ok_or_else(|| CliError::Other(format!("{}: not a file", a.path)))?;
+    let node =
+        repo.find_node(&snap.tree, &a.path)?.ok_or_else(|| CliError::Other(format!("{}: not a file", a.path)))?;
     let mut stdout = std::io::stdout().lock();
     restore::cat(&repo, &node, range, &mut stdout)?;
     stdout.flush().map_err(|e| CliError::Other(format!("writing stdout: {e}")))?;

@@ -74,7 +74,9 @@ impl Ctx {
     pub fn new(args: GlobalArgs) -> Ctx {
         let filter = if args.quiet { "error" } else { "warn" };
         tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| filter.into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| filter.into()),
+            )
             .with_writer(std::io::stderr)
             .without_time()
             .init();
@@ -86,7 +88,10 @@ impl Ctx {
     }
 
     pub fn repo_location(&self) -> Result<&str, CliError> {
-        self.args.repo.as_deref().ok_or_else(|| CliError::Usage("no repository given: use --repo or set CHUNKVAULT_REPO".into()))
+        self.args
+            .repo
+            .as_deref()
+            .ok_or_else(|| CliError::Usage("no repository given: use --repo or set CHUNKVAULT_REPO".into()))
     }
 
     /// The password from --password-file, $CHUNKVAULT_PASSWORD, or a prompt.
@@ -133,7 +138,10 @@ impl Ctx {
         }
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}").expect("template"),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .expect("template"),
             ),
             None => ProgressBar::new_spinner()
                 .with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("template")),
@@ -173,7 +181,8 @@ impl Drop for Progress {
 /// Reads a password from a file, an environment variable, or the terminal.
 pub fn password_from(file: Option<&PathBuf>, env: &str, prompt: &str) -> Result<Vec<u8>, CliError> {
     if let Some(f) = file {
-        let text = std::fs::read(f).map_err(|e| CliError::Other(format!("reading password file {}: {e}", f.display())))?;
+        let text =
+            std::fs::read(f).map_err(|e| CliError::Other(format!("reading password file {}: {e}", f.display())))?;
         let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
         return Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
     }
@@ -181,7 +190,9 @@ pub fn password_from(file: Option<&PathBuf>, env: &str, prompt: &str) -> Result<
         return Ok(std::os::unix::ffi::OsStringExt::into_vec(p));
     }
     if std::io::stdin().is_terminal() {
-        return rpassword::prompt_password(prompt).map(String::into_bytes).map_err(|e| CliError::Other(format!("reading password: {e}")));
+        return rpassword::prompt_password(prompt)
+            .map(String::into_bytes)
+            .map_err(|e| CliError::Other(format!("reading password: {e}")));
     }
     Err(CliError::Usage(format!("no password: set {env} or use --password-file")))
 }
