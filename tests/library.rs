@@ -2,11 +2,12 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chunkvault::backend::{Backend, Fault, FaultyBackend, FileType, LocalBackend};
 use chunkvault::backup::{backup, backup_stream, BackupOptions, BackupProgress, NamedFile, ParentChoice};
+use chunkvault::check::CheckOptions;
 use chunkvault::crypto::KdfParams;
 use chunkvault::id::BlobKind;
 use chunkvault::packer::Packer;
@@ -112,65 +113,73 @@ fn stream_backup_roundtrips_through_cat() {
     assert!(backup_stream(&repo, [bad], &BackupOptions::default()).is_err());
 }
 
-/// For every write point of a backup: fail it (and tear it, for packs: the
-/// local backend's rename makes every other object atomic), then require that the
-/// committed snapshot still restores exactly, no partial snapshot appears,
-/// and the next backup succeeds.
+/// Restores every committed snapshot and compares it with its source.
+fn assert_all_restore(repo: &Repository, committed: &[(Snapshot, PathBuf)], scratch: &Path, why: &str) {
+    for (snap, src) in committed {
+        let target = scratch.join("verify");
+        let report = restore(repo, snap, &target, &RestoreOptions::default(), &RestoreProgress::default())
+            .unwrap_or_else(|e| panic!("{why}: restore: {e}"));
+        assert!(report.damaged.is_empty(), "{why}: {:?}", report.damaged);
+        assert_same_tree(src, &restored(&target, src));
+        std::fs::remove_dir_all(&target).unwrap();
+    }
+}
+
+/// Fails each write point of a backup in turn (the k-th put, for k = 0, 1,
+/// ... until a backup gets past every write and commits), and tears each
+/// pack write likewise (the local backend's rename makes every other object
+/// atomic). After every fault: the backup reports an error, the repository
+/// opens, no partial snapshot appears, and every committed snapshot restores
+/// exactly. Finally `check --read-data` finds no damage.
 #[test]
 fn a_failed_write_at_any_point_of_a_backup_loses_nothing_committed() {
     let dir = tempfile::tempdir().unwrap();
     let local: Arc<dyn Backend> = Arc::new(LocalBackend::create(&dir.path().join("repo")).unwrap());
-    let faulty = Arc::new(FaultyBackend::new(local.clone()));
+    let faulty = Arc::new(FaultyBackend::new(local));
     let repo = init(faulty.clone());
     let first = dir.path().join("first");
     sample_tree(&first, 1);
-    let committed = backup(&repo, &[&first], &BackupOptions::default(), &BackupProgress::default()).unwrap();
-
-    let second = dir.path().join("second");
-    sample_tree(&second, 100);
+    let done = backup(&repo, &[&first], &BackupOptions::default(), &BackupProgress::default()).unwrap();
+    let mut committed = vec![(done.snapshot, first)];
     let opts = BackupOptions { parent: ParentChoice::None, ..BackupOptions::default() };
-    let before = faulty.puts();
-    // A throwaway repository measures how many puts the second backup makes.
-    let probe_dir = tempfile::tempdir().unwrap();
-    let probe_backend =
-        Arc::new(FaultyBackend::new(Arc::new(LocalBackend::create(&probe_dir.path().join("repo")).unwrap())));
-    let probe = init(probe_backend.clone());
-    let probe_start = probe_backend.puts();
-    backup(&probe, &[&second], &opts, &BackupProgress::default()).unwrap();
-    let write_points = probe_backend.puts() - probe_start;
-    assert!(write_points >= 4, "{write_points} write points");
-    let pack_points = probe_backend.list(FileType::Pack).unwrap().len();
-    let faults = (0..write_points)
-        .map(|k| Fault::FailPut { nth: k, file_type: None })
-        .chain((0..pack_points).map(|k| Fault::TornPut { nth: k, file_type: Some(FileType::Pack), keep: 10 }));
-    assert_eq!(faulty.puts(), before);
 
-    for (k, fault) in faults.enumerate() {
-        faulty.clear();
-        faulty.inject(fault.clone());
-        let repo = Repository::open(faulty.clone(), PW).unwrap();
-        let result = backup(&repo, &[&second], &opts, &BackupProgress::default());
-        assert!(result.is_err(), "{fault:?}: the backup must fail");
-        faulty.clear();
-        let repo = Repository::open(faulty.clone(), PW).unwrap_or_else(|e| panic!("{fault:?}: reopen: {e}"));
-        let snaps = repo.list_snapshots().unwrap_or_else(|e| panic!("{fault:?}: list: {e}"));
-        assert_eq!(snaps.len(), 1, "{fault:?}: only the committed snapshot exists");
-        let target = dir.path().join(format!("restore-{k}"));
-        let report =
-            restore(&repo, &committed.snapshot, &target, &RestoreOptions::default(), &RestoreProgress::default())
-                .unwrap();
-        assert!(report.damaged.is_empty(), "{fault:?}");
-        assert_same_tree(&first, &restored(&target, &first));
-        std::fs::remove_dir_all(&target).unwrap();
+    type MakeFault = fn(usize) -> Fault;
+    let kinds: [(&str, MakeFault); 2] = [
+        ("fail", |k| Fault::FailPut { nth: k, file_type: None }),
+        ("tear pack", |k| Fault::TornPut { nth: k, file_type: Some(FileType::Pack), keep: 10 }),
+    ];
+    for (round, (name, make)) in kinds.iter().enumerate() {
+        // Fresh content each round, so the round's writes are not deduplicated away.
+        let src = dir.path().join(format!("source-{round}"));
+        sample_tree(&src, 100 * (round as u64 + 1));
+        let mut failures = 0;
+        for k in 0.. {
+            let fault = make(k);
+            faulty.clear();
+            faulty.inject(fault.clone());
+            let repo = Repository::open(faulty.clone(), PW).unwrap();
+            let result = backup(&repo, &[&src], &opts, &BackupProgress::default());
+            faulty.clear();
+            let repo = Repository::open(faulty.clone(), PW).unwrap_or_else(|e| panic!("{fault:?}: reopen: {e}"));
+            let snaps = repo.list_snapshots().unwrap_or_else(|e| panic!("{fault:?}: list: {e}"));
+            match result {
+                Ok(done) => {
+                    committed.push((done.snapshot, src.clone()));
+                    assert_eq!(snaps.len(), committed.len());
+                    break;
+                }
+                Err(_) => {
+                    failures += 1;
+                    assert_eq!(snaps.len(), committed.len(), "{fault:?}: no partial snapshot");
+                    assert_all_restore(&repo, &committed, dir.path(), &format!("{fault:?}"));
+                }
+            }
+        }
+        assert!(failures >= 2, "{name}: only {failures} write points were exercised");
     }
     let repo = Repository::open(faulty.clone(), PW).unwrap();
-    let next = backup(&repo, &[&second], &opts, &BackupProgress::default()).unwrap();
-    let target = dir.path().join("restore-next");
-    restore(&repo, &next.snapshot, &target, &RestoreOptions::default(), &RestoreProgress::default()).unwrap();
-    assert_same_tree(&second, &restored(&target, &second));
-    let report =
-        chunkvault::check::check(&repo, chunkvault::check::CheckOptions { read_data: true }, &Default::default())
-            .unwrap();
+    assert_all_restore(&repo, &committed, dir.path(), "after all faults");
+    let report = chunkvault::check::check(&repo, CheckOptions { read_data: true }, &Default::default()).unwrap();
     assert!(!report.has_damage(), "{:?}", report.problems);
 }
 
