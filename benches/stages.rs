@@ -9,8 +9,13 @@ use chunkvault::blob::BlobCodec;
 use chunkvault::chunker::{Chunker, ChunkerParams};
 use chunkvault::crypto::{MasterKey, Role};
 use chunkvault::id::{BlobId, BlobKind, PackId};
-use chunkvault::index::{Index, IndexEntry, PackEntries};
+use std::sync::Arc;
+
+use chunkvault::backend::{Backend, LocalBackend};
+use chunkvault::crypto::KdfParams;
+use chunkvault::index::{Index, IndexEntry, IndexSegment, PackEntries};
 use chunkvault::pack::PackBuilder;
+use chunkvault::repo::{InitOptions, Repository};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 #[path = "common/corpus.rs"]
@@ -107,22 +112,27 @@ fn stages(c: &mut Criterion) {
     g.finish();
 }
 
-fn index(c: &mut Criterion) {
-    let n = 1_000_000u32;
-    let ids: Vec<BlobId> = (0..n).map(|i| BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes())).collect();
-    let packs: Vec<PackEntries> = ids
-        .chunks(16)
-        .enumerate()
-        .map(|(p, chunk)| PackEntries {
-            pack: PackId(*blake3::hash(&(p as u64).to_le_bytes()).as_bytes()),
+fn fake_packs(n: u32, per_pack: u32) -> Vec<PackEntries> {
+    (0..n.div_ceil(per_pack))
+        .map(|p| PackEntries {
+            pack: PackId(*blake3::hash(&u64::from(p).to_le_bytes()).as_bytes()),
             kind: BlobKind::Data,
-            blobs: chunk
-                .iter()
-                .enumerate()
-                .map(|(i, id)| IndexEntry { id: *id, offset: i as u32 * 1000, stored_len: 999, raw_len: 1500 })
+            blobs: (p * per_pack..((p + 1) * per_pack).min(n))
+                .map(|i| IndexEntry {
+                    id: BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+                    offset: i % per_pack * 1000,
+                    stored_len: 999,
+                    raw_len: 1500,
+                })
                 .collect(),
         })
-        .collect();
+        .collect()
+}
+
+fn index(c: &mut Criterion) {
+    let n = 1_000_000u32;
+    let packs = fake_packs(n, 16);
+    let ids: Vec<BlobId> = packs.iter().flat_map(|p| p.blobs.iter().map(|b| b.id)).collect();
     let mut g = c.benchmark_group("index");
     g.sample_size(10);
     g.throughput(Throughput::Elements(u64::from(n)));
@@ -135,12 +145,45 @@ fn index(c: &mut Criterion) {
             idx.len()
         })
     });
-    let mut idx = Index::new();
-    for p in &packs {
-        idx.add_pack(p);
-    }
+    let segment = IndexSegment { packs: packs.clone() };
+    g.bench_function("load-1M", |b| b.iter(|| Index::from_segments([&segment]).len()));
+    let idx = Index::from_segments([&segment]);
     g.bench_function("lookup-1M", |b| b.iter(|| ids.iter().filter(|id| idx.contains(id)).count()));
     g.finish();
+}
+
+/// Memory of the index at 10 million chunks, and the time to open a
+/// repository whose index holds 1 million.
+fn index_scale(_: &mut Criterion) {
+    let segment = IndexSegment { packs: fake_packs(10_000_000, 256) };
+    let idx = Index::from_segments([&segment]);
+    drop(segment);
+    println!(
+        "\nindex at {} chunks: {:.1} bytes per chunk ({} MiB)",
+        idx.len(),
+        idx.memory_bytes() as f64 / idx.len() as f64,
+        idx.memory_bytes() >> 20
+    );
+    drop(idx);
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::create(&dir.path().join("repo")).unwrap());
+    let opts =
+        InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..InitOptions::default() };
+    let repo = Repository::init(backend.clone(), b"bench", &opts).unwrap();
+    for part in fake_packs(1_000_000, 64).chunks(1024) {
+        repo.save_index_segment(&IndexSegment { packs: part.to_vec() }).unwrap();
+    }
+    drop(repo);
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let repo = Repository::open(backend.clone(), b"bench").unwrap();
+        times.push(t.elapsed().as_secs_f64());
+        assert_eq!(repo.index().len(), 1_000_000);
+    }
+    times.sort_by(f64::total_cmp);
+    println!("open a repository with 1M chunks: median {:.3}s (min {:.3}s, max {:.3}s)", times[2], times[0], times[4]);
 }
 
 /// Times each stage once more by hand and prints the pipeline ceiling: with
@@ -201,5 +244,5 @@ fn ceiling(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, ceiling, stages, index);
+criterion_group!(benches, ceiling, index_scale, stages, index);
 criterion_main!(benches);

@@ -3,9 +3,12 @@
 //! Built when a repository is opened, from every index segment, and
 //! extended as packs are written; backup asks it whether a chunk is already
 //! stored, restore and check ask where a blob lives. A repository can hold
-//! tens of millions of blobs, so the in-memory form is compact: each blob
-//! costs its 32-byte id plus a 16-byte [`Loc`] in the hash table, and the
-//! pack id and kind are stored once per pack, not once per blob.
+//! tens of millions of blobs, so the in-memory form is compact: the bulk of
+//! the index is one sorted array of 48-byte entries (the 32-byte id and a
+//! 16-byte [`Loc`]), searched by bisection, with no per-entry overhead;
+//! blobs added since the last merge sit in a small hash table that is merged
+//! into the array when it grows past a fraction of it. Pack ids and kinds
+//! are stored once per pack, not once per blob.
 
 pub mod segment;
 
@@ -37,6 +40,13 @@ struct Loc {
     offset: u32,
     stored_len: u32,
     raw_len: u32,
+}
+
+/// One slot of the sorted array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    id: BlobId,
+    loc: Loc,
 }
 
 /// Hashes an id by its first 8 bytes.
@@ -77,12 +87,18 @@ impl BuildHasher for IdHasherBuilder {
     }
 }
 
+/// Blobs added since the last merge are merged into the sorted array once
+/// they number more than this, or more than an eighth of the array.
+const MERGE_MIN: usize = 1 << 16;
+
 /// The in-memory blob index.
 #[derive(Default)]
 pub struct Index {
-    /// Every indexed blob. A blob found in several packs keeps the first
-    /// location added.
-    blobs: HashMap<BlobId, Loc, IdHasherBuilder>,
+    /// Most blobs, sorted by id, each id once.
+    sorted: Vec<Entry>,
+    /// Blobs added since the last merge; disjoint from `sorted`. A blob
+    /// found in several packs keeps the first location added.
+    recent: HashMap<BlobId, Loc, IdHasherBuilder>,
     /// Every pack added, in the order first added; [`Loc::pack`] indexes this.
     packs: Vec<(PackId, BlobKind)>,
     /// Position of each pack in `packs`, so a pack added twice is stored once.
@@ -95,12 +111,29 @@ impl Index {
         Self::default()
     }
 
-    /// Adds one pack's blobs. A blob already present keeps its first
-    /// location: a blob stored twice (two backups racing, an interrupted
-    /// prune) is the same content either way. A pack added again keeps the
-    /// kind it was first added with.
-    pub fn add_pack(&mut self, entries: &PackEntries) {
-        let pack = match self.pack_pos.get(&entries.pack) {
+    /// Builds an index from many segments at once (repository open): one
+    /// sort of all entries instead of incremental merges.
+    pub fn from_segments<'a>(segments: impl IntoIterator<Item = &'a IndexSegment>) -> Self {
+        let mut index = Index::new();
+        let mut all = Vec::new();
+        for segment in segments {
+            all.reserve(segment.blob_count());
+            for p in &segment.packs {
+                let pack = index.pack_position(p);
+                all.extend(p.blobs.iter().map(|b| Entry { id: b.id, loc: loc_of(pack, b) }));
+            }
+        }
+        // A stable sort keeps equal ids in the order added, so keeping the
+        // first of each id keeps its first location.
+        all.sort_by_key(|e| e.id);
+        all.dedup_by_key(|e| e.id);
+        all.shrink_to_fit();
+        index.sorted = all;
+        index
+    }
+
+    fn pack_position(&mut self, entries: &PackEntries) -> u32 {
+        match self.pack_pos.get(&entries.pack) {
             Some(&pos) => pos,
             None => {
                 let pos = u32::try_from(self.packs.len()).expect("fewer than 2^32 packs");
@@ -108,24 +141,60 @@ impl Index {
                 self.pack_pos.insert(entries.pack, pos);
                 pos
             }
-        };
-        self.blobs.reserve(entries.blobs.len());
+        }
+    }
+
+    /// Adds one pack's blobs. A blob already present keeps its first
+    /// location: a blob stored twice (two backups racing, an interrupted
+    /// prune) is the same content either way. A pack added again keeps the
+    /// kind it was first added with.
+    pub fn add_pack(&mut self, entries: &PackEntries) {
+        let pack = self.pack_position(entries);
         for b in &entries.blobs {
-            self.blobs.entry(b.id).or_insert(Loc {
-                pack,
-                offset: b.offset,
-                stored_len: b.stored_len,
-                raw_len: b.raw_len,
-            });
+            if self.find_sorted(&b.id).is_none() {
+                self.recent.entry(b.id).or_insert(loc_of(pack, b));
+            }
+        }
+        if self.recent.len() > MERGE_MIN.max(self.sorted.len() / 8) {
+            self.merge();
         }
     }
 
     /// Adds every pack of a segment.
     pub fn add_segment(&mut self, segment: &IndexSegment) {
-        self.blobs.reserve(segment.blob_count());
         for p in &segment.packs {
             self.add_pack(p);
         }
+    }
+
+    /// Moves `recent` into `sorted`, keeping the array exactly sized.
+    fn merge(&mut self) {
+        let mut fresh: Vec<Entry> = self.recent.drain().map(|(id, loc)| Entry { id, loc }).collect();
+        fresh.sort_unstable_by_key(|e| e.id);
+        let old = std::mem::take(&mut self.sorted);
+        let mut merged = Vec::with_capacity(old.len() + fresh.len());
+        let (mut a, mut b) = (old.into_iter().peekable(), fresh.into_iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.id <= y.id => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, _) => b.next(),
+            };
+            match next {
+                Some(e) => merged.push(e),
+                None => break,
+            }
+        }
+        self.sorted = merged;
+    }
+
+    fn find_sorted(&self, id: &BlobId) -> Option<&Loc> {
+        self.sorted.binary_search_by(|e| e.id.cmp(id)).ok().map(|i| &self.sorted[i].loc)
+    }
+
+    fn find(&self, id: &BlobId) -> Option<&Loc> {
+        self.find_sorted(id).or_else(|| self.recent.get(id))
     }
 
     fn location(&self, loc: &Loc) -> BlobLocation {
@@ -136,22 +205,33 @@ impl Index {
 
     /// Where the blob `id` is stored, if it is indexed.
     pub fn get(&self, id: &BlobId) -> Option<BlobLocation> {
-        self.blobs.get(id).map(|loc| self.location(loc))
+        self.find(id).map(|loc| self.location(loc))
     }
 
     /// Whether the blob `id` is indexed.
     pub fn contains(&self, id: &BlobId) -> bool {
-        self.blobs.contains_key(id)
+        self.find(id).is_some()
     }
 
     /// Number of distinct blobs indexed.
     pub fn len(&self) -> usize {
-        self.blobs.len()
+        self.sorted.len() + self.recent.len()
     }
 
     /// Whether no blob is indexed.
     pub fn is_empty(&self) -> bool {
-        self.blobs.is_empty()
+        self.len() == 0
+    }
+
+    /// Bytes of memory the index holds (tables and arrays, by capacity).
+    pub fn memory_bytes(&self) -> usize {
+        use std::mem::size_of;
+        // A hash table slot is its key and value plus one control byte.
+        let slot = |k: usize, v: usize| k + v + 1;
+        self.sorted.capacity() * size_of::<Entry>()
+            + self.recent.capacity() * slot(size_of::<BlobId>(), size_of::<Loc>())
+            + self.packs.capacity() * size_of::<(PackId, BlobKind)>()
+            + self.pack_pos.capacity() * slot(size_of::<PackId>(), size_of::<u32>())
     }
 
     /// Number of distinct packs added (including packs whose blobs were all
@@ -167,7 +247,8 @@ impl Index {
 
     /// Every indexed blob with its location, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (BlobId, BlobLocation)> + '_ {
-        self.blobs.iter().map(|(id, loc)| (*id, self.location(loc)))
+        let sorted = self.sorted.iter().map(|e| (e.id, self.location(&e.loc)));
+        sorted.chain(self.recent.iter().map(|(id, loc)| (*id, self.location(loc))))
     }
 
     /// Every blob of every pack, grouped by pack (used to rewrite the index
@@ -178,7 +259,8 @@ impl Index {
     /// whose blobs are all indexed elsewhere is left out: nothing refers to it.
     pub fn to_segment(&self) -> IndexSegment {
         let mut by_pack: Vec<Vec<IndexEntry>> = vec![Vec::new(); self.packs.len()];
-        for (id, loc) in &self.blobs {
+        let all = self.sorted.iter().map(|e| (&e.id, &e.loc)).chain(self.recent.iter());
+        for (id, loc) in all {
             by_pack[loc.pack as usize].push(IndexEntry {
                 id: *id,
                 offset: loc.offset,
@@ -200,6 +282,10 @@ impl Index {
     }
 }
 
+fn loc_of(pack: u32, b: &IndexEntry) -> Loc {
+    Loc { pack, offset: b.offset, stored_len: b.stored_len, raw_len: b.raw_len }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,8 +302,52 @@ mod tests {
 
     #[test]
     fn entries_stay_compact() {
-        // A hash table slot holds the id and its Loc; the target is <= 48 bytes.
-        assert_eq!(std::mem::size_of::<(BlobId, Loc)>(), 48);
+        // A slot of the sorted array holds the id and its Loc; the target is <= 48 bytes.
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    }
+
+    #[test]
+    fn a_loaded_index_costs_48_bytes_per_blob() {
+        let blobs: Vec<IndexEntry> = (0..100_000u32)
+            .map(|i| IndexEntry {
+                id: BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+                offset: i,
+                stored_len: 1,
+                raw_len: 1,
+            })
+            .collect();
+        let seg = IndexSegment { packs: vec![pack(1, BlobKind::Data, blobs)] };
+        let index = Index::from_segments([&seg]);
+        assert_eq!(index.len(), 100_000);
+        let per_blob = index.memory_bytes() as f64 / index.len() as f64;
+        assert!(per_blob <= 48.01, "{per_blob} bytes per blob");
+    }
+
+    #[test]
+    fn merges_keep_every_blob_findable() {
+        let mut index = Index::new();
+        let n = (MERGE_MIN * 3) as u32;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let blobs = chunk
+                .iter()
+                .map(|i| IndexEntry {
+                    id: BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+                    offset: *i,
+                    stored_len: 1,
+                    raw_len: 1,
+                })
+                .collect();
+            index.add_pack(&PackEntries {
+                pack: PackId(*blake3::hash(&chunk[0].to_be_bytes()).as_bytes()),
+                kind: BlobKind::Data,
+                blobs,
+            });
+        }
+        assert_eq!(index.len(), n as usize);
+        assert!(index.recent.len() <= MERGE_MIN, "merged along the way");
+        for i in (0..n).step_by(997) {
+            assert_eq!(index.get(&BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes())).unwrap().offset, i);
+        }
     }
 
     #[test]
@@ -304,11 +434,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn index_matches_model(segments in prop::collection::vec(segment_strategy(), 0..4), probe in any::<u8>()) {
-            let mut index = Index::new();
-            for s in &segments {
-                index.add_segment(s);
-            }
+        fn index_matches_model(segments in prop::collection::vec(segment_strategy(), 0..4), probe in any::<u8>(), bulk in any::<bool>()) {
+            let index = if bulk {
+                Index::from_segments(&segments)
+            } else {
+                let mut index = Index::new();
+                for s in &segments {
+                    index.add_segment(s);
+                }
+                index
+            };
             let expected = model(&segments);
             prop_assert_eq!(index.len(), expected.len());
             prop_assert_eq!(index.is_empty(), expected.is_empty());

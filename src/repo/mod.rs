@@ -224,11 +224,11 @@ impl Repository {
                 _ => None,
             })
             .collect();
-        let mut index = Index::new();
+        let mut good = Vec::with_capacity(loaded.len());
         let mut bad = Vec::new();
         for (id, segment) in loaded {
             match segment {
-                Ok(s) => index.add_segment(&s),
+                Ok(s) => good.push(s),
                 Err(RepoError::Backend(e)) if !e.is_not_found() => return Err(RepoError::Backend(e)),
                 Err(e) => {
                     tracing::warn!("skipping unreadable index segment {id}: {e}");
@@ -236,7 +236,7 @@ impl Repository {
                 }
             }
         }
-        *self.index.write().expect("index lock") = index;
+        *self.index.write().expect("index lock") = Index::from_segments(&good);
         *self.bad_segments.lock().expect("segments lock") = bad;
         Ok(())
     }
