@@ -52,3 +52,4 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod tree;
+mod wire;

@@ -49,6 +49,7 @@
 //! it, refuses anything over [`MAX_TREE_SIZE`], and never panics.
 
 use crate::id::BlobId;
+use crate::wire::{put_u32_len, Reader, Truncated};
 
 /// Largest encoded tree accepted (decode refuses more).
 ///
@@ -379,11 +380,11 @@ fn read_node(r: &mut Reader<'_>) -> Result<Node, TreeError> {
             }
             let mut chunks = Vec::with_capacity(count as usize);
             for _ in 0..count {
-                chunks.push(BlobId(r.id()?));
+                chunks.push(BlobId(r.array::<ID_LEN>()?));
             }
             NodeKind::File { chunks }
         }
-        KIND_DIR => NodeKind::Dir { subtree: BlobId(r.id()?) },
+        KIND_DIR => NodeKind::Dir { subtree: BlobId(r.array::<ID_LEN>()?) },
         _ => {
             let len = r.u16()?;
             let target = r.take(usize::from(len))?;
@@ -401,59 +402,9 @@ fn put_u16_len(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(&n.to_le_bytes());
 }
 
-/// Appends a count that [`Tree::new`] has bounded (the whole encoding is at
-/// most [`MAX_TREE_SIZE`] bytes, so no count reaches 2^32).
-fn put_u32_len(out: &mut Vec<u8>, n: usize) {
-    let n = u32::try_from(n).expect("counts are bounded by MAX_TREE_SIZE");
-    out.extend_from_slice(&n.to_le_bytes());
-}
-
-/// A cursor over untrusted bytes: every read is bounds-checked and fails
-/// with [`TreeError::Truncated`] instead of panicking.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.0.len()
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], TreeError> {
-        if n > self.0.len() {
-            return Err(TreeError::Truncated);
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], TreeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-
-    fn u8(&mut self) -> Result<u8, TreeError> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, TreeError> {
-        self.array().map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self) -> Result<u32, TreeError> {
-        self.array().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Result<u64, TreeError> {
-        self.array().map(u64::from_le_bytes)
-    }
-
-    fn i64(&mut self) -> Result<i64, TreeError> {
-        self.array().map(i64::from_le_bytes)
-    }
-
-    fn id(&mut self) -> Result<[u8; ID_LEN], TreeError> {
-        self.array()
+impl From<Truncated> for TreeError {
+    fn from(_: Truncated) -> Self {
+        TreeError::Truncated
     }
 }
 

@@ -28,6 +28,7 @@
 //! allocated for it, and decoding never panics.
 
 use crate::id::{BlobId, BlobKind, PackId};
+use crate::wire::{put_u32_len, Reader, Truncated};
 
 /// Largest encoded segment accepted (decode refuses more).
 pub const MAX_SEGMENT_SIZE: usize = 256 << 20;
@@ -140,7 +141,7 @@ impl IndexSegment {
         }
         let mut packs = Vec::with_capacity(pack_count as usize);
         for _ in 0..pack_count {
-            let pack = PackId(r.id()?);
+            let pack = PackId(r.array::<ID_LEN>()?);
             let kind = r.u8()?;
             let kind = BlobKind::from_byte(kind).ok_or(SegmentError::BadKind { pack, kind })?;
             let count = r.u32()?;
@@ -149,8 +150,12 @@ impl IndexSegment {
             }
             let mut blobs = Vec::with_capacity(count as usize);
             for _ in 0..count {
-                let entry =
-                    IndexEntry { id: BlobId(r.id()?), offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()? };
+                let entry = IndexEntry {
+                    id: BlobId(r.array::<ID_LEN>()?),
+                    offset: r.u32()?,
+                    stored_len: r.u32()?,
+                    raw_len: r.u32()?,
+                };
                 if entry.stored_len == 0 {
                     return Err(SegmentError::ZeroStoredLen(entry.id));
                 }
@@ -165,47 +170,9 @@ impl IndexSegment {
     }
 }
 
-/// Appends a count. Counts of 2^32 or more would need a segment of hundreds
-/// of gigabytes in memory, far past what any writer builds.
-fn put_u32_len(out: &mut Vec<u8>, n: usize) {
-    let n = u32::try_from(n).expect("index segment counts fit in u32");
-    out.extend_from_slice(&n.to_le_bytes());
-}
-
-/// A cursor over untrusted bytes: every read is bounds-checked and fails
-/// with [`SegmentError::Truncated`] instead of panicking.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.0.len()
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SegmentError> {
-        if n > self.0.len() {
-            return Err(SegmentError::Truncated);
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], SegmentError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-
-    fn u8(&mut self) -> Result<u8, SegmentError> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, SegmentError> {
-        self.array().map(u32::from_le_bytes)
-    }
-
-    fn id(&mut self) -> Result<[u8; ID_LEN], SegmentError> {
-        self.array()
+impl From<Truncated> for SegmentError {
+    fn from(_: Truncated) -> Self {
+        SegmentError::Truncated
     }
 }
 

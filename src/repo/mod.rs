@@ -117,6 +117,9 @@ pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn Backend>, Re
     }
 }
 
+/// Objects that loaded, and those that did not with why.
+type Loaded<I, T> = (Vec<(I, T)>, Vec<(I, String)>);
+
 /// A repository opened with a password.
 pub struct Repository {
     backend: Arc<dyn Backend>,
@@ -216,29 +219,43 @@ impl Repository {
     /// warning and remembered for `check`: the packs it names count as
     /// unindexed, and only snapshots that need them are affected.
     pub fn reload_index(&self) -> Result<(), RepoError> {
-        let listed = self.backend.list(FileType::Index)?;
-        let loaded: Vec<(IndexId, Result<IndexSegment, RepoError>)> = listed
-            .par_iter()
-            .filter_map(|(key, _)| match key {
-                ObjectKey::Index(id) => Some((*id, self.load_index_segment(id))),
+        let (good, bad) = self.load_all(
+            FileType::Index,
+            |k| match k {
+                ObjectKey::Index(id) => Some(*id),
                 _ => None,
-            })
-            .collect();
-        let mut good = Vec::with_capacity(loaded.len());
-        let mut bad = Vec::new();
-        for (id, segment) in loaded {
-            match segment {
-                Ok(s) => good.push(s),
+            },
+            |id| self.load_index_segment(id),
+        )?;
+        let segments: Vec<IndexSegment> = good.into_iter().map(|(_, s)| s).collect();
+        *self.index.write().expect("index lock") = Index::from_segments(&segments);
+        *self.bad_segments.lock().expect("segments lock") = bad;
+        Ok(())
+    }
+
+    /// Loads every object of a type in parallel. Objects that fail to decode
+    /// or verify are returned apart, with why; a storage error fails it all.
+    fn load_all<I: Send + Copy + std::fmt::Display, T: Send>(
+        &self,
+        file_type: FileType,
+        id_of: impl Fn(&ObjectKey) -> Option<I> + Sync,
+        load: impl Fn(&I) -> Result<T, RepoError> + Sync,
+    ) -> Result<Loaded<I, T>, RepoError> {
+        let listed = self.backend.list(file_type)?;
+        let loaded: Vec<(I, Result<T, RepoError>)> =
+            listed.par_iter().filter_map(|(k, _)| id_of(k)).map(|id| (id, load(&id))).collect();
+        let (mut good, mut bad) = (Vec::with_capacity(loaded.len()), Vec::new());
+        for (id, result) in loaded {
+            match result {
+                Ok(t) => good.push((id, t)),
                 Err(RepoError::Backend(e)) if !e.is_not_found() => return Err(RepoError::Backend(e)),
                 Err(e) => {
-                    tracing::warn!("skipping unreadable index segment {id}: {e}");
+                    tracing::warn!("skipping unreadable {id}: {e}");
                     bad.push((id, e.to_string()));
                 }
             }
         }
-        *self.index.write().expect("index lock") = Index::from_segments(&good);
-        *self.bad_segments.lock().expect("segments lock") = bad;
-        Ok(())
+        Ok((good, bad))
     }
 
     /// Index segments the last load had to skip, with why.
@@ -304,22 +321,14 @@ impl Repository {
     /// Every readable snapshot, oldest first. One that cannot be read is
     /// skipped with a warning (`check` reports it as damage).
     pub fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
-        let listed = self.backend.list(FileType::Snapshot)?;
-        let loaded: Vec<(SnapshotId, Result<Snapshot, RepoError>)> = listed
-            .par_iter()
-            .filter_map(|(k, _)| match k {
-                ObjectKey::Snapshot(id) => Some((*id, self.load_snapshot(id))),
+        let (mut out, _) = self.load_all(
+            FileType::Snapshot,
+            |k| match k {
+                ObjectKey::Snapshot(id) => Some(*id),
                 _ => None,
-            })
-            .collect();
-        let mut out = Vec::with_capacity(loaded.len());
-        for (id, snap) in loaded {
-            match snap {
-                Ok(s) => out.push((id, s)),
-                Err(RepoError::Backend(e)) if !e.is_not_found() => return Err(RepoError::Backend(e)),
-                Err(e) => tracing::warn!("skipping unreadable snapshot {id}: {e}"),
-            }
-        }
+            },
+            |id| self.load_snapshot(id),
+        )?;
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
     }
