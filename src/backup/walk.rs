@@ -20,6 +20,10 @@ use crate::tree::{Node, NodeKind, Timestamp, Tree};
 
 /// Files at least this large are memory-mapped instead of read.
 const MMAP_THRESHOLD: u64 = 1 << 20;
+/// Bytes of a file cut and saved in parallel at a time.
+const BATCH_BYTES: usize = 16 << 20;
+/// Granularity of releasing mapped pages.
+const PAGE: usize = 4096;
 
 pub(super) struct Walker<'a, 'r> {
     pub repo: &'r Repository,
@@ -218,11 +222,17 @@ impl<'r> Walker<'_, 'r> {
             // aborts the backup in flight; committed snapshots are unaffected.
             let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(source)?;
             let _ = map.advise(memmap2::Advice::Sequential);
-            self.save_chunks(&map)?
+            self.save_chunks(&map, |done| {
+                // Drop the pages behind us from this process's mapping so its
+                // resident set stays at one batch per thread, not one file.
+                // SAFETY: a private read-only file mapping refaults from the
+                // file; no slice into this range outlives its batch.
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, done) };
+            })?
         } else {
             let mut data = Vec::with_capacity(size as usize);
             (&file).read_to_end(&mut data).map_err(source)?;
-            self.save_chunks(&data)?
+            self.save_chunks(&data, |_| {})?
         };
         let (ids, read) = chunks;
         if parent.is_some() {
@@ -236,16 +246,31 @@ impl<'r> Walker<'_, 'r> {
         Ok((ids, read))
     }
 
-    fn save_chunks(&self, data: &[u8]) -> Result<(Vec<BlobId>, u64), BackupError> {
-        let ranges: Vec<_> = self.repo.chunker().cut_points(data).collect();
-        let ids = ranges
-            .par_iter()
-            .map(|r| {
-                let id = self.packer.save(BlobKind::Data, &data[r.clone()]).map(|(id, _)| id);
-                self.progress.bytes.fetch_add(r.len() as u64, Ordering::Relaxed);
-                id
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Cuts `data` into chunks and saves them, a batch of cut points at a
+    /// time so memory stays bounded; `released(n)` is told after each batch
+    /// that the first `n` bytes (page aligned) are no longer needed.
+    fn save_chunks(&self, data: &[u8], released: impl Fn(usize)) -> Result<(Vec<BlobId>, u64), BackupError> {
+        let mut ids = Vec::new();
+        let mut cuts = self.repo.chunker().cut_points(data).peekable();
+        while cuts.peek().is_some() {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(r) = cuts.next_if(|_| bytes < BATCH_BYTES) {
+                bytes += r.len();
+                batch.push(r);
+            }
+            let saved = batch
+                .par_iter()
+                .map(|r| {
+                    let id = self.packer.save(BlobKind::Data, &data[r.clone()]).map(|(id, _)| id);
+                    self.progress.bytes.fetch_add(r.len() as u64, Ordering::Relaxed);
+                    id
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.extend(saved);
+            let end = batch.last().map_or(0, |r| r.end);
+            released(end & !(PAGE - 1));
+        }
         Ok((ids, data.len() as u64))
     }
 
