@@ -259,16 +259,17 @@ tool_cmd() {
     local tool=$1 step=$2 repo=$3 restore=$4 cache=$5
     case $tool/$step in
         chunkvault/init) CMD=("$CHUNKVAULT" init) ;;
-        chunkvault/backup1 | chunkvault/backup2)
+        chunkvault/backup1 | chunkvault/backup2 | chunkvault/backup3)
             CMD=("$CHUNKVAULT" backup "$CORPUS" --quiet --json) ;;
         chunkvault/restore) CMD=("$CHUNKVAULT" restore latest --target "$restore" --quiet) ;;
         restic/init) CMD=(restic init --cache-dir "$cache") ;;
-        restic/backup1 | restic/backup2)
+        restic/backup1 | restic/backup2 | restic/backup3)
             CMD=(restic backup --cache-dir "$cache" "${RESTIC_COMPRESSION[@]}" "$CORPUS") ;;
         restic/restore) CMD=(restic restore latest --cache-dir "$cache" --target "$restore") ;;
         borg/init) CMD=(borg init --encryption=repokey-blake2 "$repo") ;;
         borg/backup1) CMD=(borg create --compression "zstd,3" "$repo::backup1" "$CORPUS") ;;
         borg/backup2) CMD=(borg create --compression "zstd,3" "$repo::backup2" "$CORPUS") ;;
+        borg/backup3) CMD=(borg create --compression "zstd,3" "$repo::backup3" "$CORPUS") ;;
         borg/restore) CMD=(borg extract "$repo::backup1") ;;
         *) die "internal: no command for $tool/$step" ;;
     esac
@@ -338,7 +339,20 @@ verify_restore() {
     log "  $tool restore verified identical ($CORPUS_FILES files)"
 }
 
-printf 'run\ttool\tbackup_s\tbackup_rss_kib\trebackup_s\trebackup_rss_kib\trestore_s\trestore_rss_kib\trepo_bytes\tother_cpu_s\n' >"$RAW"
+printf 'run\ttool\tbackup_s\tbackup_rss_kib\trebackup_s\trebackup_rss_kib\trestore_s\trestore_rss_kib\trepo_bytes\tincr_s\tincr_bytes\tother_cpu_s\n' >"$RAW"
+
+# The incremental step edits the shared corpus in place; whatever happens,
+# put it back before exiting so the next tool and the next run see the same
+# bytes.
+EDIT_SAVE=$WORKDIR/edit-originals
+revert_edits() {
+    if [[ -d $EDIT_SAVE ]]; then
+        python3 "$SCRIPT_DIR/edit_corpus.py" "$CORPUS" --revert "$EDIT_SAVE" >>"$LOG" ||
+            printf 'compare.sh: could not revert the corpus edits; delete %s and %s\n' "$CORPUS" "$EDIT_SAVE" >&2
+    fi
+}
+trap revert_edits EXIT
+revert_edits
 
 for ((run = 1; run <= RUNS; run++)); do
     for tool in "${TOOL_LIST[@]}"; do
@@ -359,9 +373,16 @@ for ((run = 1; run <= RUNS; run++)); do
         verify_restore "$tool" "$run" "$restore"
         repo_bytes=$(du -sb "$repo" | cut -f1)
         log "  $tool repository: $repo_bytes bytes"
-        other=$(awk -v a="$b_f" -v b="$rb_f" -v c="$r_f" 'BEGIN { printf "%.2f", a + b + c }')
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$tool" "$b_s" "$b_rss" \
-            "$rb_s" "$rb_rss" "$r_s" "$r_rss" "$repo_bytes" "$other" >>"$RAW"
+        # Incremental: 5% of the files get 64 bytes inserted in the middle.
+        python3 "$SCRIPT_DIR/edit_corpus.py" "$CORPUS" --apply "$EDIT_SAVE" --percent 5 --seed "$SEED" >>"$LOG"
+        run_step "$tool" backup3 "$run" "$repo" "$restore" "$cache" 1
+        i_s=$STEP_SECS i_f=$STEP_FOREIGN
+        revert_edits
+        incr_bytes=$(($(du -sb "$repo" | cut -f1) - repo_bytes))
+        log "  $tool incremental added $incr_bytes bytes"
+        other=$(awk -v a="$b_f" -v b="$rb_f" -v c="$r_f" -v d="$i_f" 'BEGIN { printf "%.2f", a + b + c + d }')
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$tool" "$b_s" "$b_rss" \
+            "$rb_s" "$rb_rss" "$r_s" "$r_rss" "$repo_bytes" "$i_s" "$incr_bytes" "$other" >>"$RAW"
         rm -rf "$RUNDIR"
     done
 done
@@ -408,6 +429,8 @@ def metrics(r):
         "backup_rss": int(r["backup_rss_kib"]) / 1024,
         "restore_rss": int(r["restore_rss_kib"]) / 1024,
         "repo": int(r["repo_bytes"]) / MIB,
+        "incr": float(r["incr_s"]),
+        "incr_growth": int(r["incr_bytes"]) / MIB,
     }
 
 per_tool = {t: [metrics(r) for r in rows if r["tool"] == t] for t in tools}
@@ -442,15 +465,16 @@ if notes:
 p("\n## Results (median, min–max over runs)\n")
 p("MB = 10^6 bytes; throughput = corpus bytes / wall seconds.\n")
 p("| tool | backup MB/s | re-backup s | restore MB/s | backup peak RSS MiB "
-  "| restore peak RSS MiB | repo MiB | repo / corpus |")
-p("|---|---|---|---|---|---|---|---|")
+  "| restore peak RSS MiB | repo MiB | repo / corpus | incremental s | incremental growth MiB |")
+p("|---|---|---|---|---|---|---|---|---|---|")
 for t in tools:
     if not per_tool[t]:
         continue
     p(f"| {t} | {cell(t, 'backup', '{:.1f}')} | {cell(t, 'rebackup', '{:.2f}')} "
       f"| {cell(t, 'restore', '{:.1f}')} | {cell(t, 'backup_rss', '{:.0f}')} "
       f"| {cell(t, 'restore_rss', '{:.0f}')} | {cell(t, 'repo', '{:.1f}')} "
-      f"| {med[t]['repo'] * MIB / cbytes * 100:.1f}% |")
+      f"| {med[t]['repo'] * MIB / cbytes * 100:.1f}% | {cell(t, 'incr', '{:.2f}')} "
+      f"| {cell(t, 'incr_growth', '{:.2f}')} |")
 
 others = [t for t in ("restic", "borg") if t in med]
 if "chunkvault" in med and others:
@@ -459,27 +483,28 @@ if "chunkvault" in med and others:
     p("Throughput and re-backup speed: > 1 means chunkvault is faster. "
       "Repository size: < 1 means chunkvault's repository is smaller.\n")
     p("| ratio | backup throughput | restore throughput | re-backup speed "
-      "(their s / our s) | repo size (ours / theirs) |")
-    p("|---|---|---|---|---|")
+      "(their s / our s) | repo size (ours / theirs) | incremental growth (ours / theirs) |")
+    p("|---|---|---|---|---|---|")
     for o in others:
         th = med[o]
         rb = th["rebackup"] / ours["rebackup"] if ours["rebackup"] > 0 else float("inf")
         p(f"| chunkvault/{o} | {ours['backup'] / th['backup']:.2f}× "
           f"| {ours['restore'] / th['restore']:.2f}× | {rb:.2f}× "
-          f"| {ours['repo'] / th['repo']:.2f}× |")
+          f"| {ours['repo'] / th['repo']:.2f}× "
+          f"| {ours['incr_growth'] / th['incr_growth'] if th['incr_growth'] > 0 else float('inf'):.2f}× |")
 
 p("\n## Raw runs\n")
 p("*other CPU s*: CPU seconds the machine spent on anything but the timed "
   "commands while they ran (other processes, kernel writeback, steal).\n")
 p("| run | tool | backup s | re-backup s | restore s | backup RSS KiB "
-  "| re-backup RSS KiB | restore RSS KiB | repo bytes | other CPU s |")
-p("|---|---|---|---|---|---|---|---|---|---|")
+  "| re-backup RSS KiB | restore RSS KiB | repo bytes | incremental s | incremental bytes | other CPU s |")
+p("|---|---|---|---|---|---|---|---|---|---|---|---|")
 disturbed = []
 for r in rows:
     p(f"| {r['run']} | {r['tool']} | {r['backup_s']} | {r['rebackup_s']} | {r['restore_s']} "
       f"| {r['backup_rss_kib']} | {r['rebackup_rss_kib']} | {r['restore_rss_kib']} "
-      f"| {r['repo_bytes']} | {r['other_cpu_s']} |")
-    wall = float(r["backup_s"]) + float(r["rebackup_s"]) + float(r["restore_s"])
+      f"| {r['repo_bytes']} | {r['incr_s']} | {r['incr_bytes']} | {r['other_cpu_s']} |")
+    wall = float(r["backup_s"]) + float(r["rebackup_s"]) + float(r["restore_s"]) + float(r["incr_s"])
     # More than a quarter of a core busy elsewhere on average: flag the run.
     if float(r["other_cpu_s"]) > max(0.25 * wall, 0.5):
         disturbed.append(f"run {r['run']} {r['tool']} ({r['other_cpu_s']} s other CPU "
