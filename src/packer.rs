@@ -119,6 +119,17 @@ impl<'r> Packer<'r> {
         Ok((id, true))
     }
 
+    /// Stores a blob that is already sealed (prune copying it out of a pack
+    /// it repacks), even though the index knows it elsewhere. Returns whether
+    /// it was stored: a blob already saved in this session is not stored twice.
+    pub fn save_stored(&self, kind: BlobKind, id: BlobId, raw_len: u32, stored: &[u8]) -> Result<bool, RepoError> {
+        if !self.claimed.lock().expect("claim lock").insert(id) {
+            return Ok(false);
+        }
+        self.add_sealed(kind, id, raw_len, stored)?;
+        Ok(true)
+    }
+
     fn add_sealed(&self, kind: BlobKind, id: BlobId, raw_len: u32, stored: &[u8]) -> Result<(), RepoError> {
         self.check_error()?;
         self.stats.blobs_new.fetch_add(1, Ordering::Relaxed);

@@ -14,6 +14,19 @@ pub struct CheckArgs {
     /// Read every pack and verify every blob against its id.
     #[arg(long)]
     pub read_data: bool,
+    /// Read only part N of M of the packs (e.g. 1/10), so big repositories can be verified in turns.
+    #[arg(long, value_name = "N/M", value_parser = parse_subset)]
+    pub read_data_subset: Option<(u32, u32)>,
+}
+
+fn parse_subset(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not N/M with 1 <= N <= M");
+    let (n, m) = s.split_once('/').ok_or_else(bad)?;
+    let (n, m): (u32, u32) = (n.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if n == 0 || n > m {
+        return Err(bad());
+    }
+    Ok((n, m))
 }
 
 pub fn run(ctx: &Ctx, a: CheckArgs) -> CmdResult {
@@ -26,7 +39,7 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> CmdResult {
             bar.set_message(format!("read {}/{} packs", shown.packs_done.load(Ordering::Relaxed), total));
         }
     });
-    let report = check(&repo, CheckOptions { read_data: a.read_data }, &progress);
+    let report = check(&repo, CheckOptions { read_data: a.read_data, read_data_subset: a.read_data_subset }, &progress);
     drop(bar);
     let report = report?;
     let damaged = report.has_damage();
