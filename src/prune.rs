@@ -163,11 +163,18 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
     // location of a live blob, marking below finds it missing and stops.
     let mut packs: HashMap<PackId, PackEntries> = HashMap::new();
     let mut unreadable_segments = 0;
+    // Entries naming packs that are gone (lost, or deleted by hand): the
+    // rewritten index leaves them out.
+    let mut dangling = 0;
     for (id, segment) in segments {
         match segment {
             Ok(s) => {
-                for p in s.packs.into_iter().filter(|p| sizes.contains_key(&p.pack)) {
-                    packs.entry(p.pack).or_insert(p);
+                for p in s.packs {
+                    if sizes.contains_key(&p.pack) {
+                        packs.entry(p.pack).or_insert(p);
+                    } else {
+                        dangling += 1;
+                    }
                 }
             }
             Err(RepoError::Backend(e)) if !e.is_not_found() => return Err(RepoError::Backend(e).into()),
@@ -245,8 +252,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
     let kept_bytes: u64 = fates.iter().filter(|(_, f)| **f == Fate::Keep).map(|(p, _)| sizes[p]).sum();
     report.bytes_after = kept_bytes + report.bytes_repacked;
 
-    let nothing_to_do =
-        report.packs_repacked == 0 && report.packs_unused == 0 && unindexed.is_empty() && unreadable_segments == 0;
+    let nothing_to_do = report.packs_repacked == 0
+        && report.packs_unused == 0
+        && unindexed.is_empty()
+        && unreadable_segments == 0
+        && dangling == 0;
     if opts.dry_run || nothing_to_do {
         return Ok(report);
     }

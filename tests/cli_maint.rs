@@ -86,6 +86,10 @@ fn a_missing_pack_is_damage_for_check_and_prune_and_repair_recovers() {
     assert_eq!(env.run(&["prune"]).status.code(), Some(3), "prune refuses over missing data");
     let repaired = env.json(&["repair", "snapshots", "--forget"]);
     assert_eq!(repaired["snapshots"].as_array().unwrap().len(), 1);
+    // Prune drops the lost pack's entries from the index.
+    env.ok(&["prune"]);
+    let check = env.json(&["check"]);
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
     env.ok(&["repair", "index"]);
     env.ok(&["check"]);
     let target = env.path("restore");
