@@ -254,6 +254,35 @@ fn read_faults_during_prune_stop_it_before_anything_is_lost() {
 }
 
 #[test]
+fn read_faults_during_backup_never_commit_a_bad_snapshot() {
+    let fx = Fixture::new();
+    let faults = [
+        Fault::FlipOnRead { file_type: FileType::Pack, offset: 200 },
+        Fault::FlipOnRead { file_type: FileType::Index, offset: 200 },
+        Fault::FlipOnRead { file_type: FileType::Snapshot, offset: 200 },
+        Fault::FlipOnRead { file_type: FileType::Lock, offset: 20 },
+        Fault::Stall { file_type: FileType::Pack, millis: 5 },
+    ];
+    for (i, fault) in faults.into_iter().enumerate() {
+        let dir = fx.copy("backup-read-fault");
+        let faulty = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::open(&dir).unwrap())));
+        let repo = Repository::open(faulty.clone(), PW).unwrap();
+        faulty.inject(fault.clone());
+        // Back up a generation the repository has, so the backup reads its
+        // parent's trees and deduplicates against the index.
+        let src = fx.data().join("gen-4");
+        let result = backup(&repo, &[src], &BackupOptions::default(), &BackupProgress::default()).map(|d| d.id);
+        faulty.clear();
+        let mut expected = fx.snapshots.clone();
+        if let Ok(id) = result {
+            expected.insert(id);
+        }
+        verify(&dir, &expected, &format!("{fault:?}"));
+        backup_gen(&open(&dir), &fx.data(), 200 + i as u64).unwrap();
+    }
+}
+
+#[test]
 fn prune_frees_what_forget_released_and_a_dry_run_changes_nothing() {
     let fx = Fixture::new();
     let dir = fx.copy("prune");
