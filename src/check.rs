@@ -93,15 +93,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
     let damage = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Damage, message: m });
     let warn = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Warning, message: m });
 
-    let sizes: HashMap<PackId, u64> = repo
-        .backend()
-        .list(FileType::Pack)?
-        .into_iter()
-        .filter_map(|(k, size)| match k {
-            ObjectKey::Pack(id) => Some((id, size)),
-            _ => None,
-        })
-        .collect();
+    let sizes: HashMap<PackId, u64> = crate::backend::pack_sizes(repo.backend().as_ref())?;
     report.packs = sizes.len() as u64;
     let mut bad_blobs: HashSet<BlobId> = HashSet::new();
     let mut by_pack: HashMap<PackId, Vec<(BlobId, BlobLocation)>> = HashMap::new();

@@ -24,7 +24,7 @@ use crate::pack::{self, PackBuilder};
 use crate::repo::{RepoError, Repository};
 
 /// Packs per index segment: bounds a segment's size (~45 bytes per blob).
-const PACKS_PER_SEGMENT: usize = 256;
+pub const PACKS_PER_SEGMENT: usize = 256;
 
 /// Counters of what a packer wrote.
 #[derive(Debug, Default)]

@@ -22,18 +22,15 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backend::{FileType, ObjectKey};
+use crate::backend::ObjectKey;
 use crate::id::{BlobId, IndexId, PackId, SnapshotId};
 use crate::index::{IndexSegment, PackEntries};
 use crate::lock::{LockError, LockKind, LockOptions};
 use crate::pack::FRAME_HEADER_LEN;
-use crate::packer::Packer;
+use crate::packer::{Packer, PACKS_PER_SEGMENT};
 use crate::repo::{RepoError, Repository};
 use crate::snapshot::Snapshot;
 use crate::tree::NodeKind;
-
-/// Packs per rewritten index segment (as the packer writes them).
-const PACKS_PER_SEGMENT: usize = 256;
 
 /// Why prune stopped (before deleting anything, unless storage failed midway,
 /// which the write order makes harmless).
@@ -138,26 +135,10 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
 
     progress.set("loading index");
-    let segment_ids: Vec<IndexId> = repo
-        .backend()
-        .list(FileType::Index)?
-        .into_iter()
-        .filter_map(|(k, _)| match k {
-            ObjectKey::Index(id) => Some(id),
-            _ => None,
-        })
-        .collect();
+    let segment_ids: Vec<IndexId> = crate::backend::index_ids(repo.backend().as_ref())?;
     let segments: Vec<(IndexId, Result<IndexSegment, RepoError>)> =
         segment_ids.par_iter().map(|id| (*id, repo.load_index_segment(id))).collect();
-    let sizes: HashMap<PackId, u64> = repo
-        .backend()
-        .list(FileType::Pack)?
-        .into_iter()
-        .filter_map(|(k, size)| match k {
-            ObjectKey::Pack(id) => Some((id, size)),
-            _ => None,
-        })
-        .collect();
+    let sizes: HashMap<PackId, u64> = crate::backend::pack_sizes(repo.backend().as_ref())?;
     // Each existing pack's entries, from the first readable segment naming it.
     // Unreadable segments are replaced like the rest; if they held the only
     // location of a live blob, marking below finds it missing and stops.
@@ -341,15 +322,7 @@ pub fn forget(
 /// Every snapshot; unlike `list_snapshots`, one that cannot be read stops
 /// prune, since the blobs it needs are unknown.
 fn list_all_snapshots(repo: &Repository) -> Result<Vec<(SnapshotId, Snapshot)>, PruneError> {
-    let ids: Vec<SnapshotId> = repo
-        .backend()
-        .list(FileType::Snapshot)?
-        .into_iter()
-        .filter_map(|(k, _)| match k {
-            ObjectKey::Snapshot(id) => Some(id),
-            _ => None,
-        })
-        .collect();
+    let ids: Vec<SnapshotId> = crate::backend::snapshot_ids(repo.backend().as_ref())?;
     ids.par_iter()
         .map(|id| match repo.load_snapshot(id) {
             Ok(s) => Ok((*id, s)),

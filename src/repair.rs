@@ -10,13 +10,10 @@ use crate::id::{BlobId, BlobKind, IndexId, PackId, SnapshotId};
 use crate::index::{IndexSegment, PackEntries};
 use crate::lock::{LockError, LockKind, LockOptions};
 use crate::pack::{self, FRAME_HEADER_LEN, TRAILER_LEN};
-use crate::packer::Packer;
+use crate::packer::{Packer, PACKS_PER_SEGMENT};
 use crate::repo::{RepoError, Repository};
 use crate::snapshot::Snapshot;
 use crate::tree::{Node, NodeKind, Tree};
-
-/// Packs per rebuilt index segment.
-const PACKS_PER_SEGMENT: usize = 256;
 
 /// Why a repair failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,15 +62,7 @@ pub struct RepairIndexReport {
 /// segments (durable), then deletes the old ones. Exclusive lock, like prune.
 pub fn repair_index(repo: &Repository, lock: LockOptions) -> Result<RepairIndexReport, RepairError> {
     let guard = repo.lock(LockKind::Exclusive, lock)?;
-    let old: Vec<IndexId> = repo
-        .backend()
-        .list(FileType::Index)?
-        .into_iter()
-        .filter_map(|(k, _)| match k {
-            ObjectKey::Index(id) => Some(id),
-            _ => None,
-        })
-        .collect();
+    let old: Vec<IndexId> = crate::backend::index_ids(repo.backend().as_ref())?;
     let mut report = RepairIndexReport::default();
     let mut entries = Vec::new();
     for (key, size) in repo.backend().list(FileType::Pack)? {
@@ -153,15 +142,7 @@ pub fn repair_snapshots(
 ) -> Result<Vec<RepairedSnapshot>, RepairError> {
     let guard = repo.lock(LockKind::Shared, lock)?;
     repo.reload_index_if_replaced()?;
-    let pack_sizes = repo
-        .backend()
-        .list(FileType::Pack)?
-        .into_iter()
-        .filter_map(|(k, size)| match k {
-            ObjectKey::Pack(id) => Some((id, size)),
-            _ => None,
-        })
-        .collect();
+    let pack_sizes = crate::backend::pack_sizes(repo.backend().as_ref())?;
     let mut avail = Available { repo, pack_sizes, read_data, known: HashMap::new() };
     let packer = Packer::new(repo, 1);
     let mut plans = Vec::new();

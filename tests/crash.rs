@@ -14,21 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chunkvault::backend::LocalBackend;
-use chunkvault::check::{check, CheckOptions};
 use chunkvault::id::SnapshotId;
 use chunkvault::repo::Repository;
-use chunkvault::restore::{restore, RestoreOptions, RestoreProgress};
-use common::{assert_same_tree, pseudo_random, restored, Env, PASSWORD};
+use common::{assert_repository_intact, Env, PASSWORD};
 use rand::{Rng, SeedableRng};
 
-/// A small generation of data: shared, own and text parts.
 fn make_gen(base: &Path, i: u64) -> PathBuf {
-    let d = base.join(format!("gen-{i}"));
-    std::fs::create_dir_all(d.join("sub")).unwrap();
-    std::fs::write(d.join("shared"), pseudo_random(300_000, 7)).unwrap();
-    std::fs::write(d.join("sub/own"), pseudo_random(200_000 + (i as usize % 7) * 1000, 1000 + i)).unwrap();
-    std::fs::write(d.join("note"), format!("generation {i}\n").repeat(100)).unwrap();
-    d
+    common::make_gen(base, i, 300_000, 200_000)
 }
 
 /// A repository with small chunks and packs, so every run writes several packs.
@@ -48,27 +40,10 @@ fn small_env() -> Env {
     env
 }
 
-/// Check finds no damage; the snapshots are exactly `expected` (when
-/// given) and each restores exactly to the generation it was taken of.
-fn verify(env: &Env, expected: Option<&BTreeSet<SnapshotId>>, why: &str) -> BTreeSet<SnapshotId> {
+/// The repository is intact (see `assert_repository_intact`); returns its snapshots.
+fn verify(env: &Env, why: &str) -> BTreeSet<SnapshotId> {
     let repo = Repository::open(Arc::new(LocalBackend::open(&env.repo).unwrap()), PASSWORD.as_bytes()).unwrap();
-    let report = check(&repo, CheckOptions::default(), &Default::default()).unwrap();
-    assert!(!report.has_damage(), "{why}: {:?}", report.problems);
-    let snaps = repo.list_snapshots().unwrap();
-    let ids: BTreeSet<SnapshotId> = snaps.iter().map(|(id, _)| *id).collect();
-    if let Some(expected) = expected {
-        assert_eq!(&ids, expected, "{why}");
-    }
-    let target = env.path("verify");
-    for (id, snap) in &snaps {
-        let r = restore(&repo, snap, &target, &RestoreOptions::default(), &RestoreProgress::default())
-            .unwrap_or_else(|e| panic!("{why}: restore {id}: {e}"));
-        assert!(r.damaged.is_empty(), "{why}: {:?}", r.damaged);
-        let src = Path::new(&snap.paths[0]);
-        assert_same_tree(src, &restored(&target, src));
-        std::fs::remove_dir_all(&target).unwrap();
-    }
-    ids
+    assert_repository_intact(&repo, false, &env.path("verify"), why).1
 }
 
 fn spawn(env: &Env, args: &[&str]) -> Child {
@@ -98,7 +73,7 @@ fn sigkill_at_random_moments_of_backup_and_prune_loses_nothing_committed() {
     }
     env.ok(&["forget", "--group-by", "host", "--keep-last", "2"]);
     let prune_time = timed(&env, &["prune", "--max-unused-percent", "5"]);
-    let mut committed = verify(&env, None, "setup");
+    let mut committed = verify(&env, "setup");
 
     let (mut killed, mut finished) = (0, 0);
     for i in 0..iterations {
@@ -110,7 +85,7 @@ fn sigkill_at_random_moments_of_backup_and_prune_loses_nothing_committed() {
         } else {
             // Give the prune something to do: forget all but the two newest.
             env.ok(&["forget", "--group-by", "host", "--keep-last", "2"]);
-            committed = verify(&env, None, "after forget");
+            committed = verify(&env, "after forget");
             (vec!["prune", "--max-unused-percent", "5"], prune_time)
         };
         let mut child = spawn(&env, &args);
@@ -126,7 +101,7 @@ fn sigkill_at_random_moments_of_backup_and_prune_loses_nothing_committed() {
         }
         let why = format!("iteration {i} ({}, killed after {delay:?}, {status})", args[0]);
         // A killed backup may or may not have committed; nothing else changes.
-        let now = verify(&env, None, &why);
+        let now = verify(&env, &why);
         let new: Vec<_> = now.difference(&committed).collect();
         assert!(committed.is_subset(&now), "{why}: a committed snapshot disappeared");
         assert!(is_backup || new.is_empty(), "{why}: a prune made a snapshot");
@@ -140,7 +115,7 @@ fn sigkill_at_random_moments_of_backup_and_prune_loses_nothing_committed() {
     env.ok(&["prune", "--max-unused-percent", "5"]);
     let out = env.json(&["check", "--read-data"]);
     assert_eq!(out["problems"].as_array().unwrap().len(), 0, "{out}");
-    verify(&env, None, "at the end");
+    verify(&env, "at the end");
     assert!(killed >= iterations / 4, "only {killed} of {iterations} runs were killed mid-run");
 }
 
@@ -153,7 +128,7 @@ fn two_backups_from_separate_processes_at_once_both_restore() {
     for mut c in children {
         assert!(c.wait().unwrap().success());
     }
-    let ids = verify(&env, None, "two concurrent backups");
+    let ids = verify(&env, "two concurrent backups");
     assert_eq!(ids.len(), 2);
 }
 
@@ -172,7 +147,7 @@ fn a_backup_racing_a_prune_from_separate_processes_loses_nothing() {
         let mut backup = spawn(&env, &["backup", "--retry-lock", "120", src.to_str().unwrap()]);
         assert!(backup.wait().unwrap().success(), "round {round}: backup");
         assert!(prune.wait().unwrap().success(), "round {round}: prune");
-        let ids = verify(&env, None, &format!("round {round}"));
+        let ids = verify(&env, &format!("round {round}"));
         env.ok(&["forget", "--group-by", "host", "--keep-last", "1"]);
         assert!(ids.len() >= 2);
     }

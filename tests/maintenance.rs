@@ -20,7 +20,7 @@ use chunkvault::repo::{InitOptions, Repository};
 use chunkvault::restore::{restore, RestoreOptions, RestoreProgress};
 use chunkvault::retention::{GroupBy, Policy};
 use chunkvault::stats::{diff, stats, Change, Difference};
-use common::{assert_same_tree, pseudo_random, restored};
+use common::{assert_repository_intact, make_gen, pseudo_random, restored};
 
 const PW: &[u8] = b"pw";
 
@@ -38,20 +38,8 @@ fn open(dir: &Path) -> Repository {
     Repository::open(Arc::new(LocalBackend::open(dir).unwrap()), PW).unwrap()
 }
 
-/// Generation `i` of the data: a part every generation shares, a part of
-/// its own, and a small text file. Each generation is its own directory, so
-/// a snapshot's path says what it must restore to.
-fn make_gen(base: &Path, i: u64) -> PathBuf {
-    let d = base.join(format!("gen-{i}"));
-    std::fs::create_dir_all(d.join("sub")).unwrap();
-    std::fs::write(d.join("shared"), pseudo_random(150_000, 7)).unwrap();
-    std::fs::write(d.join("sub/own"), pseudo_random(120_000, 1000 + i)).unwrap();
-    std::fs::write(d.join("note"), format!("generation {i}\n").repeat(50)).unwrap();
-    d
-}
-
 fn backup_gen(repo: &Repository, base: &Path, i: u64) -> Result<SnapshotId, BackupError> {
-    let src = make_gen(base, i);
+    let src = make_gen(base, i, 150_000, 120_000);
     backup(repo, &[src], &BackupOptions::default(), &BackupProgress::default()).map(|d| d.id)
 }
 
@@ -113,22 +101,8 @@ fn verify(dir: &Path, expected: &BTreeSet<SnapshotId>, why: &str) -> CheckReport
 /// [`verify`], reading every pack only with `read_data` (restore verifies
 /// every chunk it reads anyway).
 fn verify_with(dir: &Path, expected: &BTreeSet<SnapshotId>, read_data: bool, why: &str) -> CheckReport {
-    let repo = open(dir);
-    let report = check(&repo, CheckOptions { read_data, ..CheckOptions::default() }, &Default::default())
-        .unwrap_or_else(|e| panic!("{why}: check: {e}"));
-    assert!(!report.has_damage(), "{why}: {:?} {:?}", report.problems, report.damaged_files);
-    let snaps = repo.list_snapshots().unwrap();
-    let ids: BTreeSet<SnapshotId> = snaps.iter().map(|(id, _)| *id).collect();
+    let (report, ids) = assert_repository_intact(&open(dir), read_data, &dir.with_extension("restore"), why);
     assert_eq!(&ids, expected, "{why}: snapshots");
-    let target = dir.with_extension("restore");
-    for (id, snap) in &snaps {
-        let r = restore(&repo, snap, &target, &RestoreOptions::default(), &RestoreProgress::default())
-            .unwrap_or_else(|e| panic!("{why}: restore {id}: {e}"));
-        assert!(r.damaged.is_empty(), "{why}: {:?}", r.damaged);
-        let src = Path::new(&snap.paths[0]);
-        assert_same_tree(src, &restored(&target, src));
-        std::fs::remove_dir_all(&target).unwrap();
-    }
     report
 }
 
@@ -445,7 +419,12 @@ fn stats_and_diff_report_exactly() {
     let s2 = stats(&repo).unwrap();
     assert_eq!((s2.logical_bytes, s2.chunks, s2.chunk_bytes), (2 * s.logical_bytes, s.chunks, s.chunk_bytes));
     assert!((s2.dedup_ratio - 2.0 * s.dedup_ratio).abs() < 1e-9);
-    assert!(diff(&repo, &one.snapshot, &two.snapshot).unwrap().is_empty());
+    let p = |rel: &str| format!("{}/{rel}", src.display());
+    // Only below the source: its ancestors' mtimes are not this test's.
+    let below = |changes: Vec<Difference>| -> Vec<Difference> {
+        changes.into_iter().filter(|d| d.path.starts_with(&p(""))).collect()
+    };
+    assert_eq!(below(diff(&repo, &one.snapshot, &two.snapshot).unwrap()), vec![]);
 
     std::fs::write(src.join("edit"), b"new content").unwrap();
     std::fs::remove_file(src.join("gone")).unwrap();
@@ -454,10 +433,7 @@ fn stats_and_diff_report_exactly() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(src.join("chmod"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let three = backup(&repo, &[&src], &BackupOptions::default(), &BackupProgress::default()).unwrap();
-    let p = |rel: &str| format!("{}/{rel}", src.display());
-    let mut changes = diff(&repo, &one.snapshot, &three.snapshot).unwrap();
-    // Only below the source: its ancestors' (and its own) mtimes are not this test's.
-    changes.retain(|d| d.path.starts_with(&p("")));
+    let changes = below(diff(&repo, &one.snapshot, &three.snapshot).unwrap());
     let expected = vec![
         Difference { path: p("added"), change: Change::Added },
         Difference { path: p("chmod"), change: Change::MetadataChanged },

@@ -269,15 +269,7 @@ impl Repository {
     /// deleted. A writer calls this once it holds its lock, before it trusts
     /// the index for deduplication. Returns whether it reloaded.
     pub fn reload_index_if_replaced(&self) -> Result<bool, RepoError> {
-        let listed: HashSet<IndexId> = self
-            .backend
-            .list(FileType::Index)?
-            .into_iter()
-            .filter_map(|(k, _)| match k {
-                ObjectKey::Index(id) => Some(id),
-                _ => None,
-            })
-            .collect();
+        let listed: HashSet<IndexId> = crate::backend::index_ids(self.backend.as_ref())?.into_iter().collect();
         let replaced = !self.segments.lock().expect("segments lock").is_subset(&listed);
         if replaced {
             self.reload_index()?;
