@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chunkvault::check::{check, CheckOptions, CheckProgress, Severity};
+use chunkvault::lock::LockKind;
 
 use crate::ctx::Ctx;
 use crate::{exit, CmdResult};
@@ -17,6 +18,9 @@ pub struct CheckArgs {
     /// Read only part N of M of the packs (e.g. 1/10), so big repositories can be verified in turns.
     #[arg(long, value_name = "N/M", value_parser = parse_subset)]
     pub read_data_subset: Option<(u32, u32)>,
+    /// Do not take the shared lock that keeps a prune from deleting what is being checked.
+    #[arg(long)]
+    pub no_lock: bool,
 }
 
 fn parse_subset(s: &str) -> Result<(u32, u32), String> {
@@ -31,6 +35,14 @@ fn parse_subset(s: &str) -> Result<(u32, u32), String> {
 
 pub fn run(ctx: &Ctx, a: CheckArgs) -> CmdResult {
     let repo = ctx.open()?;
+    // A prune running meanwhile would make its deletions look like damage.
+    let _lock = if a.no_lock {
+        None
+    } else {
+        let lock = repo.lock(LockKind::Shared, ctx.lock_options())?;
+        repo.reload_index_if_replaced()?;
+        Some(lock)
+    };
     let progress = Arc::new(CheckProgress::default());
     let shown = progress.clone();
     let bar = ctx.progress(None, move |bar| {
