@@ -311,15 +311,19 @@ impl LockGuard {
         let (stop, stopped) = channel::<()>();
         let refresher = {
             let (backend, held, every) = (backend.clone(), held.clone(), opts.refresh_every);
-            std::thread::Builder::new()
-                .name("lock-refresh".into())
-                .spawn(move || loop {
-                    match stopped.recv_timeout(every) {
-                        Err(RecvTimeoutError::Timeout) => refresh(backend.as_ref(), kind, &held),
-                        _ => return,
-                    }
-                })
-                .map_err(|e| LockError::Backend(BackendError::Other(format!("spawn lock refresher: {e}"))))?
+            std::thread::Builder::new().name("lock-refresh".into()).spawn(move || loop {
+                match stopped.recv_timeout(every) {
+                    Err(RecvTimeoutError::Timeout) => refresh(backend.as_ref(), kind, &held),
+                    _ => return,
+                }
+            })
+        };
+        let refresher = match refresher {
+            Ok(t) => t,
+            Err(e) => {
+                release(backend.as_ref(), id);
+                return Err(LockError::Backend(BackendError::Other(format!("spawn lock refresher: {e}"))));
+            }
         };
         Ok(LockGuard {
             backend: backend.clone(),
