@@ -25,6 +25,15 @@ use crate::tree::NodeKind;
 pub struct CheckOptions {
     /// Read and verify every blob of every pack.
     pub read_data: bool,
+    /// Read only subset `n` of `m` (1-based) of the packs, chosen by pack id,
+    /// so `m` runs with n = 1..=m together read everything once.
+    pub read_data_subset: Option<(u32, u32)>,
+}
+
+/// Whether `pack` falls in subset `n` of `m`.
+fn in_subset(pack: &PackId, (n, m): (u32, u32)) -> bool {
+    let x = u32::from_le_bytes(pack.0[..4].try_into().expect("4 bytes"));
+    m > 0 && x % m == n.saturating_sub(1) % m
 }
 
 /// Live counters a progress display polls.
@@ -84,15 +93,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
     let damage = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Damage, message: m });
     let warn = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Warning, message: m });
 
-    let sizes: HashMap<PackId, u64> = repo
-        .backend()
-        .list(FileType::Pack)?
-        .into_iter()
-        .filter_map(|(k, size)| match k {
-            ObjectKey::Pack(id) => Some((id, size)),
-            _ => None,
-        })
-        .collect();
+    let sizes: HashMap<PackId, u64> = crate::backend::pack_sizes(repo.backend().as_ref())?;
     report.packs = sizes.len() as u64;
     let mut bad_blobs: HashSet<BlobId> = HashSet::new();
     let mut by_pack: HashMap<PackId, Vec<(BlobId, BlobLocation)>> = HashMap::new();
@@ -124,9 +125,13 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
         warn(format!("pack {pack} is not in the index (left by an interrupted backup; prune removes it)"));
     }
 
-    if opts.read_data {
+    if opts.read_data || opts.read_data_subset.is_some() {
         let ids: Vec<PackId> = {
-            let mut v: Vec<PackId> = sizes.keys().copied().filter(|p| by_pack.contains_key(p)).collect();
+            let mut v: Vec<PackId> = sizes
+                .keys()
+                .copied()
+                .filter(|p| by_pack.contains_key(p) && opts.read_data_subset.map_or(true, |s| in_subset(p, s)))
+                .collect();
             v.sort();
             v
         };
@@ -263,4 +268,20 @@ fn read_pack(repo: &Repository, pack: &PackId, expected: &[(BlobId, BlobLocation
         }
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_data_subsets_partition_the_packs() {
+        for _ in 0..200 {
+            let pack = PackId::random();
+            for m in [1, 2, 3, 10] {
+                let hits = (1..=m).filter(|&n| in_subset(&pack, (n, m))).count();
+                assert_eq!(hits, 1, "{pack} in {hits} of {m} subsets");
+            }
+        }
+    }
 }

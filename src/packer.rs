@@ -24,7 +24,7 @@ use crate::pack::{self, PackBuilder};
 use crate::repo::{RepoError, Repository};
 
 /// Packs per index segment: bounds a segment's size (~45 bytes per blob).
-const PACKS_PER_SEGMENT: usize = 256;
+pub const PACKS_PER_SEGMENT: usize = 256;
 
 /// Counters of what a packer wrote.
 #[derive(Debug, Default)]
@@ -117,6 +117,17 @@ impl<'r> Packer<'r> {
         let stored = self.repo.codec().seal(kind, &id, plaintext);
         self.add_sealed(kind, id, plaintext.len() as u32, &stored)?;
         Ok((id, true))
+    }
+
+    /// Stores a blob that is already sealed (prune copying it out of a pack
+    /// it repacks), even though the index knows it elsewhere. Returns whether
+    /// it was stored: a blob already saved in this session is not stored twice.
+    pub fn save_stored(&self, kind: BlobKind, id: BlobId, raw_len: u32, stored: &[u8]) -> Result<bool, RepoError> {
+        if !self.claimed.lock().expect("claim lock").insert(id) {
+            return Ok(false);
+        }
+        self.add_sealed(kind, id, raw_len, stored)?;
+        Ok(true)
     }
 
     fn add_sealed(&self, kind: BlobKind, id: BlobId, raw_len: u32, stored: &[u8]) -> Result<(), RepoError> {

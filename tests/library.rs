@@ -179,7 +179,12 @@ fn a_failed_write_at_any_point_of_a_backup_loses_nothing_committed() {
     }
     let repo = Repository::open(faulty.clone(), PW).unwrap();
     assert_all_restore(&repo, &committed, dir.path(), "after all faults");
-    let report = chunkvault::check::check(&repo, CheckOptions { read_data: true }, &Default::default()).unwrap();
+    let report = chunkvault::check::check(
+        &repo,
+        CheckOptions { read_data: true, ..CheckOptions::default() },
+        &Default::default(),
+    )
+    .unwrap();
     assert!(!report.has_damage(), "{:?}", report.problems);
 }
 

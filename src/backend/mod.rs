@@ -211,6 +211,42 @@ pub fn exists(backend: &dyn Backend, key: &ObjectKey) -> Result<bool, BackendErr
     }
 }
 
+/// Every pack with its size.
+pub fn pack_sizes(backend: &dyn Backend) -> Result<std::collections::HashMap<PackId, u64>, BackendError> {
+    Ok(backend
+        .list(FileType::Pack)?
+        .into_iter()
+        .filter_map(|(k, size)| match k {
+            ObjectKey::Pack(id) => Some((id, size)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The ids of every index segment, in ascending order.
+pub fn index_ids(backend: &dyn Backend) -> Result<Vec<IndexId>, BackendError> {
+    Ok(backend
+        .list(FileType::Index)?
+        .into_iter()
+        .filter_map(|(k, _)| match k {
+            ObjectKey::Index(id) => Some(id),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The ids of every snapshot, in ascending order.
+pub fn snapshot_ids(backend: &dyn Backend) -> Result<Vec<SnapshotId>, BackendError> {
+    Ok(backend
+        .list(FileType::Snapshot)?
+        .into_iter()
+        .filter_map(|(k, _)| match k {
+            ObjectKey::Snapshot(id) => Some(id),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The suite every backend must pass: it checks the [`Backend`] contract
 /// through the trait alone. `b` must be empty when called.
 #[cfg(test)]

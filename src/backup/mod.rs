@@ -19,6 +19,7 @@ use std::time::Instant;
 pub use stream::{backup_stream, NamedFile};
 
 use crate::id::{BlobKind, SnapshotId};
+use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
 use crate::packer::{Packer, PackerStats};
 use crate::repo::{RepoError, Repository};
 use crate::snapshot::{Snapshot, Summary};
@@ -35,6 +36,8 @@ pub enum BackupError {
     Tree(#[from] TreeError),
     #[error("nothing to back up: {0}")]
     NoPaths(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 /// Which snapshot to compare against for unchanged files.
@@ -60,6 +63,8 @@ pub struct BackupOptions {
     pub device: Option<String>,
     /// Upload threads (at least 1).
     pub uploaders: usize,
+    /// Timing of the shared lock the backup holds (how long to wait for a prune).
+    pub lock: LockOptions,
 }
 
 /// Live counters a progress display polls.
@@ -116,6 +121,7 @@ pub fn backup<P: AsRef<Path>>(
     abs.sort();
     abs.dedup();
     let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let lock = lock_for_backup(repo, opts)?;
     let (username, machine) = crate::repo::keys::whoami();
     let hostname = opts.hostname.clone().unwrap_or(machine);
 
@@ -173,9 +179,20 @@ pub fn backup<P: AsRef<Path>>(
         summary,
         program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };
+    lock.check()?;
     let id = repo.save_snapshot(&snapshot)?;
+    drop(lock);
     let warnings = warnings.into_inner().expect("warnings lock");
     Ok(BackupResult { id, snapshot, warnings })
+}
+
+/// Takes the shared lock a backup holds from before it trusts the index
+/// (for dedup and parent reuse) until its snapshot is written, and reloads
+/// the index if a prune replaced it since the repository was opened.
+fn lock_for_backup(repo: &Repository, opts: &BackupOptions) -> Result<LockGuard, BackupError> {
+    let lock = repo.lock(LockKind::Shared, opts.lock)?;
+    repo.reload_index_if_replaced()?;
+    Ok(lock)
 }
 
 /// Removes `.` and `..` components lexically (the path is absolute).

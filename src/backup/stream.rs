@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use super::{save_tree, BackupError, BackupOptions};
+use super::{lock_for_backup, save_tree, BackupError, BackupOptions};
 use crate::id::{BlobId, BlobKind, SnapshotId};
 use crate::packer::Packer;
 use crate::repo::Repository;
@@ -36,6 +36,7 @@ pub fn backup_stream<R: Read>(
 ) -> Result<(SnapshotId, Snapshot), BackupError> {
     let started = std::time::Instant::now();
     let time = chrono::Local::now().fixed_offset();
+    let lock = lock_for_backup(repo, opts)?;
     let packer = Packer::new(repo, opts.uploaders);
     let mut root = Dir::default();
     let mut summary = Summary::default();
@@ -94,6 +95,7 @@ pub fn backup_stream<R: Read>(
         summary,
         program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };
+    lock.check()?;
     let id = repo.save_snapshot(&snapshot)?;
     Ok((id, snapshot))
 }

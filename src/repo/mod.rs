@@ -7,6 +7,7 @@
 pub mod config;
 pub mod keys;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
@@ -131,6 +132,8 @@ pub struct Repository {
     chunker: Chunker,
     index: RwLock<Index>,
     bad_segments: Mutex<Vec<(IndexId, String)>>,
+    /// The segments the in-memory index was built from (see `reload_index_if_replaced`).
+    segments: Mutex<HashSet<IndexId>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -211,6 +214,7 @@ impl Repository {
             config,
             index: RwLock::new(index),
             bad_segments: Mutex::default(),
+            segments: Mutex::default(),
         })
     }
 
@@ -227,6 +231,8 @@ impl Repository {
             },
             |id| self.load_index_segment(id),
         )?;
+        *self.segments.lock().expect("segments lock") =
+            good.iter().map(|(id, _)| *id).chain(bad.iter().map(|(id, _)| *id)).collect();
         let segments: Vec<IndexSegment> = good.into_iter().map(|(_, s)| s).collect();
         *self.index.write().expect("index lock") = Index::from_segments(&segments);
         *self.bad_segments.lock().expect("segments lock") = bad;
@@ -256,6 +262,19 @@ impl Repository {
             }
         }
         Ok((good, bad))
+    }
+
+    /// Reloads the index if a segment it was built from is gone: prune or
+    /// `repair index` replaced the index since, and packs it names may be
+    /// deleted. A writer calls this once it holds its lock, before it trusts
+    /// the index for deduplication. Returns whether it reloaded.
+    pub fn reload_index_if_replaced(&self) -> Result<bool, RepoError> {
+        let listed: HashSet<IndexId> = crate::backend::index_ids(self.backend.as_ref())?.into_iter().collect();
+        let replaced = !self.segments.lock().expect("segments lock").is_subset(&listed);
+        if replaced {
+            self.reload_index()?;
+        }
+        Ok(replaced)
     }
 
     /// Index segments the last load had to skip, with why.
@@ -302,6 +321,7 @@ impl Repository {
     pub fn save_index_segment(&self, segment: &IndexSegment) -> Result<IndexId, RepoError> {
         let name = self.save_named(Role::Index, &segment.encode(), |n| ObjectKey::Index(IndexId(n)))?;
         self.index.write().expect("index lock").add_segment(segment);
+        self.segments.lock().expect("segments lock").insert(IndexId(name));
         Ok(IndexId(name))
     }
 

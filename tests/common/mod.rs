@@ -2,7 +2,7 @@
 //! trees, compare trees.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -167,4 +167,43 @@ pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
 /// Where a backed-up absolute path lands under a restore target.
 pub fn restored(target: &Path, original: &Path) -> PathBuf {
     target.join(original.strip_prefix("/").expect("absolute"))
+}
+
+/// Generation `i` of a small data set: `shared` bytes every generation has
+/// in common, `own` bytes of its own, and a text file naming it. Each
+/// generation is its own directory, so a snapshot's path says what it must
+/// restore to.
+pub fn make_gen(base: &Path, i: u64, shared: usize, own: usize) -> PathBuf {
+    let d = base.join(format!("gen-{i}"));
+    std::fs::create_dir_all(d.join("sub")).expect("mkdir");
+    std::fs::write(d.join("shared"), pseudo_random(shared, 7)).expect("write");
+    std::fs::write(d.join("sub/own"), pseudo_random(own + (i as usize % 7) * 1000, 1000 + i)).expect("write");
+    std::fs::write(d.join("note"), format!("generation {i}\n").repeat(50)).expect("write");
+    d
+}
+
+/// `check` (reading every pack with `read_data`) finds no damage, and every
+/// snapshot restores exactly to the directory it was taken of (its first
+/// path). Returns the check report and the snapshot ids.
+pub fn assert_repository_intact(
+    repo: &chunkvault::repo::Repository,
+    read_data: bool,
+    scratch: &Path,
+    why: &str,
+) -> (chunkvault::check::CheckReport, BTreeSet<chunkvault::id::SnapshotId>) {
+    use chunkvault::check::{check, CheckOptions};
+    use chunkvault::restore::{restore, RestoreOptions, RestoreProgress};
+    let report = check(repo, CheckOptions { read_data, ..CheckOptions::default() }, &Default::default())
+        .unwrap_or_else(|e| panic!("{why}: check: {e}"));
+    assert!(!report.has_damage(), "{why}: {:?} {:?}", report.problems, report.damaged_files);
+    let snaps = repo.list_snapshots().unwrap_or_else(|e| panic!("{why}: list: {e}"));
+    for (id, snap) in &snaps {
+        let r = restore(repo, snap, scratch, &RestoreOptions::default(), &RestoreProgress::default())
+            .unwrap_or_else(|e| panic!("{why}: restore {id}: {e}"));
+        assert!(r.damaged.is_empty(), "{why}: {:?}", r.damaged);
+        let src = Path::new(&snap.paths[0]);
+        assert_same_tree(src, &restored(scratch, src));
+        std::fs::remove_dir_all(scratch).expect("clean scratch");
+    }
+    (report, snaps.into_iter().map(|(id, _)| id).collect())
 }

@@ -38,7 +38,14 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
     } else {
         ParentChoice::Auto
     };
-    let opts = BackupOptions { tags: a.tags, hostname: a.host, parent, uploaders: 2, ..BackupOptions::default() };
+    let opts = BackupOptions {
+        tags: a.tags,
+        hostname: a.host,
+        parent,
+        uploaders: 2,
+        lock: ctx.lock_options(),
+        ..BackupOptions::default()
+    };
     let progress = Arc::new(BackupProgress::default());
     let shown = progress.clone();
     let bar = ctx.progress(None, move |bar| {

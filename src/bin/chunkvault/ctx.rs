@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chunkvault::backup::BackupError;
+use chunkvault::lock::{LockError, LockOptions};
+use chunkvault::prune::PruneError;
 use chunkvault::repo::{self, RepoError, Repository};
 use chunkvault::restore::RestoreError;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,6 +33,9 @@ pub struct GlobalArgs {
     /// Worker threads (default: one per core).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// When the repository is locked (a prune running), retry for up to this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 0, global = true)]
+    pub retry_lock: u64,
 }
 
 /// A command's failure, classified for the exit code.
@@ -44,6 +49,10 @@ pub enum CliError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Prune(#[from] PruneError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("{0}")]
     Other(String),
 }
@@ -56,6 +65,8 @@ impl CliError {
             CliError::Repo(e) => Some(e),
             CliError::Backup(BackupError::Repo(e)) => Some(e),
             CliError::Restore(RestoreError::Repo(e)) => Some(e),
+            CliError::Prune(PruneError::Repo(e)) => Some(e),
+            CliError::Prune(PruneError::Damaged(_)) => return exit::DAMAGE,
             _ => None,
         };
         match repo_err {
@@ -104,6 +115,11 @@ impl Ctx {
         let backend = repo::open_backend(location, false)?;
         let password = self.password("repository password: ")?;
         Ok(Repository::open(backend, &password)?)
+    }
+
+    /// Lock timing with the wait that --retry-lock asks for.
+    pub fn lock_options(&self) -> LockOptions {
+        LockOptions { wait: Duration::from_secs(self.args.retry_lock), ..LockOptions::default() }
     }
 
     /// Informational text on stderr, unless --quiet or --json.

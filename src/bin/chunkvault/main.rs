@@ -2,6 +2,8 @@
 
 mod cmd_backup;
 mod cmd_check;
+mod cmd_inspect;
+mod cmd_maint;
 mod cmd_repo;
 mod cmd_restore;
 mod ctx;
@@ -41,6 +43,19 @@ enum Command {
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(cmd_repo::KeyCommand),
+    /// Remove snapshots by a retention policy (grouped by host and paths).
+    Forget(cmd_maint::ForgetArgs),
+    /// Delete data no snapshot uses, repacking mostly-unused packs.
+    Prune(cmd_maint::PruneArgs),
+    /// Remove stale locks (left by processes that died).
+    Unlock(cmd_maint::UnlockArgs),
+    /// Rebuild the index, or rewrite damaged snapshots.
+    #[command(subcommand)]
+    Repair(cmd_maint::RepairCommand),
+    /// Sizes, counts, and deduplication and compression ratios.
+    Stats,
+    /// What changed between two snapshots.
+    Diff(cmd_inspect::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +76,12 @@ fn main() -> ExitCode {
         Command::Cat(a) => cmd_restore::cat(&ctx, a),
         Command::Check(a) => cmd_check::run(&ctx, a),
         Command::Key(k) => cmd_repo::key(&ctx, k),
+        Command::Forget(a) => cmd_maint::forget_cmd(&ctx, a),
+        Command::Prune(a) => cmd_maint::prune_cmd(&ctx, a),
+        Command::Unlock(a) => cmd_maint::unlock_cmd(&ctx, a),
+        Command::Repair(c) => cmd_maint::repair_cmd(&ctx, c),
+        Command::Stats => cmd_inspect::stats_cmd(&ctx),
+        Command::Diff(a) => cmd_inspect::diff_cmd(&ctx, a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,186 @@
+//! Repository statistics (`stats`) and the difference of two snapshots (`diff`).
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use crate::backend::FileType;
+use crate::id::BlobId;
+use crate::repo::{RepoError, Repository};
+use crate::snapshot::Snapshot;
+use crate::tree::{Node, NodeKind};
+
+/// Sizes and counts of a repository.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub snapshots: u64,
+    /// Bytes of file content over every snapshot (what restoring them all writes).
+    pub logical_bytes: u64,
+    /// Distinct data chunks the snapshots use, and their plaintext bytes.
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    /// Distinct trees, and their stored bytes.
+    pub trees: u64,
+    /// Stored (compressed, sealed) bytes of the used chunks.
+    pub chunk_stored_bytes: u64,
+    pub packs: u64,
+    /// Bytes of every pack on storage (including unused data prune would free).
+    pub pack_bytes: u64,
+    /// logical_bytes / chunk_bytes.
+    pub dedup_ratio: f64,
+    /// chunk_bytes / chunk_stored_bytes.
+    pub compression_ratio: f64,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Walks every snapshot's trees once (shared trees are counted once).
+pub fn stats(repo: &Repository) -> Result<Stats, RepoError> {
+    let snapshots = repo.list_snapshots()?;
+    let mut s = Stats { snapshots: snapshots.len() as u64, ..Stats::default() };
+    let (mut seen_trees, mut seen_chunks) = (HashSet::new(), HashSet::new());
+    // The logical size of a tree is needed once per visit, so sizes of shared
+    // subtrees are remembered rather than walked again.
+    let mut tree_sizes: std::collections::HashMap<BlobId, u64> = std::collections::HashMap::new();
+    for (_, snap) in &snapshots {
+        s.logical_bytes += tree_size(repo, &snap.tree, &mut tree_sizes, &mut seen_trees, &mut seen_chunks, &mut s)?;
+    }
+    let packs = repo.backend().list(FileType::Pack)?;
+    s.packs = packs.len() as u64;
+    s.pack_bytes = packs.iter().map(|(_, n)| n).sum();
+    s.dedup_ratio = ratio(s.logical_bytes, s.chunk_bytes);
+    s.compression_ratio = ratio(s.chunk_bytes, s.chunk_stored_bytes);
+    Ok(s)
+}
+
+fn tree_size(
+    repo: &Repository,
+    id: &BlobId,
+    sizes: &mut std::collections::HashMap<BlobId, u64>,
+    seen_trees: &mut HashSet<BlobId>,
+    seen_chunks: &mut HashSet<BlobId>,
+    s: &mut Stats,
+) -> Result<u64, RepoError> {
+    if let Some(n) = sizes.get(id) {
+        return Ok(*n);
+    }
+    if seen_trees.insert(*id) {
+        s.trees += 1;
+    }
+    let mut total = 0;
+    for node in repo.load_tree(id)?.nodes() {
+        match &node.kind {
+            NodeKind::Dir { subtree } => total += tree_size(repo, subtree, sizes, seen_trees, seen_chunks, s)?,
+            NodeKind::File { chunks } => {
+                total += node.size;
+                for c in chunks {
+                    if seen_chunks.insert(*c) {
+                        let loc = repo.index().get(c).ok_or(RepoError::MissingBlob(*c))?;
+                        s.chunks += 1;
+                        s.chunk_bytes += u64::from(loc.raw_len);
+                        s.chunk_stored_bytes += u64::from(loc.stored_len);
+                    }
+                }
+            }
+            NodeKind::Symlink { .. } => {}
+        }
+    }
+    sizes.insert(*id, total);
+    Ok(total)
+}
+
+/// How an entry differs between two snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Change {
+    Added,
+    Removed,
+    /// Content (or the kind of entry, or a symlink's target) changed.
+    Modified,
+    /// Same content; mode, owner or mtime changed.
+    MetadataChanged,
+}
+
+/// One difference, at a slash-separated path inside the snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    pub path: String,
+    pub change: Change,
+}
+
+/// The differences from snapshot `a` to snapshot `b`, in path order.
+/// Subtrees with equal ids are skipped without being read.
+pub fn diff(repo: &Repository, a: &Snapshot, b: &Snapshot) -> Result<Vec<Difference>, RepoError> {
+    let mut out = Vec::new();
+    diff_trees(repo, Some(a.tree), Some(b.tree), "", &mut out)?;
+    Ok(out)
+}
+
+fn diff_trees(
+    repo: &Repository,
+    a: Option<BlobId>,
+    b: Option<BlobId>,
+    prefix: &str,
+    out: &mut Vec<Difference>,
+) -> Result<(), RepoError> {
+    if a == b {
+        return Ok(());
+    }
+    let load = |id: Option<BlobId>| -> Result<Vec<Node>, RepoError> {
+        Ok(match id {
+            Some(id) => repo.load_tree(&id)?.nodes().to_vec(),
+            None => Vec::new(),
+        })
+    };
+    let (na, nb) = (load(a)?, load(b)?);
+    // Both listings are sorted by name: merge them.
+    let (mut i, mut j) = (0, 0);
+    while i < na.len() || j < nb.len() {
+        let order = match (na.get(i), nb.get(j)) {
+            (Some(x), Some(y)) => x.name.cmp(&y.name),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        let (x, y) = match order {
+            std::cmp::Ordering::Less => (na.get(i), None),
+            std::cmp::Ordering::Greater => (None, nb.get(j)),
+            std::cmp::Ordering::Equal => (na.get(i), nb.get(j)),
+        };
+        i += usize::from(x.is_some());
+        j += usize::from(y.is_some());
+        let name = x.or(y).expect("one side").name_lossy();
+        let path = format!("{prefix}/{name}");
+        let subtree = |n: Option<&Node>| match n.map(|n| &n.kind) {
+            Some(NodeKind::Dir { subtree }) => Some(*subtree),
+            _ => None,
+        };
+        match (x, y) {
+            (Some(_), None) => out.push(Difference { path: path.clone(), change: Change::Removed }),
+            (None, Some(_)) => out.push(Difference { path: path.clone(), change: Change::Added }),
+            (Some(x), Some(y)) => {
+                let same_meta = (x.mode, x.uid, x.gid, x.mtime) == (y.mode, y.uid, y.gid, y.mtime);
+                let same_content = match (&x.kind, &y.kind) {
+                    (NodeKind::Dir { .. }, NodeKind::Dir { .. }) => true,
+                    (a, b) => a == b,
+                };
+                if !same_content {
+                    out.push(Difference { path: path.clone(), change: Change::Modified });
+                } else if !same_meta {
+                    out.push(Difference { path: path.clone(), change: Change::MetadataChanged });
+                }
+            }
+            (None, None) => unreachable!("the merge advances at least one side"),
+        }
+        // Everything below an added or removed directory is listed too.
+        if subtree(x).is_some() || subtree(y).is_some() {
+            diff_trees(repo, subtree(x), subtree(y), &path, out)?;
+        }
+    }
+    Ok(())
+}
