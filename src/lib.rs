@@ -38,6 +38,8 @@
 //! ```
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod backup;
 pub mod blob;
@@ -46,10 +48,13 @@ pub mod chunker;
 pub mod crypto;
 pub mod id;
 pub mod index;
+pub mod ingest;
 pub mod pack;
 pub mod packer;
 pub mod repo;
 pub mod restore;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod snapshot;
 pub mod tree;
 mod wire;
