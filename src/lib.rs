@@ -45,6 +45,8 @@ pub mod backup;
 pub mod blob;
 pub mod check;
 pub mod chunker;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod crypto;
 pub mod id;
 pub mod index;

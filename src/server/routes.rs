@@ -44,7 +44,9 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/admin/devices", get(devices))
             .route("/v1/admin/devices/{id}/{action}", post(device_action));
     }
-    if role == Role::Edge {
+    // An edge relays device authentication to the auth role; so does a
+    // storage node, so that a device needs one URL in either deployment.
+    if matches!(role, Role::Edge | Role::Storage) {
         r = r.route("/v1/activate", post(relay)).route("/v1/session", post(relay));
     }
     if matches!(role, Role::All | Role::Storage) {

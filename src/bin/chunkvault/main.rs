@@ -1,9 +1,12 @@
 //! The chunkvault command-line tool: a thin layer over the library.
 
+mod cmd_admin;
 mod cmd_backup;
 mod cmd_check;
+mod cmd_device;
 mod cmd_repo;
 mod cmd_restore;
+mod cmd_serve;
 mod ctx;
 
 use std::process::ExitCode;
@@ -41,6 +44,13 @@ enum Command {
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(cmd_repo::KeyCommand),
+    /// Run the HTTP server (device registry, tokens, storage).
+    Serve(cmd_serve::ServeArgs),
+    /// Talk to a running server as its administrator.
+    Admin(cmd_admin::AdminArgs),
+    /// The device-side client of a server.
+    #[command(subcommand)]
+    Device(cmd_device::DeviceCommand),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +71,9 @@ fn main() -> ExitCode {
         Command::Cat(a) => cmd_restore::cat(&ctx, a),
         Command::Check(a) => cmd_check::run(&ctx, a),
         Command::Key(k) => cmd_repo::key(&ctx, k),
+        Command::Serve(a) => cmd_serve::run(&ctx, a),
+        Command::Admin(a) => cmd_admin::run(&ctx, a),
+        Command::Device(d) => cmd_device::run(&ctx, d),
     };
     match result {
         Ok(code) => code,
