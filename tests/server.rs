@@ -341,3 +341,131 @@ fn hostile_input_gets_json_errors_and_the_right_status() {
     let (_, body) = http("POST", &format!("{u}/v1/activate"), None, Some(guess.as_bytes()));
     assert_eq!(code(&body), "too_many_attempts");
 }
+
+/// An auth server and a storage node checking in with it every second.
+fn auth_and_storage(dir: &Path, policy: &str) -> (Server, Server) {
+    let auth = Server::start(&dir.join("auth-root"), &["--role", "auth"]);
+    let storage = Server::start(
+        &dir.join(format!("storage-root-{policy}")),
+        &["--role", "storage", "--upstream", &auth.url, "--checkin-interval-secs", "1", "--auth-unreachable", policy],
+    );
+    (auth, storage)
+}
+
+#[test]
+fn retire_block_and_wipe_reach_issued_sessions_at_check_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, storage) = auth_and_storage(dir.path(), "fail_closed");
+    let token = deployment_token(&auth.url, "acme");
+    // Devices know one URL: the storage node relays activation and sessions.
+    let retired = Dev::activate(dir.path(), &storage.url, &token, "a@acme.com", "retired");
+    let blocked = Dev::activate(dir.path(), &storage.url, &token, "b@acme.com", "blocked");
+    let wiped = Dev::activate(dir.path(), &storage.url, &token, "c@acme.com", "wiped");
+    let data = dir.path().join("data");
+    make_data(&data, 3);
+    let id = wiped.backup(&data)["id"].as_str().unwrap().to_owned();
+    let restored_to = dir.path().join("restored");
+    wiped.restore(&id, &restored_to);
+    assert!(common::restored(&restored_to, &data).join("notes.txt").exists());
+    retired.json(&["snapshots"]);
+    blocked.json(&["snapshots"]);
+    let sessions: Vec<String> = [&retired, &blocked, &wiped].iter().map(|d| d.session()).collect();
+
+    let list = format!("{}/v1/snapshots", storage.url);
+    let status_of = |s: &str| {
+        let (status, body) = http("GET", &list, Some(s), None);
+        (status, code(&body))
+    };
+    for (dev, action, expect) in [
+        ("retired", "retire", "device_retired"),
+        ("blocked", "block", "device_blocked"),
+        ("wiped", "wipe", "device_wiped"),
+    ] {
+        ok(run(&mut admin(&auth.url, &["device", action, dev])));
+        let session = &sessions[["retired", "blocked", "wiped"].iter().position(|d| *d == dev).unwrap()];
+        eventually(10, expect, || status_of(session) == (403, expect.to_owned()));
+    }
+
+    // The clients learn on their next call: retired and wiped log out
+    // (wiped also deletes what it restored); blocked keeps its state.
+    let out = run(&mut retired.cmd(&["snapshots"]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("device_retired"));
+    assert!(!retired.state.exists(), "a retired device clears its state");
+    assert_eq!(wiped.json(&["status"])["state"], "device_wiped");
+    assert!(!wiped.state.exists(), "a wiped device clears its state");
+    assert!(!common::restored(&restored_to, &data).exists(), "a wiped device deletes what it restored");
+    assert!(!run(&mut blocked.cmd(&["snapshots"])).status.success());
+    assert!(blocked.state.exists(), "a blocked device keeps its activation");
+
+    ok(run(&mut admin(&auth.url, &["device", "allow", "blocked"])));
+    eventually(10, "allow", || status_of(&sessions[1]).0 == 200);
+    blocked.json(&["snapshots"]);
+    let devices = ok(run(&mut admin(&auth.url, &["devices"])));
+    assert!(devices.contains("retired") && devices.contains("wiped"));
+}
+
+#[test]
+fn edge_relays_activation_and_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let edge = Server::start(&dir.path().join("edge-root"), &["--role", "edge", "--upstream", &server.url]);
+    let token = deployment_token(&server.url, "acme");
+    let body = serde_json::json!({"deployment_token": token, "email": "a@acme.com", "device_id": "e1"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/activate", edge.url), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let device_token =
+        serde_json::from_slice::<serde_json::Value>(&resp).unwrap()["device_token"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"device_token": device_token, "email": "a@acme.com", "device_id": "e1"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/session", edge.url), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let session: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(session["policies"]["allow_restore_to_other_device"], true);
+    let list = format!("{}/v1/snapshots", server.url);
+    assert_eq!(http("GET", &list, session["session_token"].as_str(), None).0, 200);
+    // Refusals come back through the edge as they are.
+    let bad = serde_json::json!({"device_token": "cvdv_x", "email": "a@acme.com", "device_id": "e1"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/session", edge.url), None, Some(bad.as_bytes()));
+    assert_eq!((status, code(&resp).as_str()), (401, "invalid_token"));
+    // The edge serves no storage routes.
+    assert_eq!(http("GET", &format!("{}/v1/snapshots", edge.url), None, None).0, 404);
+}
+
+#[test]
+fn storage_fails_open_or_closed_as_configured_when_auth_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut auth, closed) = auth_and_storage(dir.path(), "fail_closed");
+    let open = Server::start(
+        &dir.path().join("storage-root-open"),
+        &[
+            "--role",
+            "storage",
+            "--upstream",
+            &auth.url,
+            "--checkin-interval-secs",
+            "1",
+            "--auth-unreachable",
+            "fail_open",
+        ],
+    );
+    let dev = Dev::activate(dir.path(), &closed.url, &deployment_token(&auth.url, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let session = dev.session();
+    let list = |s: &Server| {
+        let (status, body) = http("GET", &format!("{}/v1/snapshots", s.url), Some(&session), None);
+        (status, code(&body))
+    };
+    assert_eq!(list(&closed).0, 200);
+    assert_eq!(list(&open).0, 200);
+
+    auth.kill();
+    eventually(20, "fail-closed node to refuse", || list(&closed) == (503, "auth_unreachable".into()));
+    // The fail-open node has missed as many check-ins and still serves.
+    let failures = || {
+        let (_, m) = http("GET", &format!("{}/metrics", open.url), None, None);
+        let text = String::from_utf8(m).unwrap();
+        let line = text.lines().find(|l| l.starts_with("chunkvault_checkin_failures_total ")).unwrap().to_owned();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    eventually(20, "fail-open node to miss check-ins", || failures() >= 3);
+    assert_eq!(list(&open).0, 200);
+}
