@@ -24,8 +24,12 @@ impl Server {
     /// Starts `serve` with cheap tenant keys plus `args`, and waits for its
     /// `listening on` line (bounded by the read: the process exits on error).
     fn start(root: &Path, args: &[&str]) -> Server {
+        Server::start_at(root, "127.0.0.1:0", args)
+    }
+
+    fn start_at(root: &Path, listen: &str, args: &[&str]) -> Server {
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--root", root.to_str().unwrap()])
+            .args(["serve", "--listen", listen, "--root", root.to_str().unwrap()])
             .args(["--tenant-kdf-memory-kib", "1024", "--tenant-kdf-iterations", "1"])
             .args(args)
             .env("CHUNKVAULT_PASSWORD", PASSWORD)
@@ -468,4 +472,89 @@ fn storage_fails_open_or_closed_as_configured_when_auth_stops() {
     };
     eventually(20, "fail-open node to miss check-ins", || failures() >= 3);
     assert_eq!(list(&open).0, 200);
+}
+
+#[test]
+fn sigkill_during_concurrent_backups_loses_only_unacknowledged_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = Server::start(&root, &[]);
+    let token = deployment_token(&server.url, "acme");
+    let shared = pseudo_random(600_000, 99);
+    let devices: Vec<(Dev, PathBuf)> = (0..8)
+        .map(|i| {
+            let dev = Dev::activate(dir.path(), &server.url, &token, &format!("u{}@acme.com", i % 4), &format!("d{i}"));
+            let data = dir.path().join(format!("data{i}"));
+            make_data(&data, 10 + i);
+            std::fs::write(data.join("big.bin"), pseudo_random(300_000 + 800_000 * i as usize, 20 + i)).unwrap();
+            std::fs::write(data.join("shared.bin"), &shared).unwrap();
+            (dev, data)
+        })
+        .collect();
+    let running: Vec<Child> = devices
+        .iter()
+        .map(|(dev, data)| {
+            dev.cmd(&["backup", data.to_str().unwrap(), "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Kill once a few snapshots are committed and the larger backups are
+    // still uploading (or done, on a very fast machine).
+    let committed = || {
+        let (_, m) = http("GET", &format!("{}/metrics", server.url), None, None);
+        let text = String::from_utf8(m).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("chunkvault_snapshots_committed_total "))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    eventually(60, "the first commits", || committed() >= 2);
+    server.kill();
+    let acknowledged: Vec<(String, &PathBuf)> = running
+        .into_iter()
+        .zip(&devices)
+        .filter_map(|(child, (_, data))| {
+            let out = child.wait_with_output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            out.status.success().then(|| (v["id"].as_str().unwrap().to_owned(), data))
+        })
+        .collect();
+
+    let repo = root.join("acme");
+    let local = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(args).env("CHUNKVAULT_REPO", &repo).env("CHUNKVAULT_PASSWORD", PASSWORD);
+        run(&mut c)
+    };
+    ok(local(&["check", "--read-data"]));
+    for (id, data) in &acknowledged {
+        let target = dir.path().join(format!("restore-{id}"));
+        ok(local(&["restore", id, "--target", target.to_str().unwrap()]));
+        assert_same_files(data, &common::restored(&target, data));
+    }
+
+    eprintln!("{} of 8 backups were acknowledged before the kill", acknowledged.len());
+    // After a restart every device backs up again (re-uploading what was lost).
+    let _restarted = Server::start_at(&root, server.url.trim_start_matches("http://"), &[]);
+    for (dev, data) in &devices {
+        assert_eq!(dev.backup(data)["files"], 5);
+    }
+    ok(local(&["check", "--read-data"]));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("root"), &[]);
+    assert_eq!(http("GET", &format!("{}/healthz", server.url), None, None).0, 200);
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let mut status = None;
+    eventually(30, "the server to exit", || {
+        status = server.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "exit after SIGTERM: {status:?}");
 }
