@@ -280,7 +280,7 @@ fn expired_forged_truncated_and_foreign_tokens_are_refused() {
     let forged = format!("{}{flipped}.{sig}", &head[..head.len() - 1]);
     assert_eq!(refused(&forged).0, 401);
     assert_eq!(refused("").0, 401);
-    assert_eq!(refused(&dev.state_json()["device_token"].as_str().unwrap().to_owned()).0, 401);
+    assert_eq!(refused(dev.state_json()["device_token"].as_str().unwrap()).0, 401);
     assert_eq!(http("GET", &list, None, None).0, 401);
 
     // A session signed by another auth server (another key) is refused.

@@ -48,6 +48,9 @@ pub enum RegistryError {
     NoSuchDevice,
 }
 
+/// hash, tenant, expires_at, max_activations, activations.
+type DeploymentRow = (Vec<u8>, String, i64, Option<u32>, u32);
+
 /// Who a device token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceIdentity {
@@ -131,7 +134,7 @@ impl Registry {
             token::secret_hash(SecretKind::Deployment, deployment_token).map_err(|_| RegistryError::UnknownToken)?;
         let mut conn = self.conn.lock().expect("registry lock");
         let tx = conn.transaction()?;
-        let row: Option<(Vec<u8>, String, i64, Option<u32>, u32)> = tx
+        let row: Option<DeploymentRow> = tx
             .query_row(
                 "SELECT hash, tenant, expires_at, max_activations, activations FROM deployment_tokens WHERE hash = ?1",
                 params![&hash[..]],
