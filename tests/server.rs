@@ -558,3 +558,39 @@ fn sigterm_shuts_down_cleanly() {
     });
     assert!(status.unwrap().success(), "exit after SIGTERM: {status:?}");
 }
+
+#[test]
+fn a_retire_before_a_restart_still_refuses_issued_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = Server::start(&root, &[]);
+    let dev = Dev::activate(dir.path(), &server.url, &deployment_token(&server.url, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let session = dev.session();
+    ok(run(&mut admin(&server.url, &["device", "retire", "d1"])));
+    server.kill();
+    let server = Server::start_at(&root, server.url.trim_start_matches("http://"), &[]);
+    let (status, body) = http("GET", &format!("{}/v1/snapshots", server.url), Some(&session), None);
+    assert_eq!((status, code(&body).as_str()), (403, "device_retired"));
+}
+
+#[test]
+fn managed_policy_can_forbid_restoring_another_devices_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let token = deployment_token(&server.url, "acme");
+    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let data = dir.path().join("data");
+    make_data(&data, 5);
+    let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
+    let mc = dir.path().join("strict.json");
+    let config = serde_json::json!({"serverURL": server.url, "userEmail": "a@acme.com", "deploymentToken": token,
+        "deviceId": "kiosk", "allowRestoreToOtherDevice": false});
+    std::fs::write(&mc, config.to_string()).unwrap();
+    let kiosk = Dev { state: dir.path().join("state-kiosk") };
+    ok(run(&mut kiosk.cmd(&["activate", "--managed-config", mc.to_str().unwrap()])));
+    let out = run(&mut kiosk.cmd(&["restore", &id, "--target", dir.path().join("t").to_str().unwrap()]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy"));
+    assert!(!dir.path().join("t").join(&data.to_str().unwrap()[1..]).exists());
+}

@@ -103,6 +103,10 @@ impl App {
                 };
                 let interval = Duration::from_secs(config.checkin_interval_secs);
                 let states = DeviceStates::new(auth.is_some(), config.auth_unreachable, interval);
+                if let Some(a) = &auth {
+                    // Sessions issued before a restart must still meet earlier retires.
+                    states.apply(&a.registry.changes_since(0, u32::MAX)?.1);
+                }
                 Some(StorageSide { tenants: Tenants::new(&root, password, init), verifier, states })
             }
             _ => None,
