@@ -127,7 +127,7 @@ fn device_loop(
         let content = noise(file_kib * 1024, (i as u64) << 32 | round);
         std::fs::write(data.join("changing.bin"), &content)?;
         let t = Instant::now();
-        let done = device.backup(&[data.clone()])?;
+        let done = device.backup(std::slice::from_ref(&data))?;
         record(totals, t);
         totals.bytes_up.fetch_add(done.bytes_uploaded, Ordering::Relaxed);
         let target = dir.join(format!("restore-{round}"));
