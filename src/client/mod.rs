@@ -77,10 +77,6 @@ impl Http {
     }
 
     fn json<T: DeserializeOwned>(mut resp: Response) -> Result<T, ClientError> {
-        Self::check_json(&mut resp)
-    }
-
-    fn check_json<T: DeserializeOwned>(resp: &mut Response) -> Result<T, ClientError> {
         resp.body_mut().read_json().map_err(|e| ClientError::Transport(format!("response: {e}")))
     }
 
