@@ -172,6 +172,16 @@ impl MasterKey {
 pub struct IdKey([u8; 32]);
 
 impl IdKey {
+    /// An id key handed to a device for source-side dedup.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        IdKey(bytes)
+    }
+
+    /// The raw key, to hand to a device of the repository's tenant.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The id of a blob's plaintext.
     pub fn blob_id(&self, plaintext: &[u8]) -> BlobId {
         BlobId(*blake3::keyed_hash(&self.0, plaintext).as_bytes())

@@ -38,14 +38,19 @@
 //! ```
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod backup;
 pub mod blob;
 pub mod check;
 pub mod chunker;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod crypto;
 pub mod id;
 pub mod index;
+pub mod ingest;
 pub mod lock;
 pub mod pack;
 pub mod packer;
@@ -54,6 +59,8 @@ pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod snapshot;
 pub mod stats;
 pub mod tree;

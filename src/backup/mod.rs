@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub use stream::{backup_stream, NamedFile};
+pub use stream::{backup_stream, FileTree, NamedFile};
 
 use crate::id::{BlobKind, SnapshotId};
 use crate::lock::{LockError, LockGuard, LockKind, LockOptions};

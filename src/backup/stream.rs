@@ -21,10 +21,53 @@ pub struct NamedFile<R> {
     pub mtime: Timestamp,
 }
 
+/// Files placed at slash-separated paths, saved as trees bottom up. Shared by
+/// stream backups and the server's snapshot commit.
 #[derive(Default)]
-struct Dir {
-    dirs: BTreeMap<Vec<u8>, Dir>,
+pub struct FileTree {
+    dirs: BTreeMap<Vec<u8>, FileTree>,
     files: Vec<Node>,
+}
+
+impl FileTree {
+    /// Places a file node at `path`; intermediate directories are created.
+    pub fn insert(&mut self, path: &str, mut node: Node) -> Result<(), BackupError> {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(BackupError::NoPaths(format!("empty path {path:?}")));
+        };
+        let mut dir = self;
+        for d in dirs {
+            validate_name(d.as_bytes())?;
+            dir = dir.dirs.entry(d.as_bytes().to_vec()).or_default();
+        }
+        node.name = name.as_bytes().to_vec();
+        dir.files.push(node);
+        Ok(())
+    }
+
+    /// Saves every tree blob (directories with mode 0755) and returns the
+    /// root's id; counts the directories into `summary`.
+    pub fn save(self, packer: &Packer<'_>, summary: &mut Summary) -> Result<BlobId, BackupError> {
+        let mut nodes = self.files;
+        let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
+        for (name, sub) in self.dirs {
+            let subtree = sub.save(packer, summary)?;
+            summary.dirs += 1;
+            nodes.push(Node {
+                name,
+                kind: NodeKind::Dir { subtree },
+                mode: 0o040755,
+                uid: 0,
+                gid: 0,
+                mtime: now,
+                ctime: now,
+                inode: 0,
+                size: 0,
+            });
+        }
+        save_tree(packer, nodes)
+    }
 }
 
 /// Backs up the files an iterator yields into one snapshot whose root holds
@@ -38,18 +81,9 @@ pub fn backup_stream<R: Read>(
     let time = chrono::Local::now().fixed_offset();
     let lock = lock_for_backup(repo, opts)?;
     let packer = Packer::new(repo, opts.uploaders);
-    let mut root = Dir::default();
+    let mut root = FileTree::default();
     let mut summary = Summary::default();
     for file in files {
-        let parts: Vec<&str> = file.path.split('/').filter(|p| !p.is_empty()).collect();
-        let Some((name, dirs)) = parts.split_last() else {
-            return Err(BackupError::NoPaths(format!("empty path {:?}", file.path)));
-        };
-        let mut dir = &mut root;
-        for d in dirs {
-            validate_name(d.as_bytes())?;
-            dir = dir.dirs.entry(d.as_bytes().to_vec()).or_default();
-        }
         let mut chunks = Vec::new();
         let mut size = 0u64;
         for chunk in repo.chunker().stream(file.reader) {
@@ -61,8 +95,8 @@ pub fn backup_stream<R: Read>(
         summary.files_new += 1;
         summary.total_bytes += size;
         summary.bytes_read += size;
-        dir.files.push(Node {
-            name: name.as_bytes().to_vec(),
+        let node = Node {
+            name: Vec::new(),
             kind: NodeKind::File { chunks },
             mode: 0o100000 | (file.mode & 0o7777),
             uid: 0,
@@ -71,9 +105,10 @@ pub fn backup_stream<R: Read>(
             ctime: file.mtime,
             inode: 0,
             size,
-        });
+        };
+        root.insert(&file.path, node)?;
     }
-    let tree = save_dir(&packer, root, &mut summary)?;
+    let tree = root.save(&packer, &mut summary)?;
     let stats = packer.stats();
     packer.finish()?;
     summary.blobs_new = stats.blobs_new.load(std::sync::atomic::Ordering::Relaxed);
@@ -105,25 +140,4 @@ fn chunker_io(e: crate::chunker::ChunkerError) -> std::io::Error {
         crate::chunker::ChunkerError::Io(io) => io,
         other => std::io::Error::other(other.to_string()),
     }
-}
-
-fn save_dir(packer: &Packer<'_>, dir: Dir, summary: &mut Summary) -> Result<BlobId, BackupError> {
-    let mut nodes = dir.files;
-    let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
-    for (name, sub) in dir.dirs {
-        let subtree = save_dir(packer, sub, summary)?;
-        summary.dirs += 1;
-        nodes.push(Node {
-            name,
-            kind: NodeKind::Dir { subtree },
-            mode: 0o040755,
-            uid: 0,
-            gid: 0,
-            mtime: now,
-            ctime: now,
-            inode: 0,
-            size: 0,
-        });
-    }
-    save_tree(packer, nodes)
 }

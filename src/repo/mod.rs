@@ -487,6 +487,16 @@ impl Repository {
         &self.codec
     }
 
+    /// The key naming blobs, for clients that chunk and hash on their side.
+    pub fn id_key(&self) -> &IdKey {
+        &self.id_key
+    }
+
+    /// The chunker's gear seed, for clients that chunk on their side.
+    pub fn chunker_seed(&self) -> u64 {
+        self.key.chunker_seed()
+    }
+
     /// The id of a blob's plaintext.
     pub fn blob_id(&self, plaintext: &[u8]) -> BlobId {
         self.id_key.blob_id(plaintext)

@@ -1,11 +1,14 @@
 //! The chunkvault command-line tool: a thin layer over the library.
 
+mod cmd_admin;
 mod cmd_backup;
 mod cmd_check;
 mod cmd_inspect;
 mod cmd_maint;
+mod cmd_device;
 mod cmd_repo;
 mod cmd_restore;
+mod cmd_serve;
 mod ctx;
 
 use std::process::ExitCode;
@@ -56,6 +59,13 @@ enum Command {
     Stats,
     /// What changed between two snapshots.
     Diff(cmd_inspect::DiffArgs),
+    /// Run the HTTP server (device registry, tokens, storage).
+    Serve(cmd_serve::ServeArgs),
+    /// Talk to a running server as its administrator.
+    Admin(cmd_admin::AdminArgs),
+    /// The device-side client of a server.
+    #[command(subcommand)]
+    Device(cmd_device::DeviceCommand),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +92,9 @@ fn main() -> ExitCode {
         Command::Repair(c) => cmd_maint::repair_cmd(&ctx, c),
         Command::Stats => cmd_inspect::stats_cmd(&ctx),
         Command::Diff(a) => cmd_inspect::diff_cmd(&ctx, a),
+        Command::Serve(a) => cmd_serve::run(&ctx, a),
+        Command::Admin(a) => cmd_admin::run(&ctx, a),
+        Command::Device(d) => cmd_device::run(&ctx, d),
     };
     match result {
         Ok(code) => code,

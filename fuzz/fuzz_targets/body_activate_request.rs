@@ -1,0 +1,12 @@
+//! The `ActivateRequest` request body parser must never panic, and what it accepts
+//! must survive a serialize/parse roundtrip.
+#![no_main]
+use chunkvault::api::{parse_body, ActivateRequest, MAX_JSON_BODY};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(v) = parse_body::<ActivateRequest>(data, MAX_JSON_BODY) {
+        let again = serde_json::to_vec(&v).unwrap();
+        assert_eq!(parse_body::<ActivateRequest>(&again, usize::MAX).unwrap(), v);
+    }
+});

@@ -1,0 +1,12 @@
+//! The `SessionRequest` request body parser must never panic, and what it accepts
+//! must survive a serialize/parse roundtrip.
+#![no_main]
+use chunkvault::api::{parse_body, SessionRequest, MAX_JSON_BODY};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(v) = parse_body::<SessionRequest>(data, MAX_JSON_BODY) {
+        let again = serde_json::to_vec(&v).unwrap();
+        assert_eq!(parse_body::<SessionRequest>(&again, usize::MAX).unwrap(), v);
+    }
+});

@@ -1,0 +1,377 @@
+//! Request and response bodies of the HTTP API, shared by the server and its
+//! clients so a route's shape is defined once (Proxmox's api-types idea).
+//!
+//! Every body is parsed with [`parse_body`]: a size bound first, then serde,
+//! then the type's own checks ([`Validate`]), so a handler only ever sees
+//! well-formed, bounded input. Ids are lowercase hex, times RFC 3339.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::id::{BlobId, SnapshotId};
+
+/// Largest ordinary JSON request body.
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+/// Largest snapshot manifest a device may commit.
+pub const MAX_MANIFEST_BODY: usize = 64 << 20;
+/// Most chunk ids in one `chunks/missing` query.
+pub const MAX_MISSING_QUERY: usize = 100_000;
+
+/// Why a request body was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("malformed JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Field checks a body runs after it deserializes.
+pub trait Validate {
+    fn validate(&self) -> Result<(), String>;
+}
+
+/// Parses a bounded JSON body and validates it. Never panics.
+pub fn parse_body<T: DeserializeOwned + Validate>(bytes: &[u8], limit: usize) -> Result<T, ApiError> {
+    if bytes.len() > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let value: T = serde_json::from_slice(bytes)?;
+    value.validate().map_err(ApiError::Invalid)?;
+    Ok(value)
+}
+
+/// A tenant name: it becomes a directory under the server's root, so only
+/// lowercase letters, digits, `-` and `_`, 1 to 64 of them.
+pub fn check_tenant(t: &str) -> Result<(), String> {
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !t.starts_with('-');
+    ok.then_some(()).ok_or_else(|| "tenant: 1-64 of a-z 0-9 - _".into())
+}
+
+/// A device id as the MDM or the device chose it: 1 to 128 printable ASCII
+/// characters without `/` (it appears in URL paths).
+pub fn check_device_id(d: &str) -> Result<(), String> {
+    let ok = !d.is_empty()
+        && d.len() <= 128
+        && d.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then_some(()).ok_or_else(|| "device_id: 1-128 of A-Z a-z 0-9 - _ . :".into())
+}
+
+/// An email: at most 254 characters, one `@` with text both sides, no
+/// whitespace or control characters.
+pub fn check_email(e: &str) -> Result<(), String> {
+    let ok = e.len() <= 254
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control())
+        && matches!(e.split_once('@'), Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains('@'));
+    ok.then_some(()).ok_or_else(|| "email: not a valid address".into())
+}
+
+/// `POST /v1/admin/deployment-tokens`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateDeploymentToken {
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_activations: Option<u32>,
+}
+
+impl Validate for CreateDeploymentToken {
+    fn validate(&self) -> Result<(), String> {
+        check_tenant(&self.tenant)?;
+        match self.expires_in_secs {
+            Some(s) if s == 0 || s > 10 * 365 * 86_400 => Err("expires_in_secs: 1 to ten years".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentTokenCreated {
+    pub token: String,
+    pub tenant: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `POST /v1/activate`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActivateRequest {
+    pub deployment_token: String,
+    pub email: String,
+    pub device_id: String,
+}
+
+impl Validate for ActivateRequest {
+    fn validate(&self) -> Result<(), String> {
+        check_email(&self.email)?;
+        check_device_id(&self.device_id)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActivateResponse {
+    pub device_token: String,
+}
+
+/// `POST /v1/session`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionRequest {
+    pub device_token: String,
+    pub email: String,
+    pub device_id: String,
+}
+
+impl Validate for SessionRequest {
+    fn validate(&self) -> Result<(), String> {
+        check_email(&self.email)?;
+        check_device_id(&self.device_id)
+    }
+}
+
+/// What the tenant allows a device to do with restored data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policies {
+    pub allow_restore_to_other_device: bool,
+    pub allow_open_in: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionResponse {
+    pub session_token: String,
+    pub expires_at: DateTime<Utc>,
+    pub policies: Policies,
+}
+
+/// `GET /v1/session-key`: the auth role's Ed25519 public key (hex), which
+/// storage nodes fetch at start to verify session tokens offline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionKey {
+    pub public_key: String,
+}
+
+/// `GET /v1/chunking`: what a device needs to cut and name chunks exactly as
+/// its tenant's repository does, so it can ask which ones are missing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chunking {
+    pub min_size: u32,
+    pub avg_size: u32,
+    pub max_size: u32,
+    pub seed: u64,
+    /// The tenant repository's id key, hex (see ARCHITECTURE.md for the trade-off).
+    pub id_key: String,
+}
+
+/// `POST /v1/chunks/missing`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MissingRequest {
+    pub chunks: Vec<BlobId>,
+}
+
+impl Validate for MissingRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.chunks.len() > MAX_MISSING_QUERY {
+            return Err(format!("at most {MAX_MISSING_QUERY} chunk ids per query"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MissingResponse {
+    pub missing: Vec<BlobId>,
+}
+
+/// One regular file of a snapshot being committed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Slash-separated path inside the snapshot.
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    pub mtime: i64,
+    #[serde(default)]
+    pub mtime_nsec: u32,
+    pub size: u64,
+    pub chunks: Vec<BlobId>,
+}
+
+/// `POST /v1/snapshots`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub hostname: String,
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub files: Vec<ManifestFile>,
+}
+
+impl Validate for CommitRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.hostname.len() > 255 || self.paths.len() > 1024 || self.tags.len() > 64 {
+            return Err("hostname, paths or tags too long".into());
+        }
+        for f in &self.files {
+            check_manifest_path(&f.path)?;
+            if f.mtime_nsec >= 1_000_000_000 {
+                return Err(format!("{}: mtime_nsec out of range", f.path));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A manifest path: non-empty components that are valid tree entry names, so
+/// nothing can name `..` or an absolute path.
+pub fn check_manifest_path(path: &str) -> Result<(), String> {
+    if path.len() > 4096 {
+        return Err("path too long".into());
+    }
+    let mut any = false;
+    for part in path.split('/') {
+        crate::tree::validate_name(part.as_bytes()).map_err(|e| format!("path {path:?}: {e}"))?;
+        any = true;
+    }
+    any.then_some(()).ok_or_else(|| "empty path".into())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitResponse {
+    pub id: SnapshotId,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// One entry of `GET /v1/snapshots`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    pub time: DateTime<Utc>,
+    pub device: Option<String>,
+    pub hostname: String,
+    pub paths: Vec<String>,
+    pub tags: Vec<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// One entry of `GET /v1/snapshots/{id}/tree`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TreeEntry {
+    pub name: String,
+    /// `file`, `dir` or `symlink`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+}
+
+/// A device's state in the registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub tenant: String,
+    pub email: String,
+    pub state: String,
+    pub activated_at: DateTime<Utc>,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// One state change in the check-in feed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceChange {
+    pub device_id: String,
+    pub tenant: String,
+    pub state: String,
+}
+
+/// `GET /v1/checkin?since=CURSOR`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckinResponse {
+    pub cursor: u64,
+    pub changes: Vec<DeviceChange>,
+}
+
+/// Every error response: a stable code and a human message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn field_checks() {
+        assert!(check_tenant("acme-1").is_ok());
+        for bad in ["", "..", "a/b", "Acme", "-x", &"a".repeat(65)] {
+            assert!(check_tenant(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_device_id("iPhone-1.A:b").is_ok());
+        assert!(check_device_id("a/b").is_err());
+        assert!(check_email("a@b.c").is_ok());
+        for bad in ["a", "@b", "a@", "a b@c", "a@b@c"] {
+            assert!(check_email(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_manifest_path("a/b.txt").is_ok());
+        for bad in ["", "/a", "a//b", "../x", "a/..", "a/\0"] {
+            assert!(check_manifest_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parse_body_bounds_and_validates() {
+        let ok = br#"{"deployment_token":"x","email":"a@b","device_id":"d"}"#;
+        assert!(parse_body::<ActivateRequest>(ok, MAX_JSON_BODY).is_ok());
+        assert!(matches!(parse_body::<ActivateRequest>(ok, 10), Err(ApiError::TooLarge(10))));
+        assert!(matches!(parse_body::<ActivateRequest>(b"{", MAX_JSON_BODY), Err(ApiError::Json(_))));
+        let bad = br#"{"deployment_token":"x","email":"nope","device_id":"d"}"#;
+        assert!(matches!(parse_body::<ActivateRequest>(bad, MAX_JSON_BODY), Err(ApiError::Invalid(_))));
+        let bad_id = br#"{"chunks":["zz"]}"#;
+        assert!(matches!(parse_body::<MissingRequest>(bad_id, MAX_JSON_BODY), Err(ApiError::Json(_))));
+    }
+
+    fn commit_strategy() -> impl Strategy<Value = CommitRequest> {
+        let file = ("[a-z]{1,8}(/[a-z]{1,8}){0,2}", any::<u32>(), any::<i64>(), 0u32..1_000_000_000, any::<u64>())
+            .prop_map(|(path, mode, mtime, mtime_nsec, size)| ManifestFile {
+                path,
+                mode,
+                mtime,
+                mtime_nsec,
+                size,
+                chunks: vec![BlobId([7; 32])],
+            });
+        ("[a-z]{0,12}", prop::collection::vec(file, 0..4)).prop_map(|(hostname, files)| CommitRequest {
+            hostname,
+            paths: vec!["/x".into()],
+            tags: vec![],
+            files,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn commit_roundtrip(req in commit_strategy()) {
+            let bytes = serde_json::to_vec(&req).unwrap();
+            prop_assert_eq!(parse_body::<CommitRequest>(&bytes, MAX_MANIFEST_BODY).unwrap(), req);
+        }
+
+        #[test]
+        fn bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_body::<CreateDeploymentToken>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<ActivateRequest>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<SessionRequest>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<MissingRequest>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<CommitRequest>(&bytes, MAX_JSON_BODY);
+        }
+    }
+}

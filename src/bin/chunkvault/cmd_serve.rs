@@ -1,0 +1,85 @@
+//! `serve`: run the HTTP server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chunkvault::server::{self, AuthUnreachable, Role, ServerConfig};
+
+use crate::ctx::{password_from, CliError, Ctx};
+use crate::CmdResult;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks one); printed as the first stdout line.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// TOML config file; the flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// all, auth, storage or edge.
+    #[arg(long, value_parser = ["all", "auth", "storage", "edge"])]
+    pub role: Option<String>,
+    /// The tenants' repositories' root.
+    #[arg(long)]
+    pub root: Option<String>,
+    /// The SQLite device registry (default ROOT/registry.db).
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// The auth role's URL (edge and storage roles).
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// File holding the admin token (else $CHUNKVAULT_ADMIN_TOKEN).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub session_ttl_secs: Option<u64>,
+    #[arg(long)]
+    pub checkin_interval_secs: Option<u64>,
+    /// fail_closed or fail_open.
+    #[arg(long, value_parser = ["fail_closed", "fail_open"])]
+    pub auth_unreachable: Option<String>,
+    /// Argon2id memory (KiB) for keys of tenants created by this server.
+    #[arg(long)]
+    pub tenant_kdf_memory_kib: Option<u32>,
+    /// Argon2id passes for keys of tenants created by this server.
+    #[arg(long)]
+    pub tenant_kdf_iterations: Option<u32>,
+}
+
+pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
+    let mut c = match &a.config {
+        Some(path) => ServerConfig::load(path).map_err(|e| CliError::Usage(e.to_string()))?,
+        None => ServerConfig::default(),
+    };
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if let Some(v) = a.role {
+        c.role = match v.as_str() {
+            "auth" => Role::Auth,
+            "storage" => Role::Storage,
+            "edge" => Role::Edge,
+            _ => Role::All,
+        };
+    }
+    if let Some(v) = a.auth_unreachable {
+        c.auth_unreachable = if v == "fail_open" { AuthUnreachable::FailOpen } else { AuthUnreachable::FailClosed };
+    }
+    c.root = a.root.or(c.root);
+    c.registry = a.registry.or(c.registry);
+    c.upstream = a.upstream.or(c.upstream);
+    c.admin_token_file = a.admin_token_file.or(c.admin_token_file);
+    c.session_ttl_secs = a.session_ttl_secs.unwrap_or(c.session_ttl_secs);
+    c.checkin_interval_secs = a.checkin_interval_secs.unwrap_or(c.checkin_interval_secs);
+    c.tenant_kdf_memory_kib = a.tenant_kdf_memory_kib.unwrap_or(c.tenant_kdf_memory_kib);
+    c.tenant_kdf_iterations = a.tenant_kdf_iterations.unwrap_or(c.tenant_kdf_iterations);
+    let admin_token = match (&c.admin_token_file, std::env::var_os("CHUNKVAULT_ADMIN_TOKEN")) {
+        (Some(_), _) | (None, Some(_)) => {
+            Some(password_from(c.admin_token_file.as_ref(), "CHUNKVAULT_ADMIN_TOKEN", "admin token: ")?)
+        }
+        (None, None) => None,
+    };
+    let password = std::env::var_os("CHUNKVAULT_PASSWORD").map(std::os::unix::ffi::OsStringExt::into_vec);
+    server::run(c, password, admin_token).map_err(|e| CliError::Other(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,604 @@
+//! The device client: silent activation from a managed app configuration,
+//! local chunking and hashing, upload of only the chunks the server lacks,
+//! restore with path validation, and logging out when retired or wiped.
+//!
+//! State lives in one directory (0700) holding `state.json` (0600): the
+//! stand-in for a phone's keychain. Deleting the directory logs out.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{query_escape, ClientError, Http};
+use crate::api::{self, *};
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::crypto::IdKey;
+use crate::id::BlobId;
+
+/// Largest managed config accepted.
+const MAX_MANAGED_CONFIG: usize = 64 * 1024;
+/// Chunk bytes held before asking which are missing and uploading them.
+const BATCH_BYTES: usize = 32 << 20;
+/// A cached session is reused while it has at least this long to live.
+const SESSION_MARGIN_SECS: i64 = 60;
+
+/// The managed app configuration an MDM pushes (its keys are fixed by MDM
+/// convention, hence camelCase).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedConfig {
+    #[serde(rename = "serverURL")]
+    pub server_url: String,
+    pub user_email: String,
+    pub deployment_token: String,
+    #[serde(default = "yes")]
+    pub allow_restore_to_other_device: bool,
+    #[serde(default = "yes")]
+    pub allow_open_in: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ManagedConfig {
+    /// Parses and checks a managed config. Never panics.
+    pub fn parse(bytes: &[u8]) -> Result<ManagedConfig, ClientError> {
+        if bytes.len() > MAX_MANAGED_CONFIG {
+            return Err(ClientError::Local("managed config too large".into()));
+        }
+        let c: ManagedConfig =
+            serde_json::from_slice(bytes).map_err(|e| ClientError::Local(format!("managed config: {e}")))?;
+        if !(c.server_url.starts_with("http://") || c.server_url.starts_with("https://")) {
+            return Err(ClientError::Local("managed config: serverURL must be an http(s) URL".into()));
+        }
+        api::check_email(&c.user_email).map_err(ClientError::Local)?;
+        if let Some(d) = &c.device_id {
+            api::check_device_id(d).map_err(ClientError::Local)?;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CachedSession {
+    token: String,
+    expires_at: DateTime<Utc>,
+}
+
+/// What the device keeps between runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LocalState {
+    server_url: String,
+    email: String,
+    device_id: String,
+    device_token: String,
+    allow_restore_to_other_device: bool,
+    allow_open_in: bool,
+    #[serde(default)]
+    session: Option<CachedSession>,
+    /// What restores created, deleted on wipe.
+    #[serde(default)]
+    restored: Vec<PathBuf>,
+}
+
+/// `device status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceStatus {
+    pub server_url: String,
+    pub email: String,
+    pub device_id: String,
+    /// `active`, or the server's refusal code.
+    pub state: String,
+}
+
+/// `device restore`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RestoreSummary {
+    pub snapshot: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub skipped: u64,
+}
+
+/// `device backup`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackupSummary {
+    pub id: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub chunks_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub skipped: Vec<String>,
+}
+
+/// The default state directory: the user's config directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CHUNKVAULT_DEVICE_STATE") {
+        return d.into();
+    }
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    config.join("chunkvault").join("device")
+}
+
+/// An activated device.
+pub struct Device {
+    dir: PathBuf,
+    state: LocalState,
+    http: Http,
+}
+
+impl Device {
+    /// Activates silently from a managed config and saves the device token.
+    pub fn activate(dir: &Path, managed: &ManagedConfig) -> Result<Device, ClientError> {
+        let device_id = managed.device_id.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        let http = Http::new(&managed.server_url);
+        let resp: ActivateResponse = http.post(
+            "/v1/activate",
+            None,
+            &ActivateRequest {
+                deployment_token: managed.deployment_token.clone(),
+                email: managed.user_email.clone(),
+                device_id: device_id.clone(),
+            },
+        )?;
+        let state = LocalState {
+            server_url: managed.server_url.clone(),
+            email: managed.user_email.clone(),
+            device_id,
+            device_token: resp.device_token,
+            allow_restore_to_other_device: managed.allow_restore_to_other_device,
+            allow_open_in: managed.allow_open_in,
+            session: None,
+            restored: Vec::new(),
+        };
+        let device = Device { dir: dir.to_owned(), state, http };
+        device.save()?;
+        Ok(device)
+    }
+
+    /// Loads an activated device's state.
+    pub fn load(dir: &Path) -> Result<Device, ClientError> {
+        let path = dir.join("state.json");
+        let bytes = match fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ClientError::Local(format!(
+                    "this device is not activated (no {}); run `chunkvault device activate`",
+                    path.display()
+                )))
+            }
+            other => other.map_err(ClientError::io(&path))?,
+        };
+        let state: LocalState =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
+        let http = Http::new(&state.server_url);
+        Ok(Device { dir: dir.to_owned(), state, http })
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.state.device_id
+    }
+
+    /// Writes the state owner-only, atomically.
+    fn save(&self) -> Result<(), ClientError> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(ClientError::io(&self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(ClientError::io(&self.dir))?;
+        let tmp = self.dir.join("state.json.tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(ClientError::io(&tmp))?;
+        f.write_all(&serde_json::to_vec_pretty(&self.state).expect("state serializes"))
+            .and_then(|_| f.sync_all())
+            .map_err(ClientError::io(&tmp))?;
+        fs::rename(&tmp, self.dir.join("state.json")).map_err(ClientError::io(&tmp))
+    }
+
+    /// Passes a server answer through; a retired or wiped device logs out
+    /// (and for wiped, deletes what it restored) before reporting it.
+    fn guard<T>(&mut self, r: Result<T, ClientError>) -> Result<T, ClientError> {
+        match r.as_ref().err().and_then(ClientError::code) {
+            Some("device_retired") => self.forget(false),
+            Some("device_wiped") => self.forget(true),
+            Some("invalid_token" | "token_expired") => {
+                // A stale cached session: drop it so the next call gets a fresh one.
+                self.state.session = None;
+                let _ = self.save();
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn forget(&mut self, wipe: bool) {
+        if wipe {
+            for p in &self.state.restored {
+                let _ = fs::remove_dir_all(p).or_else(|_| fs::remove_file(p));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// A session token: the cached one while it is fresh, else a new one.
+    pub fn session(&mut self) -> Result<String, ClientError> {
+        let now = Utc::now();
+        if let Some(s) = &self.state.session {
+            if s.expires_at.timestamp() - now.timestamp() > SESSION_MARGIN_SECS {
+                return Ok(s.token.clone());
+            }
+        }
+        let req = SessionRequest {
+            device_token: self.state.device_token.clone(),
+            email: self.state.email.clone(),
+            device_id: self.state.device_id.clone(),
+        };
+        let resp: Result<SessionResponse, _> = self.http.post("/v1/session", None, &req);
+        let resp = self.guard(resp)?;
+        self.state.session = Some(CachedSession { token: resp.session_token.clone(), expires_at: resp.expires_at });
+        self.save()?;
+        Ok(resp.session_token)
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&mut self, path: &str) -> Result<T, ClientError> {
+        let token = self.session()?;
+        let r = self.http.get(path, Some(&token));
+        self.guard(r)
+    }
+
+    fn post<B: Serialize, T: serde::de::DeserializeOwned>(&mut self, path: &str, body: &B) -> Result<T, ClientError> {
+        let token = self.session()?;
+        let r = self.http.post(path, Some(&token), body);
+        self.guard(r)
+    }
+
+    /// Asks the server for the device's state (and gets logged out if retired).
+    pub fn status(&mut self) -> Result<DeviceStatus, ClientError> {
+        let state = match self.get::<Vec<SnapshotInfo>>("/v1/snapshots") {
+            Ok(_) => "active".to_owned(),
+            Err(ClientError::Api { code, .. }) => code,
+            Err(e) => return Err(e),
+        };
+        Ok(DeviceStatus {
+            server_url: self.state.server_url.clone(),
+            email: self.state.email.clone(),
+            device_id: self.state.device_id.clone(),
+            state,
+        })
+    }
+
+    /// The user's snapshots (from all of their devices).
+    pub fn snapshots(&mut self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        self.get("/v1/snapshots")
+    }
+
+    /// Backs up `paths`; retries once when the server lost uploaded chunks
+    /// before the commit (a restart in between).
+    pub fn backup(&mut self, paths: &[PathBuf]) -> Result<BackupSummary, ClientError> {
+        match self.backup_once(paths) {
+            Err(e) if e.code() == Some("missing_chunks") => self.backup_once(paths),
+            other => other,
+        }
+    }
+
+    fn backup_once(&mut self, paths: &[PathBuf]) -> Result<BackupSummary, ClientError> {
+        let chunking: Chunking = self.get("/v1/chunking")?;
+        let params =
+            ChunkerParams { min_size: chunking.min_size, avg_size: chunking.avg_size, max_size: chunking.max_size };
+        let chunker = Chunker::new(params, chunking.seed).map_err(|e| ClientError::Local(e.to_string()))?;
+        let key = crate::id::parse_hex32(&chunking.id_key).map_err(|e| ClientError::Local(e.to_string()))?;
+        let mut up = Uploader {
+            id_key: IdKey::from_bytes(key),
+            batch: Vec::new(),
+            batch_ids: HashSet::new(),
+            batch_bytes: 0,
+            chunks: 0,
+            uploaded: 0,
+            bytes_uploaded: 0,
+        };
+        let mut files = Vec::new();
+        let mut skipped = Vec::new();
+        let mut abs_paths = Vec::new();
+        for p in paths {
+            let abs = std::path::absolute(p).map_err(ClientError::io(p))?;
+            let abs: PathBuf = abs.components().filter(|c| !matches!(c, Component::CurDir)).collect();
+            fs::symlink_metadata(&abs).map_err(ClientError::io(&abs))?;
+            abs_paths.push(abs.to_string_lossy().into_owned());
+            self.walk(&abs, &chunker, &mut up, &mut files, &mut skipped)?;
+        }
+        self.flush(&mut up)?;
+        let bytes = files.iter().map(|f: &ManifestFile| f.size).sum();
+        let req = CommitRequest { hostname: crate::repo::keys::hostname(), paths: abs_paths, tags: Vec::new(), files };
+        let done: CommitResponse = self.post("/v1/snapshots", &req)?;
+        Ok(BackupSummary {
+            id: done.id.to_hex(),
+            files: done.files,
+            bytes,
+            chunks: up.chunks,
+            chunks_uploaded: up.uploaded,
+            bytes_uploaded: up.bytes_uploaded,
+            skipped,
+        })
+    }
+
+    fn walk(
+        &mut self,
+        path: &Path,
+        chunker: &Chunker,
+        up: &mut Uploader,
+        files: &mut Vec<ManifestFile>,
+        skipped: &mut Vec<String>,
+    ) -> Result<(), ClientError> {
+        let meta = fs::symlink_metadata(path).map_err(ClientError::io(path))?;
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = fs::read_dir(path)
+                .map_err(ClientError::io(path))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(ClientError::io(path))?;
+            entries.sort();
+            for e in entries {
+                self.walk(&e, chunker, up, files, skipped)?;
+            }
+            return Ok(());
+        }
+        let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+        if !meta.is_file() || api::check_manifest_path(&rel).is_err() {
+            skipped.push(path.display().to_string());
+            return Ok(());
+        }
+        let file = fs::File::open(path).map_err(ClientError::io(path))?;
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        for chunk in chunker.stream(file) {
+            let chunk = chunk.map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
+            size += chunk.len() as u64;
+            chunks.push(up.add(chunk));
+            if up.batch_bytes >= BATCH_BYTES {
+                self.flush(up)?;
+            }
+        }
+        use std::os::unix::fs::MetadataExt;
+        files.push(ManifestFile {
+            path: rel,
+            mode: meta.mode() & 0o7777,
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+            size,
+            chunks,
+        });
+        Ok(())
+    }
+
+    /// Asks which batched chunks the server lacks and uploads only those.
+    fn flush(&mut self, up: &mut Uploader) -> Result<(), ClientError> {
+        if up.batch.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<BlobId> = up.batch.iter().map(|(id, _)| *id).collect();
+        let missing: MissingResponse = self.post("/v1/chunks/missing", &MissingRequest { chunks: ids })?;
+        let missing: HashSet<BlobId> = missing.missing.into_iter().collect();
+        let token = self.session()?;
+        for (id, data) in up.batch.drain(..) {
+            if missing.contains(&id) {
+                let r = self.http.put_bytes(&format!("/v1/chunks/{id}"), &token, &data);
+                self.guard(r)?;
+                up.uploaded += 1;
+                up.bytes_uploaded += data.len() as u64;
+            }
+        }
+        up.batch_ids.clear();
+        up.batch_bytes = 0;
+        Ok(())
+    }
+
+    /// Restores a snapshot (`latest`, an id or a unique prefix) under `target`.
+    pub fn restore(&mut self, spec: &str, target: &Path, include: &[String]) -> Result<RestoreSummary, ClientError> {
+        let snapshots = self.snapshots()?;
+        let snap = if spec == "latest" {
+            snapshots.last()
+        } else {
+            let found: Vec<_> = snapshots.iter().filter(|s| s.id.to_hex().starts_with(spec)).collect();
+            if found.len() > 1 {
+                return Err(ClientError::Local(format!("{spec:?} matches several snapshots")));
+            }
+            found.first().copied()
+        }
+        .ok_or_else(|| ClientError::Local(format!("no snapshot matches {spec:?}")))?
+        .clone();
+        if !self.state.allow_restore_to_other_device && snap.device.as_deref() != Some(self.state.device_id.as_str()) {
+            return Err(ClientError::Local("policy: restoring another device's snapshot is not allowed".into()));
+        }
+        let includes: Vec<Vec<String>> = include
+            .iter()
+            .map(|i| i.split('/').filter(|p| !p.is_empty() && *p != ".").map(str::to_owned).collect())
+            .collect();
+        fs::create_dir_all(target).map_err(ClientError::io(target))?;
+        let mut summary = RestoreSummary { snapshot: snap.id.to_hex(), ..Default::default() };
+        // Record what this restore creates before writing it, so a wipe finds it.
+        let top: Vec<TreeEntry> = self.get(&format!("/v1/snapshots/{}/tree?path=", snap.id))?;
+        for e in &top {
+            crate::tree::validate_name(e.name.as_bytes()).map_err(|e| ClientError::Local(e.to_string()))?;
+            let p = target.join(&e.name);
+            if !self.state.restored.contains(&p) {
+                self.state.restored.push(p);
+            }
+        }
+        self.save()?;
+        self.restore_dir(&snap, &mut Vec::new(), top, target, &includes, &mut summary)?;
+        Ok(summary)
+    }
+
+    fn restore_dir(
+        &mut self,
+        snap: &SnapshotInfo,
+        rel: &mut Vec<String>,
+        entries: Vec<TreeEntry>,
+        target: &Path,
+        includes: &[Vec<String>],
+        summary: &mut RestoreSummary,
+    ) -> Result<(), ClientError> {
+        for e in entries {
+            // A hostile server must not make us write outside the target.
+            crate::tree::validate_name(e.name.as_bytes()).map_err(|e| ClientError::Local(e.to_string()))?;
+            rel.push(e.name.clone());
+            let wanted =
+                includes.is_empty() || includes.iter().any(|inc| inc.iter().zip(rel.iter()).all(|(a, b)| a == b));
+            if wanted {
+                let joined = rel.join("/");
+                let dest = target.join(&joined);
+                match e.kind.as_str() {
+                    "dir" => {
+                        fs::create_dir_all(&dest).map_err(ClientError::io(&dest))?;
+                        summary.dirs += 1;
+                        let path = format!("/v1/snapshots/{}/tree?path={}", snap.id, query_escape(&joined));
+                        let children: Vec<TreeEntry> = self.get(&path)?;
+                        self.restore_dir(snap, rel, children, target, includes, summary)?;
+                    }
+                    "file" => {
+                        self.restore_file(snap, &joined, &e, &dest)?;
+                        summary.files += 1;
+                        summary.bytes += e.size;
+                    }
+                    _ => summary.skipped += 1,
+                }
+            }
+            rel.pop();
+        }
+        Ok(())
+    }
+
+    fn restore_file(&mut self, snap: &SnapshotInfo, rel: &str, e: &TreeEntry, dest: &Path) -> Result<(), ClientError> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(ClientError::io(parent))?;
+        }
+        let token = self.session()?;
+        let path = format!("/v1/snapshots/{}/file?path={}", snap.id, query_escape(rel));
+        let r = self.http.get_raw(&path, Some(&token), None);
+        let mut resp = self.guard(r)?;
+        let tmp = dest.with_file_name(format!(".{}.chunkvault-tmp", e.name));
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(ClientError::io(&tmp))?;
+        let copied = std::io::copy(&mut resp.body_mut().as_reader().take(e.size + 1), &mut out)
+            .map_err(|err| ClientError::Transport(format!("{rel}: {err}")))?;
+        if copied != e.size {
+            let _ = fs::remove_file(&tmp);
+            return Err(ClientError::Transport(format!("{rel}: got {copied} bytes, expected {}", e.size)));
+        }
+        out.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777)).map_err(ClientError::io(&tmp))?;
+        let mtime = if e.mtime >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::new(e.mtime as u64, e.mtime_nsec)
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
+        out.set_modified(mtime).map_err(ClientError::io(&tmp))?;
+        drop(out);
+        fs::rename(&tmp, dest).map_err(ClientError::io(dest))
+    }
+}
+
+/// Chunks waiting to be checked and uploaded, and counts.
+struct Uploader {
+    id_key: IdKey,
+    batch: Vec<(BlobId, Vec<u8>)>,
+    batch_ids: HashSet<BlobId>,
+    batch_bytes: usize,
+    chunks: u64,
+    uploaded: u64,
+    bytes_uploaded: u64,
+}
+
+impl Uploader {
+    /// Names a chunk and queues it unless this batch has it already.
+    fn add(&mut self, chunk: Vec<u8>) -> BlobId {
+        let id = self.id_key.blob_id(&chunk);
+        self.chunks += 1;
+        if self.batch_ids.insert(id) {
+            self.batch_bytes += chunk.len();
+            self.batch.push((id, chunk));
+        }
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn managed_config_keys_and_defaults() {
+        let c = ManagedConfig::parse(
+            br#"{"serverURL":"http://h:1","userEmail":"a@b.c","deploymentToken":"t","allowOpenIn":false}"#,
+        )
+        .unwrap();
+        assert_eq!(c.server_url, "http://h:1");
+        assert!(c.allow_restore_to_other_device);
+        assert!(!c.allow_open_in);
+        assert_eq!(c.device_id, None);
+        assert!(ManagedConfig::parse(br#"{"serverURL":"ftp://h","userEmail":"a@b.c","deploymentToken":"t"}"#).is_err());
+        assert!(ManagedConfig::parse(
+            br#"{"serverURL":"http://h","userEmail":"a@b.c","deploymentToken":"t","deviceId":"a/b"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn uploader_names_and_dedups_within_a_batch() {
+        let mut up = Uploader {
+            id_key: IdKey::from_bytes([1; 32]),
+            batch: Vec::new(),
+            batch_ids: HashSet::new(),
+            batch_bytes: 0,
+            chunks: 0,
+            uploaded: 0,
+            bytes_uploaded: 0,
+        };
+        let a = up.add(b"same".to_vec());
+        let b = up.add(b"same".to_vec());
+        assert_eq!(a, b);
+        assert_eq!(a, IdKey::from_bytes([1; 32]).blob_id(b"same"));
+        assert_eq!((up.chunks, up.batch.len(), up.batch_bytes), (2, 1, 4));
+    }
+
+    proptest! {
+        #[test]
+        fn managed_config_parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ManagedConfig::parse(&bytes);
+        }
+
+        #[test]
+        fn managed_config_roundtrip(email in "[a-z]{1,8}@[a-z]{1,8}\\.com", id in proptest::option::of("[a-z0-9]{1,16}"), r in any::<bool>()) {
+            let c = ManagedConfig {
+                server_url: "https://backup.example.com".into(),
+                user_email: email,
+                deployment_token: "cvdt_x".into(),
+                allow_restore_to_other_device: r,
+                allow_open_in: !r,
+                device_id: id,
+            };
+            prop_assert_eq!(ManagedConfig::parse(&serde_json::to_vec(&c).unwrap()).unwrap(), c);
+        }
+    }
+}

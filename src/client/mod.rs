@@ -1,0 +1,136 @@
+//! HTTP clients of the server: the device client ([`device`]) and the admin
+//! client ([`admin`]), over one small blocking JSON transport ([`Http`]).
+
+pub mod admin;
+pub mod device;
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::ErrorBody;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("server refused ({status} {code}): {message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("talking to the server: {0}")]
+    Transport(String),
+    #[error("{0}")]
+    Local(String),
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+}
+
+impl ClientError {
+    /// The server's error code, if the server refused.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+        move |source| ClientError::Io { path: path.to_owned(), source }
+    }
+}
+
+/// A JSON-over-HTTP transport with a base URL and an optional bearer token.
+#[derive(Clone)]
+pub struct Http {
+    agent: ureq::Agent,
+    base: String,
+}
+
+type Response = ureq::http::Response<ureq::Body>;
+
+impl Http {
+    pub fn new(base: &str) -> Http {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build();
+        Http { agent: config.into(), base: base.trim_end_matches('/').to_owned() }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Turns an error status into [`ClientError::Api`].
+    fn check(mut resp: Response) -> Result<Response, ClientError> {
+        let status = resp.status().as_u16();
+        if status < 400 {
+            return Ok(resp);
+        }
+        let body = resp.body_mut().with_config().limit(64 * 1024).read_to_vec().unwrap_or_default();
+        let err: ErrorBody = serde_json::from_slice(&body).unwrap_or_else(|_| ErrorBody {
+            error: "http_error".into(),
+            message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+        });
+        Err(ClientError::Api { status, code: err.error, message: err.message })
+    }
+
+    fn json<T: DeserializeOwned>(mut resp: Response) -> Result<T, ClientError> {
+        resp.body_mut().read_json().map_err(|e| ClientError::Transport(format!("response: {e}")))
+    }
+
+    fn transport(e: ureq::Error) -> ClientError {
+        ClientError::Transport(e.to_string())
+    }
+
+    /// `POST path` with a JSON body, JSON answer.
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let mut req = self.agent.post(self.url(path));
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        Self::json(Self::check(req.send_json(body).map_err(Self::transport)?)?)
+    }
+
+    /// `GET path`, JSON answer.
+    pub fn get<T: DeserializeOwned>(&self, path: &str, token: Option<&str>) -> Result<T, ClientError> {
+        Self::json(self.get_raw(path, token, None)?)
+    }
+
+    /// `GET path` with an optional `Range` header; the raw response.
+    pub fn get_raw(&self, path: &str, token: Option<&str>, range: Option<&str>) -> Result<Response, ClientError> {
+        let mut req = self.agent.get(self.url(path));
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        if let Some(r) = range {
+            req = req.header("Range", r);
+        }
+        Self::check(req.call().map_err(Self::transport)?)
+    }
+
+    /// `PUT path` with raw bytes; the status.
+    pub fn put_bytes(&self, path: &str, token: &str, data: &[u8]) -> Result<u16, ClientError> {
+        let req = self.agent.put(self.url(path)).header("Authorization", &format!("Bearer {token}"));
+        Ok(Self::check(req.send(data).map_err(Self::transport)?)?.status().as_u16())
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

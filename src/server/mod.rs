@@ -1,0 +1,238 @@
+//! The HTTP server: a thin axum layer over the registry ([`crate::auth`]) and
+//! the tenant repositories ([`crate::ingest`]). Handlers extract, call the
+//! library (blocking calls on the blocking pool), and map errors in one place
+//! ([`error`]). Roles pick which routes a process serves.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+mod revocation;
+mod routes;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use chrono::Utc;
+use subtle::ConstantTimeEq;
+
+use crate::auth::registry::Registry;
+use crate::auth::token::{SessionSigner, SessionVerifier};
+use crate::crypto::KdfParams;
+use crate::ingest::{Owner, Tenants};
+use crate::repo::InitOptions;
+pub use config::{AuthUnreachable, Role, ServerConfig};
+use error::HttpError;
+use metrics::Metrics;
+use revocation::DeviceStates;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Registry(#[from] crate::auth::registry::RegistryError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("fetching the session key from upstream: {0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The auth role's parts.
+struct AuthSide {
+    registry: Registry,
+    signer: SessionSigner,
+    limiter: ActivationLimiter,
+}
+
+/// The storage role's parts.
+struct StorageSide {
+    tenants: Tenants,
+    verifier: SessionVerifier,
+    states: DeviceStates,
+}
+
+/// Shared state of every handler.
+pub struct App {
+    config: ServerConfig,
+    auth: Option<AuthSide>,
+    storage: Option<StorageSide>,
+    admin_token: Option<Vec<u8>>,
+    metrics: Metrics,
+}
+
+impl App {
+    /// Builds the state a role needs. `password` wraps tenant keys (storage).
+    pub fn new(
+        config: ServerConfig,
+        password: Option<Vec<u8>>,
+        admin_token: Option<Vec<u8>>,
+    ) -> Result<App, ServerError> {
+        config.validate()?;
+        let auth = match config.role {
+            Role::All | Role::Auth => {
+                let path = config.registry_path().ok_or_else(|| ServerError::Setup("no registry path".into()))?;
+                let registry = Registry::open(&path)?;
+                let signer = SessionSigner::new(registry.signing_secret()?);
+                Some(AuthSide { registry, signer, limiter: ActivationLimiter::default() })
+            }
+            _ => None,
+        };
+        let storage = match config.role {
+            Role::All | Role::Storage => {
+                let root = config.root.clone().ok_or_else(|| ServerError::Setup("no root".into()))?;
+                let password = password.ok_or_else(|| {
+                    ServerError::Setup("set CHUNKVAULT_PASSWORD: it wraps the tenant repositories' keys".into())
+                })?;
+                let verifier = match &auth {
+                    Some(a) => a.signer.verifier(),
+                    None => fetch_session_key(config.upstream.as_deref().unwrap_or_default())?,
+                };
+                let init = InitOptions {
+                    kdf: KdfParams {
+                        memory_kib: config.tenant_kdf_memory_kib,
+                        iterations: config.tenant_kdf_iterations,
+                        parallelism: 1,
+                    },
+                    ..InitOptions::default()
+                };
+                let interval = Duration::from_secs(config.checkin_interval_secs);
+                let states = DeviceStates::new(auth.is_some(), config.auth_unreachable, interval);
+                if let Some(a) = &auth {
+                    // Sessions issued before a restart must still meet earlier retires.
+                    states.apply(&a.registry.changes_since(0, u32::MAX)?.1);
+                }
+                Some(StorageSide { tenants: Tenants::new(&root, password, init), verifier, states })
+            }
+            _ => None,
+        };
+        Ok(App { config, auth, storage, admin_token, metrics: Metrics::default() })
+    }
+
+    fn auth(&self) -> Result<&AuthSide, HttpError> {
+        self.auth.as_ref().ok_or_else(|| HttpError::not_found("this server does not run the auth role"))
+    }
+
+    fn storage(&self) -> Result<&StorageSide, HttpError> {
+        self.storage.as_ref().ok_or_else(|| HttpError::not_found("this server does not run the storage role"))
+    }
+
+    /// Checks `Authorization: Bearer` against the admin token, in constant time.
+    fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), HttpError> {
+        let Some(expected) = &self.admin_token else {
+            return Err(HttpError::unauthorized("no admin token is configured on this server"));
+        };
+        let given = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
+        if bool::from(given.as_bytes().ct_eq(expected)) {
+            Ok(())
+        } else {
+            Err(HttpError::unauthorized("wrong admin token"))
+        }
+    }
+
+    /// Verifies the session token of a storage request and the device's
+    /// current state; returns who the request acts for.
+    fn session(&self, headers: &axum::http::HeaderMap) -> Result<Owner, HttpError> {
+        let storage = self.storage()?;
+        let token = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
+        let now = Utc::now().timestamp();
+        let claims = storage.verifier.verify(token, now)?;
+        storage.states.check(&claims.device)?;
+        self.metrics.session_seen(claims.token_id, claims.expires, now);
+        Ok(Owner { tenant: claims.tenant, user: claims.user, device: claims.device })
+    }
+}
+
+/// The bearer token of a request, if any.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+fn fetch_session_key(upstream: &str) -> Result<SessionVerifier, ServerError> {
+    let url = format!("{}/v1/session-key", upstream.trim_end_matches('/'));
+    let key: crate::api::SessionKey = ureq::get(&url)
+        .call()
+        .map_err(|e| ServerError::Upstream(e.to_string()))?
+        .body_mut()
+        .read_json()
+        .map_err(|e| ServerError::Upstream(e.to_string()))?;
+    SessionVerifier::from_public_hex(&key.public_key).map_err(|e| ServerError::Upstream(e.to_string()))
+}
+
+/// Counts failed activations per client address over a one-minute window.
+#[derive(Default)]
+struct ActivationLimiter {
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl ActivationLimiter {
+    fn check(&self, ip: IpAddr, limit: u32) -> Result<(), HttpError> {
+        let f = self.failures.lock().expect("limiter lock");
+        match f.get(&ip) {
+            Some((start, n)) if start.elapsed() < Duration::from_secs(60) && *n >= limit => Err(HttpError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "too many failed activations from this address; try again in a minute",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut f = self.failures.lock().expect("limiter lock");
+        if f.len() > 100_000 {
+            f.retain(|_, (start, _)| start.elapsed() < Duration::from_secs(60));
+        }
+        let entry = f.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+}
+
+/// Binds, prints `listening on http://ADDR` as the first stdout line, and
+/// serves until SIGTERM or SIGINT; in-flight requests finish first.
+pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<Vec<u8>>) -> Result<(), ServerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listen = config.listen.clone();
+        let app = Arc::new(
+            tokio::task::spawn_blocking(move || App::new(config, password, admin_token))
+                .await
+                .map_err(|e| ServerError::Setup(e.to_string()))??,
+        );
+        let listener = tokio::net::TcpListener::bind(&listen).await?;
+        let addr = listener.local_addr()?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on http://{addr}")?;
+            out.flush()?;
+        }
+        if app.storage.as_ref().is_some_and(|s| !s.states.is_local()) {
+            tokio::spawn(revocation::poll_upstream(app.clone()));
+        }
+        let router = routes::router(app);
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -1,0 +1,150 @@
+//! What a storage node knows of device states, so already-issued session
+//! tokens stop working when a device is retired, blocked or wiped. In the
+//! `all` role the auth side updates it directly; a storage node polls the auth
+//! role's `GET /v1/checkin` feed and applies `auth_unreachable` when it can't.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+
+use super::error::HttpError;
+use super::{App, AuthUnreachable};
+use crate::api::{CheckinResponse, DeviceChange};
+use crate::auth::DeviceState;
+
+pub struct DeviceStates {
+    /// Devices that are not active; absent means active.
+    states: RwLock<HashMap<String, DeviceState>>,
+    cursor: AtomicU64,
+    /// When a check-in last succeeded; `None` in the `all` role (no check-in).
+    last_ok: Option<Mutex<Instant>>,
+    policy: AuthUnreachable,
+    interval: Duration,
+}
+
+impl DeviceStates {
+    pub fn new(local: bool, policy: AuthUnreachable, interval: Duration) -> Self {
+        DeviceStates {
+            states: RwLock::default(),
+            cursor: AtomicU64::new(0),
+            last_ok: (!local).then(|| Mutex::new(Instant::now())),
+            policy,
+            interval,
+        }
+    }
+
+    /// True when the auth role is in this process (nothing to poll).
+    pub fn is_local(&self) -> bool {
+        self.last_ok.is_none()
+    }
+
+    /// Applies state changes, from the registry or the check-in feed.
+    pub fn apply(&self, changes: &[DeviceChange]) {
+        let mut states = self.states.write().expect("states lock");
+        for c in changes {
+            match DeviceState::from_str(&c.state) {
+                Ok(DeviceState::Active) => {
+                    states.remove(&c.device_id);
+                }
+                Ok(s) => {
+                    states.insert(c.device_id.clone(), s);
+                }
+                Err(e) => tracing::warn!("check-in: {e}"),
+            }
+        }
+    }
+
+    /// Refuses a device that is not active, or anyone when the auth role has
+    /// been unreachable for two intervals and the policy is fail-closed.
+    pub fn check(&self, device: &str) -> Result<(), HttpError> {
+        if let Some(state) = self.states.read().expect("states lock").get(device) {
+            let code = state.error_code().unwrap_or("forbidden");
+            return Err(HttpError::new(StatusCode::FORBIDDEN, code, format!("device is {state}")));
+        }
+        if let Some(last_ok) = &self.last_ok {
+            let stale = last_ok.lock().expect("checkin lock").elapsed() > 2 * self.interval;
+            if stale && self.policy == AuthUnreachable::FailClosed {
+                return Err(HttpError::unavailable(
+                    "auth_unreachable",
+                    "the auth server is unreachable and this node fails closed",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn checked_in(&self, cursor: u64) {
+        self.cursor.store(cursor, Ordering::Relaxed);
+        if let Some(last_ok) = &self.last_ok {
+            *last_ok.lock().expect("checkin lock") = Instant::now();
+        }
+    }
+}
+
+/// Polls the auth role's check-in feed every interval, forever.
+pub async fn poll_upstream(app: Arc<App>) {
+    let Some(storage) = app.storage.as_ref() else { return };
+    let upstream = app.config.upstream.clone().unwrap_or_default();
+    let token = app.admin_token.clone().map(|t| String::from_utf8_lossy(&t).into_owned());
+    let mut ticker = tokio::time::interval(storage.states.interval);
+    loop {
+        ticker.tick().await;
+        let url = format!(
+            "{}/v1/checkin?since={}",
+            upstream.trim_end_matches('/'),
+            storage.states.cursor.load(Ordering::Relaxed)
+        );
+        let token = token.clone();
+        let fetched = tokio::task::spawn_blocking(move || -> Result<CheckinResponse, String> {
+            let mut req = ureq::get(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
+            if let Some(t) = &token {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            req.call().map_err(|e| e.to_string())?.body_mut().read_json().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match fetched {
+            Ok(feed) => {
+                storage.states.apply(&feed.changes);
+                storage.states.checked_in(feed.cursor);
+            }
+            Err(e) => {
+                app.metrics.checkin_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("check-in with {upstream} failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(state: &str) -> DeviceChange {
+        DeviceChange { device_id: "d".into(), tenant: "t".into(), state: state.into() }
+    }
+
+    #[test]
+    fn states_block_and_allow() {
+        let s = DeviceStates::new(true, AuthUnreachable::FailClosed, Duration::from_secs(1));
+        s.check("d").unwrap();
+        s.apply(&[change("wiped")]);
+        assert_eq!(s.check("d").unwrap_err().code, "device_wiped");
+        s.apply(&[change("blocked"), change("active")]);
+        s.check("d").unwrap();
+    }
+
+    #[test]
+    fn stale_checkin_fails_closed_or_open() {
+        let closed = DeviceStates::new(false, AuthUnreachable::FailClosed, Duration::ZERO);
+        assert_eq!(closed.check("d").unwrap_err().code, "auth_unreachable");
+        let open = DeviceStates::new(false, AuthUnreachable::FailOpen, Duration::ZERO);
+        open.check("d").unwrap();
+    }
+}

@@ -1,0 +1,446 @@
+//! Route handlers: extract, call the library on the blocking pool, map the
+//! result. Bodies are read with an explicit bound and parsed by `api`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::Utc;
+
+use super::error::HttpError;
+use super::{App, Role};
+use crate::api::{self, *};
+use crate::auth::token::SessionClaims;
+use crate::auth::DeviceState;
+use crate::id::{BlobId, SnapshotId};
+
+type AppState = State<Arc<App>>;
+type Reply<T> = Result<T, HttpError>;
+
+/// Default deployment token lifetime: 30 days.
+const DEFAULT_DEPLOYMENT_TTL: u64 = 30 * 86_400;
+/// Bytes per message of a streamed file read.
+const STREAM_PIECE: usize = 256 * 1024;
+
+/// The routes of the configured role, with metrics around all of them.
+pub fn router(app: Arc<App>) -> Router {
+    let mut r = Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(metrics));
+    let role = app.config.role;
+    if matches!(role, Role::All | Role::Auth) {
+        r = r
+            .route("/v1/activate", post(activate))
+            .route("/v1/session", post(session))
+            .route("/v1/session-key", get(session_key))
+            .route("/v1/checkin", get(checkin))
+            .route("/v1/admin/deployment-tokens", post(create_deployment_token))
+            .route("/v1/admin/devices", get(devices))
+            .route("/v1/admin/devices/{id}/{action}", post(device_action));
+    }
+    // An edge relays device authentication to the auth role; so does a
+    // storage node, so that a device needs one URL in either deployment.
+    if matches!(role, Role::Edge | Role::Storage) {
+        r = r.route("/v1/activate", post(relay)).route("/v1/session", post(relay));
+    }
+    if matches!(role, Role::All | Role::Storage) {
+        r = r
+            .route("/v1/chunking", get(chunking))
+            .route("/v1/chunks/missing", post(missing))
+            .route("/v1/chunks/{id}", put(put_chunk))
+            .route("/v1/snapshots", post(commit).get(snapshots))
+            .route("/v1/snapshots/{id}/tree", get(tree))
+            .route("/v1/snapshots/{id}/file", get(file));
+    }
+    r.fallback(|| async { HttpError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(app.clone(), measure))
+        // Bodies are bounded per route by `read_body`, with a JSON 413.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Records each request's route, status, sizes and latency.
+async fn measure(State(app): AppState, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
+    let bytes_in = content_length(req.headers());
+    let resp = next.run(req).await;
+    let bytes_out = content_length(resp.headers());
+    app.metrics.record(&route, resp.status().as_u16(), bytes_in, bytes_out, started.elapsed().as_secs_f64());
+    resp
+}
+
+fn content_length(h: &HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Reads a body of at most `limit` bytes; a larger one is a JSON 413.
+async fn read_body(body: Body, limit: usize) -> Reply<Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| api::ApiError::TooLarge(limit).into())
+}
+
+async fn parse<T: serde::de::DeserializeOwned + Validate>(body: Body, limit: usize) -> Reply<T> {
+    let bytes = read_body(body, limit).await?;
+    Ok(api::parse_body(&bytes, limit)?)
+}
+
+/// Runs blocking library work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + Send + 'static) -> Reply<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| HttpError::internal("worker", e))?
+}
+
+async fn metrics(State(app): AppState) -> impl IntoResponse {
+    let ingest = app.storage.as_ref().map(|s| s.tenants.stats().as_ref());
+    let text = app.metrics.render(ingest, Utc::now().timestamp());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+// ---- auth role ----
+
+async fn activate(
+    State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Body,
+) -> Reply<Json<ActivateResponse>> {
+    let auth = app.auth()?;
+    auth.limiter.check(peer.ip(), app.config.activation_failures_per_minute)?;
+    let req: ActivateRequest = match parse(body, MAX_JSON_BODY).await {
+        Ok(r) => r,
+        Err(e) => {
+            auth.limiter.failed(peer.ip());
+            return Err(e);
+        }
+    };
+    let app2 = app.clone();
+    let result = blocking(move || {
+        let auth = app2.auth()?;
+        let (tenant, device_token) =
+            auth.registry.activate(&req.deployment_token, &req.email, &req.device_id, Utc::now())?;
+        tracing::info!("device {} of {} activated in tenant {tenant}", req.device_id, req.email);
+        Ok(ActivateResponse { device_token })
+    })
+    .await;
+    if result.is_err() {
+        auth.limiter.failed(peer.ip());
+    }
+    result.map(Json)
+}
+
+async fn session(State(app): AppState, body: Body) -> Reply<Json<SessionResponse>> {
+    let req: SessionRequest = parse(body, MAX_JSON_BODY).await?;
+    blocking(move || {
+        let auth = app.auth()?;
+        let now = Utc::now();
+        let id = auth.registry.authenticate_device(&req.device_token, &req.email, &req.device_id, now)?;
+        let expires_at = now + Duration::from_secs(app.config.session_ttl_secs);
+        let claims = SessionClaims {
+            tenant: id.tenant,
+            user: id.email,
+            device: id.device_id,
+            expires: expires_at.timestamp(),
+            token_id: rand::random(),
+        };
+        Ok(Json(SessionResponse {
+            session_token: auth.signer.sign(&claims),
+            expires_at,
+            policies: Policies { allow_restore_to_other_device: true, allow_open_in: true },
+        }))
+    })
+    .await
+}
+
+async fn session_key(State(app): AppState) -> Reply<Json<SessionKey>> {
+    Ok(Json(SessionKey { public_key: app.auth()?.signer.verifier().public_hex() }))
+}
+
+async fn checkin(
+    State(app): AppState,
+    headers: HeaderMap,
+    query: Query<HashMap<String, String>>,
+) -> Reply<Json<CheckinResponse>> {
+    app.require_admin(&headers)?;
+    let since = match query.get("since") {
+        Some(s) => s.parse::<u64>().map_err(|_| HttpError::bad_request("since: a number"))?,
+        None => 0,
+    };
+    blocking(move || {
+        let (cursor, changes) = app.auth()?.registry.changes_since(since, 10_000)?;
+        Ok(Json(CheckinResponse { cursor, changes }))
+    })
+    .await
+}
+
+async fn create_deployment_token(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Body,
+) -> Reply<Json<DeploymentTokenCreated>> {
+    app.require_admin(&headers)?;
+    let req: CreateDeploymentToken = parse(body, MAX_JSON_BODY).await?;
+    blocking(move || {
+        // The tenant's repository is created with its first deployment token.
+        if let Some(storage) = &app.storage {
+            storage.tenants.get(&req.tenant)?;
+        }
+        let now = Utc::now();
+        let expires_at = now + Duration::from_secs(req.expires_in_secs.unwrap_or(DEFAULT_DEPLOYMENT_TTL));
+        let token = app.auth()?.registry.create_deployment_token(&req.tenant, expires_at, req.max_activations, now)?;
+        tracing::info!("deployment token created for tenant {}", req.tenant);
+        Ok(Json(DeploymentTokenCreated { token, tenant: req.tenant, expires_at }))
+    })
+    .await
+}
+
+async fn devices(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<DeviceInfo>>> {
+    app.require_admin(&headers)?;
+    blocking(move || Ok(Json(app.auth()?.registry.devices()?))).await
+}
+
+async fn device_action(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Reply<Json<DeviceChange>> {
+    app.require_admin(&headers)?;
+    api::check_device_id(&id).map_err(HttpError::bad_request)?;
+    let state = match action.as_str() {
+        "retire" => DeviceState::Retired,
+        "block" => DeviceState::Blocked,
+        "allow" => DeviceState::Active,
+        "wipe" => DeviceState::Wiped,
+        _ => return Err(HttpError::not_found("actions: retire, block, allow, wipe")),
+    };
+    blocking(move || {
+        let change = app.auth()?.registry.set_state(&id, state)?;
+        // In the `all` role the storage side learns at once.
+        if let Some(storage) = &app.storage {
+            storage.states.apply(std::slice::from_ref(&change));
+        }
+        tracing::info!("device {id} is now {state}");
+        Ok(Json(change))
+    })
+    .await
+}
+
+// ---- edge role ----
+
+/// Forwards an activation or session request to the auth role unchanged.
+async fn relay(State(app): AppState, path: MatchedPath, body: Body) -> Reply<Response> {
+    let bytes = read_body(body, MAX_JSON_BODY).await?;
+    let url = format!("{}{}", app.config.upstream.as_deref().unwrap_or_default().trim_end_matches('/'), path.as_str());
+    blocking(move || {
+        let resp = ureq::post(&url)
+            .config()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .header("Content-Type", "application/json")
+            .send(&bytes[..])
+            .map_err(|e| HttpError::unavailable("upstream_unreachable", format!("auth server: {e}")))?;
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let body = resp
+            .into_body()
+            .with_config()
+            .limit(MAX_JSON_BODY as u64)
+            .read_to_vec()
+            .map_err(|e| HttpError::unavailable("upstream_unreachable", format!("auth server: {e}")))?;
+        Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+    })
+    .await
+}
+
+// ---- storage role ----
+
+fn snapshot_id(s: &str) -> Reply<SnapshotId> {
+    s.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("snapshot id: {e}")))
+}
+
+async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunking>> {
+    let owner = app.session(&headers)?;
+    blocking(move || {
+        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let repo = tenant.repo();
+        let p = repo.config().chunker;
+        Ok(Json(Chunking {
+            min_size: p.min_size,
+            avg_size: p.avg_size,
+            max_size: p.max_size,
+            seed: repo.chunker_seed(),
+            id_key: hex::encode(repo.id_key().as_bytes()),
+        }))
+    })
+    .await
+}
+
+async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<MissingResponse>> {
+    let owner = app.session(&headers)?;
+    let req: MissingRequest = parse(body, MAX_MANIFEST_BODY).await?;
+    blocking(move || {
+        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        Ok(Json(MissingResponse { missing: tenant.missing(&req.chunks) }))
+    })
+    .await
+}
+
+async fn put_chunk(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<StatusCode> {
+    let owner = app.session(&headers)?;
+    let id: BlobId =
+        id.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("chunk id: {e}")))?;
+    let app2 = app.clone();
+    let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
+    // One byte over the maximum is enough to know it is too large.
+    let max = tenant.repo().config().chunker.max_size as usize;
+    let data = axum::body::to_bytes(body, max + 1).await.map_err(|_| {
+        HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "chunk_too_large", format!("chunks are at most {max} bytes"))
+    })?;
+    let new = blocking(move || Ok(tenant.put_chunk(id, data.to_vec())?)).await?;
+    Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
+}
+
+async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<CommitResponse>> {
+    let owner = app.session(&headers)?;
+    let req: CommitRequest = parse(body, MAX_MANIFEST_BODY).await?;
+    blocking(move || {
+        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        Ok(Json(tenant.commit(owner, req)?))
+    })
+    .await
+}
+
+async fn snapshots(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<SnapshotInfo>>> {
+    let owner = app.session(&headers)?;
+    blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.snapshots(&owner)?))).await
+}
+
+async fn tree(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<Json<Vec<TreeEntry>>> {
+    let owner = app.session(&headers)?;
+    let id = snapshot_id(&id)?;
+    let path = q.get("path").cloned().unwrap_or_default();
+    blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.tree(&owner, &id, &path)?))).await
+}
+
+/// A file's bytes, whole or one `Range: bytes=` range, streamed through a
+/// bounded channel as chunks are read and verified.
+async fn file(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Reply<Response> {
+    let owner = app.session(&headers)?;
+    let id = snapshot_id(&id)?;
+    let path = q.get("path").cloned().ok_or_else(|| HttpError::bad_request("path is required"))?;
+    let (tenant, node) = blocking(move || {
+        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let node = tenant.file(&owner, &id, &path)?;
+        Ok((tenant, node))
+    })
+    .await?;
+    let size = node.size;
+    let range = headers.get(header::RANGE).map(|v| parse_range(v.to_str().unwrap_or(""), size)).transpose()?;
+    let (start, end) = range.unwrap_or((0, size));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_PIECE) };
+        let result = tenant.read_file(&node, start, end, &mut out).map_err(|e| e.to_string()).and_then(|_| {
+            use std::io::Write;
+            out.flush().map_err(|e| e.to_string())
+        });
+        if let Err(e) = result {
+            // Abort the body: the client sees a short read, never wrong bytes.
+            tracing::error!("reading {} of a snapshot: {e}", node.name_lossy());
+            let _ = tx.blocking_send(Err(std::io::Error::other("read failed")));
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if range.is_some() {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let v = format!("bytes {start}-{}/{size}", end.saturating_sub(1));
+        resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&v).expect("ascii"));
+    }
+    Ok(resp)
+}
+
+/// Parses one `bytes=` range into `start..end` (end exclusive) within `size`.
+fn parse_range(value: &str, size: u64) -> Reply<(u64, u64)> {
+    let bad = || {
+        HttpError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "bad_range",
+            format!("one satisfiable bytes= range of {size}"),
+        )
+    };
+    let spec = value.strip_prefix("bytes=").ok_or_else(bad)?;
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().map_err(|_| bad())?;
+            (size.saturating_sub(n), size)
+        }
+        (a, "") => (a.parse().map_err(|_| bad())?, size),
+        (a, b) => {
+            let last: u64 = b.parse().map_err(|_| bad())?;
+            (a.parse().map_err(|_| bad())?, last.saturating_add(1).min(size))
+        }
+    };
+    if start >= end {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
+/// A `Write` that sends pieces of a bounded size into the response channel.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= STREAM_PIECE {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_PIECE)));
+        self.tx.blocking_send(Ok(piece)).map_err(|_| std::io::Error::other("client went away"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), (0, 10));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), (90, 100));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), (90, 100));
+        assert_eq!(parse_range("bytes=95-200", 100).unwrap(), (95, 100));
+        for bad in ["bytes=100-", "bytes=5-4", "items=0-1", "bytes=a-b", "bytes=0-1,3-4", ""] {
+            assert!(parse_range(bad, 100).is_err(), "{bad}");
+        }
+    }
+}

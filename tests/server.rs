@@ -1,0 +1,596 @@
+//! The real server over loopback, driven by the real device and admin
+//! clients (the binary) and by raw HTTP for hostile input.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pseudo_random, PASSWORD};
+
+const ADMIN: &str = "test admin token";
+const BIN: &str = env!("CARGO_BIN_EXE_chunkvault");
+
+/// A running `chunkvault serve`, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// Starts `serve` with cheap tenant keys plus `args`, and waits for its
+    /// `listening on` line (bounded by the read: the process exits on error).
+    fn start(root: &Path, args: &[&str]) -> Server {
+        Server::start_at(root, "127.0.0.1:0", args)
+    }
+
+    fn start_at(root: &Path, listen: &str, args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", listen, "--root", root.to_str().unwrap()])
+            .args(["--tenant-kdf-memory-kib", "1024", "--tenant-kdf-iterations", "1"])
+            .args(args)
+            .env("CHUNKVAULT_PASSWORD", PASSWORD)
+            .env("CHUNKVAULT_ADMIN_TOKEN", ADMIN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read server stdout");
+        let url =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("server said {line:?}")).to_owned();
+        Server { child, url }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run chunkvault")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn admin(url: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["admin", "--server", url]).args(args).env("CHUNKVAULT_ADMIN_TOKEN", ADMIN);
+    c
+}
+
+fn deployment_token(url: &str, tenant: &str) -> String {
+    ok(run(&mut admin(url, &["deployment-token", "create", "--tenant", tenant]))).trim().to_owned()
+}
+
+/// One device: its state directory and managed config.
+struct Dev {
+    state: PathBuf,
+}
+
+impl Dev {
+    /// Writes a managed config and activates silently.
+    fn activate(dir: &Path, url: &str, token: &str, email: &str, id: &str) -> Dev {
+        let state = dir.join(format!("state-{id}"));
+        let mc = dir.join(format!("managed-{id}.json"));
+        let config =
+            serde_json::json!({"serverURL": url, "userEmail": email, "deploymentToken": token, "deviceId": id});
+        std::fs::write(&mc, config.to_string()).unwrap();
+        let dev = Dev { state };
+        ok(run(&mut dev.cmd(&["activate", "--managed-config", mc.to_str().unwrap()])));
+        dev
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("device").args(args).env("CHUNKVAULT_DEVICE_STATE", &self.state);
+        c
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&ok(run(&mut self.cmd(&a)))).unwrap()
+    }
+
+    fn backup(&self, path: &Path) -> serde_json::Value {
+        self.json(&["backup", path.to_str().unwrap()])
+    }
+
+    fn restore(&self, snapshot: &str, target: &Path) -> serde_json::Value {
+        self.json(&["restore", snapshot, "--target", target.to_str().unwrap()])
+    }
+
+    /// The session token the device cached on its last call.
+    fn session(&self) -> String {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.state.join("state.json")).unwrap()).unwrap();
+        state["session"]["token"].as_str().expect("a cached session").to_owned()
+    }
+
+    fn state_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.state.join("state.json")).unwrap()).unwrap()
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// Status and body of a request.
+fn http(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let a = agent();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match (method, body) {
+        ("GET", _) => {
+            let mut r = a.get(url);
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.call()
+        }
+        (m, b) => {
+            let mut r = if m == "PUT" { a.put(url) } else { a.post(url) };
+            if let Some(h) = &auth {
+                r = r.header("Authorization", h);
+            }
+            r.send(b.unwrap_or_default())
+        }
+    };
+    let mut resp = resp.expect("http");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap())
+}
+
+/// The error code of a JSON error body.
+fn code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    v["error"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Polls `f` until it returns true, for at most `secs` seconds.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn make_data(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir.join("docs/deeper")).unwrap();
+    std::fs::write(dir.join("notes.txt"), format!("notes {seed}\n").repeat(100)).unwrap();
+    std::fs::write(dir.join("docs/photo.bin"), pseudo_random(700_000, seed)).unwrap();
+    std::fs::write(dir.join("docs/deeper/empty"), b"").unwrap();
+    std::fs::set_permissions(dir.join("notes.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+}
+
+/// Every regular file below `a` is in `b` with the same bytes, mode and mtime.
+fn assert_same_files(a: &Path, b: &Path) {
+    let (sa, sb) = (common::scan(a), common::scan(b));
+    let files = |s: &std::collections::BTreeMap<PathBuf, common::Entry>| {
+        s.iter().filter(|(_, e)| e.kind == "file").map(|(p, _)| p.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(files(&sa), files(&sb));
+    for p in files(&sa) {
+        let (ea, eb) = (&sa[&p], &sb[&p]);
+        assert!(ea.content == eb.content, "{p:?} content");
+        assert_eq!((ea.mode, ea.mtime), (eb.mode, eb.mtime), "{p:?} metadata");
+    }
+}
+
+#[test]
+fn device_flow_from_deployment_token_to_restore_with_isolation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let token = deployment_token(&server.url, "acme");
+    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone-a");
+    assert_eq!(std::fs::metadata(&phone.state).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(phone.state.join("state.json")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let data = dir.path().join("data");
+    make_data(&data, 1);
+    let first = phone.backup(&data);
+    assert!(first["chunks_uploaded"].as_u64().unwrap() > 0);
+    let id = first["id"].as_str().unwrap().to_owned();
+    let again = phone.backup(&data);
+    assert_eq!(again["chunks_uploaded"], 0, "unchanged data uploads nothing");
+
+    let target = dir.path().join("restore-phone");
+    phone.restore(&id, &target);
+    assert_same_files(&data, &common::restored(&target, &data));
+
+    // The same user's second device restores the first device's snapshot,
+    // and its own backup of the same data uploads no chunk (source-side dedup).
+    let laptop = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "laptop-a");
+    let listed = laptop.json(&["snapshots"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let target2 = dir.path().join("restore-laptop");
+    laptop.restore(&id[..10], &target2);
+    assert_same_files(&data, &common::restored(&target2, &data));
+    assert_eq!(laptop.backup(&data)["chunks_uploaded"], 0);
+
+    // Another user of the tenant sees none of it and cannot read it.
+    let bob = Dev::activate(dir.path(), &server.url, &token, "b@acme.com", "phone-b");
+    assert!(bob.json(&["snapshots"]).as_array().unwrap().is_empty());
+    let bob_session = bob.session();
+    let tree = format!("{}/v1/snapshots/{id}/tree?path=", server.url);
+    assert_eq!(http("GET", &tree, Some(&bob_session), None).0, 403);
+    let file = format!("{}/v1/snapshots/{id}/file?path={}/notes.txt", server.url, &data.to_str().unwrap()[1..]);
+    let (status, body) = http("GET", &file, Some(&bob_session), None);
+    assert_eq!((status, code(&body).as_str()), (403, "forbidden"));
+
+    // Another tenant's device: its tokens act only on its own repository.
+    let globex = Dev::activate(dir.path(), &server.url, &deployment_token(&server.url, "globex"), "a@acme.com", "g1");
+    assert!(globex.json(&["snapshots"]).as_array().unwrap().is_empty());
+    assert_eq!(http("GET", &tree, Some(&globex.session()), None).0, 404);
+    let acme_session = phone.session();
+    assert_eq!(http("GET", &tree, Some(&acme_session), None).0, 200);
+
+    // A range of a file.
+    let mut req = agent().get(&file).header("Authorization", &format!("Bearer {acme_session}"));
+    req = req.header("Range", "bytes=6-9");
+    let mut resp = req.call().unwrap();
+    assert_eq!(resp.status().as_u16(), 206);
+    assert_eq!(resp.body_mut().read_to_vec().unwrap(), b"1\nno");
+
+    let devices: serde_json::Value =
+        serde_json::from_str(&ok(run(&mut admin(&server.url, &["devices", "--json"])))).unwrap();
+    assert_eq!(devices.as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn expired_forged_truncated_and_foreign_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &["--session-ttl-secs", "2"]);
+    let other = Server::start(&dir.path().join("other-root"), &[]);
+    let dev = Dev::activate(dir.path(), &server.url, &deployment_token(&server.url, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let session = dev.session();
+    let list = format!("{}/v1/snapshots", server.url);
+    assert_eq!(http("GET", &list, Some(&session), None).0, 200);
+
+    let refused = |token: &str| {
+        let (status, body) = http("GET", &list, Some(token), None);
+        (status, code(&body))
+    };
+    let truncated = &session[..session.len() - 5];
+    assert_eq!(refused(truncated), (401, "invalid_token".into()));
+    let (head, sig) = session.rsplit_once('.').unwrap();
+    let flipped = if head.ends_with('A') { 'B' } else { 'A' };
+    let forged = format!("{}{flipped}.{sig}", &head[..head.len() - 1]);
+    assert_eq!(refused(&forged).0, 401);
+    assert_eq!(refused("").0, 401);
+    assert_eq!(refused(dev.state_json()["device_token"].as_str().unwrap()).0, 401);
+    assert_eq!(http("GET", &list, None, None).0, 401);
+
+    // A session signed by another auth server (another key) is refused.
+    let foreign = Dev::activate(dir.path(), &other.url, &deployment_token(&other.url, "acme"), "a@acme.com", "d2");
+    foreign.json(&["snapshots"]);
+    assert_eq!(refused(&foreign.session()), (401, "invalid_token".into()));
+
+    // Admin routes need the admin token.
+    let devices = format!("{}/v1/admin/devices", server.url);
+    assert_eq!(http("GET", &devices, None, None).0, 401);
+    assert_eq!(http("GET", &devices, Some("wrong"), None).0, 401);
+    assert_eq!(http("GET", &devices, Some(&session), None).0, 401);
+
+    eventually(10, "the session to expire", || refused(&session) == (401, "token_expired".into()));
+}
+
+#[test]
+fn hostile_input_gets_json_errors_and_the_right_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let u = &server.url;
+    let dev = Dev::activate(dir.path(), u, &deployment_token(u, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let s = dev.session();
+    let s = Some(s.as_str());
+
+    let oversized = vec![7u8; (4 << 20) + 1];
+    let id = "a".repeat(64);
+    let (status, body) = http("PUT", &format!("{u}/v1/chunks/{id}"), s, Some(&oversized));
+    assert_eq!((status, code(&body).as_str()), (413, "chunk_too_large"));
+    let (status, body) = http("POST", &format!("{u}/v1/chunks/missing"), s, Some(&vec![b' '; 65 << 20]));
+    assert_eq!((status, code(&body).as_str()), (413, "too_large"));
+    let (status, body) = http("POST", &format!("{u}/v1/session"), None, Some(&vec![b' '; 100_000]));
+    assert_eq!((status, code(&body).as_str()), (413, "too_large"));
+    let (status, body) = http("POST", &format!("{u}/v1/chunks/missing"), s, Some(b"{\"chunks\": [1,"));
+    assert_eq!((status, code(&body).as_str()), (400, "malformed_json"));
+    let (status, body) = http("PUT", &format!("{u}/v1/chunks/..%2Fetc"), s, Some(b"x"));
+    assert_eq!((status, code(&body).as_str()), (400, "bad_id"));
+    let (status, body) = http("GET", &format!("{u}/v1/snapshots/zz/tree?path="), s, None);
+    assert_eq!((status, code(&body).as_str()), (400, "bad_id"));
+    let (status, body) = http("PUT", &format!("{u}/v1/chunks/{id}"), s, Some(b"not the content of that id"));
+    assert_eq!((status, code(&body).as_str()), (400, "chunk_mismatch"));
+    let commit = serde_json::json!({"hostname": "h", "paths": ["/x"], "files": [
+        {"path": "x", "mode": 420, "mtime": 0, "size": 1, "chunks": [id]}]});
+    let (status, body) = http("POST", &format!("{u}/v1/snapshots"), s, Some(commit.to_string().as_bytes()));
+    assert_eq!((status, code(&body).as_str()), (409, "missing_chunks"));
+    let escape = serde_json::json!({"hostname": "h", "paths": ["/x"], "files": [
+        {"path": "../etc/passwd", "mode": 420, "mtime": 0, "size": 0, "chunks": []}]});
+    let (status, body) = http("POST", &format!("{u}/v1/snapshots"), s, Some(escape.to_string().as_bytes()));
+    assert_eq!((status, code(&body).as_str()), (400, "invalid_request"));
+    let (status, body) = http("GET", &format!("{u}/v1/nope"), None, None);
+    assert_eq!((status, code(&body).as_str()), (404, "not_found"));
+    let (status, _) = http("GET", &format!("{u}/healthz"), None, None);
+    assert_eq!(status, 200);
+
+    // Guessing deployment tokens is throttled per address.
+    let guess = serde_json::json!({"deployment_token": "cvdt_guess", "email": "x@y.z", "device_id": "g"}).to_string();
+    let statuses: Vec<u16> =
+        (0..25).map(|_| http("POST", &format!("{u}/v1/activate"), None, Some(guess.as_bytes())).0).collect();
+    assert_eq!(statuses[0], 401);
+    assert_eq!(*statuses.last().unwrap(), 429);
+    let (_, body) = http("POST", &format!("{u}/v1/activate"), None, Some(guess.as_bytes()));
+    assert_eq!(code(&body), "too_many_attempts");
+}
+
+/// An auth server and a storage node checking in with it every second.
+fn auth_and_storage(dir: &Path, policy: &str) -> (Server, Server) {
+    let auth = Server::start(&dir.join("auth-root"), &["--role", "auth"]);
+    let storage = Server::start(
+        &dir.join(format!("storage-root-{policy}")),
+        &["--role", "storage", "--upstream", &auth.url, "--checkin-interval-secs", "1", "--auth-unreachable", policy],
+    );
+    (auth, storage)
+}
+
+#[test]
+fn retire_block_and_wipe_reach_issued_sessions_at_check_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, storage) = auth_and_storage(dir.path(), "fail_closed");
+    let token = deployment_token(&auth.url, "acme");
+    // Devices know one URL: the storage node relays activation and sessions.
+    let retired = Dev::activate(dir.path(), &storage.url, &token, "a@acme.com", "retired");
+    let blocked = Dev::activate(dir.path(), &storage.url, &token, "b@acme.com", "blocked");
+    let wiped = Dev::activate(dir.path(), &storage.url, &token, "c@acme.com", "wiped");
+    let data = dir.path().join("data");
+    make_data(&data, 3);
+    let id = wiped.backup(&data)["id"].as_str().unwrap().to_owned();
+    let restored_to = dir.path().join("restored");
+    wiped.restore(&id, &restored_to);
+    assert!(common::restored(&restored_to, &data).join("notes.txt").exists());
+    retired.json(&["snapshots"]);
+    blocked.json(&["snapshots"]);
+    let sessions: Vec<String> = [&retired, &blocked, &wiped].iter().map(|d| d.session()).collect();
+
+    let list = format!("{}/v1/snapshots", storage.url);
+    let status_of = |s: &str| {
+        let (status, body) = http("GET", &list, Some(s), None);
+        (status, code(&body))
+    };
+    for (dev, action, expect) in [
+        ("retired", "retire", "device_retired"),
+        ("blocked", "block", "device_blocked"),
+        ("wiped", "wipe", "device_wiped"),
+    ] {
+        ok(run(&mut admin(&auth.url, &["device", action, dev])));
+        let session = &sessions[["retired", "blocked", "wiped"].iter().position(|d| *d == dev).unwrap()];
+        eventually(10, expect, || status_of(session) == (403, expect.to_owned()));
+    }
+
+    // The clients learn on their next call: retired and wiped log out
+    // (wiped also deletes what it restored); blocked keeps its state.
+    let out = run(&mut retired.cmd(&["snapshots"]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("device_retired"));
+    assert!(!retired.state.exists(), "a retired device clears its state");
+    assert_eq!(wiped.json(&["status"])["state"], "device_wiped");
+    assert!(!wiped.state.exists(), "a wiped device clears its state");
+    assert!(!common::restored(&restored_to, &data).exists(), "a wiped device deletes what it restored");
+    assert!(!run(&mut blocked.cmd(&["snapshots"])).status.success());
+    assert!(blocked.state.exists(), "a blocked device keeps its activation");
+
+    ok(run(&mut admin(&auth.url, &["device", "allow", "blocked"])));
+    eventually(10, "allow", || status_of(&sessions[1]).0 == 200);
+    blocked.json(&["snapshots"]);
+    let devices = ok(run(&mut admin(&auth.url, &["devices"])));
+    assert!(devices.contains("retired") && devices.contains("wiped"));
+}
+
+#[test]
+fn edge_relays_activation_and_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let edge = Server::start(&dir.path().join("edge-root"), &["--role", "edge", "--upstream", &server.url]);
+    let token = deployment_token(&server.url, "acme");
+    let body = serde_json::json!({"deployment_token": token, "email": "a@acme.com", "device_id": "e1"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/activate", edge.url), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let device_token =
+        serde_json::from_slice::<serde_json::Value>(&resp).unwrap()["device_token"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"device_token": device_token, "email": "a@acme.com", "device_id": "e1"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/session", edge.url), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let session: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(session["policies"]["allow_restore_to_other_device"], true);
+    let list = format!("{}/v1/snapshots", server.url);
+    assert_eq!(http("GET", &list, session["session_token"].as_str(), None).0, 200);
+    // Refusals come back through the edge as they are.
+    let bad = serde_json::json!({"device_token": "cvdv_x", "email": "a@acme.com", "device_id": "e1"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/session", edge.url), None, Some(bad.as_bytes()));
+    assert_eq!((status, code(&resp).as_str()), (401, "invalid_token"));
+    // The edge serves no storage routes.
+    assert_eq!(http("GET", &format!("{}/v1/snapshots", edge.url), None, None).0, 404);
+}
+
+#[test]
+fn storage_fails_open_or_closed_as_configured_when_auth_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut auth, closed) = auth_and_storage(dir.path(), "fail_closed");
+    let open = Server::start(
+        &dir.path().join("storage-root-open"),
+        &[
+            "--role",
+            "storage",
+            "--upstream",
+            &auth.url,
+            "--checkin-interval-secs",
+            "1",
+            "--auth-unreachable",
+            "fail_open",
+        ],
+    );
+    let dev = Dev::activate(dir.path(), &closed.url, &deployment_token(&auth.url, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let session = dev.session();
+    let list = |s: &Server| {
+        let (status, body) = http("GET", &format!("{}/v1/snapshots", s.url), Some(&session), None);
+        (status, code(&body))
+    };
+    assert_eq!(list(&closed).0, 200);
+    assert_eq!(list(&open).0, 200);
+
+    auth.kill();
+    eventually(20, "fail-closed node to refuse", || list(&closed) == (503, "auth_unreachable".into()));
+    // The fail-open node has missed as many check-ins and still serves.
+    let failures = || {
+        let (_, m) = http("GET", &format!("{}/metrics", open.url), None, None);
+        let text = String::from_utf8(m).unwrap();
+        let line = text.lines().find(|l| l.starts_with("chunkvault_checkin_failures_total ")).unwrap().to_owned();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    eventually(20, "fail-open node to miss check-ins", || failures() >= 3);
+    assert_eq!(list(&open).0, 200);
+}
+
+#[test]
+fn sigkill_during_concurrent_backups_loses_only_unacknowledged_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = Server::start(&root, &[]);
+    let token = deployment_token(&server.url, "acme");
+    let shared = pseudo_random(600_000, 99);
+    let devices: Vec<(Dev, PathBuf)> = (0..8)
+        .map(|i| {
+            let dev = Dev::activate(dir.path(), &server.url, &token, &format!("u{}@acme.com", i % 4), &format!("d{i}"));
+            let data = dir.path().join(format!("data{i}"));
+            make_data(&data, 10 + i);
+            std::fs::write(data.join("big.bin"), pseudo_random(300_000 + 800_000 * i as usize, 20 + i)).unwrap();
+            std::fs::write(data.join("shared.bin"), &shared).unwrap();
+            (dev, data)
+        })
+        .collect();
+    let running: Vec<Child> = devices
+        .iter()
+        .map(|(dev, data)| {
+            dev.cmd(&["backup", data.to_str().unwrap(), "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Kill once a few snapshots are committed and the larger backups are
+    // still uploading (or done, on a very fast machine).
+    let committed = || {
+        let (_, m) = http("GET", &format!("{}/metrics", server.url), None, None);
+        let text = String::from_utf8(m).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("chunkvault_snapshots_committed_total "))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    eventually(60, "the first commits", || committed() >= 2);
+    server.kill();
+    let acknowledged: Vec<(String, &PathBuf)> = running
+        .into_iter()
+        .zip(&devices)
+        .filter_map(|(child, (_, data))| {
+            let out = child.wait_with_output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            out.status.success().then(|| (v["id"].as_str().unwrap().to_owned(), data))
+        })
+        .collect();
+
+    let repo = root.join("acme");
+    let local = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(args).env("CHUNKVAULT_REPO", &repo).env("CHUNKVAULT_PASSWORD", PASSWORD);
+        run(&mut c)
+    };
+    ok(local(&["check", "--read-data"]));
+    for (id, data) in &acknowledged {
+        let target = dir.path().join(format!("restore-{id}"));
+        ok(local(&["restore", id, "--target", target.to_str().unwrap()]));
+        assert_same_files(data, &common::restored(&target, data));
+    }
+
+    eprintln!("{} of 8 backups were acknowledged before the kill", acknowledged.len());
+    // After a restart every device backs up again (re-uploading what was lost).
+    let _restarted = Server::start_at(&root, server.url.trim_start_matches("http://"), &[]);
+    for (dev, data) in &devices {
+        assert_eq!(dev.backup(data)["files"], 5);
+    }
+    ok(local(&["check", "--read-data"]));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("root"), &[]);
+    assert_eq!(http("GET", &format!("{}/healthz", server.url), None, None).0, 200);
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let mut status = None;
+    eventually(30, "the server to exit", || {
+        status = server.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "exit after SIGTERM: {status:?}");
+}
+
+#[test]
+fn a_retire_before_a_restart_still_refuses_issued_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut server = Server::start(&root, &[]);
+    let dev = Dev::activate(dir.path(), &server.url, &deployment_token(&server.url, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let session = dev.session();
+    ok(run(&mut admin(&server.url, &["device", "retire", "d1"])));
+    server.kill();
+    let server = Server::start_at(&root, server.url.trim_start_matches("http://"), &[]);
+    let (status, body) = http("GET", &format!("{}/v1/snapshots", server.url), Some(&session), None);
+    assert_eq!((status, code(&body).as_str()), (403, "device_retired"));
+}
+
+#[test]
+fn managed_policy_can_forbid_restoring_another_devices_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let token = deployment_token(&server.url, "acme");
+    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let data = dir.path().join("data");
+    make_data(&data, 5);
+    let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
+    let mc = dir.path().join("strict.json");
+    let config = serde_json::json!({"serverURL": server.url, "userEmail": "a@acme.com", "deploymentToken": token,
+        "deviceId": "kiosk", "allowRestoreToOtherDevice": false});
+    std::fs::write(&mc, config.to_string()).unwrap();
+    let kiosk = Dev { state: dir.path().join("state-kiosk") };
+    ok(run(&mut kiosk.cmd(&["activate", "--managed-config", mc.to_str().unwrap()])));
+    let out = run(&mut kiosk.cmd(&["restore", &id, "--target", dir.path().join("t").to_str().unwrap()]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy"));
+    assert!(!dir.path().join("t").join(&data.to_str().unwrap()[1..]).exists());
+}
