@@ -41,6 +41,7 @@
 pub mod backend;
 pub mod backup;
 pub mod blob;
+pub mod cache;
 pub mod check;
 pub mod chunker;
 pub mod crypto;
