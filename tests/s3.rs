@@ -88,7 +88,7 @@ fn eight_devices_through_two_nodes_on_one_bucket() {
     for (device, src, child) in running {
         let out = wait_ok(child, &format!("backup of device {device}"));
         let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
-        snapshots.push((summary["id"].as_str().unwrap().to_owned(), src));
+        snapshots.push((summary["snapshot"].as_str().unwrap().to_owned(), src));
     }
     for node in 0..2 {
         for (id, src) in &snapshots {
