@@ -592,6 +592,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any string is either refused or parsed into a location that
+        /// prints back to the same bucket and prefix.
+        #[test]
+        fn location_parsing_is_total_and_roundtrips(url in "(s3://)?[a-z0-9./_ -]{0,40}") {
+            if let Ok(c) = S3Config::from_url(&url, env_of(FULL)) {
+                let again = S3Config::from_url(&c.location(), env_of(FULL)).unwrap();
+                proptest::prop_assert_eq!((&again.bucket, &again.prefix), (&c.bucket, &c.prefix));
+                proptest::prop_assert!(c.location().trim_end_matches('/') == url.trim_end_matches('/'));
+            }
+        }
+    }
+
     #[test]
     fn missing_settings_are_named() {
         for missing in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"] {
