@@ -139,7 +139,7 @@ start() {
         g 1 node connect "${ids[$((n - 1))]}" >&2
     done
     for n in "${NODES[@]}"; do
-        g 1 layout assign -z dc1 -c 1G "${ids[$((n - 1))]%%@*}" >&2
+        g 1 layout assign -z dc1 -c 10G "${ids[$((n - 1))]%%@*}" >&2
     done
     g 1 layout apply --version 1 >&2
     wait_for "the cluster to be healthy" 120 healthy

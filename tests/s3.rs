@@ -41,12 +41,13 @@ fn device_tree(root: &Path, device: u64) {
     fs::write(root.join("shared.bin"), pseudo_random(1 << 20, 7)).unwrap();
 }
 
-/// Polls `cond` until it holds, for at most `secs` seconds.
+/// Polls `cond` every 50 ms until it holds, for at most `secs` seconds.
 fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
+        // The poll interval, so the loop does not flood the store with LISTs.
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -152,7 +153,7 @@ fn a_storage_node_stopped_mid_backup_loses_nothing_committed() {
 
     let big = env.path("big");
     fs::create_dir(&big).unwrap();
-    for i in 0..24 {
+    for i in 0..64 {
         fs::write(big.join(format!("f{i}")), pseudo_random(1 << 20, 1000 + i)).unwrap();
     }
     let backend = env.backend();
