@@ -20,8 +20,9 @@
 //!   overwrites: an object already there with the same size is the same
 //!   object (names are content hashes or random ids), one with another size
 //!   is refused. The PUT itself is conditional (`If-None-Match: *`) for the
-//!   stores that honour it (AWS S3, MinIO, Ceph); Garage 2.x ignores that
-//!   header on PutObject, which is why the HEAD is there. The race between
+//!   stores that honour it (AWS S3, MinIO, Ceph); Garage 2.5 ignores that
+//!   header on PutObject (a second conditional PUT replaces the object),
+//!   which is why the HEAD is there. The race between
 //!   HEAD and PUT can only ever be two writers of identical bytes.
 //! - **Retries**: transient failures (5xx, 429, dropped connections) are
 //!   retried with exponential backoff by `object_store` ([`S3Config::max_retries`]).
