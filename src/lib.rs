@@ -43,6 +43,7 @@ pub mod auth;
 pub mod backend;
 pub mod backup;
 pub mod blob;
+pub mod cache;
 pub mod check;
 pub mod chunker;
 #[cfg(feature = "client")]

@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
+use chunkvault::backend::{FileType, ObjectKey};
 use common::{assert_same_tree, pseudo_random, restored, set_mtime, Env};
 
 /// Files, directories, symlinks (dangling too), empty files and directories,
@@ -129,23 +130,15 @@ fn missing_repository_and_bad_usage_have_distinct_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-fn first_pack(repo: &Path, want_kind: u8) -> std::path::PathBuf {
-    let mut packs: Vec<_> = walk_files(&repo.join("packs"));
-    packs.sort();
-    packs.into_iter().find(|p| fs::read(p).unwrap()[5] == want_kind).expect("a pack of that kind")
-}
-
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+/// The first pack (in key order) of a kind (1 data, 2 tree), with its bytes.
+fn first_pack(env: &Env, want_kind: u8) -> (ObjectKey, Vec<u8>) {
+    let backend = env.backend();
+    let packs = backend.list(FileType::Pack).unwrap();
+    packs
+        .into_iter()
+        .map(|(key, _)| (key, backend.get(&key).unwrap()))
+        .find(|(_, bytes)| bytes[5] == want_kind)
+        .expect("a pack of that kind")
 }
 
 #[test]
@@ -157,11 +150,12 @@ fn a_flipped_byte_in_a_pack_is_found_and_never_restored_silently() {
     env.backup(&src);
     assert_eq!(env.run(&["check", "--read-data"]).status.code(), Some(0));
 
-    let pack = first_pack(&env.repo, 1);
-    let mut bytes = fs::read(&pack).unwrap();
+    // Damage through the backend (objects are write-once: remove, then put).
+    let (pack, mut bytes) = first_pack(&env, 1);
     bytes[5000] ^= 0x01;
-    fs::set_permissions(&pack, fs::Permissions::from_mode(0o600)).unwrap();
-    fs::write(&pack, &bytes).unwrap();
+    let backend = env.backend();
+    backend.remove(&pack).unwrap();
+    backend.put(&pack, &bytes).unwrap();
 
     let check = env.run(&["check", "--read-data", "--json"]);
     assert_eq!(check.status.code(), Some(3));
@@ -241,6 +235,17 @@ fn key_add_list_remove() {
 #[test]
 fn key_and_repository_files_are_owner_only() {
     let env = Env::new();
+    if env.is_s3() {
+        // The bucket's access is the store's business; what chunkvault
+        // writes locally for it is the cache.
+        let src = env.path("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), b"a").unwrap();
+        env.backup(&src);
+        env.ok(&["ls", "latest"]);
+        assert_owner_only(&env.cache_dir());
+        return;
+    }
     let keys: Vec<_> = fs::read_dir(env.repo.join("keys")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(keys.len(), 1);
     for p in keys.iter().chain([&env.repo.join("config")]) {
@@ -268,4 +273,22 @@ fn unreadable_entries_are_warnings_not_failures() {
     assert_eq!(out.status.code(), Some(1), "a missing top-level path is an error");
     let snap = env.backup(&src);
     assert_eq!(snap["summary"]["files_new"], 1);
+}
+
+/// Every file below `dir` is 0600 and every directory 0700 (`dir` itself may
+/// be the test's, so only what is below it counts); and there are files.
+fn assert_owner_only(dir: &Path) {
+    let mut files = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let meta = fs::metadata(&p).unwrap();
+        if meta.is_dir() {
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{p:?}");
+            assert_owner_only(&p);
+        } else {
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{p:?}");
+        }
+        files += 1;
+    }
+    assert!(files > 0, "{dir:?} is empty");
 }

@@ -264,6 +264,10 @@ impl Backend for FaultyBackend {
         self.admit("remove", &key.path())?;
         self.inner.remove(key)
     }
+
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
 }
 
 #[cfg(test)]

@@ -8,14 +8,19 @@
 //! operations an object store (S3 and the like) does in one request each.
 //!
 //! [`LocalBackend`] stores objects as files in a directory;
+//! [`S3Backend`] (feature `s3`) in an S3-compatible bucket;
 //! [`FaultyBackend`] wraps any backend and injects failures, so crash-safety
 //! tests can fail every write point of an operation in turn.
 
 pub mod faulty;
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 pub use faulty::{Fault, FaultyBackend};
 pub use local::LocalBackend;
+#[cfg(feature = "s3")]
+pub use s3::{S3Backend, S3Config, S3Error};
 
 use std::fmt;
 
@@ -199,6 +204,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Deletes an object; `Ok` if it was already absent.
     fn remove(&self, key: &ObjectKey) -> Result<(), BackendError>;
+
+    /// Whether every read is a network round trip, so that keeping index
+    /// segments and tree packs in a local cache pays (see `crate::cache`).
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// Whether `key` exists in `backend`, asked through [`Backend::size`] so that

@@ -15,9 +15,10 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendError, FileType, LocalBackend, ObjectKey};
 use crate::blob::{BlobCodec, BlobError};
+use crate::cache::Cache;
 use crate::chunker::{Chunker, ChunkerError, ChunkerParams};
 use crate::crypto::{CryptoError, IdKey, KdfParams, MasterKey, Role};
-use crate::id::{BlobId, BlobKind, IndexId, KeyId, SnapshotId};
+use crate::id::{BlobId, BlobKind, IndexId, KeyId, PackId, SnapshotId};
 use crate::index::{Index, IndexSegment, SegmentError};
 use crate::pack::{self, PackError};
 use crate::snapshot::{Snapshot, SnapshotError};
@@ -102,8 +103,12 @@ impl Default for InitOptions {
     }
 }
 
-/// Opens the backend a location names: today a local directory path.
+/// Opens the backend a location names: `s3://bucket/prefix` (feature `s3`,
+/// settings from the environment) or a local directory path.
 pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn Backend>, RepoError> {
+    if location.starts_with("s3://") {
+        return open_s3(location);
+    }
     let path = Path::new(location);
     if create {
         if path.join("config").exists() {
@@ -116,6 +121,19 @@ pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn Backend>, Re
         }
         Ok(Arc::new(LocalBackend::open(path)?))
     }
+}
+
+/// An S3 location; whether a repository is there (or not, for `init`) is
+/// found out by [`Repository::open`] and [`Repository::init`], which ask for
+/// the config.
+#[cfg(feature = "s3")]
+fn open_s3(location: &str) -> Result<Arc<dyn Backend>, RepoError> {
+    Ok(Arc::new(crate::backend::S3Backend::from_url(location).map_err(BackendError::from)?))
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_s3(location: &str) -> Result<Arc<dyn Backend>, RepoError> {
+    Err(RepoError::Invalid(format!("{location}: this build has no S3 support (feature \"s3\")")))
 }
 
 /// Objects that loaded, and those that did not with why.
@@ -132,8 +150,16 @@ pub struct Repository {
     chunker: Chunker,
     index: RwLock<Index>,
     bad_segments: Mutex<Vec<(IndexId, String)>>,
-    /// The segments the in-memory index was built from (see `reload_index_if_replaced`).
-    segments: Mutex<HashSet<IndexId>>,
+    /// Index segments in `index` (or known unreadable), so that
+    /// [`Repository::refresh_index`] loads only new ones and
+    /// [`Repository::reload_index_if_replaced`] sees when one is gone.
+    loaded_segments: Mutex<HashSet<IndexId>>,
+    /// Local copies of index segments, snapshots and tree packs, for remote
+    /// backends (see `crate::cache`).
+    cache: Option<Cache>,
+    /// Held while a tree pack is downloaded into the cache, so that threads
+    /// needing the same pack wait for one download instead of each making one.
+    cache_fill: Mutex<()>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -204,6 +230,7 @@ impl Repository {
     ) -> Result<Repository, RepoError> {
         let chunker = Chunker::new(config.chunker, key.chunker_seed())?;
         let codec = BlobCodec::new(key.clone(), config.compression_level);
+        let cache = if backend.is_remote() { open_cache(&config.id) } else { None };
         Ok(Repository {
             id_key: key.id_key(),
             backend,
@@ -214,7 +241,9 @@ impl Repository {
             config,
             index: RwLock::new(index),
             bad_segments: Mutex::default(),
-            segments: Mutex::default(),
+            loaded_segments: Mutex::default(),
+            cache,
+            cache_fill: Mutex::new(()),
         })
     }
 
@@ -231,12 +260,52 @@ impl Repository {
             },
             |id| self.load_index_segment(id),
         )?;
-        *self.segments.lock().expect("segments lock") =
-            good.iter().map(|(id, _)| *id).chain(bad.iter().map(|(id, _)| *id)).collect();
+        let loaded: HashSet<IndexId> = good.iter().map(|(id, _)| *id).chain(bad.iter().map(|(id, _)| *id)).collect();
+        if let Some(cache) = &self.cache {
+            // Segments gone from the repository (prune) leave the cache too.
+            cache.retain(FileType::Index, |k| matches!(k, ObjectKey::Index(id) if loaded.contains(id)));
+        }
         let segments: Vec<IndexSegment> = good.into_iter().map(|(_, s)| s).collect();
         *self.index.write().expect("index lock") = Index::from_segments(&segments);
         *self.bad_segments.lock().expect("segments lock") = bad;
+        *self.loaded_segments.lock().expect("segments lock") = loaded;
         Ok(())
+    }
+
+    /// Loads the index segments that appeared since the index was loaded:
+    /// those written by other processes sharing the repository (other
+    /// storage nodes on one bucket). Returns how many were added.
+    ///
+    /// A long-running process calls this when it starts a unit of work (the
+    /// server: on each new session) to see the chunks others stored since;
+    /// until then it may store a chunk again that another node has, which
+    /// costs space, never correctness (see ARCHITECTURE.md, "Several
+    /// writers"). Blobs already indexed keep their first location.
+    pub fn refresh_index(&self) -> Result<usize, RepoError> {
+        let known = self.loaded_segments.lock().expect("segments lock").clone();
+        let (good, bad) = self.load_all(
+            FileType::Index,
+            |k| match k {
+                ObjectKey::Index(id) if !known.contains(id) => Some(*id),
+                _ => None,
+            },
+            |id| self.load_index_segment(id),
+        )?;
+        let mut loaded = self.loaded_segments.lock().expect("segments lock");
+        let mut index = self.index.write().expect("index lock");
+        let mut added = 0;
+        for (id, segment) in &good {
+            // Another refresh may have added it meanwhile.
+            if loaded.insert(*id) {
+                index.add_segment(segment);
+                added += 1;
+            }
+        }
+        for (id, _) in &bad {
+            loaded.insert(*id);
+        }
+        self.bad_segments.lock().expect("segments lock").extend(bad);
+        Ok(added)
     }
 
     /// Loads every object of a type in parallel. Objects that fail to decode
@@ -270,7 +339,7 @@ impl Repository {
     /// the index for deduplication. Returns whether it reloaded.
     pub fn reload_index_if_replaced(&self) -> Result<bool, RepoError> {
         let listed: HashSet<IndexId> = crate::backend::index_ids(self.backend.as_ref())?.into_iter().collect();
-        let replaced = !self.segments.lock().expect("segments lock").is_subset(&listed);
+        let replaced = !self.loaded_segments.lock().expect("segments lock").is_subset(&listed);
         if replaced {
             self.reload_index()?;
         }
@@ -289,7 +358,8 @@ impl Repository {
     }
 
     /// Fetches an object named by the BLAKE3 of its bytes, checks the name
-    /// and opens it.
+    /// and opens it. With a cache, a cached copy that matches its name is
+    /// used, and a fetched one that matches is cached.
     fn load_named(
         &self,
         key: &ObjectKey,
@@ -297,10 +367,21 @@ impl Repository {
         role: Role,
         what: &'static str,
     ) -> Result<Vec<u8>, RepoError> {
-        let sealed = self.backend.get(key)?;
-        if *blake3::hash(&sealed).as_bytes() != name {
-            return Err(RepoError::NameMismatch(key.to_string()));
-        }
+        let matches = |bytes: &[u8]| *blake3::hash(bytes).as_bytes() == name;
+        let cached = self.cache.as_ref().and_then(|c| c.get(key)).filter(|b| matches(b));
+        let sealed = match cached {
+            Some(sealed) => sealed,
+            None => {
+                let sealed = self.backend.get(key)?;
+                if !matches(&sealed) {
+                    return Err(RepoError::NameMismatch(key.to_string()));
+                }
+                if let Some(cache) = &self.cache {
+                    cache.put(key, &sealed);
+                }
+                sealed
+            }
+        };
         self.key.open_object(role, &sealed).map_err(|source| RepoError::Crypto { what, name: key.to_string(), source })
     }
 
@@ -321,7 +402,7 @@ impl Repository {
     pub fn save_index_segment(&self, segment: &IndexSegment) -> Result<IndexId, RepoError> {
         let name = self.save_named(Role::Index, &segment.encode(), |n| ObjectKey::Index(IndexId(n)))?;
         self.index.write().expect("index lock").add_segment(segment);
-        self.segments.lock().expect("segments lock").insert(IndexId(name));
+        self.loaded_segments.lock().expect("segments lock").insert(IndexId(name));
         Ok(IndexId(name))
     }
 
@@ -382,8 +463,40 @@ impl Repository {
     pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>, RepoError> {
         let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
         let frame_len = pack::FRAME_HEADER_LEN as u64 + u64::from(loc.stored_len);
-        let frame = self.backend.get_range(&ObjectKey::Pack(loc.pack), u64::from(loc.offset), frame_len)?;
-        self.open_frame(id, loc.kind, &frame, u64::from(loc.offset), loc.stored_len, loc.raw_len)
+        let (offset, key) = (u64::from(loc.offset), ObjectKey::Pack(loc.pack));
+        let open = |frame: &[u8]| self.open_frame(id, loc.kind, frame, offset, loc.stored_len, loc.raw_len);
+        if let (Some(cache), BlobKind::Tree) = (&self.cache, loc.kind) {
+            if let Some(frame) = self.cached_tree_frame(cache, &loc.pack, offset, frame_len) {
+                match open(&frame) {
+                    Ok(plain) => return Ok(plain),
+                    // A damaged cached copy: forget it, ask the backend.
+                    Err(_) => cache.remove(&key),
+                }
+            }
+        }
+        open(&self.backend.get_range(&key, offset, frame_len)?)
+    }
+
+    /// A tree blob's frame from the cached copy of its pack, downloading the
+    /// whole pack into the cache first if needed (tree packs are few and a
+    /// walk reads many trees of each). `None` if the pack cannot be had
+    /// whole and verified; the caller then reads the range from the backend.
+    fn cached_tree_frame(&self, cache: &Cache, pack: &PackId, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let key = ObjectKey::Pack(*pack);
+        if let Some(frame) = cache.get_range(&key, offset, len) {
+            return Some(frame);
+        }
+        let _one_download = self.cache_fill.lock().expect("cache lock");
+        if let Some(frame) = cache.get_range(&key, offset, len) {
+            return Some(frame);
+        }
+        let bytes = self.backend.get(&key).ok()?;
+        if blake3::hash(&bytes).as_bytes() != &pack.0 {
+            return None;
+        }
+        cache.put(&key, &bytes);
+        let start = usize::try_from(offset).ok()?;
+        bytes.get(start..start.checked_add(usize::try_from(len).ok()?)?).map(<[u8]>::to_vec)
     }
 
     /// Verifies and opens one blob frame read from a pack.
@@ -509,6 +622,20 @@ impl Repository {
     /// Read access to the in-memory index.
     pub fn index(&self) -> RwLockReadGuard<'_, Index> {
         self.index.read().expect("index lock")
+    }
+}
+
+/// The cache for a remote repository, if a cache directory can be had
+/// (`crate::cache::default_root`); without one the repository works, only
+/// slower to open.
+fn open_cache(repo_id: &str) -> Option<Cache> {
+    let root = crate::cache::default_root()?;
+    match Cache::open(&root, repo_id, crate::cache::DEFAULT_MAX_BYTES) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::warn!("working without a local cache: {e}");
+            None
+        }
     }
 }
 

@@ -6,13 +6,33 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+
+use chunkvault::backend::{Backend, FileType};
 
 pub const PASSWORD: &str = "test password";
 
-/// A repository in a temp dir plus a helper to run the CLI against it.
+/// A repository plus a helper to run the CLI against it: in a temp dir, or,
+/// when `CHUNKVAULT_TEST_S3=1`, under a fresh prefix of the S3 bucket that
+/// `scripts/garage-cluster.sh start` set up (so the same tests run against
+/// Garage). The temp dir is there either way, for sources, restores and the
+/// local cache.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// The local repository directory (unused when on S3).
     pub repo: PathBuf,
+    /// What `CHUNKVAULT_REPO` is set to: `repo`, or an `s3://` location.
+    pub location: String,
+}
+
+/// A fresh `s3://` location when the tests are to run against S3.
+pub fn s3_location() -> Option<String> {
+    if std::env::var("CHUNKVAULT_TEST_S3").ok().as_deref() != Some("1") {
+        return None;
+    }
+    let bucket = std::env::var("CHUNKVAULT_TEST_S3_BUCKET")
+        .expect("CHUNKVAULT_TEST_S3=1 needs the settings from scripts/garage-cluster.sh start");
+    Some(format!("s3://{bucket}/test-{}", hex::encode(rand::random::<[u8; 8]>())))
 }
 
 impl Env {
@@ -27,7 +47,22 @@ impl Env {
     pub fn uninit() -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let repo = dir.path().join("repo");
-        Env { dir, repo }
+        let location = s3_location().unwrap_or_else(|| repo.to_str().expect("utf-8 temp dir").to_owned());
+        Env { dir, repo, location }
+    }
+
+    pub fn is_s3(&self) -> bool {
+        self.location.starts_with("s3://")
+    }
+
+    /// The repository's backend, for tests that look at or damage objects.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        chunkvault::repo::open_backend(&self.location, false).expect("open backend")
+    }
+
+    /// Where the CLI keeps its cache of this repository's objects.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.path("cache")
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -36,7 +71,8 @@ impl Env {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_chunkvault"));
-        c.env("CHUNKVAULT_REPO", &self.repo)
+        c.env("CHUNKVAULT_REPO", &self.location)
+            .env("CHUNKVAULT_CACHE_DIR", self.cache_dir())
             .env("CHUNKVAULT_PASSWORD", PASSWORD)
             .env_remove("CHUNKVAULT_PASSWORD_FILE");
         c
@@ -71,8 +107,11 @@ impl Env {
         self.json(&["backup", path.to_str().expect("utf-8 path")])
     }
 
+    /// Bytes stored in the repository, summed over every object.
     pub fn repo_size(&self) -> u64 {
-        dir_size(&self.repo)
+        let backend = self.backend();
+        let types = [FileType::Config, FileType::Key, FileType::Pack, FileType::Index, FileType::Snapshot];
+        types.iter().flat_map(|t| backend.list(*t).expect("list")).map(|(_, size)| size).sum()
     }
 }
 

@@ -18,7 +18,7 @@ use crate::exit;
 
 #[derive(clap::Args, Debug)]
 pub struct GlobalArgs {
-    /// Repository location (a directory).
+    /// Repository location: a directory, or s3://bucket/prefix (see the README).
     #[arg(short = 'r', long, env = "CHUNKVAULT_REPO", global = true)]
     pub repo: Option<String>,
     /// Read the password from this file (first line). Default: $CHUNKVAULT_PASSWORD, else a prompt.
