@@ -3,9 +3,9 @@
 mod cmd_admin;
 mod cmd_backup;
 mod cmd_check;
+mod cmd_device;
 mod cmd_inspect;
 mod cmd_maint;
-mod cmd_device;
 mod cmd_repo;
 mod cmd_restore;
 mod cmd_serve;
