@@ -7,16 +7,23 @@
 //! chunks over a channel; a snapshot commit flushes the packer (every pack and
 //! index segment durable) and only then writes the snapshot, so a crash loses
 //! at most chunks not yet named by a committed snapshot.
+//!
+//! The writer holds the repository's shared lock only while it has work (see
+//! [`WriterTiming`] and ARCHITECTURE.md, "The storage node and prune"), so that a prune of
+//! a tenant repository gets in between sessions and never deletes data a
+//! later commit names.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::api::{CommitRequest, CommitResponse, SnapshotInfo, TreeEntry};
 use crate::backup::{BackupError, FileTree};
 use crate::id::{BlobId, BlobKind, SnapshotId};
+use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
 use crate::packer::Packer;
 use crate::repo::{self, InitOptions, RepoError, Repository};
 use crate::restore::RestoreError;
@@ -46,6 +53,38 @@ pub enum IngestError {
     Read(String),
     #[error("the tenant's writer stopped")]
     WriterStopped,
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+/// When a tenant's writer holds the repository's shared lock. It takes the
+/// lock when work arrives and gives it up when idle, or after a commit once
+/// it has held it for `max_hold`, so that a prune of the tenant repository
+/// can run between sessions even under steady load.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterTiming {
+    /// Without work for this long, the writer flushes what it holds and
+    /// releases the lock.
+    pub idle: Duration,
+    /// Held this long, the lock is released after the next commit ...
+    pub max_hold: Duration,
+    /// ... and not taken again for this long: longer than a waiting prune's
+    /// longest backoff between tries (2 s plus jitter), so it gets its turn.
+    pub yield_for: Duration,
+    /// Timing of the lock itself; `wait` bounds how long work waits for a
+    /// running prune before it is refused (`503 repository_locked`).
+    pub lock: LockOptions,
+}
+
+impl Default for WriterTiming {
+    fn default() -> Self {
+        WriterTiming {
+            idle: Duration::from_secs(5),
+            max_hold: Duration::from_secs(10 * 60),
+            yield_for: Duration::from_secs(3),
+            lock: LockOptions { wait: Duration::from_secs(30), ..LockOptions::default() },
+        }
+    }
 }
 
 /// Who a request acts for (from a verified session token).
@@ -71,6 +110,10 @@ pub struct Tenants {
     init: InitOptions,
     open: Mutex<HashMap<String, Arc<Tenant>>>,
     stats: Arc<IngestStats>,
+    timing: WriterTiming,
+    /// Session token ids seen, with their expiry: the first request of each
+    /// new session refreshes its tenant's index.
+    sessions: Mutex<HashMap<[u8; 16], i64>>,
 }
 
 impl Tenants {
@@ -83,6 +126,34 @@ impl Tenants {
             init,
             open: Mutex::default(),
             stats: Arc::default(),
+            timing: WriterTiming::default(),
+            sessions: Mutex::default(),
+        }
+    }
+
+    /// Sets the writers' lock timing (for tenants opened after this).
+    pub fn with_writer_timing(mut self, timing: WriterTiming) -> Tenants {
+        self.timing = timing;
+        self
+    }
+
+    /// Notes a verified session. The first time a session is seen, its
+    /// tenant (if open) will bring its index up to date at the next
+    /// [`get`](Self::get): other storage nodes on the same store may have
+    /// added chunks, or a prune replaced the index. Requests of a session
+    /// already seen cost nothing here.
+    pub fn session_seen(&self, tenant: &str, token_id: [u8; 16], expires: i64, now: i64) {
+        let new = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            if sessions.len() > 100_000 {
+                sessions.retain(|_, e| *e > now);
+            }
+            sessions.insert(token_id, expires).is_none()
+        };
+        if new {
+            if let Some(t) = self.open.lock().expect("tenants lock").get(tenant) {
+                *t.stale.lock().expect("stale lock") = true;
+            }
         }
     }
 
@@ -93,6 +164,12 @@ impl Tenants {
     /// The tenant's repository, opened (or created, on first use) once and
     /// kept. `tenant` must already be validated (`api::check_tenant`).
     pub fn get(&self, tenant: &str) -> Result<Arc<Tenant>, IngestError> {
+        let t = self.open(tenant)?;
+        t.refresh_if_stale()?;
+        Ok(t)
+    }
+
+    fn open(&self, tenant: &str) -> Result<Arc<Tenant>, IngestError> {
         let mut open = self.open.lock().expect("tenants lock");
         if let Some(t) = open.get(tenant) {
             return Ok(t.clone());
@@ -105,7 +182,7 @@ impl Tenants {
             }
             Err(e) => return Err(e.into()),
         };
-        let t = Arc::new(Tenant::start(tenant, Arc::new(repo), self.stats.clone()));
+        let t = Arc::new(Tenant::start(tenant, Arc::new(repo), self.stats.clone(), self.timing));
         open.insert(tenant.to_owned(), t.clone());
         Ok(t)
     }
@@ -116,6 +193,16 @@ enum Job {
     Commit { owner: Owner, req: Box<CommitRequest>, reply: SyncSender<Result<CommitResponse, IngestError>> },
 }
 
+impl Job {
+    /// Answers a job the writer cannot take on.
+    fn refuse(self, e: IngestError) {
+        match self {
+            Job::Put { reply, .. } => drop(reply.send(Err(e))),
+            Job::Commit { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 /// One tenant's repository and its writer.
 pub struct Tenant {
     repo: Arc<Repository>,
@@ -124,18 +211,37 @@ pub struct Tenant {
     /// as far as uploads are concerned, durable at the next commit.
     pending: Arc<Mutex<HashMap<BlobId, u32>>>,
     stats: Arc<IngestStats>,
+    /// A new session arrived since the index was last brought up to date.
+    /// Held while refreshing, so a request waits for a refresh under way.
+    stale: Mutex<bool>,
 }
 
 impl Tenant {
-    fn start(name: &str, repo: Arc<Repository>, stats: Arc<IngestStats>) -> Tenant {
+    fn start(name: &str, repo: Arc<Repository>, stats: Arc<IngestStats>, timing: WriterTiming) -> Tenant {
         let (tx, rx) = sync_channel(16);
         let pending: Arc<Mutex<HashMap<BlobId, u32>>> = Arc::default();
-        let writer = Writer { repo: repo.clone(), pending: pending.clone(), stats: stats.clone() };
+        let writer = Writer { repo: repo.clone(), pending: pending.clone(), stats: stats.clone(), timing };
         std::thread::Builder::new()
             .name(format!("writer-{name}"))
             .spawn(move || writer.run(rx))
             .expect("spawn tenant writer");
-        Tenant { repo, jobs: Mutex::new(tx), pending, stats }
+        Tenant { repo, jobs: Mutex::new(tx), pending, stats, stale: Mutex::new(false) }
+    }
+
+    /// Brings the index up to date if a new session asked for it: one
+    /// listing of `index/` when nothing changed; new segments are fetched,
+    /// and a replaced index (a prune ran) is reloaded, so reads do not look
+    /// for blobs in packs that are gone. Uploads never rely on this alone:
+    /// the writer checks the index again under its lock.
+    fn refresh_if_stale(&self) -> Result<(), IngestError> {
+        let mut stale = self.stale.lock().expect("stale lock");
+        if *stale {
+            if !self.repo.reload_index_if_replaced()? {
+                self.repo.refresh_index()?;
+            }
+            *stale = false;
+        }
+        Ok(())
     }
 
     pub fn repo(&self) -> &Repository {
@@ -278,49 +384,122 @@ struct Writer {
     repo: Arc<Repository>,
     pending: Arc<Mutex<HashMap<BlobId, u32>>>,
     stats: Arc<IngestStats>,
+    timing: WriterTiming,
+}
+
+/// What the writer holds while it has work: the shared lock, and the packer
+/// that accepted chunks under it. They live and die together: chunks are
+/// only ever accepted, and committed, under the lock they were accepted
+/// under (ARCHITECTURE.md, "The storage node and prune").
+struct Held<'r> {
+    guard: LockGuard,
+    packer: Packer<'r>,
+    since: Instant,
 }
 
 impl Writer {
     fn run(self, jobs: Receiver<Job>) {
-        // SHARED-LOCK: once repository locks exist, take `lock_shared()` here
-        // and hold it for as long as this writer lives (renewing it), so a
-        // prune never removes packs this writer is about to reference.
-        let mut packer = Packer::new(&self.repo, 1);
-        for job in jobs {
-            match job {
-                Job::Put { id, data, reply } => {
-                    let result = packer.save(BlobKind::Data, &data);
-                    let result = match result {
-                        Ok((_, new)) => {
-                            if new {
-                                self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
-                                self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(())
-                        }
-                        Err(e) => {
-                            // A failed packer is sticky: start over, forgetting
-                            // what it held (devices re-upload at commit).
-                            drop(std::mem::replace(&mut packer, Packer::new(&self.repo, 1)));
-                            self.pending.lock().expect("pending lock").clear();
-                            Err(e.into())
-                        }
-                    };
-                    let _ = reply.send(result);
+        let mut held: Option<Held<'_>> = None;
+        // After releasing for `max_hold`, when the lock may be taken again.
+        let mut out_until: Option<Instant> = None;
+        loop {
+            let job = if held.is_some() {
+                match jobs.recv_timeout(self.timing.idle) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.release(held.take());
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
+            } else {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            if held.is_none() {
+                if let Some(until) = out_until.take() {
+                    // Not a wait for readiness: a turn for a waiting prune.
+                    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                }
+                match self.take() {
+                    Ok(h) => held = Some(h),
+                    Err(e) => {
+                        job.refuse(e);
+                        continue;
+                    }
+                }
+            }
+            let h = held.as_mut().expect("held after take");
+            match job {
+                Job::Put { id, data, reply } => match h.packer.save(BlobKind::Data, &data) {
+                    Ok((_, new)) => {
+                        if new {
+                            self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
+                            self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        // A failed packer is sticky: start over, forgetting
+                        // what it held (devices re-upload at commit).
+                        self.abandon(held.take());
+                        let _ = reply.send(Err(e.into()));
+                    }
+                },
                 Job::Commit { owner, req, reply } => {
-                    let result = self.commit(&mut packer, owner, *req);
+                    let result = self.commit(h, owner, *req);
+                    let expired = matches!(result, Err(IngestError::Lock(_)));
                     let _ = reply.send(result);
+                    if expired {
+                        // Others may have taken the lock meanwhile: nothing
+                        // accepted under it may be used any more.
+                        self.abandon(held.take());
+                    } else if h.since.elapsed() >= self.timing.max_hold {
+                        // Right after a commit the packer is empty.
+                        self.release(held.take());
+                        out_until = Some(Instant::now() + self.timing.yield_for);
+                    }
                 }
             }
         }
         // Shutdown: the open packer is dropped without a commit; its chunks
         // are named by no snapshot, so the repository stays consistent.
+        self.abandon(held);
+    }
+
+    /// Takes the shared lock, then makes the index trustworthy under it: a
+    /// prune that ran while the writer held no lock replaced the index, and
+    /// its old entries may name deleted packs. Only then a packer is made,
+    /// which deduplicates against that index.
+    fn take(&self) -> Result<Held<'_>, IngestError> {
+        let guard = self.repo.lock(LockKind::Shared, self.timing.lock)?;
+        self.repo.reload_index_if_replaced()?;
+        Ok(Held { guard, packer: Packer::new(&self.repo, 1), since: Instant::now() })
+    }
+
+    /// Flushes what the writer holds (chunks of sessions that have not
+    /// committed yet become durable and indexed, so they need no re-upload
+    /// unless a prune removes them meanwhile), then releases the lock.
+    fn release(&self, held: Option<Held<'_>>) {
+        let Some(Held { guard, packer, .. }) = held else { return };
+        if let Err(e) = packer.finish() {
+            tracing::warn!("flushing uploaded chunks before releasing the lock: {e}");
+        }
+        self.pending.lock().expect("pending lock").clear();
+        drop(guard);
+    }
+
+    /// Drops what the writer holds without flushing it.
+    fn abandon(&self, held: Option<Held<'_>>) {
+        self.pending.lock().expect("pending lock").clear();
+        drop(held);
     }
 
     fn commit<'r>(
         &'r self,
-        packer: &mut Packer<'r>,
+        held: &mut Held<'r>,
         owner: Owner,
         req: CommitRequest,
     ) -> Result<CommitResponse, IngestError> {
@@ -366,10 +545,10 @@ impl Writer {
             };
             root.insert(&f.path, node)?;
         }
-        let tree = root.save(packer, &mut summary);
+        let tree = root.save(&held.packer, &mut summary);
         // Flush whatever the outcome: the packer's state must not outlive a
         // failed commit half-written.
-        let flushed = std::mem::replace(packer, Packer::new(&self.repo, 1)).finish();
+        let flushed = std::mem::replace(&mut held.packer, Packer::new(&self.repo, 1)).finish();
         self.pending.lock().expect("pending lock").clear();
         let tree = tree?;
         flushed?;
@@ -388,6 +567,9 @@ impl Writer {
             summary,
             program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
         };
+        // Everything the snapshot names was checked against the index loaded
+        // under this lock or accepted under it: still there if it held.
+        held.guard.check()?;
         let id = self.repo.save_snapshot(&snapshot)?;
         self.stats.snapshots_committed.fetch_add(1, Ordering::Relaxed);
         Ok(CommitResponse { id, files: snapshot.summary.files_new, bytes: snapshot.summary.total_bytes })

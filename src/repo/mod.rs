@@ -291,6 +291,11 @@ impl Repository {
             },
             |id| self.load_index_segment(id),
         )?;
+        if good.is_empty() && bad.is_empty() {
+            // The common case on a busy node: one listing, and readers of
+            // the index are not held up by a write lock for nothing.
+            return Ok(0);
+        }
         let mut loaded = self.loaded_segments.lock().expect("segments lock");
         let mut index = self.index.write().expect("index lock");
         let mut added = 0;

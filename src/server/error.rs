@@ -10,6 +10,7 @@ use crate::api::{ApiError, ErrorBody};
 use crate::auth::registry::RegistryError;
 use crate::auth::token::TokenError;
 use crate::ingest::IngestError;
+use crate::lock::LockError;
 use crate::repo::RepoError;
 
 /// An error response: status, stable code, message.
@@ -104,7 +105,12 @@ impl From<IngestError> for HttpError {
             }
             IngestError::NotOwner => HttpError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
             IngestError::WriterStopped => HttpError::unavailable("unavailable", e.to_string()),
-            IngestError::Repo(_) | IngestError::Read(_) => HttpError::internal("storage", e),
+            // Who holds the lock (host, user, pid) is the operator's business.
+            IngestError::Lock(LockError::Locked(_)) => HttpError::unavailable(
+                "repository_locked",
+                "the repository is locked for maintenance (prune); try again later",
+            ),
+            IngestError::Repo(_) | IngestError::Read(_) | IngestError::Lock(_) => HttpError::internal("storage", e),
         }
     }
 }

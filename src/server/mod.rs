@@ -144,6 +144,7 @@ impl App {
         let claims = storage.verifier.verify(token, now)?;
         storage.states.check(&claims.device)?;
         self.metrics.session_seen(claims.token_id, claims.expires, now);
+        storage.tenants.session_seen(&claims.tenant, claims.token_id, claims.expires, now);
         Ok(Owner { tenant: claims.tenant, user: claims.user, device: claims.device })
     }
 }

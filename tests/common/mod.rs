@@ -2,6 +2,8 @@
 //! trees, compare trees.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
