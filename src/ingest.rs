@@ -175,8 +175,10 @@ impl Tenants {
             return Ok(t.clone());
         }
         let location = format!("{}/{tenant}", self.root);
-        let repo = match repo::open_backend(&location, false) {
-            Ok(backend) => Repository::open(backend, &self.password)?,
+        // No repository yet: a local root says so when opening the backend,
+        // an object store only when the config is not there.
+        let repo = match repo::open_backend(&location, false).and_then(|b| Repository::open(b, &self.password)) {
+            Ok(repo) => repo,
             Err(RepoError::NotARepository(_)) => {
                 Repository::init(repo::open_backend(&location, true)?, &self.password, &self.init)?
             }
