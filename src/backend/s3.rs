@@ -202,7 +202,7 @@ fn is_loopback_http(endpoint: &str) -> bool {
 /// Requests sent, by kind, for figures and tests. A multipart upload counts
 /// its initiation, each part and its completion; a listing counts one
 /// request per 1000 keys (the S3 page size), rounded up.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct S3Requests {
     pub put: u64,
     pub get: u64,
@@ -322,10 +322,6 @@ impl S3Backend {
             list: c.list.load(Ordering::Relaxed),
             delete: c.delete.load(Ordering::Relaxed),
         }
-    }
-
-    pub fn config(&self) -> &S3Config {
-        &self.config
     }
 
     /// Runs `fut` on the backend's runtime and waits for it. Spawning and
