@@ -376,3 +376,20 @@ fn zero_files(dir: &Path) -> usize {
     }
     n
 }
+
+/// `init` into a bucket that does not exist names the bucket.
+#[test]
+#[ignore = "needs a Garage cluster: scripts/garage-cluster.sh start (run by .ci/run)"]
+fn init_into_a_missing_bucket_says_so() {
+    let env = Env::uninit();
+    assert!(env.is_s3(), "{NEEDS_CLUSTER}");
+    let out = env
+        .cmd()
+        .env("CHUNKVAULT_REPO", "s3://no-such-bucket-here/x")
+        .args(["init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bucket \"no-such-bucket-here\" does not exist"), "{stderr}");
+}

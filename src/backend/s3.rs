@@ -398,7 +398,21 @@ impl S3Backend {
             }
             writer.finish().await
         });
-        result.map(drop).map_err(|e| self.error("put", key, e))
+        result.map(drop).map_err(|e| self.put_error(key, e))
+    }
+
+    /// A failed upload. "Not found" from a PUT means the bucket is missing,
+    /// which the generic mapping would turn into a baffling "not found" of
+    /// the very object being written.
+    fn put_error(&self, key: &ObjectKey, e: object_store::Error) -> BackendError {
+        if let object_store::Error::NotFound { .. } = e {
+            return BackendError::Other(format!(
+                "cannot write {key} to {}: bucket {:?} does not exist (create it first)",
+                self.location(),
+                self.config.bucket
+            ));
+        }
+        self.failure("put", &key.path(), &e)
     }
 }
 
@@ -447,7 +461,7 @@ impl Backend for S3Backend {
             Ok(_) => Ok(()),
             // Another writer (or our own retried request) got there first.
             Err(object_store::Error::AlreadyExists { .. }) => already(self.head(key)?),
-            Err(e) => Err(self.error("put", key, e)),
+            Err(e) => Err(self.put_error(key, e)),
         }
     }
 
