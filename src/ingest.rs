@@ -69,9 +69,13 @@ pub struct Tenants {
     root: String,
     password: Vec<u8>,
     init: InitOptions,
-    open: Mutex<HashMap<String, Arc<Tenant>>>,
+    open: Mutex<HashMap<String, Slot>>,
     stats: Arc<IngestStats>,
 }
+
+/// One tenant's entry: locked on its own while the repository opens (an
+/// Argon2id unwrap), so opening one tenant does not stall the others.
+type Slot = Arc<Mutex<Option<Arc<Tenant>>>>;
 
 impl Tenants {
     /// `root` is a directory (or, once supported, an object-store URL);
@@ -93,8 +97,9 @@ impl Tenants {
     /// The tenant's repository, opened (or created, on first use) once and
     /// kept. `tenant` must already be validated (`api::check_tenant`).
     pub fn get(&self, tenant: &str) -> Result<Arc<Tenant>, IngestError> {
-        let mut open = self.open.lock().expect("tenants lock");
-        if let Some(t) = open.get(tenant) {
+        let slot = self.open.lock().expect("tenants lock").entry(tenant.to_owned()).or_default().clone();
+        let mut slot = slot.lock().expect("tenant lock");
+        if let Some(t) = &*slot {
             return Ok(t.clone());
         }
         let location = format!("{}/{tenant}", self.root);
@@ -106,7 +111,7 @@ impl Tenants {
             Err(e) => return Err(e.into()),
         };
         let t = Arc::new(Tenant::start(tenant, Arc::new(repo), self.stats.clone()));
-        open.insert(tenant.to_owned(), t.clone());
+        *slot = Some(t.clone());
         Ok(t)
     }
 }
