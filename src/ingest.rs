@@ -493,6 +493,41 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_commits_all_land_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..8u8 {
+                let t = &t;
+                scope.spawn(move || {
+                    let data = vec![i; 1000 + usize::from(i)];
+                    let id = t.repo().blob_id(&data);
+                    t.put_chunk(id, data.clone()).unwrap();
+                    let file = ManifestFile {
+                        path: "f".into(),
+                        mode: 0o600,
+                        mtime: 1,
+                        mtime_nsec: 0,
+                        size: data.len() as u64,
+                        chunks: vec![id],
+                    };
+                    let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+                    t.commit(owner(&format!("u{i}")), req).unwrap();
+                });
+            }
+        });
+        for i in 0..8u8 {
+            let o = owner(&format!("u{i}"));
+            let snaps = t.snapshots(&o).unwrap();
+            assert_eq!(snaps.len(), 1);
+            let node = t.file(&o, &snaps[0].id, "f").unwrap();
+            let mut out = Vec::new();
+            t.read_file(&node, 0, node.size, &mut out).unwrap();
+            assert_eq!(out, vec![i; 1000 + usize::from(i)]);
+        }
+    }
+
+    #[test]
     fn oversized_chunk_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let t = tenants(dir.path()).get("acme").unwrap();
