@@ -46,6 +46,8 @@ pub enum IngestError {
     Read(String),
     #[error("the tenant's writer stopped")]
     WriterStopped,
+    #[error("making uploads durable: {0}")]
+    Flush(String),
 }
 
 /// Who a request acts for (from a verified session token).
@@ -69,9 +71,13 @@ pub struct Tenants {
     root: String,
     password: Vec<u8>,
     init: InitOptions,
-    open: Mutex<HashMap<String, Arc<Tenant>>>,
+    open: Mutex<HashMap<String, Slot>>,
     stats: Arc<IngestStats>,
 }
+
+/// One tenant's entry: locked on its own while the repository opens (an
+/// Argon2id unwrap), so opening one tenant does not stall the others.
+type Slot = Arc<Mutex<Option<Arc<Tenant>>>>;
 
 impl Tenants {
     /// `root` is a directory (or, once supported, an object-store URL);
@@ -93,8 +99,9 @@ impl Tenants {
     /// The tenant's repository, opened (or created, on first use) once and
     /// kept. `tenant` must already be validated (`api::check_tenant`).
     pub fn get(&self, tenant: &str) -> Result<Arc<Tenant>, IngestError> {
-        let mut open = self.open.lock().expect("tenants lock");
-        if let Some(t) = open.get(tenant) {
+        let slot = self.open.lock().expect("tenants lock").entry(tenant.to_owned()).or_default().clone();
+        let mut slot = slot.lock().expect("tenant lock");
+        if let Some(t) = &*slot {
             return Ok(t.clone());
         }
         let location = format!("{}/{tenant}", self.root);
@@ -106,7 +113,7 @@ impl Tenants {
             Err(e) => return Err(e.into()),
         };
         let t = Arc::new(Tenant::start(tenant, Arc::new(repo), self.stats.clone()));
-        open.insert(tenant.to_owned(), t.clone());
+        *slot = Some(t.clone());
         Ok(t)
     }
 }
@@ -286,44 +293,73 @@ impl Writer {
         // and hold it for as long as this writer lives (renewing it), so a
         // prune never removes packs this writer is about to reference.
         let mut packer = Packer::new(&self.repo, 1);
-        for job in jobs {
-            match job {
-                Job::Put { id, data, reply } => {
-                    let result = packer.save(BlobKind::Data, &data);
-                    let result = match result {
-                        Ok((_, new)) => {
-                            if new {
-                                self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
-                                self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(())
-                        }
-                        Err(e) => {
-                            // A failed packer is sticky: start over, forgetting
-                            // what it held (devices re-upload at commit).
-                            drop(std::mem::replace(&mut packer, Packer::new(&self.repo, 1)));
-                            self.pending.lock().expect("pending lock").clear();
-                            Err(e.into())
-                        }
-                    };
-                    let _ = reply.send(result);
-                }
-                Job::Commit { owner, req, reply } => {
-                    let result = self.commit(&mut packer, owner, *req);
-                    let _ = reply.send(result);
-                }
+        while let Ok(job) = jobs.recv() {
+            let mut group = Vec::new();
+            self.handle(&mut packer, job, &mut group);
+            if group.is_empty() {
+                continue;
             }
+            // Group commit: take what is already queued, so that one flush
+            // makes every waiting commit durable (fewer, larger packs).
+            while let Ok(next) = jobs.try_recv() {
+                self.handle(&mut packer, next, &mut group);
+            }
+            self.commit_group(&mut packer, group);
         }
         // Shutdown: the open packer is dropped without a commit; its chunks
         // are named by no snapshot, so the repository stays consistent.
     }
 
-    fn commit<'r>(
-        &'r self,
-        packer: &mut Packer<'r>,
-        owner: Owner,
-        req: CommitRequest,
-    ) -> Result<CommitResponse, IngestError> {
+    /// Stores an upload at once; queues a commit into `group`.
+    fn handle<'r>(&'r self, packer: &mut Packer<'r>, job: Job, group: &mut Vec<Pending>) {
+        match job {
+            Job::Put { id, data, reply } => {
+                let result = match packer.save(BlobKind::Data, &data) {
+                    Ok((_, new)) => {
+                        if new {
+                            self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
+                            self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // A failed packer is sticky: start over, forgetting
+                        // what it held (devices re-upload at commit).
+                        drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
+                        self.pending.lock().expect("pending lock").clear();
+                        Err(e.into())
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Job::Commit { owner, req, reply } => group.push(Pending { owner, req: *req, reply }),
+        }
+    }
+
+    /// Prepares each commit (checks, tree blobs), flushes the packer once,
+    /// and only then writes the snapshots whose preparation succeeded.
+    fn commit_group<'r>(&'r self, packer: &mut Packer<'r>, group: Vec<Pending>) {
+        let prepared: Vec<_> = group
+            .into_iter()
+            .map(|p| {
+                let snapshot = self.prepare(packer, p.owner, p.req);
+                (snapshot, p.reply)
+            })
+            .collect();
+        // Flush whatever the outcome: no packer state outlives a commit.
+        let flushed = std::mem::replace(packer, Packer::new(&self.repo, 1)).finish().map_err(|e| e.to_string());
+        self.pending.lock().expect("pending lock").clear();
+        for (snapshot, reply) in prepared {
+            let result = snapshot.and_then(|s| match &flushed {
+                Ok(_) => self.save(s),
+                Err(e) => Err(IngestError::Flush(e.clone())),
+            });
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Checks a commit against what is stored and saves its trees.
+    fn prepare<'r>(&'r self, packer: &Packer<'r>, owner: Owner, req: CommitRequest) -> Result<Snapshot, IngestError> {
         let started = std::time::Instant::now();
         let mut summary = Summary::default();
         let mut root = FileTree::default();
@@ -366,15 +402,9 @@ impl Writer {
             };
             root.insert(&f.path, node)?;
         }
-        let tree = root.save(packer, &mut summary);
-        // Flush whatever the outcome: the packer's state must not outlive a
-        // failed commit half-written.
-        let flushed = std::mem::replace(packer, Packer::new(&self.repo, 1)).finish();
-        self.pending.lock().expect("pending lock").clear();
-        let tree = tree?;
-        flushed?;
+        let tree = root.save(packer, &mut summary)?;
         summary.duration_secs = started.elapsed().as_secs_f64();
-        let snapshot = Snapshot {
+        Ok(Snapshot {
             time: chrono::Utc::now().fixed_offset(),
             hostname: req.hostname,
             username: owner.user.clone(),
@@ -387,11 +417,22 @@ impl Writer {
             parent: None,
             summary,
             program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
-        };
+        })
+    }
+
+    /// Writes a snapshot whose packs and index segments are durable: the commit.
+    fn save(&self, snapshot: Snapshot) -> Result<CommitResponse, IngestError> {
         let id = self.repo.save_snapshot(&snapshot)?;
         self.stats.snapshots_committed.fetch_add(1, Ordering::Relaxed);
         Ok(CommitResponse { id, files: snapshot.summary.files_new, bytes: snapshot.summary.total_bytes })
     }
+}
+
+/// A commit waiting for its group's flush.
+struct Pending {
+    owner: Owner,
+    req: CommitRequest,
+    reply: SyncSender<Result<CommitResponse, IngestError>>,
 }
 
 #[cfg(test)]
@@ -449,6 +490,41 @@ mod tests {
         assert!(
             matches!(t.commit(owner("a"), req(vec![missing])), Err(IngestError::MissingChunks(m)) if m == vec![other])
         );
+    }
+
+    #[test]
+    fn concurrent_commits_all_land_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..8u8 {
+                let t = &t;
+                scope.spawn(move || {
+                    let data = vec![i; 1000 + usize::from(i)];
+                    let id = t.repo().blob_id(&data);
+                    t.put_chunk(id, data.clone()).unwrap();
+                    let file = ManifestFile {
+                        path: "f".into(),
+                        mode: 0o600,
+                        mtime: 1,
+                        mtime_nsec: 0,
+                        size: data.len() as u64,
+                        chunks: vec![id],
+                    };
+                    let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+                    t.commit(owner(&format!("u{i}")), req).unwrap();
+                });
+            }
+        });
+        for i in 0..8u8 {
+            let o = owner(&format!("u{i}"));
+            let snaps = t.snapshots(&o).unwrap();
+            assert_eq!(snaps.len(), 1);
+            let node = t.file(&o, &snaps[0].id, "f").unwrap();
+            let mut out = Vec::new();
+            t.read_file(&node, 0, node.size, &mut out).unwrap();
+            assert_eq!(out, vec![i; 1000 + usize::from(i)]);
+        }
     }
 
     #[test]

@@ -104,7 +104,7 @@ impl From<IngestError> for HttpError {
             }
             IngestError::NotOwner => HttpError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
             IngestError::WriterStopped => HttpError::unavailable("unavailable", e.to_string()),
-            IngestError::Repo(_) | IngestError::Read(_) => HttpError::internal("storage", e),
+            IngestError::Repo(_) | IngestError::Read(_) | IngestError::Flush(_) => HttpError::internal("storage", e),
         }
     }
 }
