@@ -55,26 +55,26 @@ row() {
     t0=$(now)
     CHUNKVAULT_LOG=chunkvault::backend::s3=debug "$BIN" backup --quiet "$CORPUS" >>"$LOG" 2>"$WORK/backup.err"
     t1=$(now)
-    "$BIN" restore latest --target "$WORK/restore" >>"$LOG" 2>&1
+    CHUNKVAULT_LOG=chunkvault::backend::s3=debug "$BIN" restore latest --target "$WORK/restore" >>"$LOG" 2>"$WORK/restore.err"
     t2=$(now)
-    cat "$WORK/backup.err" >>"$LOG"
+    cat "$WORK/backup.err" "$WORK/restore.err" >>"$LOG"
     diff -r -q "$CORPUS" "$WORK/restore$CORPUS" >>"$LOG"
-    local requests="-"
-    if grep -q "S3 backend closed" "$WORK/backup.err"; then
-        requests=$(grep "S3 backend closed" "$WORK/backup.err" | python3 -c "
+    echo "| $name | $(rate "$t0" "$t1") | $(rate "$t1" "$t2") | $(requests "$WORK/backup.err") | $(requests "$WORK/restore.err") |"
+}
+
+# S3 requests per GiB of corpus, from the backend's closing debug line.
+requests() {
+    grep -s "S3 backend closed" "$1" | python3 -c "
 import re, sys
-line = sys.stdin.read()
-n = {k: int(v) for k, v in re.findall(r'(put|get|head|list|delete): (\d+)', line)}
-total = sum(n.values())
+n = {k: int(v) for k, v in re.findall(r'(put|get|head|list|delete): (\d+)', sys.stdin.read())}
 gib = $BYTES / 2**30
-print(f\"{total / gib:.0f} ({', '.join(f'{k} {v / gib:.0f}' for k, v in n.items() if v)})\")")
-    fi
-    echo "| $name | $(rate "$t0" "$t1") | $(rate "$t1" "$t2") | $requests |"
+parts = ', '.join(f'{k} {v / gib:.0f}' for k, v in n.items() if v)
+print(f'{sum(n.values()) / gib:.0f} ({parts})' if n else '-')"
 }
 
 echo "Corpus: $SIZE MiB ($BYTES bytes) from bench/make_corpus.py; $(nproc) cores; $(date -u +%F)"
 echo
-echo "| repository | backup MiB/s | restore MiB/s | S3 requests per GiB backed up |"
-echo "| --- | --- | --- | --- |"
+echo "| repository | backup MiB/s | restore MiB/s | S3 requests per GiB, backup | S3 requests per GiB, restore |"
+echo "| --- | --- | --- | --- | --- |"
 row "local directory" "$WORK/repo"
 row "Garage, 3 nodes, replication 3 (loopback)" "s3://$CHUNKVAULT_TEST_S3_BUCKET/bench-$(date +%s)"

@@ -53,6 +53,8 @@ pub enum IngestError {
     Read(String),
     #[error("the tenant's writer stopped")]
     WriterStopped,
+    #[error("making uploads durable: {0}")]
+    Flush(String),
     #[error(transparent)]
     Lock(#[from] LockError),
 }
@@ -108,13 +110,17 @@ pub struct Tenants {
     root: String,
     password: Vec<u8>,
     init: InitOptions,
-    open: Mutex<HashMap<String, Arc<Tenant>>>,
+    open: Mutex<HashMap<String, Slot>>,
     stats: Arc<IngestStats>,
     timing: WriterTiming,
     /// Session token ids seen, with their expiry: the first request of each
     /// new session refreshes its tenant's index.
     sessions: Mutex<HashMap<[u8; 16], i64>>,
 }
+
+/// One tenant's entry: locked on its own while the repository opens (an
+/// Argon2id unwrap), so opening one tenant does not stall the others.
+type Slot = Arc<Mutex<Option<Arc<Tenant>>>>;
 
 impl Tenants {
     /// `root` is a directory (or, once supported, an object-store URL);
@@ -141,7 +147,8 @@ impl Tenants {
     /// tenant (if open) will bring its index up to date at the next
     /// [`get`](Self::get): other storage nodes on the same store may have
     /// added chunks, or a prune replaced the index. Requests of a session
-    /// already seen cost nothing here.
+    /// already seen cost nothing here. Never waits for I/O (it runs on the
+    /// async side): a tenant being opened loads a fresh index anyway.
     pub fn session_seen(&self, tenant: &str, token_id: [u8; 16], expires: i64, now: i64) {
         let new = {
             let mut sessions = self.sessions.lock().expect("sessions lock");
@@ -150,10 +157,17 @@ impl Tenants {
             }
             sessions.insert(token_id, expires).is_none()
         };
-        if new {
-            if let Some(t) = self.open.lock().expect("tenants lock").get(tenant) {
-                *t.stale.lock().expect("stale lock") = true;
-            }
+        if !new {
+            return;
+        }
+        let Some(slot) = self.open.lock().expect("tenants lock").get(tenant).cloned() else { return };
+        // Locked: the tenant is being opened, with a fresh index.
+        let opened = match slot.try_lock() {
+            Ok(t) => t.clone(),
+            Err(_) => None,
+        };
+        if let Some(t) = opened {
+            t.wanted.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -165,13 +179,14 @@ impl Tenants {
     /// kept. `tenant` must already be validated (`api::check_tenant`).
     pub fn get(&self, tenant: &str) -> Result<Arc<Tenant>, IngestError> {
         let t = self.open(tenant)?;
-        t.refresh_if_stale()?;
+        t.refresh_if_wanted()?;
         Ok(t)
     }
 
     fn open(&self, tenant: &str) -> Result<Arc<Tenant>, IngestError> {
-        let mut open = self.open.lock().expect("tenants lock");
-        if let Some(t) = open.get(tenant) {
+        let slot = self.open.lock().expect("tenants lock").entry(tenant.to_owned()).or_default().clone();
+        let mut slot = slot.lock().expect("tenant lock");
+        if let Some(t) = &*slot {
             return Ok(t.clone());
         }
         let location = format!("{}/{tenant}", self.root);
@@ -185,7 +200,7 @@ impl Tenants {
             Err(e) => return Err(e.into()),
         };
         let t = Arc::new(Tenant::start(tenant, Arc::new(repo), self.stats.clone(), self.timing));
-        open.insert(tenant.to_owned(), t.clone());
+        *slot = Some(t.clone());
         Ok(t)
     }
 }
@@ -213,9 +228,11 @@ pub struct Tenant {
     /// as far as uploads are concerned, durable at the next commit.
     pending: Arc<Mutex<HashMap<BlobId, u32>>>,
     stats: Arc<IngestStats>,
-    /// A new session arrived since the index was last brought up to date.
-    /// Held while refreshing, so a request waits for a refresh under way.
-    stale: Mutex<bool>,
+    /// Bumped by each new session: the index should be brought up to date.
+    wanted: AtomicU64,
+    /// The last `wanted` the index was brought up to date for; held while
+    /// refreshing, so a request of a new session waits for the refresh.
+    refreshed: Mutex<u64>,
 }
 
 impl Tenant {
@@ -227,7 +244,7 @@ impl Tenant {
             .name(format!("writer-{name}"))
             .spawn(move || writer.run(rx))
             .expect("spawn tenant writer");
-        Tenant { repo, jobs: Mutex::new(tx), pending, stats, stale: Mutex::new(false) }
+        Tenant { repo, jobs: Mutex::new(tx), pending, stats, wanted: AtomicU64::new(0), refreshed: Mutex::new(0) }
     }
 
     /// Brings the index up to date if a new session asked for it: one
@@ -235,13 +252,14 @@ impl Tenant {
     /// and a replaced index (a prune ran) is reloaded, so reads do not look
     /// for blobs in packs that are gone. Uploads never rely on this alone:
     /// the writer checks the index again under its lock.
-    fn refresh_if_stale(&self) -> Result<(), IngestError> {
-        let mut stale = self.stale.lock().expect("stale lock");
-        if *stale {
+    fn refresh_if_wanted(&self) -> Result<(), IngestError> {
+        let wanted = self.wanted.load(Ordering::SeqCst);
+        let mut refreshed = self.refreshed.lock().expect("refresh lock");
+        if *refreshed < wanted {
             if !self.repo.reload_index_if_replaced()? {
                 self.repo.refresh_index()?;
             }
-            *stale = false;
+            *refreshed = wanted;
         }
         Ok(())
     }
@@ -390,9 +408,9 @@ struct Writer {
 }
 
 /// What the writer holds while it has work: the shared lock, and the packer
-/// that accepted chunks under it. They live and die together: chunks are
-/// only ever accepted, and committed, under the lock they were accepted
-/// under (ARCHITECTURE.md, "The storage node and prune").
+/// that accepted chunks under it. Chunks are only ever accepted, and
+/// committed, under the lock they were accepted under (ARCHITECTURE.md,
+/// "The storage node and prune").
 struct Held<'r> {
     guard: LockGuard,
     packer: Packer<'r>,
@@ -434,36 +452,24 @@ impl Writer {
                 }
             }
             let h = held.as_mut().expect("held after take");
-            match job {
-                Job::Put { id, data, reply } => match h.packer.save(BlobKind::Data, &data) {
-                    Ok((_, new)) => {
-                        if new {
-                            self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
-                            self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = reply.send(Ok(()));
-                    }
-                    Err(e) => {
-                        // A failed packer is sticky: start over, forgetting
-                        // what it held (devices re-upload at commit).
-                        self.abandon(held.take());
-                        let _ = reply.send(Err(e.into()));
-                    }
-                },
-                Job::Commit { owner, req, reply } => {
-                    let result = self.commit(h, owner, *req);
-                    let expired = matches!(result, Err(IngestError::Lock(_)));
-                    let _ = reply.send(result);
-                    if expired {
-                        // Others may have taken the lock meanwhile: nothing
-                        // accepted under it may be used any more.
-                        self.abandon(held.take());
-                    } else if h.since.elapsed() >= self.timing.max_hold {
-                        // Right after a commit the packer is empty.
-                        self.release(held.take());
-                        out_until = Some(Instant::now() + self.timing.yield_for);
-                    }
-                }
+            let mut group = Vec::new();
+            self.handle(&mut h.packer, job, &mut group);
+            if group.is_empty() {
+                continue;
+            }
+            // Group commit: take what is already queued, so that one flush
+            // makes every waiting commit durable (fewer, larger packs).
+            while let Ok(next) = jobs.try_recv() {
+                self.handle(&mut h.packer, next, &mut group);
+            }
+            if self.commit_group(h, group) {
+                // The lock may have lapsed, so others may have pruned:
+                // nothing accepted under it may be used any more.
+                self.abandon(held.take());
+            } else if h.since.elapsed() >= self.timing.max_hold {
+                // Right after a commit the packer is empty.
+                self.release(held.take());
+                out_until = Some(Instant::now() + self.timing.yield_for);
             }
         }
         // Shutdown: the open packer is dropped without a commit; its chunks
@@ -499,12 +505,68 @@ impl Writer {
         drop(held);
     }
 
-    fn commit<'r>(
-        &'r self,
-        held: &mut Held<'r>,
-        owner: Owner,
-        req: CommitRequest,
-    ) -> Result<CommitResponse, IngestError> {
+    /// Stores an upload at once; queues a commit into `group`.
+    fn handle<'r>(&'r self, packer: &mut Packer<'r>, job: Job, group: &mut Vec<Pending>) {
+        match job {
+            Job::Put { id, data, reply } => {
+                let result = match packer.save(BlobKind::Data, &data) {
+                    Ok((_, new)) => {
+                        if new {
+                            self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
+                            self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // A failed packer is sticky: start over (under the
+                        // same lock and index), forgetting what it held
+                        // (devices re-upload at commit).
+                        drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
+                        self.pending.lock().expect("pending lock").clear();
+                        Err(e.into())
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Job::Commit { owner, req, reply } => group.push(Pending { owner, req: *req, reply }),
+        }
+    }
+
+    /// Prepares each commit (checks, tree blobs), flushes the packer once,
+    /// and only then writes the snapshots whose preparation succeeded.
+    /// Returns whether the lock was found lapsed (nothing was committed).
+    fn commit_group<'r>(&'r self, held: &mut Held<'r>, group: Vec<Pending>) -> bool {
+        let prepared: Vec<_> = group
+            .into_iter()
+            .map(|p| {
+                let snapshot = self.prepare(&held.packer, p.owner, p.req);
+                (snapshot, p.reply)
+            })
+            .collect();
+        // Flush whatever the outcome: no packer state outlives a commit.
+        let flushed =
+            std::mem::replace(&mut held.packer, Packer::new(&self.repo, 1)).finish().map_err(|e| e.to_string());
+        self.pending.lock().expect("pending lock").clear();
+        let mut lapsed = false;
+        for (snapshot, reply) in prepared {
+            let result = snapshot.and_then(|s| match &flushed {
+                Ok(_) => {
+                    // Everything the snapshot names was checked against the
+                    // index loaded under this lock or accepted under it:
+                    // still there if the lock held.
+                    held.guard.check()?;
+                    self.save(s)
+                }
+                Err(e) => Err(IngestError::Flush(e.clone())),
+            });
+            lapsed |= matches!(result, Err(IngestError::Lock(_)));
+            let _ = reply.send(result);
+        }
+        lapsed
+    }
+
+    /// Checks a commit against what is stored and saves its trees.
+    fn prepare<'r>(&'r self, packer: &Packer<'r>, owner: Owner, req: CommitRequest) -> Result<Snapshot, IngestError> {
         let started = std::time::Instant::now();
         let mut summary = Summary::default();
         let mut root = FileTree::default();
@@ -547,15 +609,9 @@ impl Writer {
             };
             root.insert(&f.path, node)?;
         }
-        let tree = root.save(&held.packer, &mut summary);
-        // Flush whatever the outcome: the packer's state must not outlive a
-        // failed commit half-written.
-        let flushed = std::mem::replace(&mut held.packer, Packer::new(&self.repo, 1)).finish();
-        self.pending.lock().expect("pending lock").clear();
-        let tree = tree?;
-        flushed?;
+        let tree = root.save(packer, &mut summary)?;
         summary.duration_secs = started.elapsed().as_secs_f64();
-        let snapshot = Snapshot {
+        Ok(Snapshot {
             time: chrono::Utc::now().fixed_offset(),
             hostname: req.hostname,
             username: owner.user.clone(),
@@ -568,14 +624,22 @@ impl Writer {
             parent: None,
             summary,
             program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
-        };
-        // Everything the snapshot names was checked against the index loaded
-        // under this lock or accepted under it: still there if it held.
-        held.guard.check()?;
+        })
+    }
+
+    /// Writes a snapshot whose packs and index segments are durable: the commit.
+    fn save(&self, snapshot: Snapshot) -> Result<CommitResponse, IngestError> {
         let id = self.repo.save_snapshot(&snapshot)?;
         self.stats.snapshots_committed.fetch_add(1, Ordering::Relaxed);
         Ok(CommitResponse { id, files: snapshot.summary.files_new, bytes: snapshot.summary.total_bytes })
     }
+}
+
+/// A commit waiting for its group's flush.
+struct Pending {
+    owner: Owner,
+    req: CommitRequest,
+    reply: SyncSender<Result<CommitResponse, IngestError>>,
 }
 
 #[cfg(test)]
@@ -633,6 +697,41 @@ mod tests {
         assert!(
             matches!(t.commit(owner("a"), req(vec![missing])), Err(IngestError::MissingChunks(m)) if m == vec![other])
         );
+    }
+
+    #[test]
+    fn concurrent_commits_all_land_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..8u8 {
+                let t = &t;
+                scope.spawn(move || {
+                    let data = vec![i; 1000 + usize::from(i)];
+                    let id = t.repo().blob_id(&data);
+                    t.put_chunk(id, data.clone()).unwrap();
+                    let file = ManifestFile {
+                        path: "f".into(),
+                        mode: 0o600,
+                        mtime: 1,
+                        mtime_nsec: 0,
+                        size: data.len() as u64,
+                        chunks: vec![id],
+                    };
+                    let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+                    t.commit(owner(&format!("u{i}")), req).unwrap();
+                });
+            }
+        });
+        for i in 0..8u8 {
+            let o = owner(&format!("u{i}"));
+            let snaps = t.snapshots(&o).unwrap();
+            assert_eq!(snaps.len(), 1);
+            let node = t.file(&o, &snaps[0].id, "f").unwrap();
+            let mut out = Vec::new();
+            t.read_file(&node, 0, node.size, &mut out).unwrap();
+            assert_eq!(out, vec![i; 1000 + usize::from(i)]);
+        }
     }
 
     #[test]

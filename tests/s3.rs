@@ -351,4 +351,45 @@ fn reopening_reads_index_and_trees_from_the_cache() {
     // Warm: the config and the key file only (snapshots, segments, trees cached).
     assert_eq!(warm, 2, "cold run sent {cold} GETs for {segments} segments");
     assert!(cold > warm + segments, "cold {cold}, warm {warm}");
+
+    // A damaged cache is never believed: every cached file zeroed, the walk
+    // still finds every file (it fetches again), and the cache is repaired.
+    let zeroed = zero_files(&env.path("lib-cache"));
+    assert!(zeroed > segments as usize, "{zeroed} files cached");
+    let (repair, _) = walk();
+    assert!(repair > warm + segments, "repair run sent {repair} GETs");
+    assert_eq!(walk().0, 2, "repaired");
+}
+
+/// Overwrites every file below `dir` with zeros of the same length.
+fn zero_files(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            n += zero_files(&p);
+        } else {
+            let len = fs::metadata(&p).unwrap().len() as usize;
+            fs::write(&p, vec![0u8; len]).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+/// `init` into a bucket that does not exist names the bucket.
+#[test]
+#[ignore = "needs a Garage cluster: scripts/garage-cluster.sh start (run by .ci/run)"]
+fn init_into_a_missing_bucket_says_so() {
+    let env = Env::uninit();
+    assert!(env.is_s3(), "{NEEDS_CLUSTER}");
+    let out = env
+        .cmd()
+        .env("CHUNKVAULT_REPO", "s3://no-such-bucket-here/x")
+        .args(["init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bucket \"no-such-bucket-here\" does not exist"), "{stderr}");
 }

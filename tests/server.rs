@@ -74,7 +74,7 @@ fn device_flow_from_deployment_token_to_restore_with_isolation() {
 #[test]
 fn expired_forged_truncated_and_foreign_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("root"), &["--session-ttl-secs", "2"]);
+    let server = Server::start(&dir.path().join("root"), &["--session-ttl-secs", "5"]);
     let other = Server::start(&dir.path().join("other-root"), &[]);
     let dev = Dev::activate(dir.path(), &server.url, &deployment_token(&server.url, "acme"), "a@acme.com", "d1");
     dev.json(&["snapshots"]);
@@ -107,7 +107,7 @@ fn expired_forged_truncated_and_foreign_tokens_are_refused() {
     assert_eq!(http("GET", &devices, Some("wrong"), None).0, 401);
     assert_eq!(http("GET", &devices, Some(&session), None).0, 401);
 
-    eventually(10, "the session to expire", || refused(&session) == (401, "token_expired".into()));
+    eventually(20, "the session to expire", || refused(&session) == (401, "token_expired".into()));
 }
 
 #[test]

@@ -202,7 +202,7 @@ fn is_loopback_http(endpoint: &str) -> bool {
 /// Requests sent, by kind, for figures and tests. A multipart upload counts
 /// its initiation, each part and its completion; a listing counts one
 /// request per 1000 keys (the S3 page size), rounded up.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct S3Requests {
     pub put: u64,
     pub get: u64,
@@ -324,10 +324,6 @@ impl S3Backend {
         }
     }
 
-    pub fn config(&self) -> &S3Config {
-        &self.config
-    }
-
     /// Runs `fut` on the backend's runtime and waits for it. Spawning and
     /// waiting on a channel (rather than `block_on`) works from any thread,
     /// even one inside another tokio runtime.
@@ -402,7 +398,21 @@ impl S3Backend {
             }
             writer.finish().await
         });
-        result.map(drop).map_err(|e| self.error("put", key, e))
+        result.map(drop).map_err(|e| self.put_error(key, e))
+    }
+
+    /// A failed upload. "Not found" from a PUT means the bucket is missing,
+    /// which the generic mapping would turn into a baffling "not found" of
+    /// the very object being written.
+    fn put_error(&self, key: &ObjectKey, e: object_store::Error) -> BackendError {
+        if let object_store::Error::NotFound { .. } = e {
+            return BackendError::Other(format!(
+                "cannot write {key} to {}: bucket {:?} does not exist (create it first)",
+                self.location(),
+                self.config.bucket
+            ));
+        }
+        self.failure("put", &key.path(), &e)
     }
 }
 
@@ -451,7 +461,7 @@ impl Backend for S3Backend {
             Ok(_) => Ok(()),
             // Another writer (or our own retried request) got there first.
             Err(object_store::Error::AlreadyExists { .. }) => already(self.head(key)?),
-            Err(e) => Err(self.error("put", key, e)),
+            Err(e) => Err(self.put_error(key, e)),
         }
     }
 

@@ -302,15 +302,7 @@ impl Device {
             ChunkerParams { min_size: chunking.min_size, avg_size: chunking.avg_size, max_size: chunking.max_size };
         let chunker = Chunker::new(params, chunking.seed).map_err(|e| ClientError::Local(e.to_string()))?;
         let key = crate::id::parse_hex32(&chunking.id_key).map_err(|e| ClientError::Local(e.to_string()))?;
-        let mut up = Uploader {
-            id_key: IdKey::from_bytes(key),
-            batch: Vec::new(),
-            batch_ids: HashSet::new(),
-            batch_bytes: 0,
-            chunks: 0,
-            uploaded: 0,
-            bytes_uploaded: 0,
-        };
+        let mut up = Uploader::new(IdKey::from_bytes(key));
         let mut files = Vec::new();
         let mut skipped = Vec::new();
         let mut abs_paths = Vec::new();
@@ -530,6 +522,18 @@ struct Uploader {
 }
 
 impl Uploader {
+    fn new(id_key: IdKey) -> Uploader {
+        Uploader {
+            id_key,
+            batch: Vec::new(),
+            batch_ids: HashSet::new(),
+            batch_bytes: 0,
+            chunks: 0,
+            uploaded: 0,
+            bytes_uploaded: 0,
+        }
+    }
+
     /// Names a chunk and queues it unless this batch has it already.
     fn add(&mut self, chunk: Vec<u8>) -> BlobId {
         let id = self.id_key.blob_id(&chunk);
@@ -566,15 +570,7 @@ mod tests {
 
     #[test]
     fn uploader_names_and_dedups_within_a_batch() {
-        let mut up = Uploader {
-            id_key: IdKey::from_bytes([1; 32]),
-            batch: Vec::new(),
-            batch_ids: HashSet::new(),
-            batch_bytes: 0,
-            chunks: 0,
-            uploaded: 0,
-            bytes_uploaded: 0,
-        };
+        let mut up = Uploader::new(IdKey::from_bytes([1; 32]));
         let a = up.add(b"same".to_vec());
         let b = up.add(b"same".to_vec());
         assert_eq!(a, b);

@@ -471,10 +471,12 @@ impl Repository {
         let (offset, key) = (u64::from(loc.offset), ObjectKey::Pack(loc.pack));
         let open = |frame: &[u8]| self.open_frame(id, loc.kind, frame, offset, loc.stored_len, loc.raw_len);
         if let (Some(cache), BlobKind::Tree) = (&self.cache, loc.kind) {
-            if let Some(frame) = self.cached_tree_frame(cache, &loc.pack, offset, frame_len) {
+            // A damaged cached copy is dropped and the pack fetched again
+            // (once); if that fails too, the backend's own answer decides.
+            for _ in 0..2 {
+                let Some(frame) = self.cached_tree_frame(cache, &loc.pack, offset, frame_len) else { break };
                 match open(&frame) {
                     Ok(plain) => return Ok(plain),
-                    // A damaged cached copy: forget it, ask the backend.
                     Err(_) => cache.remove(&key),
                 }
             }

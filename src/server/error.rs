@@ -110,7 +110,9 @@ impl From<IngestError> for HttpError {
                 "repository_locked",
                 "the repository is locked for maintenance (prune); try again later",
             ),
-            IngestError::Repo(_) | IngestError::Read(_) | IngestError::Lock(_) => HttpError::internal("storage", e),
+            IngestError::Repo(_) | IngestError::Read(_) | IngestError::Flush(_) | IngestError::Lock(_) => {
+                HttpError::internal("storage", e)
+            }
         }
     }
 }

@@ -208,6 +208,17 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
                 .await
                 .map_err(|e| ServerError::Setup(e.to_string()))??,
         );
+        // Handlers go in before the listening line, so a SIGTERM sent as
+        // soon as the server is up is a graceful shutdown, not a kill.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutting down: finishing in-flight requests");
+        };
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         let addr = listener.local_addr()?;
         {
@@ -221,19 +232,8 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         }
         let router = routes::router(app);
         axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown)
             .await?;
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }

@@ -117,6 +117,7 @@ impl Env {
     }
 }
 
+/// Bytes of every file below `p` (a local repository's size on disk).
 pub fn dir_size(p: &Path) -> u64 {
     let mut total = 0;
     for e in std::fs::read_dir(p).expect("read dir") {
