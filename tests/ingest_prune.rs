@@ -157,3 +157,23 @@ fn a_prune_between_sessions_never_leaves_a_snapshot_on_deleted_data() {
     eventually("the idle writer to release its lock", || no_locks(other.backend().as_ref()));
     assert_intact(&other_handle(dir.path()));
 }
+
+/// A writer that is never idle long enough still lets a waiting prune in:
+/// after a commit, once it has held the lock for `max_hold`, it releases it.
+#[test]
+fn a_busy_writer_lets_a_waiting_prune_in_after_max_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let timing = WriterTiming { idle: Duration::from_secs(3600), max_hold: Duration::ZERO, ..WriterTiming::default() };
+    let node = tenants(dir.path(), timing);
+    let t = node.get("acme").unwrap();
+    let x = put(&t, &[1]);
+    commit(&t, &x).unwrap();
+    let other = other_handle(dir.path());
+    prune_with_wait(&other, Duration::from_secs(30)).unwrap();
+    // Work goes on after the prune: the writer takes the lock again.
+    let y = put(&t, &[2]);
+    commit(&t, &[x, y].concat()).unwrap();
+    drop((t, node));
+    eventually("the stopped writer's lock to go", || no_locks(other.backend().as_ref()));
+    assert_intact(&other_handle(dir.path()));
+}
