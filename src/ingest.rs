@@ -256,10 +256,17 @@ impl Tenant {
         let wanted = self.wanted.load(Ordering::SeqCst);
         let mut refreshed = self.refreshed.lock().expect("refresh lock");
         if *refreshed < wanted {
-            if !self.repo.reload_index_if_replaced()? {
-                self.repo.refresh_index()?;
-            }
+            self.refresh()?;
             *refreshed = wanted;
+        }
+        Ok(())
+    }
+
+    /// Reloads a replaced index, else loads the segments added since.
+    /// Callers hold `refreshed`, so one refresh runs at a time.
+    fn refresh(&self) -> Result<(), IngestError> {
+        if !self.repo.reload_index_if_replaced()? {
+            self.repo.refresh_index()?;
         }
         Ok(())
     }
@@ -338,6 +345,12 @@ impl Tenant {
         };
         if !owns(owner, &snapshot) {
             return Err(IngestError::NotOwner);
+        }
+        if !self.repo.index().contains(&snapshot.tree) {
+            // Committed (by another node) after this session's refresh: its
+            // segments were written before it, so one refresh finds them.
+            let _refreshing = self.refreshed.lock().expect("refresh lock");
+            self.refresh()?;
         }
         Ok(snapshot)
     }

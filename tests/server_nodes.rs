@@ -1,6 +1,7 @@
 //! Two storage nodes on one root behind one auth role: a node sees what the
 //! other stored once a new session starts (`Repository::refresh_index` per
-//! new session). The S3 version of this is tests/s3_nodes.rs.
+//! new session), or when a session reads a snapshot committed since. The
+//! S3 version of this is tests/s3_nodes.rs.
 
 mod common;
 
@@ -31,4 +32,11 @@ fn a_new_session_on_one_node_sees_what_the_other_node_stored() {
     fresh.restore(&id, &target);
     assert_same_files(&data, &common::restored(&target, &data));
     assert_eq!(fresh.backup(&data)["chunks_uploaded"], 0);
+
+    // A session that started before A's next commit restores it too.
+    make_data(&data, 2);
+    let later = on_a.backup(&data)["id"].as_str().unwrap().to_owned();
+    let target = dir.path().join("restore-later");
+    on_b.restore(&later, &target);
+    assert_same_files(&data, &common::restored(&target, &data));
 }
