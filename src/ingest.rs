@@ -123,7 +123,7 @@ pub struct Tenants {
 type Slot = Arc<Mutex<Option<Arc<Tenant>>>>;
 
 impl Tenants {
-    /// `root` is a directory (or, once supported, an object-store URL);
+    /// `root` is a directory or an object-store URL (`s3://bucket/prefix`);
     /// `init` is used for tenants created here.
     pub fn new(root: &str, password: Vec<u8>, init: InitOptions) -> Tenants {
         Tenants {
