@@ -522,8 +522,9 @@ impl Writer {
     fn handle<'r>(&'r self, packer: &mut Packer<'r>, job: Job, group: &mut Vec<Pending>) {
         match job {
             Job::Put { id, data, reply } => {
-                let result = match packer.save(BlobKind::Data, &data) {
-                    Ok((_, new)) => {
+                // `put_chunk` verified that `id` is the hash of `data`.
+                let result = match packer.save_named(BlobKind::Data, id, &data) {
+                    Ok(new) => {
                         if new {
                             self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
                             self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);

@@ -111,12 +111,22 @@ impl<'r> Packer<'r> {
     /// Stores a blob unless it exists; returns its id and whether it was new.
     pub fn save(&self, kind: BlobKind, plaintext: &[u8]) -> Result<(BlobId, bool), RepoError> {
         let id = self.repo.blob_id(plaintext);
+        let new = self.save_named(kind, id, plaintext)?;
+        Ok((id, new))
+    }
+
+    /// Stores a blob whose id the caller has already computed and checked
+    /// (`id == repo.blob_id(plaintext)`: the server verifies every upload
+    /// before queueing it), so the hot upload path hashes each chunk once.
+    /// Returns whether it was new.
+    pub fn save_named(&self, kind: BlobKind, id: BlobId, plaintext: &[u8]) -> Result<bool, RepoError> {
+        debug_assert!(self.repo.blob_id(plaintext) == id, "save_named with a wrong id");
         if self.is_known_or_claim(&id) {
-            return Ok((id, false));
+            return Ok(false);
         }
         let stored = self.repo.codec().seal(kind, &id, plaintext);
         self.add_sealed(kind, id, plaintext.len() as u32, &stored)?;
-        Ok((id, true))
+        Ok(true)
     }
 
     /// Stores a blob that is already sealed (prune copying it out of a pack

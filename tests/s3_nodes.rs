@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 
 use common::server::*;
 use common::{pseudo_random, s3_location};
@@ -52,16 +52,7 @@ fn eight_devices_through_two_storage_nodes_on_one_bucket() {
         dev.json(&["snapshots"]);
     }
 
-    let running: Vec<Child> = devices
-        .iter()
-        .map(|(dev, data)| {
-            dev.cmd(&["backup", data.to_str().unwrap(), "--json"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let running: Vec<Child> = devices.iter().map(|(dev, data)| dev.spawn_backup(data)).collect();
     let ids: Vec<String> = running
         .into_iter()
         .map(|child| {

@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::{pseudo_random, PASSWORD};
 
@@ -304,16 +304,7 @@ fn sigkill_during_concurrent_backups_loses_only_unacknowledged_snapshots() {
             (dev, data)
         })
         .collect();
-    let running: Vec<Child> = devices
-        .iter()
-        .map(|(dev, data)| {
-            dev.cmd(&["backup", data.to_str().unwrap(), "--json"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let running: Vec<Child> = devices.iter().map(|(dev, data)| dev.spawn_backup(data)).collect();
     // Kill once a few snapshots are committed and the larger backups are
     // still uploading (or done, on a very fast machine).
     let committed = || {

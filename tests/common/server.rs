@@ -121,6 +121,15 @@ impl Dev {
         self.json(&["backup", path.to_str().unwrap()])
     }
 
+    /// Starts `device backup PATH --json` without waiting for it.
+    pub fn spawn_backup(&self, path: &Path) -> std::process::Child {
+        self.cmd(&["backup", path.to_str().unwrap(), "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn restore(&self, snapshot: &str, target: &Path) -> serde_json::Value {
         self.json(&["restore", snapshot, "--target", target.to_str().unwrap()])
     }
