@@ -339,6 +339,15 @@ verify_restore() {
     log "  $tool restore verified identical ($CORPUS_FILES files)"
 }
 
+# "Warm page cache" must hold for every tool at the moment it reads: this
+# machine may evict page cache that has not been touched for a while (here,
+# DAMON proactive reclaim pages out what is idle for ~60 s, which is shorter
+# than one tool's turn), so whichever tool ran after the longest gap would
+# read from disk. Read the files through once right before each timed read.
+warm() {
+    find "$@" -type f -print0 | xargs -0 -r cat >/dev/null
+}
+
 printf 'run\ttool\tbackup_s\tbackup_rss_kib\trebackup_s\trebackup_rss_kib\trestore_s\trestore_rss_kib\trepo_bytes\tincr_s\tincr_bytes\tother_cpu_s\n' >"$RAW"
 
 # The incremental step edits the shared corpus in place; whatever happens,
@@ -364,10 +373,12 @@ for ((run = 1; run <= RUNS; run++)); do
         cache=$RUNDIR/cache
         mkdir -p "$restore" "$cache"
         run_step "$tool" init "$run" "$repo" "$restore" "$cache" 0
+        warm "$CORPUS"
         run_step "$tool" backup1 "$run" "$repo" "$restore" "$cache" 1
         b_s=$STEP_SECS b_rss=$STEP_RSS b_f=$STEP_FOREIGN
         run_step "$tool" backup2 "$run" "$repo" "$restore" "$cache" 1
         rb_s=$STEP_SECS rb_rss=$STEP_RSS rb_f=$STEP_FOREIGN
+        warm "$repo"
         run_step "$tool" restore "$run" "$repo" "$restore" "$cache" 1
         r_s=$STEP_SECS r_rss=$STEP_RSS r_f=$STEP_FOREIGN
         verify_restore "$tool" "$run" "$restore"
@@ -375,6 +386,7 @@ for ((run = 1; run <= RUNS; run++)); do
         log "  $tool repository: $repo_bytes bytes"
         # Incremental: 5% of the files get 64 bytes inserted in the middle.
         python3 "$SCRIPT_DIR/edit_corpus.py" "$CORPUS" --apply "$EDIT_SAVE" --percent 5 --seed "$SEED" >>"$LOG"
+        warm "$CORPUS"
         run_step "$tool" backup3 "$run" "$repo" "$restore" "$cache" 1
         i_s=$STEP_SECS i_f=$STEP_FOREIGN
         revert_edits

@@ -174,24 +174,28 @@ impl<'r> Walker<'_, 'r> {
 
     fn backup_dir(&self, path: &Path, parent: Option<&Tree>) -> Result<BlobId, BackupError> {
         let source = |source| BackupError::Source { path: path.to_owned(), source };
-        let mut entries: Vec<(OsString, PathBuf)> = Vec::new();
+        let mut entries: Vec<(OsString, std::fs::DirEntry)> = Vec::new();
         for e in std::fs::read_dir(path).map_err(source)? {
             let e = e.map_err(source)?;
-            entries.push((e.file_name(), e.path()));
+            entries.push((e.file_name(), e));
         }
-        entries.sort();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
         let nodes: Vec<Option<Node>> = entries
             .par_iter()
-            .map(|(name, p)| {
-                let meta = match std::fs::symlink_metadata(p) {
+            .map(|(name, entry)| {
+                let p = entry.path();
+                // `DirEntry::metadata` stats relative to the open directory
+                // (fstatat) rather than resolving the whole path again: a
+                // tenth of a no-change backup's CPU went to path lookups.
+                let meta = match entry.metadata() {
                     Ok(m) => m,
                     Err(e) => {
-                        self.warn(p, e);
+                        self.warn(&p, e);
                         return Ok(None);
                     }
                 };
                 let parent_node = parent.and_then(|t| t.find(name.as_bytes()));
-                self.backup_entry(p, name.as_bytes(), &meta, parent_node)
+                self.backup_entry(&p, name.as_bytes(), &meta, parent_node)
             })
             .collect::<Result<_, BackupError>>()?;
         save_tree(self.packer, nodes.into_iter().flatten().collect())

@@ -97,7 +97,7 @@ impl App {
                     kdf: KdfParams {
                         memory_kib: config.tenant_kdf_memory_kib,
                         iterations: config.tenant_kdf_iterations,
-                        parallelism: 1,
+                        parallelism: KdfParams::default().parallelism,
                     },
                     ..InitOptions::default()
                 };

@@ -28,6 +28,9 @@ pub struct InitArgs {
     /// Argon2id passes.
     #[arg(long, default_value_t = KdfParams::default().iterations, hide = true)]
     pub kdf_iterations: u32,
+    /// Argon2id lanes (computed in parallel).
+    #[arg(long, default_value_t = KdfParams::default().parallelism, hide = true)]
+    pub kdf_parallelism: u32,
 }
 
 pub fn init(ctx: &Ctx, a: InitArgs) -> CmdResult {
@@ -41,7 +44,7 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> CmdResult {
         chunker: ChunkerParams { min_size: avg / 4, avg_size: avg, max_size: avg.saturating_mul(4) },
         compression_level: a.compression,
         pack_size: a.pack_size_mib.saturating_mul(1 << 20),
-        kdf: KdfParams { memory_kib: a.kdf_memory_kib, iterations: a.kdf_iterations, parallelism: 1 },
+        kdf: KdfParams { memory_kib: a.kdf_memory_kib, iterations: a.kdf_iterations, parallelism: a.kdf_parallelism },
     };
     let backend = repo::open_backend(location, true)?;
     let r = Repository::init(backend, &password, &opts)?;
