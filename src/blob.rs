@@ -95,18 +95,28 @@ impl BlobCodec {
 
     /// Compresses (when it pays) and seals a blob whose id the caller computed.
     pub fn seal(&self, kind: BlobKind, id: &BlobId, plaintext: &[u8]) -> Vec<u8> {
-        let mut buf = self.compress(plaintext);
-        self.key.seal_blob(kind.role(), id, &mut buf);
-        buf
+        let mut out = Vec::new();
+        self.seal_into(kind, id, plaintext, &mut out);
+        out
     }
 
-    fn compress(&self, plaintext: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(plaintext.len() + 1 + crate::crypto::SEAL_OVERHEAD);
+    /// [`BlobCodec::seal`] into `out` (cleared first), so that a thread
+    /// sealing many blobs reuses one buffer instead of faulting in fresh
+    /// pages for every chunk.
+    pub fn seal_into(&self, kind: BlobKind, id: &BlobId, plaintext: &[u8], out: &mut Vec<u8>) {
+        self.compress_into(plaintext, out);
+        self.key.seal_blob(kind.role(), id, out);
+    }
+
+    fn compress_into(&self, plaintext: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(plaintext.len() + 1 + crate::crypto::SEAL_OVERHEAD);
         if self.level != 0 && plaintext.len() >= 64 && !looks_incompressible(plaintext) {
             out.push(FLAG_ZSTD);
-            // The output buffer holds at most plaintext.len() bytes of frame:
-            // when zstd cannot fit, compression does not pay and we store.
-            let mut cursor = Cursor::new(out);
+            // zstd writes into the buffer's spare capacity only: when the
+            // frame does not fit, or is no smaller than the plaintext,
+            // compression does not pay and we store.
+            let mut cursor = Cursor::new(std::mem::take(out));
             cursor.set_position(1);
             let fitted = COMPRESSOR.with(|cell| {
                 let mut slot = cell.borrow_mut();
@@ -118,15 +128,14 @@ impl BlobCodec {
                     None => false,
                 }
             });
-            out = cursor.into_inner();
+            *out = cursor.into_inner();
             if fitted && out.len() < plaintext.len() {
-                return out;
+                return;
             }
             out.clear();
         }
         out.push(FLAG_RAW);
         out.extend_from_slice(plaintext);
-        out
     }
 
     /// Opens stored bytes, decompresses into at most `raw_len` bytes and

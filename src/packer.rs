@@ -37,6 +37,10 @@ pub struct PackerStats {
 
 type Shared<T> = Arc<Mutex<T>>;
 
+thread_local! {
+    static SEAL_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Blob writer for one session; see the module docs.
 pub struct Packer<'r> {
     repo: &'r Repository,
@@ -124,9 +128,14 @@ impl<'r> Packer<'r> {
         if self.is_known_or_claim(&id) {
             return Ok(false);
         }
-        let stored = self.repo.codec().seal(kind, &id, plaintext);
-        self.add_sealed(kind, id, plaintext.len() as u32, &stored)?;
-        Ok(true)
+        // One sealing buffer per thread, taken out of its cell for the call
+        // (a rayon worker may run another save while this one is in flight;
+        // that one then just allocates its own).
+        let mut stored = SEAL_BUFFER.take();
+        self.repo.codec().seal_into(kind, &id, plaintext, &mut stored);
+        let added = self.add_sealed(kind, id, plaintext.len() as u32, &stored);
+        SEAL_BUFFER.set(stored);
+        added.map(|()| true)
     }
 
     /// Stores a blob that is already sealed (prune copying it out of a pack

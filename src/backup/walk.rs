@@ -25,6 +25,11 @@ const BATCH_BYTES: usize = 16 << 20;
 /// Granularity of releasing mapped pages.
 const PAGE: usize = 4096;
 
+thread_local! {
+    /// Holds files below [`MMAP_THRESHOLD`] while they are chunked.
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 pub(super) struct Walker<'a, 'r> {
     pub repo: &'r Repository,
     pub packer: &'a Packer<'r>,
@@ -234,9 +239,14 @@ impl<'r> Walker<'_, 'r> {
                 let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, done) };
             })?
         } else {
-            let mut data = Vec::with_capacity(size as usize);
-            (&file).read_to_end(&mut data).map_err(source)?;
-            self.save_chunks(&data, |_| {})?
+            // A reused buffer per thread (taken out of its cell, as a rayon
+            // worker may start another file while this one is in flight).
+            let mut data = READ_BUFFER.take();
+            data.clear();
+            data.reserve(size as usize);
+            let saved = (&file).read_to_end(&mut data).map_err(source).and_then(|_| self.save_chunks(&data, |_| {}));
+            READ_BUFFER.set(data);
+            saved?
         };
         let (ids, read) = chunks;
         if parent.is_some() {
