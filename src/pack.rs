@@ -61,7 +61,14 @@ pub struct FinishedPack {
 impl PackBuilder {
     /// An empty pack of `kind`, with room reserved for `capacity` bytes.
     pub fn new(kind: BlobKind, capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity);
+        Self::with_buffer(kind, Vec::new(), capacity)
+    }
+
+    /// Like [`PackBuilder::new`], reusing `buf` (the bytes of a pack already
+    /// stored): its pages are already faulted in.
+    pub fn with_buffer(kind: BlobKind, mut buf: Vec<u8>, capacity: usize) -> Self {
+        buf.clear();
+        buf.reserve(capacity);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&[VERSION, kind as u8, 0, 0]);
         PackBuilder { kind, buf, blobs: Vec::new() }
