@@ -246,37 +246,12 @@ fn password_cipher(password: &[u8], salt: &[u8], p: &KdfParams) -> Result<Aes256
     p.check()?;
     let params = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))
         .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
-    let mut memory = kdf_memory(params.block_count());
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut key = [0u8; 32];
-    argon
-        .hash_password_into_with_memory(password, salt, &mut key, &mut memory)
-        .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
+    argon.hash_password_into(password, salt, &mut key).map_err(|e| CryptoError::KdfParams(e.to_string()))?;
     let cipher = Aes256Gcm::new(&key.into());
     key.zeroize();
     Ok(cipher)
-}
-
-/// The Argon2 working memory (64 MiB by default), backed by transparent huge
-/// pages where the kernel offers them: faulting it in 4 KiB at a time was a
-/// quarter of the CPU of opening a repository for a no-change backup.
-fn kdf_memory(blocks: usize) -> Vec<argon2::Block> {
-    const HUGE_PAGE: usize = 2 << 20;
-    let mut buf: Vec<argon2::Block> = Vec::with_capacity(blocks);
-    // Advise the huge pages wholly inside the allocation before its first
-    // touch (the resize below).
-    let start = buf.as_ptr() as usize;
-    let first = start.next_multiple_of(HUGE_PAGE);
-    let end = (start + blocks * argon2::Block::SIZE) / HUGE_PAGE * HUGE_PAGE;
-    if end > first {
-        // SAFETY: [first, end) lies inside `buf`'s allocation; MADV_HUGEPAGE
-        // only changes how the kernel backs those pages, not their contents.
-        unsafe {
-            libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
-        }
-    }
-    buf.resize(blocks, argon2::Block::new());
-    buf
 }
 
 fn blob_aad(role: Role, id: &BlobId) -> [u8; 33] {
