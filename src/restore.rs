@@ -119,23 +119,35 @@ pub fn restore(
     }
     let total: u64 = plan.files.iter().map(|(_, n)| n.size).sum();
     progress.total_bytes.store(total, Ordering::Relaxed);
-    for (rel, node) in &plan.files {
+    // Creating files and setting their metadata are kernel work on many
+    // inodes in many directories: they run in parallel like the contents.
+    plan.files.par_iter().try_for_each(|(rel, node)| {
         let path = target.join(rel);
         let f = open_for_write(&path, true).map_err(|source| RestoreError::Io { path: path.clone(), source })?;
-        f.set_len(node.size).map_err(|source| RestoreError::Io { path: path.clone(), source })?;
-    }
+        f.set_len(node.size).map_err(|source| RestoreError::Io { path, source })
+    })?;
 
     let damaged = write_contents(repo, target, &plan.files, progress);
+    let file_warnings: Vec<String> = plan
+        .files
+        .par_iter()
+        .enumerate()
+        .filter(|(i, _)| !damaged.contains_key(i))
+        .flat_map_iter(|(_, (rel, node))| {
+            let mut warnings = Vec::new();
+            apply_metadata(&target.join(rel), node, false, &mut warnings);
+            warnings
+        })
+        .collect();
+    report.warnings.extend(file_warnings);
     for (i, (rel, node)) in plan.files.iter().enumerate() {
-        let path = target.join(rel);
         if let Some(err) = damaged.get(&i) {
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(target.join(rel));
             report.damaged.push(DamagedFile { path: rel.to_string_lossy().into_owned(), error: err.clone() });
             continue;
         }
         report.files += 1;
         report.bytes += node.size;
-        apply_metadata(&path, node, false, &mut report.warnings);
     }
     for (rel, node) in &plan.symlinks {
         let path = target.join(rel);
@@ -224,6 +236,11 @@ fn open_for_write(path: &Path, create: bool) -> std::io::Result<File> {
     OpenOptions::new().write(true).create(create).truncate(create).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(path)
 }
 
+thread_local! {
+    /// A ranged read of a pack (up to [`MAX_READ`]) being restored.
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Where a blob's bytes go: (file number, offset in the file).
 type Targets = Vec<(usize, u64)>;
 
@@ -279,13 +296,13 @@ fn write_contents(
                     }
                 }
             };
-            let bytes = match repo.backend().get_range(&ObjectKey::Pack(*pack), start, end - start) {
-                Ok(b) => b,
-                Err(e) => {
-                    fail_all(format!("reading pack {pack}: {e}"));
-                    continue;
-                }
-            };
+            // One read buffer per thread, reused from group to group.
+            let mut bytes = READ_BUFFER.take();
+            if let Err(e) = repo.backend().get_range_into(&ObjectKey::Pack(*pack), start, end - start, &mut bytes) {
+                fail_all(format!("reading pack {pack}: {e}"));
+                READ_BUFFER.set(bytes);
+                continue;
+            }
             for (id, loc) in group {
                 let at = (u64::from(loc.offset) - start) as usize;
                 let frame = &bytes[at..at + FRAME_HEADER_LEN + loc.stored_len as usize];
@@ -310,6 +327,7 @@ fn write_contents(
                     }
                 }
             }
+            READ_BUFFER.set(bytes);
         }
     });
     progress.files.store(files.len() as u64, Ordering::Relaxed);

@@ -282,6 +282,12 @@ impl Backend for LocalBackend {
 
     /// Refuses ranges over 1 GiB with [`BackendError::Other`].
     fn get_range(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<Vec<u8>, BackendError> {
+        let mut buf = Vec::new();
+        self.get_range_into(key, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(&self, key: &ObjectKey, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), BackendError> {
         if len > MAX_RANGE {
             return Err(BackendError::Other(format!(
                 "get_range {key}: {len} bytes is more than one read may ask for ({MAX_RANGE})"
@@ -292,12 +298,12 @@ impl Backend for LocalBackend {
         if offset.checked_add(len).map_or(true, |end| end > size) {
             return Err(BackendError::ShortRead(*key));
         }
-        let mut buf = vec![0; len as usize];
-        file.read_exact_at(&mut buf, offset).map_err(|e| match e.kind() {
+        buf.clear();
+        buf.resize(len as usize, 0);
+        file.read_exact_at(buf, offset).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => BackendError::ShortRead(*key),
             _ => error("get_range", key, e),
-        })?;
-        Ok(buf)
+        })
     }
 
     fn size(&self, key: &ObjectKey) -> Result<u64, BackendError> {

@@ -195,6 +195,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// (so the range must lie within the object, even when `len` is 0).
     fn get_range(&self, key: &ObjectKey, offset: u64, len: u64) -> Result<Vec<u8>, BackendError>;
 
+    /// [`Backend::get_range`] into `buf` (its contents replaced), so that a
+    /// caller reading many ranges can reuse one allocation.
+    fn get_range_into(&self, key: &ObjectKey, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), BackendError> {
+        *buf = self.get_range(key, offset, len)?;
+        Ok(())
+    }
+
     /// The size of an object in bytes; [`BackendError::NotFound`] if absent.
     fn size(&self, key: &ObjectKey) -> Result<u64, BackendError>;
 
