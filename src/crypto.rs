@@ -243,15 +243,21 @@ impl WrappedKey {
 }
 
 fn password_cipher(password: &[u8], salt: &[u8], p: &KdfParams) -> Result<Aes256Gcm, CryptoError> {
+    let mut key = password_key(password, salt, p)?;
+    let cipher = Aes256Gcm::new(&key.into());
+    key.zeroize();
+    Ok(cipher)
+}
+
+/// Argon2id (version 0x13) of the password: the key that wraps the master key.
+fn password_key(password: &[u8], salt: &[u8], p: &KdfParams) -> Result<[u8; 32], CryptoError> {
     p.check()?;
     let params = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))
         .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut key = [0u8; 32];
     argon.hash_password_into(password, salt, &mut key).map_err(|e| CryptoError::KdfParams(e.to_string()))?;
-    let cipher = Aes256Gcm::new(&key.into());
-    key.zeroize();
-    Ok(cipher)
+    Ok(key)
 }
 
 fn blob_aad(role: Role, id: &BlobId) -> [u8; 33] {
@@ -356,6 +362,22 @@ mod tests {
         let back = wrapped.unwrap_key(b"correct horse").unwrap();
         assert_eq!(back.0, key.0);
         assert!(matches!(wrapped.unwrap_key(b"wrong"), Err(CryptoError::Authentication)));
+    }
+
+    #[test]
+    fn password_key_matches_the_reference_argon2id() {
+        // Outputs of the reference C implementation (libargon2 through
+        // Python's argon2-cffi, hash_secret_raw with type ID), one lane and
+        // four: key files made with either setting, by any version of
+        // chunkvault or of the argon2 crate, must keep opening.
+        let (pw, salt) = (b"correct horse battery staple", b"chunkvault-salt!");
+        for (lanes, expected) in [
+            (1, "b8908566ee08ae52be13b30c5b3f5ed74295c16269b892fadd662aab5b526306"),
+            (4, "bc7b36a2112fc3371512afde8f6659f6e0259d85cc3e390aa643018bbb594346"),
+        ] {
+            let params = KdfParams { memory_kib: 256, iterations: 2, parallelism: lanes };
+            assert_eq!(hex::encode(password_key(pw, salt, &params).unwrap()), expected, "{lanes} lanes");
+        }
     }
 
     #[test]
