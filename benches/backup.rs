@@ -13,6 +13,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 #[path = "common/corpus.rs"]
 mod corpus;
+#[path = "../tests/common/noise.rs"]
+mod noise;
 
 const CORPUS: usize = 64 << 20;
 

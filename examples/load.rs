@@ -9,6 +9,9 @@
 //! Each round a device rewrites one file (new random bytes) next to an
 //! unchanged one, backs up, restores the snapshot and compares the bytes.
 
+#[path = "../tests/common/noise.rs"]
+mod noise;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -120,11 +123,11 @@ fn device_loop(
     let mut device = Device::activate(&dir.join("state"), &managed)?;
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
-    std::fs::write(data.join("unchanged.bin"), noise(64 * 1024, i as u64))?;
+    std::fs::write(data.join("unchanged.bin"), noise::pseudo_random(64 * 1024, i as u64))?;
     let mut round = 0u64;
     while Instant::now() < deadline {
         round += 1;
-        let content = noise(file_kib * 1024, (i as u64) << 32 | round);
+        let content = noise::pseudo_random(file_kib * 1024, (i as u64) << 32 | round);
         std::fs::write(data.join("changing.bin"), &content)?;
         let t = Instant::now();
         let done = device.backup(std::slice::from_ref(&data))?;
@@ -147,20 +150,6 @@ fn device_loop(
 
 fn record(totals: &Totals, since: Instant) {
     totals.latencies.lock().expect("latencies").push(since.elapsed().as_secs_f64());
-}
-
-/// Fast deterministic bytes (xorshift).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// The p50 and p99 bucket bounds of the server's latency histogram.

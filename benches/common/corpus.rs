@@ -10,14 +10,8 @@ pub fn mixed(bytes: usize) -> Vec<u8> {
     for root in ["/usr/lib", "/usr/share", "/usr/bin"] {
         collect(Path::new(root), real, &mut out);
     }
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    while out.len() < bytes {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(bytes);
+    let random = crate::noise::pseudo_random(bytes - out.len(), 1);
+    out.extend_from_slice(&random);
     out
 }
 

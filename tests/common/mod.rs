@@ -2,7 +2,10 @@
 //! trees, compare trees.
 #![allow(dead_code)]
 
+mod noise;
 pub mod server;
+
+pub use noise::pseudo_random;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -126,20 +129,6 @@ pub fn dir_size(p: &Path) -> u64 {
         total += if m.is_dir() { dir_size(&e.path()) } else { m.len() };
     }
     total
-}
-
-/// Deterministic pseudo-random bytes (xorshift), fast in debug builds.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// What a comparison looks at for one entry.
