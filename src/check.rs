@@ -164,7 +164,9 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
         let snap = match repo.load_snapshot(&sid) {
             Ok(s) => s,
             Err(e) => {
-                damage(format!("snapshot {sid}: {e}"));
+                damage(format!(
+                    "snapshot {sid} cannot be read: {e} (`chunkvault forget {sid}` or `repair snapshots --forget` removes it)"
+                ));
                 continue;
             }
         };

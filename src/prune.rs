@@ -319,6 +319,25 @@ pub fn forget(
     Ok(decisions)
 }
 
+/// Removes the named snapshots (full ids or unique prefixes), readable or
+/// not: a damaged manifest can be removed by its id. Every name is resolved
+/// before anything is removed, so a typo removes nothing.
+pub fn forget_ids(repo: &Repository, specs: &[String], dry_run: bool) -> Result<Vec<SnapshotId>, RepoError> {
+    let mut ids = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let id = repo.resolve_snapshot_id(spec)?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if !dry_run {
+        for id in &ids {
+            repo.backend().remove(&ObjectKey::Snapshot(*id))?;
+        }
+    }
+    Ok(ids)
+}
+
 /// Every snapshot; unlike `list_snapshots`, one that cannot be read stops
 /// prune, since the blobs it needs are unknown.
 fn list_all_snapshots(repo: &Repository) -> Result<Vec<(SnapshotId, Snapshot)>, PruneError> {

@@ -93,8 +93,14 @@ pub fn repair_index(repo: &Repository, lock: LockOptions) -> Result<RepairIndexR
 /// A snapshot `repair snapshots` rewrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct RepairedSnapshot {
+    /// The damaged snapshot.
     pub old: SnapshotId,
-    pub new: SnapshotId,
+    /// Its repaired copy; `None` when the manifest itself cannot be read
+    /// (nothing of it can be saved) or in a dry run.
+    pub new: Option<SnapshotId>,
+    /// Why the manifest cannot be read, if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
     /// Paths dropped because data they need is missing or damaged.
     pub dropped: Vec<String>,
     /// Whether the old snapshot was removed.
@@ -146,7 +152,8 @@ pub fn repair_snapshots(
     let mut avail = Available { repo, pack_sizes, read_data, known: HashMap::new() };
     let packer = Packer::new(repo, 1);
     let mut plans = Vec::new();
-    for (id, snap) in repo.list_snapshots()? {
+    let (snapshots, unreadable) = repo.list_snapshots_and_unreadable()?;
+    for (id, snap) in snapshots {
         let mut dropped = Vec::new();
         let tree = if avail.blob(&snap.tree) && repo.load_tree(&snap.tree).is_ok() {
             rewrite_tree(&packer, &mut avail, &snap.tree, "", &mut dropped)?
@@ -159,15 +166,36 @@ pub fn repair_snapshots(
             plans.push((id, snap, tree, dropped));
         }
     }
+    let unreadable = unreadable.into_iter().map(|(old, why)| RepairedSnapshot {
+        old,
+        new: None,
+        unreadable: Some(why),
+        dropped: vec!["/".into()],
+        forgotten: forget && !dry_run,
+    });
     if dry_run {
         return Ok(plans
             .into_iter()
-            .map(|(old, _, _, dropped)| RepairedSnapshot { old, new: old, dropped, forgotten: false })
+            .map(|(old, _, _, dropped)| RepairedSnapshot {
+                old,
+                new: None,
+                unreadable: None,
+                dropped,
+                forgotten: false,
+            })
+            .chain(unreadable)
             .collect());
     }
     packer.finish()?;
     guard.check()?;
     let mut out = Vec::new();
+    // A manifest that cannot be read names no data: with `forget` it goes.
+    for r in unreadable {
+        if forget {
+            repo.backend().remove(&ObjectKey::Snapshot(r.old))?;
+        }
+        out.push(r);
+    }
     for (old, snap, tree, dropped) in plans {
         let mut tags = snap.tags.clone();
         if !tags.iter().any(|t| t == "repaired") {
@@ -177,7 +205,7 @@ pub fn repair_snapshots(
         if forget {
             repo.backend().remove(&ObjectKey::Snapshot(old))?;
         }
-        out.push(RepairedSnapshot { old, new, dropped, forgotten: forget });
+        out.push(RepairedSnapshot { old, new: Some(new), unreadable: None, dropped, forgotten: forget });
     }
     Ok(out)
 }

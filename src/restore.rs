@@ -1,94 +1,260 @@
-//! Restore: snapshot trees back to files, every chunk verified first.
+//! Restore: snapshot trees back to files, every chunk verified first, and
+//! nothing that was in the target destroyed unless a complete, verified file
+//! of the snapshot replaces it.
 //!
-//! The plan is made from the trees (names validated again, so a hostile
-//! snapshot cannot write outside the target), directories and empty files are
-//! created, then the needed blobs are grouped by pack and each pack is read
-//! once, in offset order, with nearby blobs coalesced into one ranged read.
-//! Packs are processed in parallel; a blob is written with `pwrite` to every
-//! place that needs it. A blob that fails verification marks the files using
-//! it damaged: they are deleted rather than left with wrong bytes, and the
-//! report lists them. Metadata (mode, owner, times) is applied last,
-//! directories deepest first, so writing files does not disturb their times.
+//! A restore is a [`RestorePlan`] (directories, files, symlinks, relative to
+//! the target; made from the trees by [`plan`], or by the device client from
+//! the storage node's plan) written by [`restore_plan`] with chunks from a
+//! [`ChunkSource`] (the repository's pack reader, or the storage node). The
+//! steps, and why each is safe, are in ARCHITECTURE.md ("Data flow of a
+//! restore"): directories first (never through a symlink), every file into a
+//! fresh temporary name in its directory, contents with `pwrite` as verified
+//! chunks arrive, metadata on the temporary file, and only then a `rename`
+//! over the old entry. A file that could not be completed is never renamed,
+//! so a failed restore leaves the old file as it was and no temporary file.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
-use crate::backend::ObjectKey;
-use crate::id::{BlobId, PackId};
-use crate::index::BlobLocation;
-use crate::pack::FRAME_HEADER_LEN;
+use crate::id::BlobId;
 use crate::repo::{RepoError, Repository};
 use crate::snapshot::Snapshot;
 use crate::tree::{validate_name, Node, NodeKind, Timestamp};
 
-/// Blobs closer than this in a pack are fetched with one ranged read.
-const COALESCE_GAP: u64 = 1 << 20;
-/// Largest single ranged read.
-const MAX_READ: u64 = 64 << 20;
-
 /// Why a restore could not run (damage to some files is reported, not this).
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// Reading the repository failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A filesystem operation on the target failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The path operated on.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A snapshot entry's name would escape the target.
     #[error("refusing unsafe entry {0:?}: it would escape the restore target")]
     UnsafeName(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{path}: refusing to restore through a symlink already in the target")]
-    SymlinkInTarget { path: PathBuf },
+    /// An `--include` path, or a `cat` path, is not in the snapshot.
+    #[error("{0}: not in the snapshot")]
+    PathNotFound(String),
+    /// `cat` of something that is not a regular file.
+    #[error("{0}: not a regular file")]
+    NotAFile(String),
+    /// A symlink or a non-directory sits where the snapshot has a directory.
+    #[error("{path}: refusing to restore through a {what} already in the target")]
+    InTheWay {
+        /// The directory the snapshot has.
+        path: PathBuf,
+        /// What is there instead ("symlink", "file").
+        what: &'static str,
+    },
+    /// Writing a `cat` to its output failed.
+    #[error("writing the output: {0}")]
+    Output(std::io::Error),
+    /// The restore journal (what a device records before creating) failed.
+    #[error("recording what the restore creates: {0}")]
+    Journal(std::io::Error),
 }
 
-/// What to restore.
+/// What to do with an entry that already exists in the target (restic's
+/// `--overwrite` names). Whatever the choice, a file is replaced only by a
+/// complete, verified copy, atomically.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overwrite {
+    /// Replace it.
+    #[default]
+    Always,
+    /// Replace it unless it already has the snapshot's size and mtime (a
+    /// file) or target (a symlink).
+    IfChanged,
+    /// Leave it alone.
+    Never,
+}
+
+/// What to restore, and how.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Slash-separated snapshot paths to restore (with what lies below them);
     /// empty restores everything.
     pub include: Vec<String>,
+    /// What to do with entries already in the target.
+    pub overwrite: Overwrite,
+    /// Drop setuid, setgid and sticky bits from the modes: a device restoring
+    /// what a server sent does not let the server choose them.
+    pub strip_special_bits: bool,
 }
 
 /// Live counters a progress display polls.
 #[derive(Debug, Default)]
 pub struct RestoreProgress {
+    /// Bytes the restore will write.
     pub total_bytes: AtomicU64,
+    /// Bytes written so far.
     pub bytes: AtomicU64,
+    /// Files completed.
     pub files: AtomicU64,
 }
 
-/// A file that could not be restored exactly (and was removed).
-#[derive(Clone, Debug, serde::Serialize)]
+/// A file that could not be restored exactly (the target keeps what it had).
+#[derive(Clone, Debug, Serialize)]
 pub struct DamagedFile {
+    /// Path relative to the target.
     pub path: String,
+    /// Why.
     pub error: String,
 }
 
 /// The outcome of a restore.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct RestoreReport {
+    /// Files written.
     pub files: u64,
+    /// Directories of the snapshot restored (created or already there).
     pub dirs: u64,
+    /// Symlinks written.
     pub symlinks: u64,
+    /// Bytes written.
     pub bytes: u64,
+    /// Entries left alone because of [`Overwrite`].
+    pub skipped: u64,
+    /// Files whose data the repository could not give back intact (damage).
     pub damaged: Vec<DamagedFile>,
+    /// Entries that could not be put in place (e.g. a directory in the way);
+    /// what was in the target is unchanged.
+    pub failed: Vec<DamagedFile>,
     /// Metadata that could not be applied (e.g. ownership when not root).
     pub warnings: Vec<String>,
 }
 
-struct Plan {
-    dirs: Vec<(PathBuf, Node)>,
-    files: Vec<(PathBuf, Node)>,
-    symlinks: Vec<(PathBuf, Node)>,
+/// One entry of a plan: a path relative to the target and its node.
+#[derive(Clone, Debug)]
+pub struct PlanEntry {
+    /// Relative path; every component validated with [`validate_name`].
+    pub rel: PathBuf,
+    /// The snapshot's node (name, kind, metadata).
+    pub node: Node,
+}
+
+/// What a restore writes: directories parents first, files, symlinks.
+#[derive(Clone, Debug, Default)]
+pub struct RestorePlan {
+    /// Directories, each after its parent.
+    pub dirs: Vec<PlanEntry>,
+    /// Regular files.
+    pub files: Vec<PlanEntry>,
+    /// Symlinks.
+    pub symlinks: Vec<PlanEntry>,
+}
+
+impl RestorePlan {
+    /// Adds an entry at the slash-separated path `rel`, checking every
+    /// component: a plan made from a hostile server's answer cannot name a
+    /// path outside the target.
+    pub fn push(&mut self, rel: &str, node: Node) -> Result<(), RestoreError> {
+        let mut path = PathBuf::new();
+        for part in rel.split('/') {
+            validate_name(part.as_bytes()).map_err(|_| RestoreError::UnsafeName(rel.to_owned()))?;
+            path.push(part);
+        }
+        let entry = PlanEntry { rel: path, node };
+        match entry.node.kind {
+            NodeKind::Dir { .. } => self.dirs.push(entry),
+            NodeKind::File { .. } => self.files.push(entry),
+            NodeKind::Symlink { .. } => self.symlinks.push(entry),
+        }
+        Ok(())
+    }
+
+    /// Every chunk the files need, once each, in file order.
+    pub fn chunks(&self) -> Vec<BlobId> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for e in &self.files {
+            if let NodeKind::File { chunks } = &e.node.kind {
+                out.extend(chunks.iter().filter(|c| seen.insert(**c)));
+            }
+        }
+        out
+    }
+}
+
+/// Receives each chunk fetched: its verified plaintext, or why it could not be had.
+pub type DeliverChunk<'a> = dyn Fn(&BlobId, Result<&[u8], String>) + Sync + 'a;
+
+/// Where a restore gets chunks from.
+pub trait ChunkSource: Sync {
+    /// A chunk's plaintext length, if the source has it.
+    fn chunk_len(&self, id: &BlobId) -> Option<u32>;
+    /// Fetches `ids` in whatever order is cheapest and calls `deliver` once
+    /// for each id, with its plaintext verified against the id or with why it
+    /// could not be had. `deliver` may be called from several threads.
+    fn fetch(&self, ids: &[BlobId], deliver: &DeliverChunk<'_>);
+}
+
+/// The repository's own packs, read by [`Repository::read_blobs`].
+impl ChunkSource for Repository {
+    fn chunk_len(&self, id: &BlobId) -> Option<u32> {
+        self.index().get(id).map(|l| l.raw_len)
+    }
+
+    fn fetch(&self, ids: &[BlobId], deliver: &DeliverChunk<'_>) {
+        let (packs, missing) = self.plan_blob_reads(ids.iter().copied());
+        for id in missing {
+            deliver(&id, Err(format!("chunk {id} is missing from the repository")));
+        }
+        self.read_blobs(&packs, &|id, r| deliver(id, r.map_err(|e| e.to_string())));
+    }
+}
+
+/// What a restore is about to create, recorded before it does (the device
+/// client keeps these so that a wipe removes exactly what it restored).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Created {
+    /// A directory that did not exist.
+    Dir {
+        /// Absolute path.
+        path: PathBuf,
+    },
+    /// A regular file, with the size and mtime the restore gives it.
+    File {
+        /// Absolute path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Its mtime, seconds.
+        mtime: i64,
+        /// Its mtime, nanoseconds.
+        mtime_nsec: u32,
+    },
+    /// A symlink to `target`.
+    Symlink {
+        /// Absolute path.
+        path: PathBuf,
+        /// The link's target bytes (lossy UTF-8).
+        target: String,
+    },
+}
+
+/// Receives what a restore will create, before it creates it.
+pub trait RestoreJournal: Sync {
+    /// Makes `entries` durable; the restore creates them only after `Ok`.
+    fn record(&self, entries: &[Created]) -> std::io::Result<()>;
 }
 
 /// Splits and normalizes an include path into components.
@@ -96,7 +262,8 @@ fn include_parts(s: &str) -> Vec<&[u8]> {
     s.split('/').filter(|p| !p.is_empty() && *p != ".").map(str::as_bytes).collect()
 }
 
-/// Restores `snapshot` (or the parts `opts.include` names) under `target`.
+/// Restores `snapshot` (or the parts `opts.include` names) under `target`,
+/// from the repository's packs.
 pub fn restore(
     repo: &Repository,
     snapshot: &Snapshot,
@@ -104,76 +271,22 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &RestoreProgress,
 ) -> Result<RestoreReport, RestoreError> {
-    let includes: Vec<Vec<&[u8]>> = opts.include.iter().map(|s| include_parts(s)).collect();
-    let mut plan = Plan { dirs: Vec::new(), files: Vec::new(), symlinks: Vec::new() };
+    let plan = plan(repo, snapshot, &opts.include)?;
+    restore_plan(&plan, repo, target, opts, None, progress)
+}
+
+/// The plan of a restore of `snapshot`, or of the `include` paths of it (a
+/// path selects itself and everything below; directories on the way to it
+/// are restored too). Every name is validated.
+pub fn plan(repo: &Repository, snapshot: &Snapshot, include: &[String]) -> Result<RestorePlan, RestoreError> {
+    let includes: Vec<Vec<&[u8]>> = include.iter().map(|s| include_parts(s)).collect();
+    let mut plan = RestorePlan::default();
     let mut matched = vec![includes.is_empty(); includes.len()];
     plan_tree(repo, &snapshot.tree, PathBuf::new(), &mut Vec::new(), &includes, &mut matched, &mut plan)?;
     if let Some(i) = matched.iter().position(|m| !m) {
-        return Err(RestoreError::NotFound(format!("{}: not in the snapshot", opts.include[i])));
+        return Err(RestoreError::PathNotFound(include[i].clone()));
     }
-    std::fs::create_dir_all(target).map_err(|source| RestoreError::Io { path: target.into(), source })?;
-    let mut report = RestoreReport::default();
-
-    for (rel, _) in &plan.dirs {
-        make_dir(&target.join(rel))?;
-    }
-    let total: u64 = plan.files.iter().map(|(_, n)| n.size).sum();
-    progress.total_bytes.store(total, Ordering::Relaxed);
-    // Creating files and setting their metadata are kernel work on many
-    // inodes in many directories: they run in parallel like the contents.
-    plan.files.par_iter().try_for_each(|(rel, node)| {
-        let path = target.join(rel);
-        let f = open_for_write(&path, true).map_err(|source| RestoreError::Io { path: path.clone(), source })?;
-        f.set_len(node.size).map_err(|source| RestoreError::Io { path, source })
-    })?;
-
-    let damaged = write_contents(repo, target, &plan.files, progress);
-    let file_warnings: Vec<String> = plan
-        .files
-        .par_iter()
-        .enumerate()
-        .filter(|(i, _)| !damaged.contains_key(i))
-        .flat_map_iter(|(_, (rel, node))| {
-            let mut warnings = Vec::new();
-            apply_metadata(&target.join(rel), node, false, &mut warnings);
-            warnings
-        })
-        .collect();
-    report.warnings.extend(file_warnings);
-    for (i, (rel, node)) in plan.files.iter().enumerate() {
-        if let Some(err) = damaged.get(&i) {
-            let _ = std::fs::remove_file(target.join(rel));
-            report.damaged.push(DamagedFile { path: rel.to_string_lossy().into_owned(), error: err.clone() });
-            continue;
-        }
-        report.files += 1;
-        report.bytes += node.size;
-    }
-    for (rel, node) in &plan.symlinks {
-        let path = target.join(rel);
-        let NodeKind::Symlink { target: link } = &node.kind else {
-            continue;
-        };
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {
-                return Err(RestoreError::Io {
-                    path,
-                    source: std::io::Error::other("a directory is in the way of a symlink"),
-                })
-            }
-            Ok(_) => std::fs::remove_file(&path).map_err(|source| RestoreError::Io { path: path.clone(), source })?,
-            Err(_) => {}
-        }
-        std::os::unix::fs::symlink(OsStr::from_bytes(link), &path)
-            .map_err(|source| RestoreError::Io { path: path.clone(), source })?;
-        report.symlinks += 1;
-        apply_metadata(&path, node, true, &mut report.warnings);
-    }
-    for (rel, node) in plan.dirs.iter().rev() {
-        report.dirs += 1;
-        apply_metadata(&target.join(rel), node, false, &mut report.warnings);
-    }
-    Ok(report)
+    Ok(plan)
 }
 
 fn plan_tree(
@@ -183,7 +296,7 @@ fn plan_tree(
     comps: &mut Vec<Vec<u8>>,
     includes: &[Vec<&[u8]>],
     matched: &mut [bool],
-    plan: &mut Plan,
+    plan: &mut RestorePlan,
 ) -> Result<(), RestoreError> {
     let tree = repo.load_tree(tree_id)?;
     for node in tree.nodes() {
@@ -204,13 +317,14 @@ fn plan_tree(
         }
         let path = rel.join(OsStr::from_bytes(&node.name));
         if selected || on_the_way {
+            let entry = PlanEntry { rel: path.clone(), node: node.clone() };
             match &node.kind {
                 NodeKind::Dir { subtree } => {
-                    plan.dirs.push((path.clone(), node.clone()));
+                    plan.dirs.push(entry);
                     plan_tree(repo, subtree, path, comps, includes, matched, plan)?;
                 }
-                NodeKind::File { .. } if selected => plan.files.push((path, node.clone())),
-                NodeKind::Symlink { .. } if selected => plan.symlinks.push((path, node.clone())),
+                NodeKind::File { .. } if selected => plan.files.push(entry),
+                NodeKind::Symlink { .. } if selected => plan.symlinks.push(entry),
                 _ => {}
             }
         }
@@ -219,154 +333,346 @@ fn plan_tree(
     Ok(())
 }
 
-fn make_dir(path: &Path) -> Result<(), RestoreError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(RestoreError::SymlinkInTarget { path: path.into() }),
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(RestoreError::Io {
-            path: path.into(),
-            source: std::io::Error::other("a file is in the way of a directory"),
-        }),
-        Err(_) => std::fs::create_dir(path).map_err(|source| RestoreError::Io { path: path.into(), source }),
+/// Writes `plan` under `target` with chunks from `source`. `journal`, if
+/// given, hears of every directory, file and symlink before it is created.
+pub fn restore_plan(
+    plan: &RestorePlan,
+    source: &dyn ChunkSource,
+    target: &Path,
+    opts: &RestoreOptions,
+    journal: Option<&dyn RestoreJournal>,
+    progress: &RestoreProgress,
+) -> Result<RestoreReport, RestoreError> {
+    let record = |entries: &[Created]| match journal {
+        Some(j) if !entries.is_empty() => j.record(entries).map_err(RestoreError::Journal),
+        _ => Ok(()),
+    };
+    let mut report = RestoreReport::default();
+    make_target(target, &record)?;
+
+    // Directories: refuse anything but a directory in their place before a
+    // single file is written.
+    let mut new_dirs = Vec::new();
+    for e in &plan.dirs {
+        let path = target.join(&e.rel);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => return Err(RestoreError::InTheWay { path, what: "symlink" }),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(RestoreError::InTheWay { path, what: "file" }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_dirs.push(path),
+            Err(source) => return Err(RestoreError::Io { path, source }),
+        }
+    }
+    record(&new_dirs.iter().map(|p| Created::Dir { path: p.clone() }).collect::<Vec<_>>())?;
+    for path in &new_dirs {
+        std::fs::create_dir(path).map_err(|source| RestoreError::Io { path: path.clone(), source })?;
+    }
+
+    // Files: decide what to write, then write each into a temporary file.
+    let mut writing = Vec::new();
+    for (i, e) in plan.files.iter().enumerate() {
+        match decide(&target.join(&e.rel), &e.node, opts.overwrite) {
+            Decision::Write => writing.push(i),
+            Decision::Skip => report.skipped += 1,
+            Decision::Fail(error) => report.failed.push(failure(&e.rel, error)),
+        }
+    }
+    let temps = TempFiles::default();
+    let created: Vec<Result<PathBuf, String>> = writing
+        .par_iter()
+        .map(|&i| {
+            let e = &plan.files[i];
+            let tmp = temp_sibling(&target.join(&e.rel));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|err| format!("creating {}: {err}", tmp.display()))?;
+            temps.add(tmp.clone());
+            file.set_len(e.node.size).map_err(|err| format!("sizing {}: {err}", tmp.display()))?;
+            Ok(tmp)
+        })
+        .collect();
+    let mut files: Vec<(usize, PathBuf)> = Vec::new();
+    for (i, r) in writing.iter().zip(created) {
+        match r {
+            Ok(tmp) => files.push((*i, tmp)),
+            Err(error) => report.failed.push(failure(&plan.files[*i].rel, error)),
+        }
+    }
+    progress.total_bytes.store(files.iter().map(|(i, _)| plan.files[*i].node.size).sum(), Ordering::Relaxed);
+    let damaged = write_contents(source, plan, &files, progress);
+
+    // Metadata on the temporary files, then record and rename them into place.
+    let mut complete = Vec::new();
+    for (n, (i, tmp)) in files.iter().enumerate() {
+        match damaged.get(&n) {
+            Some(error) => {
+                report.damaged.push(failure(&plan.files[*i].rel, error.clone()));
+                temps.remove(tmp);
+            }
+            None => complete.push((*i, tmp.clone())),
+        }
+    }
+    let warnings: Vec<String> =
+        complete.par_iter().flat_map_iter(|(i, tmp)| apply_metadata(tmp, &plan.files[*i].node, false, opts)).collect();
+    report.warnings.extend(warnings);
+    let entries: Vec<Created> = complete
+        .iter()
+        .map(|(i, _)| {
+            let node = &plan.files[*i].node;
+            Created::File {
+                path: target.join(&plan.files[*i].rel),
+                size: node.size,
+                mtime: node.mtime.sec,
+                mtime_nsec: node.mtime.nsec,
+            }
+        })
+        .collect();
+    record(&entries)?;
+    let renamed: Vec<Result<u64, String>> = complete
+        .par_iter()
+        .map(|(i, tmp)| {
+            let dest = target.join(&plan.files[*i].rel);
+            std::fs::rename(tmp, &dest).map_err(|err| format!("putting it in place: {err}"))?;
+            temps.done(tmp);
+            Ok(plan.files[*i].node.size)
+        })
+        .collect();
+    for ((i, tmp), r) in complete.iter().zip(renamed) {
+        match r {
+            Ok(bytes) => {
+                report.files += 1;
+                report.bytes += bytes;
+            }
+            Err(error) => {
+                temps.remove(tmp);
+                report.failed.push(failure(&plan.files[*i].rel, error));
+            }
+        }
+    }
+
+    // Symlinks, the same way: made under a temporary name, renamed over.
+    for e in &plan.symlinks {
+        let path = target.join(&e.rel);
+        let NodeKind::Symlink { target: link } = &e.node.kind else { continue };
+        match decide(&path, &e.node, opts.overwrite) {
+            Decision::Write => {}
+            Decision::Skip => {
+                report.skipped += 1;
+                continue;
+            }
+            Decision::Fail(error) => {
+                report.failed.push(failure(&e.rel, error));
+                continue;
+            }
+        }
+        record(&[Created::Symlink { path: path.clone(), target: String::from_utf8_lossy(link).into_owned() }])?;
+        let tmp = temp_sibling(&path);
+        if let Err(err) = std::os::unix::fs::symlink(OsStr::from_bytes(link), &tmp) {
+            report.failed.push(failure(&e.rel, format!("creating the link: {err}")));
+            continue;
+        }
+        temps.add(tmp.clone());
+        report.warnings.extend(apply_metadata(&tmp, &e.node, true, opts));
+        match std::fs::rename(&tmp, &path) {
+            Ok(()) => {
+                temps.done(&tmp);
+                report.symlinks += 1;
+            }
+            Err(err) => {
+                temps.remove(&tmp);
+                report.failed.push(failure(&e.rel, format!("putting it in place: {err}")));
+            }
+        }
+    }
+    for e in plan.dirs.iter().rev() {
+        report.dirs += 1;
+        report.warnings.extend(apply_metadata(&target.join(&e.rel), &e.node, false, opts));
+    }
+    Ok(report)
+}
+
+/// Creates the target (and missing parents), recording them first.
+fn make_target(target: &Path, record: &dyn Fn(&[Created]) -> Result<(), RestoreError>) -> Result<(), RestoreError> {
+    let mut missing = Vec::new();
+    let mut p = Some(target);
+    while let Some(dir) = p {
+        if dir.as_os_str().is_empty() || std::fs::symlink_metadata(dir).is_ok() {
+            break;
+        }
+        missing.push(Created::Dir { path: dir.to_owned() });
+        p = dir.parent();
+    }
+    missing.reverse();
+    record(&missing)?;
+    std::fs::create_dir_all(target).map_err(|source| RestoreError::Io { path: target.into(), source })
+}
+
+fn failure(rel: &Path, error: String) -> DamagedFile {
+    DamagedFile { path: rel.to_string_lossy().into_owned(), error }
+}
+
+enum Decision {
+    Write,
+    Skip,
+    Fail(String),
+}
+
+/// What to do with a file or symlink of the snapshot at `path`.
+fn decide(path: &Path, node: &Node, overwrite: Overwrite) -> Decision {
+    let existing = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Decision::Write,
+        Err(e) => return Decision::Fail(e.to_string()),
+        Ok(m) => m,
+    };
+    if existing.is_dir() {
+        return Decision::Fail("a directory is in the way".into());
+    }
+    let unchanged = || match &node.kind {
+        NodeKind::File { .. } => {
+            existing.is_file()
+                && existing.len() == node.size
+                && existing.mtime() == node.mtime.sec
+                && existing.mtime_nsec() == i64::from(node.mtime.nsec)
+        }
+        NodeKind::Symlink { target } => {
+            existing.file_type().is_symlink()
+                && std::fs::read_link(path).is_ok_and(|t| t.as_os_str().as_bytes() == target.as_slice())
+        }
+        NodeKind::Dir { .. } => false,
+    };
+    match overwrite {
+        Overwrite::Always => Decision::Write,
+        Overwrite::Never => Decision::Skip,
+        Overwrite::IfChanged if unchanged() => Decision::Skip,
+        Overwrite::IfChanged => Decision::Write,
     }
 }
 
-/// Opens a file for writing without following a symlink in its last component.
-fn open_for_write(path: &Path, create: bool) -> std::io::Result<File> {
-    OpenOptions::new().write(true).create(create).truncate(create).custom_flags(libc::O_NOFOLLOW).mode(0o600).open(path)
+/// A fresh name beside `path` for writing it: hidden, and unlikely to be
+/// anyone else's (created with `O_EXCL`, so never someone else's).
+fn temp_sibling(path: &Path) -> PathBuf {
+    let mut name = OsString::from(".chunkvault-");
+    name.push(hex::encode(rand::random::<[u8; 8]>()));
+    name.push(".tmp");
+    path.with_file_name(name)
 }
 
-thread_local! {
-    /// A ranged read of a pack (up to [`MAX_READ`]) being restored.
-    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+/// Temporary files this restore made; those not renamed into place are
+/// removed when it ends, however it ends.
+#[derive(Default)]
+struct TempFiles(Mutex<std::collections::HashSet<PathBuf>>);
+
+impl TempFiles {
+    fn add(&self, p: PathBuf) {
+        self.0.lock().expect("temp lock").insert(p);
+    }
+
+    /// Renamed into place: no longer ours to remove.
+    fn done(&self, p: &Path) {
+        self.0.lock().expect("temp lock").remove(p);
+    }
+
+    fn remove(&self, p: &Path) {
+        let _ = std::fs::remove_file(p);
+        self.done(p);
+    }
 }
 
-/// Where a blob's bytes go: (file number, offset in the file).
-type Targets = Vec<(usize, u64)>;
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in self.0.get_mut().expect("temp lock").drain() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
 
-/// Writes every file's content; returns the files that failed, with why.
+/// Writes every file's content into its temporary file; returns the files
+/// (positions in `files`) that failed, with why.
 fn write_contents(
-    repo: &Repository,
-    target: &Path,
-    files: &[(PathBuf, Node)],
+    source: &dyn ChunkSource,
+    plan: &RestorePlan,
+    files: &[(usize, PathBuf)],
     progress: &RestoreProgress,
 ) -> HashMap<usize, String> {
     let damaged: Mutex<HashMap<usize, String>> = Mutex::default();
     let mark = |file: usize, err: String| {
         damaged.lock().expect("damage lock").entry(file).or_insert(err);
     };
-    let mut by_pack: HashMap<PackId, Vec<(BlobId, BlobLocation)>> = HashMap::new();
-    let mut targets: HashMap<BlobId, Targets> = HashMap::new();
-    {
-        let index = repo.index();
-        for (i, (_, node)) in files.iter().enumerate() {
-            let NodeKind::File { chunks } = &node.kind else {
-                continue;
+    // Where each chunk's bytes go: (file position, offset in the file).
+    let mut targets: HashMap<BlobId, Vec<(usize, u64)>> = HashMap::new();
+    let mut wanted = Vec::new();
+    for (n, (i, _)) in files.iter().enumerate() {
+        let node = &plan.files[*i].node;
+        let NodeKind::File { chunks } = &node.kind else { continue };
+        let mut offset = 0u64;
+        let mut ok = true;
+        for c in chunks {
+            let Some(len) = source.chunk_len(c) else {
+                mark(n, format!("chunk {c} is missing from the repository"));
+                ok = false;
+                break;
             };
-            let mut offset = 0u64;
-            for c in chunks {
-                let Some(loc) = index.get(c) else {
-                    mark(i, format!("chunk {c} is missing from the repository"));
-                    break;
-                };
-                let t = targets.entry(*c).or_default();
-                if t.is_empty() {
-                    by_pack.entry(loc.pack).or_default().push((*c, loc));
-                }
-                t.push((i, offset));
-                offset += u64::from(loc.raw_len);
+            let t = targets.entry(*c).or_default();
+            if t.is_empty() {
+                wanted.push(*c);
             }
-            if offset != node.size && !damaged.lock().expect("damage lock").contains_key(&i) {
-                mark(i, format!("chunk lengths add up to {offset} bytes, the file has {}", node.size));
-            }
+            t.push((n, offset));
+            offset += u64::from(len);
+        }
+        if ok && offset != node.size {
+            mark(n, format!("chunk lengths add up to {offset} bytes, the file has {}", node.size));
         }
     }
-    let mut packs: Vec<(PackId, Vec<(BlobId, BlobLocation)>)> = by_pack.into_iter().collect();
-    packs.sort_by_key(|(p, _)| *p);
-    packs.par_iter_mut().for_each(|(pack, blobs)| {
-        blobs.sort_by_key(|(_, l)| l.offset);
-        for group in coalesce(blobs) {
-            let start = u64::from(group[0].1.offset);
-            let last = group.last().expect("non-empty group").1;
-            let end = u64::from(last.offset) + FRAME_HEADER_LEN as u64 + u64::from(last.stored_len);
-            let fail_all = |err: String| {
-                for (id, _) in group {
-                    for (f, _) in &targets[id] {
-                        mark(*f, err.clone());
-                    }
+    source.fetch(&wanted, &|id, result| {
+        let Some(places) = targets.get(id) else { return };
+        let data = match result {
+            Ok(d) => d,
+            Err(e) => {
+                for (n, _) in places {
+                    mark(*n, e.clone());
                 }
-            };
-            // One read buffer per thread, reused from group to group.
-            let mut bytes = READ_BUFFER.take();
-            if let Err(e) = repo.backend().get_range_into(&ObjectKey::Pack(*pack), start, end - start, &mut bytes) {
-                fail_all(format!("reading pack {pack}: {e}"));
-                READ_BUFFER.set(bytes);
-                continue;
+                return;
             }
-            for (id, loc) in group {
-                let at = (u64::from(loc.offset) - start) as usize;
-                let frame = &bytes[at..at + FRAME_HEADER_LEN + loc.stored_len as usize];
-                let result = repo.open_frame(id, loc.kind, frame, u64::from(loc.offset), loc.stored_len, loc.raw_len);
-                let data = match result {
-                    Ok(d) => d,
-                    Err(e) => {
-                        for (f, _) in &targets[id] {
-                            mark(*f, e.to_string());
-                        }
-                        continue;
-                    }
-                };
-                for (f, off) in &targets[id] {
-                    let path = target.join(&files[*f].0);
-                    let written = open_for_write(&path, false).and_then(|file| file.write_all_at(&data, *off));
-                    match written {
-                        Ok(()) => {
-                            progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        }
-                        Err(e) => mark(*f, format!("writing: {e}")),
-                    }
+        };
+        for (n, off) in places {
+            let tmp = &files[*n].1;
+            let written = open_temp(tmp).and_then(|file| file.write_all_at(data, *off));
+            match written {
+                Ok(()) => {
+                    progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
+                Err(e) => mark(*n, format!("writing: {e}")),
             }
-            READ_BUFFER.set(bytes);
         }
     });
     progress.files.store(files.len() as u64, Ordering::Relaxed);
     damaged.into_inner().expect("damage lock")
 }
 
-/// Splits offset-sorted blobs into runs worth one ranged read each.
-fn coalesce(blobs: &[(BlobId, BlobLocation)]) -> Vec<&[(BlobId, BlobLocation)]> {
-    let mut groups = Vec::new();
-    let mut start = 0;
-    for i in 1..=blobs.len() {
-        let split = i == blobs.len() || {
-            let prev = &blobs[i - 1].1;
-            let prev_end = u64::from(prev.offset) + FRAME_HEADER_LEN as u64 + u64::from(prev.stored_len);
-            let next = &blobs[i].1;
-            let next_end = u64::from(next.offset) + FRAME_HEADER_LEN as u64 + u64::from(next.stored_len);
-            u64::from(next.offset).saturating_sub(prev_end) > COALESCE_GAP
-                || next_end - u64::from(blobs[start].1.offset) > MAX_READ
-        };
-        if split {
-            groups.push(&blobs[start..i]);
-            start = i;
-        }
-    }
-    groups
+/// Opens one of this restore's temporary files for writing, never through a
+/// symlink put in its place.
+fn open_temp(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
-fn apply_metadata(path: &Path, node: &Node, is_link: bool, warnings: &mut Vec<String>) {
+fn apply_metadata(path: &Path, node: &Node, is_link: bool, opts: &RestoreOptions) -> Vec<String> {
+    let mut warnings = Vec::new();
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return;
+        return warnings;
     };
     let flags = if is_link { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+    let mode_bits = if opts.strip_special_bits { 0o777 } else { 0o7777 };
     // SAFETY: `c` is a valid NUL-terminated path; the calls only read it.
     unsafe {
         // Ownership first: chown clears setuid/setgid bits, chmod then sets them.
         if libc::geteuid() == 0 && libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) != 0 {
             warnings.push(format!("{}: chown: {}", path.display(), std::io::Error::last_os_error()));
         }
-        if !is_link && libc::chmod(c.as_ptr(), (node.mode & 0o7777) as libc::mode_t) != 0 {
+        if !is_link && libc::chmod(c.as_ptr(), (node.mode & mode_bits) as libc::mode_t) != 0 {
             warnings.push(format!("{}: chmod: {}", path.display(), std::io::Error::last_os_error()));
         }
         let times = [to_timespec(node.mtime), to_timespec(node.mtime)];
@@ -374,6 +680,7 @@ fn apply_metadata(path: &Path, node: &Node, is_link: bool, warnings: &mut Vec<St
             warnings.push(format!("{}: set times: {}", path.display(), std::io::Error::last_os_error()));
         }
     }
+    warnings
 }
 
 fn to_timespec(t: Timestamp) -> libc::timespec {
@@ -389,7 +696,7 @@ pub fn cat(
     out: &mut dyn Write,
 ) -> Result<u64, RestoreError> {
     let NodeKind::File { chunks } = &node.kind else {
-        return Err(RestoreError::NotFound(format!("{} is not a file", node.name_lossy())));
+        return Err(RestoreError::NotAFile(node.name_lossy()));
     };
     let (start, end) = range.unwrap_or((0, node.size));
     let end = end.min(node.size);
@@ -404,7 +711,7 @@ pub fn cat(
             let data = repo.read_blob(c)?;
             let from = start.saturating_sub(pos) as usize;
             let to = ((end - pos) as usize).min(data.len());
-            out.write_all(&data[from..to]).map_err(|source| RestoreError::Io { path: "<stdout>".into(), source })?;
+            out.write_all(&data[from..to]).map_err(RestoreError::Output)?;
             written += (to - from) as u64;
         }
         pos += len;

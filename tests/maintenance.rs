@@ -327,7 +327,7 @@ fn prune_refuses_when_a_used_blob_is_missing_and_repair_snapshots_recovers_the_r
     let done = repair_snapshots(&repo, false, true, false, Default::default()).unwrap();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].dropped, dropped);
-    let (_, snap) = repo.find_snapshot(&done[0].new.to_hex()).unwrap();
+    let (_, snap) = repo.find_snapshot(&done[0].new.unwrap().to_hex()).unwrap();
     assert!(snap.tags.contains(&"repaired".to_string()));
     assert!(repo.find_snapshot(&done[0].old.to_hex()).is_err(), "--forget removed the original");
     // Prune now succeeds and drops the missing pack from the index.

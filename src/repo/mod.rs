@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod keys;
+mod read;
+
+pub use read::{DeliverBlob, PackBlobs};
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -63,6 +66,10 @@ pub enum RepoError {
     NoSuchSnapshot(String),
     #[error("{0:?} matches several snapshots; give more characters")]
     AmbiguousSnapshot(String),
+    /// `latest` cannot be resolved: these snapshots cannot be read, so which
+    /// one is the newest is unknown.
+    #[error("snapshot{} {} cannot be read, so which snapshot is the latest is unknown; name a snapshot by id, or remove the damaged ones with `chunkvault forget ID` or `chunkvault repair snapshots --forget`", if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|i| i.to_hex()).collect::<Vec<_>>().join(", "))]
+    UnreadableSnapshots(Vec<SnapshotId>),
     #[error("{0}")]
     Invalid(String),
 }
@@ -79,6 +86,7 @@ impl RepoError {
                 | RepoError::Segment(..)
                 | RepoError::Crypto { .. }
                 | RepoError::MissingBlob(_)
+                | RepoError::UnreadableSnapshots(_)
         ) || matches!(self, RepoError::Snapshot(_, SnapshotError::Json(_)))
     }
 }
@@ -137,7 +145,8 @@ fn open_s3(location: &str) -> Result<Arc<dyn Backend>, RepoError> {
 }
 
 /// Objects that loaded, and those that did not with why.
-type Loaded<I, T> = (Vec<(I, T)>, Vec<(I, String)>);
+/// Objects loaded, and apart those that could not be, with why.
+pub type Loaded<I, T> = (Vec<(I, T)>, Vec<(I, String)>);
 
 /// A repository opened with a password.
 pub struct Repository {
@@ -427,7 +436,13 @@ impl Repository {
     /// Every readable snapshot, oldest first. One that cannot be read is
     /// skipped with a warning (`check` reports it as damage).
     pub fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
-        let (mut out, _) = self.load_all(
+        Ok(self.list_snapshots_and_unreadable()?.0)
+    }
+
+    /// Every readable snapshot, oldest first, and apart the snapshots that
+    /// cannot be read, with why.
+    pub fn list_snapshots_and_unreadable(&self) -> Result<Loaded<SnapshotId, Snapshot>, RepoError> {
+        let (mut out, bad) = self.load_all(
             FileType::Snapshot,
             |k| match k {
                 ObjectKey::Snapshot(id) => Some(*id),
@@ -436,14 +451,27 @@ impl Repository {
             |id| self.load_snapshot(id),
         )?;
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
+        Ok((out, bad))
     }
 
-    /// Resolves `latest`, a full id or a unique id prefix.
+    /// Resolves `latest`, a full id or a unique id prefix, and loads it.
+    /// `latest` is refused while any snapshot cannot be read: its time is
+    /// inside it, so it might be the newest ([`RepoError::UnreadableSnapshots`]).
     pub fn find_snapshot(&self, spec: &str) -> Result<(SnapshotId, Snapshot), RepoError> {
         if spec == "latest" {
-            return self.list_snapshots()?.pop().ok_or_else(|| RepoError::NoSuchSnapshot(spec.into()));
+            let (mut good, bad) = self.list_snapshots_and_unreadable()?;
+            if !bad.is_empty() {
+                return Err(RepoError::UnreadableSnapshots(bad.into_iter().map(|(id, _)| id).collect()));
+            }
+            return good.pop().ok_or_else(|| RepoError::NoSuchSnapshot(spec.into()));
         }
+        let id = self.resolve_snapshot_id(spec)?;
+        Ok((id, self.load_snapshot(&id)?))
+    }
+
+    /// Resolves a full snapshot id or a unique prefix of one among the
+    /// stored snapshots, without reading it (so a damaged one can be named).
+    pub fn resolve_snapshot_id(&self, spec: &str) -> Result<SnapshotId, RepoError> {
         if spec.is_empty() || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(RepoError::NoSuchSnapshot(spec.into()));
         }
@@ -459,7 +487,7 @@ impl Repository {
             .collect();
         match matches.as_slice() {
             [] => Err(RepoError::NoSuchSnapshot(spec.into())),
-            [id] => Ok((*id, self.load_snapshot(id)?)),
+            [id] => Ok(*id),
             _ => Err(RepoError::AmbiguousSnapshot(spec.into())),
         }
     }

@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use chunkvault::id::SnapshotId;
 use chunkvault::lock::remove_locks;
-use chunkvault::prune::{forget, prune, PruneOptions, PruneProgress, PruneReport};
+use chunkvault::prune::{forget, forget_ids, prune, PruneOptions, PruneProgress, PruneReport};
 use chunkvault::repair::{repair_index, repair_snapshots};
 use chunkvault::retention::{GroupBy, Policy};
 
@@ -23,6 +24,10 @@ pub struct PruneArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ForgetArgs {
+    /// Remove these snapshots (ids or unique prefixes; readable or not)
+    /// instead of applying a --keep-* policy.
+    #[arg(value_name = "SNAPSHOT_ID")]
+    pub snapshots: Vec<String>,
     /// Keep the N newest snapshots.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub keep_last: u32,
@@ -114,12 +119,21 @@ pub fn repair_cmd(ctx: &Ctx, c: RepairCommand) -> CmdResult {
                 ctx.print_json(&serde_json::json!({ "dry_run": a.dry_run, "snapshots": done }));
             } else {
                 for r in &done {
+                    if let Some(why) = &r.unreadable {
+                        let fate = match (a.dry_run, r.forgotten) {
+                            (true, _) => "",
+                            (false, true) => ", removed",
+                            (false, false) => ", kept (--forget removes it)",
+                        };
+                        println!("snapshot {}: cannot be read ({why}){fate}", r.old.short());
+                        continue;
+                    }
                     for p in &r.dropped {
                         println!("snapshot {}: dropped {p}", r.old.short());
                     }
-                    if !a.dry_run {
+                    if let (false, Some(new)) = (a.dry_run, r.new) {
                         let fate = if r.forgotten { "removed" } else { "kept" };
-                        println!("snapshot {} -> {} (original {fate})", r.old.short(), r.new.short());
+                        println!("snapshot {} -> {} (original {fate})", r.old.short(), new.short());
                     }
                 }
                 println!("{} damaged snapshots{}", done.len(), if a.dry_run { " (dry run)" } else { " repaired" });
@@ -184,12 +198,22 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
         within: a.keep_within,
         tags: a.keep_tags,
     };
-    if policy.is_empty() {
-        return Err(CliError::Usage("no --keep-* option given: refusing to forget every snapshot".into()));
+    if !a.snapshots.is_empty() && !policy.is_empty() {
+        return Err(CliError::Usage("give snapshot ids or --keep-* options, not both".into()));
+    }
+    if a.snapshots.is_empty() && policy.is_empty() {
+        return Err(CliError::Usage(
+            "no snapshot id and no --keep-* option given: refusing to forget every snapshot".into(),
+        ));
     }
     let repo = ctx.open()?;
-    let decisions = forget(&repo, &policy, a.group_by, a.dry_run)?;
-    let removed: usize = decisions.iter().map(|d| d.remove.len()).sum();
+    let (decisions, removed) = if a.snapshots.is_empty() {
+        let decisions = forget(&repo, &policy, a.group_by, a.dry_run)?;
+        let removed: Vec<SnapshotId> = decisions.iter().flat_map(|d| d.remove.iter().copied()).collect();
+        (decisions, removed)
+    } else {
+        (Vec::new(), forget_ids(&repo, &a.snapshots, a.dry_run)?)
+    };
     let pruned = if a.prune && !a.dry_run {
         Some(run_prune(
             ctx,
@@ -203,7 +227,8 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
         ctx.print_json(&serde_json::json!({
             "dry_run": a.dry_run,
             "groups": decisions,
-            "removed": removed,
+            "removed": removed.len(),
+            "removed_ids": removed,
             "prune": pruned,
         }));
     } else {
@@ -223,7 +248,12 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
             }
         }
         let verb = if a.dry_run { "would remove" } else { "removed" };
-        println!("{verb} {removed} snapshots");
+        if !a.snapshots.is_empty() {
+            for id in &removed {
+                println!("  remove {}", id.short());
+            }
+        }
+        println!("{verb} {} snapshots", removed.len());
         if let Some(r) = &pruned {
             print_prune(r);
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chunkvault::id::BlobId;
 use chunkvault::repo::Repository;
-use chunkvault::restore::{self, RestoreOptions, RestoreProgress};
+use chunkvault::restore::{self, Overwrite, RestoreOptions, RestoreProgress};
 use chunkvault::tree::{Node, NodeKind};
 
 use crate::ctx::{human_bytes, CliError, Ctx};
@@ -24,6 +24,29 @@ pub struct RestoreArgs {
     /// Restore only this path of the snapshot and what lies below it (repeatable).
     #[arg(long)]
     pub include: Vec<String>,
+    /// What to do with files already in the target: replace them (`always`),
+    /// only when their size or mtime differ (`if-changed`), or keep them
+    /// (`never`). A file is only ever replaced by a complete, verified copy.
+    #[arg(long, value_enum, default_value_t = OverwriteArg::Always)]
+    pub overwrite: OverwriteArg,
+}
+
+/// `--overwrite` values (restic's names).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum OverwriteArg {
+    Always,
+    IfChanged,
+    Never,
+}
+
+impl From<OverwriteArg> for Overwrite {
+    fn from(a: OverwriteArg) -> Overwrite {
+        match a {
+            OverwriteArg::Always => Overwrite::Always,
+            OverwriteArg::IfChanged => Overwrite::IfChanged,
+            OverwriteArg::Never => Overwrite::Never,
+        }
+    }
 }
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
@@ -39,7 +62,8 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
             human_bytes(total)
         ));
     });
-    let result = restore::restore(&repo, &snap, &a.target, &RestoreOptions { include: a.include }, &progress);
+    let opts = RestoreOptions { include: a.include, overwrite: a.overwrite.into(), strip_special_bits: false };
+    let result = restore::restore(&repo, &snap, &a.target, &opts, &progress);
     drop(bar);
     let report = result?;
     for w in &report.warnings {
@@ -48,14 +72,19 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     for d in &report.damaged {
         eprintln!("damaged: {}: {} (not restored)", d.path, d.error);
     }
+    for f in &report.failed {
+        eprintln!("not restored: {}: {}", f.path, f.error);
+    }
     if ctx.args.json {
         let mut v = serde_json::to_value(&report).expect("serializable");
         v["snapshot"] = serde_json::json!(id);
         v["target"] = serde_json::json!(a.target);
         ctx.print_json(&v);
     } else {
+        let skipped =
+            if report.skipped > 0 { format!(", {} left as they were", report.skipped) } else { String::new() };
         println!(
-            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}",
+            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}{skipped}",
             id.short(),
             a.target.display(),
             report.files,
@@ -64,14 +93,17 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
             human_bytes(report.bytes)
         );
     }
-    if report.damaged.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
+    if !report.damaged.is_empty() {
         eprintln!(
             "chunkvault: error: {} files could not be restored because the repository is damaged",
             report.damaged.len()
         );
         Ok(ExitCode::from(exit::DAMAGE))
+    } else if !report.failed.is_empty() {
+        eprintln!("chunkvault: error: {} entries could not be put in place in the target", report.failed.len());
+        Ok(ExitCode::from(exit::ERROR))
+    } else {
+        Ok(ExitCode::SUCCESS)
     }
 }
 

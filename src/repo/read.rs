@@ -1,0 +1,116 @@
+//! The blob read path for many blobs at once: group by pack, read each pack
+//! in offset order with nearby blobs coalesced into one ranged read, verify
+//! and open every blob. Restore and the storage node's chunk stream use it.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use super::{RepoError, Repository};
+use crate::backend::ObjectKey;
+use crate::id::{BlobId, PackId};
+use crate::index::BlobLocation;
+use crate::pack::FRAME_HEADER_LEN;
+
+/// Blobs closer than this in a pack are fetched with one ranged read.
+const COALESCE_GAP: u64 = 1 << 20;
+/// Largest single ranged read.
+const MAX_READ: u64 = 64 << 20;
+
+thread_local! {
+    /// A ranged read of a pack (up to [`MAX_READ`]), reused between reads.
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Receives each blob read: its verified plaintext, or why it could not be read.
+pub type DeliverBlob<'a> = dyn Fn(&BlobId, Result<&[u8], RepoError>) + Sync + 'a;
+
+/// The blobs of one pack to read, sorted by offset.
+pub type PackBlobs = (PackId, Vec<(BlobId, BlobLocation)>);
+
+impl Repository {
+    /// Groups `ids` by the pack that holds them (packs in id order, blobs in
+    /// offset order); ids the index does not know are returned apart.
+    /// Duplicates in `ids` are read once.
+    pub fn plan_blob_reads(&self, ids: impl IntoIterator<Item = BlobId>) -> (Vec<PackBlobs>, Vec<BlobId>) {
+        let index = self.index();
+        let mut by_pack: HashMap<PackId, Vec<(BlobId, BlobLocation)>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut missing = Vec::new();
+        for id in ids {
+            if !seen.insert(id) {
+                continue;
+            }
+            match index.get(&id) {
+                Some(loc) => by_pack.entry(loc.pack).or_default().push((id, loc)),
+                None => missing.push(id),
+            }
+        }
+        let mut packs: Vec<PackBlobs> = by_pack.into_iter().collect();
+        packs.sort_by_key(|(p, _)| *p);
+        for (_, blobs) in &mut packs {
+            blobs.sort_by_key(|(_, l)| l.offset);
+        }
+        (packs, missing)
+    }
+
+    /// Reads every blob of `packs` (from [`Repository::plan_blob_reads`]) and
+    /// calls `deliver` with each one's verified plaintext, or with why it
+    /// could not be read. Packs are read in parallel, each in offset order;
+    /// `deliver` is called from several threads.
+    pub fn read_blobs(&self, packs: &[PackBlobs], deliver: &DeliverBlob<'_>) {
+        packs.par_iter().for_each(|(pack, blobs)| self.read_pack_blobs(pack, blobs, deliver));
+    }
+
+    /// [`Repository::read_blobs`] for one pack, on the calling thread.
+    pub fn read_pack_blobs(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &DeliverBlob<'_>) {
+        for group in coalesce(blobs) {
+            let start = u64::from(group[0].1.offset);
+            let last = group.last().expect("non-empty group").1;
+            let end = u64::from(last.offset) + FRAME_HEADER_LEN as u64 + u64::from(last.stored_len);
+            // One read buffer per thread, reused from group to group.
+            let mut bytes = READ_BUFFER.take();
+            if let Err(e) = self.backend.get_range_into(&ObjectKey::Pack(*pack), start, end - start, &mut bytes) {
+                let e = RepoError::from(e);
+                for (id, _) in group {
+                    deliver(id, Err(RepoError::Invalid(format!("reading pack {pack}: {e}"))));
+                }
+                READ_BUFFER.set(bytes);
+                continue;
+            }
+            for (id, loc) in group {
+                let at = (u64::from(loc.offset) - start) as usize;
+                let Some(frame) = bytes.get(at..at + FRAME_HEADER_LEN + loc.stored_len as usize) else {
+                    deliver(id, Err(RepoError::Invalid(format!("pack {pack} is shorter than its index says"))));
+                    continue;
+                };
+                match self.open_frame(id, loc.kind, frame, u64::from(loc.offset), loc.stored_len, loc.raw_len) {
+                    Ok(plain) => deliver(id, Ok(&plain)),
+                    Err(e) => deliver(id, Err(e)),
+                }
+            }
+            READ_BUFFER.set(bytes);
+        }
+    }
+}
+
+/// Splits offset-sorted blobs into runs worth one ranged read each.
+fn coalesce(blobs: &[(BlobId, BlobLocation)]) -> Vec<&[(BlobId, BlobLocation)]> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for i in 1..=blobs.len() {
+        let split = i == blobs.len() || {
+            let prev = &blobs[i - 1].1;
+            let prev_end = u64::from(prev.offset) + FRAME_HEADER_LEN as u64 + u64::from(prev.stored_len);
+            let next = &blobs[i].1;
+            let next_end = u64::from(next.offset) + FRAME_HEADER_LEN as u64 + u64::from(next.stored_len);
+            u64::from(next.offset).saturating_sub(prev_end) > COALESCE_GAP
+                || next_end - u64::from(blobs[start].1.offset) > MAX_READ
+        };
+        if split {
+            groups.push(&blobs[start..i]);
+            start = i;
+        }
+    }
+    groups
+}
