@@ -17,6 +17,16 @@ pub const MAX_JSON_BODY: usize = 64 * 1024;
 pub const MAX_MANIFEST_BODY: usize = 64 << 20;
 /// Most chunk ids in one `chunks/missing` query.
 pub const MAX_MISSING_QUERY: usize = 100_000;
+/// Longest path a snapshot may name, in bytes (as a tree entry name: `PATH_MAX`).
+pub const MAX_MANIFEST_PATH: usize = 4096;
+/// Most paths a snapshot may name.
+pub const MAX_MANIFEST_PATHS: usize = 1024;
+/// Longest tag, in bytes.
+pub const MAX_TAG: usize = 256;
+/// Most tags on one snapshot.
+pub const MAX_TAGS: usize = 64;
+/// Longest hostname, in bytes.
+pub const MAX_HOSTNAME: usize = 255;
 
 /// Why a request body was refused.
 #[derive(Debug, thiserror::Error)]
@@ -27,11 +37,21 @@ pub enum ApiError {
     Json(#[from] serde_json::Error),
     #[error("{0}")]
     Invalid(String),
+    /// A snapshot manifest that would be too large to read back.
+    #[error("manifest too large: {0}")]
+    ManifestTooLarge(String),
 }
 
 /// Field checks a body runs after it deserializes.
 pub trait Validate {
+    /// Refuses malformed fields (answered as bad input).
     fn validate(&self) -> Result<(), String>;
+
+    /// Refuses fields too long or too many for what the server stores, which
+    /// a bound on the body's bytes cannot express (answered as too large).
+    fn check_limits(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
 }
 
 /// Parses a bounded JSON body and validates it. Never panics.
@@ -40,6 +60,7 @@ pub fn parse_body<T: DeserializeOwned + Validate>(bytes: &[u8], limit: usize) ->
         return Err(ApiError::TooLarge(limit));
     }
     let value: T = serde_json::from_slice(bytes)?;
+    value.check_limits()?;
     value.validate().map_err(ApiError::Invalid)?;
     Ok(value)
 }
@@ -212,10 +233,29 @@ pub struct CommitRequest {
 }
 
 impl Validate for CommitRequest {
-    fn validate(&self) -> Result<(), String> {
-        if self.hostname.len() > 255 || self.paths.len() > 1024 || self.tags.len() > 64 {
-            return Err("hostname, paths or tags too long".into());
+    /// Every string the manifest keeps is bounded, so that what is accepted
+    /// can be read back (the storage node also bounds the encoded manifest).
+    fn check_limits(&self) -> Result<(), ApiError> {
+        let too_large = |what: String| Err(ApiError::ManifestTooLarge(what));
+        if self.hostname.len() > MAX_HOSTNAME {
+            return too_large(format!("hostname is longer than {MAX_HOSTNAME} bytes"));
         }
+        if self.paths.len() > MAX_MANIFEST_PATHS {
+            return too_large(format!("more than {MAX_MANIFEST_PATHS} paths"));
+        }
+        if self.tags.len() > MAX_TAGS {
+            return too_large(format!("more than {MAX_TAGS} tags"));
+        }
+        if self.paths.iter().any(|p| p.len() > MAX_MANIFEST_PATH) {
+            return too_large(format!("a path is longer than {MAX_MANIFEST_PATH} bytes"));
+        }
+        if self.tags.iter().any(|t| t.len() > MAX_TAG) {
+            return too_large(format!("a tag is longer than {MAX_TAG} bytes"));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
         for f in &self.files {
             check_manifest_path(&f.path)?;
             if f.mtime_nsec >= 1_000_000_000 {
@@ -229,7 +269,7 @@ impl Validate for CommitRequest {
 /// A manifest path: non-empty components that are valid tree entry names, so
 /// nothing can name `..` or an absolute path.
 pub fn check_manifest_path(path: &str) -> Result<(), String> {
-    if path.len() > 4096 {
+    if path.len() > MAX_MANIFEST_PATH {
         return Err("path too long".into());
     }
     let mut any = false;
@@ -338,6 +378,23 @@ mod tests {
         assert!(matches!(parse_body::<ActivateRequest>(bad, MAX_JSON_BODY), Err(ApiError::Invalid(_))));
         let bad_id = br#"{"chunks":["zz"]}"#;
         assert!(matches!(parse_body::<MissingRequest>(bad_id, MAX_JSON_BODY), Err(ApiError::Json(_))));
+    }
+
+    #[test]
+    fn commit_fields_are_bounded_and_refused_as_too_large() {
+        let body = |hostname: usize, paths: Vec<String>, tags: Vec<String>| {
+            let req = CommitRequest { hostname: "h".repeat(hostname), paths, tags, files: vec![] };
+            parse_body::<CommitRequest>(&serde_json::to_vec(&req).unwrap(), MAX_MANIFEST_BODY)
+        };
+        let (paths, tags) =
+            (vec!["p".repeat(MAX_MANIFEST_PATH); MAX_MANIFEST_PATHS], vec!["t".repeat(MAX_TAG); MAX_TAGS]);
+        body(MAX_HOSTNAME, paths.clone(), tags.clone()).unwrap();
+        let too_large = |r: Result<CommitRequest, ApiError>| matches!(r, Err(ApiError::ManifestTooLarge(_)));
+        assert!(too_large(body(MAX_HOSTNAME + 1, vec![], vec![])));
+        assert!(too_large(body(1, vec!["p".repeat(MAX_MANIFEST_PATH + 1)], vec![])));
+        assert!(too_large(body(1, vec!["p".into(); MAX_MANIFEST_PATHS + 1], vec![])));
+        assert!(too_large(body(1, vec![], vec!["t".repeat(MAX_TAG + 1)])));
+        assert!(too_large(body(1, vec![], vec!["t".into(); MAX_TAGS + 1])));
     }
 
     fn commit_strategy() -> impl Strategy<Value = CommitRequest> {

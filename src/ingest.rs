@@ -27,7 +27,7 @@ use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
 use crate::packer::Packer;
 use crate::repo::{self, InitOptions, RepoError, Repository};
 use crate::restore::RestoreError;
-use crate::snapshot::{Snapshot, Summary};
+use crate::snapshot::{Snapshot, Summary, MAX_SNAPSHOT_SIZE};
 use crate::tree::{Node, NodeKind, Timestamp};
 
 /// Why a storage operation failed or was refused.
@@ -49,6 +49,8 @@ pub enum IngestError {
     NotFound(String),
     #[error("this snapshot belongs to another user")]
     NotOwner,
+    #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
+    ManifestTooLarge(usize, usize),
     #[error("reading: {0}")]
     Read(String),
     #[error("the tenant's writer stopped")]
@@ -96,6 +98,10 @@ pub struct Owner {
     pub user: String,
     pub device: String,
 }
+
+/// Room left in a manifest for what the commit adds after the size check
+/// (summary counts, duration, tree id): a few hundred bytes at most.
+const MANIFEST_MARGIN: usize = 4096;
 
 /// Counters for the server's metrics.
 #[derive(Debug, Default)]
@@ -305,6 +311,7 @@ impl Tenant {
     /// Commits a snapshot of the files a device uploaded; refuses it unless
     /// every chunk it names is stored and every file's size adds up.
     pub fn commit(&self, owner: Owner, req: CommitRequest) -> Result<CommitResponse, IngestError> {
+        check_manifest_size(&owner, &req)?;
         let (reply, rx) = sync_channel(1);
         self.send(Job::Commit { owner, req: Box::new(req), reply })?;
         rx.recv().map_err(|_| IngestError::WriterStopped)?
@@ -407,6 +414,33 @@ impl Tenant {
             other => IngestError::Read(other.to_string()),
         })
     }
+}
+
+/// Refuses a commit whose manifest could not be read back (over
+/// [`MAX_SNAPSHOT_SIZE`]): such a snapshot would fail `check` for good. The
+/// request's fields are bounded one by one (`api`); their encoding (JSON
+/// escapes of control characters take six bytes each) is what is measured
+/// here, before any tree is written.
+pub fn check_manifest_size(owner: &Owner, req: &CommitRequest) -> Result<(), IngestError> {
+    let draft = Snapshot {
+        time: chrono::Utc::now().fixed_offset(),
+        hostname: req.hostname.clone(),
+        username: owner.user.clone(),
+        tenant: Some(owner.tenant.clone()),
+        user: Some(owner.user.clone()),
+        device: Some(owner.device.clone()),
+        tags: req.tags.clone(),
+        paths: req.paths.clone(),
+        tree: BlobId([0; 32]),
+        parent: None,
+        summary: Summary::default(),
+        program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
+    };
+    let len = draft.encode().len();
+    if len + MANIFEST_MARGIN > MAX_SNAPSHOT_SIZE {
+        return Err(IngestError::ManifestTooLarge(len, MAX_SNAPSHOT_SIZE - MANIFEST_MARGIN));
+    }
+    Ok(())
 }
 
 fn owns(owner: &Owner, s: &Snapshot) -> bool {
@@ -746,6 +780,20 @@ mod tests {
             t.read_file(&node, 0, node.size, &mut out).unwrap();
             assert_eq!(out, vec![i; 1000 + usize::from(i)]);
         }
+    }
+
+    #[test]
+    fn a_manifest_too_large_to_read_back_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        // Within every field bound, but each control character encodes as
+        // six bytes of JSON: 24 MiB of manifest.
+        let path = "\u{1}".repeat(crate::api::MAX_MANIFEST_PATH);
+        let paths = vec![path; crate::api::MAX_MANIFEST_PATHS];
+        let req = CommitRequest { hostname: "h".into(), paths, tags: vec![], files: vec![] };
+        assert!(matches!(t.commit(owner("a"), req), Err(IngestError::ManifestTooLarge(..))));
+        assert!(t.repo().list_snapshots().unwrap().is_empty());
+        assert!(t.repo().index().is_empty(), "no tree was written");
     }
 
     #[test]

@@ -398,3 +398,40 @@ fn managed_policy_can_forbid_restoring_another_devices_snapshot() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("policy"));
     assert!(!dir.path().join("t").join(&data.to_str().unwrap()[1..]).exists());
 }
+
+/// POSTs a commit manifest with a session.
+fn commit_raw(url: &str, session: &str, manifest: &serde_json::Value) -> (u16, String) {
+    let (status, body) =
+        http("POST", &format!("{url}/v1/snapshots"), Some(session), Some(manifest.to_string().as_bytes()));
+    (status, code(&body))
+}
+
+/// Issue 11, finding 5: a manifest too large to read back (60 paths of
+/// 300,000 characters was accepted, then broke `check` for good) is refused
+/// with 413, whether one field is too long or only the encoding is too large.
+#[test]
+fn a_manifest_too_large_to_read_back_is_refused_and_check_stays_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = Server::start(&root, &[]);
+    let u = &server.url;
+    let dev = Dev::activate(dir.path(), u, &deployment_token(u, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let s = dev.session();
+    let manifest = |paths: Vec<String>, tags: Vec<String>| serde_json::json!({"hostname": "h", "paths": paths, "tags": tags, "files": []});
+
+    let long_paths = vec!["/".to_owned() + &"p".repeat(300_000); 60];
+    assert_eq!(commit_raw(u, &s, &manifest(long_paths, vec![])), (413, "manifest_too_large".into()));
+    assert_eq!(commit_raw(u, &s, &manifest(vec![], vec!["t".repeat(257)])), (413, "manifest_too_large".into()));
+    assert_eq!(commit_raw(u, &s, &manifest(vec!["/x".into(); 1025], vec![])), (413, "manifest_too_large".into()));
+    // Every field within its bound, but control characters take six bytes
+    // each in the stored JSON: 24 MiB of manifest, over the 16 MiB read limit.
+    let escaped = vec!["\u{1}".repeat(4096); 1024];
+    assert_eq!(commit_raw(u, &s, &manifest(escaped, vec![])), (413, "manifest_too_large".into()));
+    // At the bounds, plain text: accepted, and read back.
+    let (status, _) = commit_raw(u, &s, &manifest(vec!["p".repeat(4096); 1024], vec!["t".repeat(256); 64]));
+    assert_eq!(status, 200);
+    assert_eq!(dev.json(&["snapshots"]).as_array().unwrap().len(), 1);
+
+    ok(run(tenant_cli(root.join("acme").to_str().unwrap()).arg("check")));
+}

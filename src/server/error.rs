@@ -62,6 +62,9 @@ impl From<ApiError> for HttpError {
             ApiError::TooLarge(_) => HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
             ApiError::Json(_) => HttpError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
             ApiError::Invalid(_) => HttpError::bad_request(e.to_string()),
+            ApiError::ManifestTooLarge(_) => {
+                HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "manifest_too_large", e.to_string())
+            }
         }
     }
 }
@@ -104,6 +107,9 @@ impl From<IngestError> for HttpError {
                 HttpError::not_found(e.to_string())
             }
             IngestError::NotOwner => HttpError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            IngestError::ManifestTooLarge(..) => {
+                HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "manifest_too_large", e.to_string())
+            }
             IngestError::WriterStopped => HttpError::unavailable("unavailable", e.to_string()),
             // Who holds the lock (host, user, pid) is the operator's business.
             IngestError::Lock(LockError::Locked(_)) => HttpError::unavailable(
