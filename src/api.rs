@@ -27,6 +27,8 @@ pub const MAX_TAG: usize = 256;
 pub const MAX_TAGS: usize = 64;
 /// Longest hostname, in bytes.
 pub const MAX_HOSTNAME: usize = 255;
+/// Most emails in one `users` request.
+pub const MAX_USERS_PER_REQUEST: usize = 1000;
 
 /// Why a request body was refused.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,12 @@ pub struct CreateDeploymentToken {
     pub expires_in_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_activations: Option<u32>,
+    /// What devices activated with this token may do (default: everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Policies>,
+    /// Activate only emails the admin provisioned in the tenant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub provisioned_only: bool,
 }
 
 impl Validate for CreateDeploymentToken {
@@ -113,11 +121,19 @@ impl Validate for CreateDeploymentToken {
     }
 }
 
+/// The answer to `POST /v1/admin/deployment-tokens`: the secret (shown this
+/// once) and the token's id, which names it from then on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentTokenCreated {
     pub token: String,
+    #[serde(default)]
+    pub token_id: String,
     pub tenant: String,
     pub expires_at: DateTime<Utc>,
+    #[serde(default)]
+    pub policies: Policies,
+    #[serde(default)]
+    pub provisioned_only: bool,
 }
 
 /// `POST /v1/activate`
@@ -155,11 +171,44 @@ impl Validate for SessionRequest {
     }
 }
 
-/// What the tenant allows a device to do with restored data.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What the admin allows a device to do with restored data. Set on the
+/// deployment token, kept with each device it activates, carried in the
+/// signed session token; a missing field means allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policies {
+    /// Read snapshots that another device of the same user made (enforced
+    /// by the storage node).
+    #[serde(default = "allowed")]
     pub allow_restore_to_other_device: bool,
+    /// Hand restored files to other apps (enforced by the device app).
+    #[serde(default = "allowed")]
     pub allow_open_in: bool,
+}
+
+fn allowed() -> bool {
+    true
+}
+
+impl Default for Policies {
+    /// Everything allowed: what devices had before policies existed.
+    fn default() -> Self {
+        Policies { allow_restore_to_other_device: true, allow_open_in: true }
+    }
+}
+
+impl Policies {
+    /// The names the admin CLI and the managed config use.
+    pub const NAMES: [&'static str; 2] = ["allowRestoreToOtherDevice", "allowOpenIn"];
+
+    /// Sets one policy by its managed-config name (`allowOpenIn`, ...).
+    pub fn set(&mut self, name: &str, value: bool) -> Result<(), String> {
+        match name {
+            "allowRestoreToOtherDevice" => self.allow_restore_to_other_device = value,
+            "allowOpenIn" => self.allow_open_in = value,
+            other => return Err(format!("unknown policy {other:?}; known: {}", Policies::NAMES.join(", "))),
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,6 +370,12 @@ pub struct DeviceInfo {
     pub state: String,
     pub activated_at: DateTime<Utc>,
     pub last_seen: Option<DateTime<Utc>>,
+    /// The id of the deployment token that activated it (none for devices
+    /// activated before tokens had ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_token_id: Option<String>,
+    #[serde(default)]
+    pub policies: Policies,
 }
 
 /// One state change in the check-in feed.
@@ -329,6 +384,41 @@ pub struct DeviceChange {
     pub device_id: String,
     pub tenant: String,
     pub state: String,
+    /// Set by a reset and by the activation after it: sessions of an earlier
+    /// activation of this device id (a lower generation) are void.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+}
+
+/// `POST /v1/admin/tenants/{tenant}/users`: emails allowed to activate with
+/// the tenant's `provisioned_only` deployment tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AddUsers {
+    pub emails: Vec<String>,
+}
+
+impl Validate for AddUsers {
+    fn validate(&self) -> Result<(), String> {
+        if self.emails.is_empty() || self.emails.len() > MAX_USERS_PER_REQUEST {
+            return Err(format!("emails: 1 to {MAX_USERS_PER_REQUEST} of them"));
+        }
+        self.emails.iter().try_for_each(|e| check_email(e))
+    }
+}
+
+/// One entry of `GET /v1/admin/tenants/{tenant}/users`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub email: String,
+    pub added_at: DateTime<Utc>,
+}
+
+/// What a `users` change did: the emails added (or removed); emails already
+/// so are left out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsersChanged {
+    pub tenant: String,
+    pub changed: Vec<String>,
 }
 
 /// `GET /v1/checkin?since=CURSOR`
@@ -397,6 +487,16 @@ mod tests {
         assert!(too_large(body(1, vec![], vec!["t".into(); MAX_TAGS + 1])));
     }
 
+    #[test]
+    fn policies_default_to_allowed_and_are_set_by_name() {
+        let p: Policies = serde_json::from_str(r#"{"allow_open_in": false}"#).unwrap();
+        assert_eq!(p, Policies { allow_restore_to_other_device: true, allow_open_in: false });
+        let mut r = Policies::default();
+        r.set("allowRestoreToOtherDevice", false).unwrap();
+        assert!(!r.allow_restore_to_other_device);
+        assert!(r.set("allowEverything", true).is_err());
+    }
+
     fn commit_strategy() -> impl Strategy<Value = CommitRequest> {
         let file = ("[a-z]{1,8}(/[a-z]{1,8}){0,2}", any::<u32>(), any::<i64>(), 0u32..1_000_000_000, any::<u64>())
             .prop_map(|(path, mode, mtime, mtime_nsec, size)| ManifestFile {
@@ -429,6 +529,7 @@ mod tests {
             let _ = parse_body::<SessionRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<MissingRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<CommitRequest>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<AddUsers>(&bytes, MAX_JSON_BODY);
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::{CommitRequest, CommitResponse, SnapshotInfo, TreeEntry};
+use crate::api::{CommitRequest, CommitResponse, Policies, SnapshotInfo, TreeEntry};
 use crate::backup::{BackupError, FileTree};
 use crate::id::{BlobId, BlobKind, SnapshotId};
 use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
@@ -49,6 +49,8 @@ pub enum IngestError {
     NotFound(String),
     #[error("this snapshot belongs to another user")]
     NotOwner,
+    #[error("this snapshot was made by another device, and this device's policy forbids restoring it")]
+    OtherDevice,
     #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
     ManifestTooLarge(usize, usize),
     #[error("reading: {0}")]
@@ -97,6 +99,8 @@ pub struct Owner {
     pub tenant: String,
     pub user: String,
     pub device: String,
+    /// The device's policies, as signed into the session token.
+    pub policies: Policies,
 }
 
 /// Room left in a manifest for what the commit adds after the size check
@@ -342,8 +346,11 @@ impl Tenant {
             .collect())
     }
 
-    /// Loads a snapshot the owner may read.
-    fn owned_snapshot(&self, owner: &Owner, id: &SnapshotId) -> Result<Snapshot, IngestError> {
+    /// Loads a snapshot the owner may read: its tenant's and user's, and,
+    /// when the device's policy forbids restoring to another device, made by
+    /// this device. Every route that reads a snapshot's trees or files must
+    /// get the snapshot from here: it is the one place those rules live.
+    pub fn readable_snapshot(&self, owner: &Owner, id: &SnapshotId) -> Result<Snapshot, IngestError> {
         let snapshot = match self.repo.load_snapshot(id) {
             Err(RepoError::Backend(e)) if e.is_not_found() => {
                 return Err(IngestError::NotFound(format!("no snapshot {id}")))
@@ -352,6 +359,9 @@ impl Tenant {
         };
         if !owns(owner, &snapshot) {
             return Err(IngestError::NotOwner);
+        }
+        if !owner.policies.allow_restore_to_other_device && snapshot.device.as_deref() != Some(owner.device.as_str()) {
+            return Err(IngestError::OtherDevice);
         }
         if !self.repo.index().contains(&snapshot.tree) {
             // Committed (by another node) after this session's refresh: its
@@ -364,7 +374,7 @@ impl Tenant {
 
     /// The node at `path` in one of the owner's snapshots (`None`: the root).
     fn node(&self, owner: &Owner, id: &SnapshotId, path: &str) -> Result<(Snapshot, Option<Node>), IngestError> {
-        let snapshot = self.owned_snapshot(owner, id)?;
+        let snapshot = self.readable_snapshot(owner, id)?;
         let node = match self.repo.find_node(&snapshot.tree, path) {
             Err(RepoError::Invalid(msg)) => return Err(IngestError::NotFound(msg)),
             other => other?,
@@ -703,7 +713,7 @@ mod tests {
     }
 
     fn owner(user: &str) -> Owner {
-        Owner { tenant: "acme".into(), user: user.into(), device: "d1".into() }
+        Owner { tenant: "acme".into(), user: user.into(), device: "d1".into(), policies: Policies::default() }
     }
 
     #[test]
@@ -780,6 +790,27 @@ mod tests {
             t.read_file(&node, 0, node.size, &mut out).unwrap();
             assert_eq!(out, vec![i; 1000 + usize::from(i)]);
         }
+    }
+
+    #[test]
+    fn a_policy_keeps_reads_to_the_devices_own_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        let data = b"phone data".to_vec();
+        let id = t.repo().blob_id(&data);
+        t.put_chunk(id, data.clone()).unwrap();
+        let file = ManifestFile { path: "f".into(), mode: 0o600, mtime: 1, mtime_nsec: 0, size: 10, chunks: vec![id] };
+        let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+        let phone = Owner { device: "phone".into(), ..owner("a") };
+        let done = t.commit(phone.clone(), req).unwrap();
+        let strict = Policies { allow_restore_to_other_device: false, allow_open_in: true };
+        let laptop = Owner { device: "laptop".into(), policies: strict, ..owner("a") };
+        assert!(matches!(t.readable_snapshot(&laptop, &done.id), Err(IngestError::OtherDevice)));
+        assert!(matches!(t.tree(&laptop, &done.id, ""), Err(IngestError::OtherDevice)));
+        assert!(matches!(t.file(&laptop, &done.id, "f"), Err(IngestError::OtherDevice)));
+        // The user's other device without the policy, and the phone under it, read.
+        t.file(&Owner { device: "laptop".into(), ..owner("a") }, &done.id, "f").unwrap();
+        t.file(&Owner { policies: strict, ..phone }, &done.id, "f").unwrap();
     }
 
     #[test]

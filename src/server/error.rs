@@ -34,6 +34,11 @@ impl HttpError {
         HttpError::new(StatusCode::UNAUTHORIZED, "invalid_token", message)
     }
 
+    /// A valid token that is not allowed to do this.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        HttpError::new(StatusCode::FORBIDDEN, code, message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         HttpError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -89,6 +94,10 @@ impl From<RegistryError> for HttpError {
                 HttpError::new(StatusCode::FORBIDDEN, s.error_code().unwrap_or("forbidden"), e.to_string())
             }
             RegistryError::Conflict => HttpError::new(StatusCode::CONFLICT, "device_conflict", e.to_string()),
+            RegistryError::DeviceExists => HttpError::new(StatusCode::CONFLICT, "device_exists", e.to_string()),
+            RegistryError::UserNotProvisioned => {
+                HttpError::new(StatusCode::FORBIDDEN, "user_not_provisioned", e.to_string())
+            }
             RegistryError::NoSuchDevice => HttpError::not_found(e.to_string()),
         }
     }
@@ -107,6 +116,9 @@ impl From<IngestError> for HttpError {
                 HttpError::not_found(e.to_string())
             }
             IngestError::NotOwner => HttpError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            IngestError::OtherDevice => {
+                HttpError::new(StatusCode::FORBIDDEN, "restore_to_other_device_denied", e.to_string())
+            }
             IngestError::ManifestTooLarge(..) => {
                 HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "manifest_too_large", e.to_string())
             }
