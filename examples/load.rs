@@ -57,6 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tenant: "load".into(),
             expires_in_secs: None,
             max_activations: None,
+            policies: None,
+            provisioned_only: false,
         })?
         .token;
 

@@ -17,6 +17,18 @@ pub const MAX_JSON_BODY: usize = 64 * 1024;
 pub const MAX_MANIFEST_BODY: usize = 64 << 20;
 /// Most chunk ids in one `chunks/missing` query.
 pub const MAX_MISSING_QUERY: usize = 100_000;
+/// Longest path a snapshot may name, in bytes (as a tree entry name: `PATH_MAX`).
+pub const MAX_MANIFEST_PATH: usize = 4096;
+/// Most paths a snapshot may name.
+pub const MAX_MANIFEST_PATHS: usize = 1024;
+/// Longest tag, in bytes.
+pub const MAX_TAG: usize = 256;
+/// Most tags on one snapshot.
+pub const MAX_TAGS: usize = 64;
+/// Longest hostname, in bytes.
+pub const MAX_HOSTNAME: usize = 255;
+/// Most emails in one `users` request.
+pub const MAX_USERS_PER_REQUEST: usize = 1000;
 
 /// Why a request body was refused.
 #[derive(Debug, thiserror::Error)]
@@ -27,11 +39,21 @@ pub enum ApiError {
     Json(#[from] serde_json::Error),
     #[error("{0}")]
     Invalid(String),
+    /// A snapshot manifest that would be too large to read back.
+    #[error("manifest too large: {0}")]
+    ManifestTooLarge(String),
 }
 
 /// Field checks a body runs after it deserializes.
 pub trait Validate {
+    /// Refuses malformed fields (answered as bad input).
     fn validate(&self) -> Result<(), String>;
+
+    /// Refuses fields too long or too many for what the server stores, which
+    /// a bound on the body's bytes cannot express (answered as too large).
+    fn check_limits(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
 }
 
 /// Parses a bounded JSON body and validates it. Never panics.
@@ -40,6 +62,7 @@ pub fn parse_body<T: DeserializeOwned + Validate>(bytes: &[u8], limit: usize) ->
         return Err(ApiError::TooLarge(limit));
     }
     let value: T = serde_json::from_slice(bytes)?;
+    value.check_limits()?;
     value.validate().map_err(ApiError::Invalid)?;
     Ok(value)
 }
@@ -80,6 +103,12 @@ pub struct CreateDeploymentToken {
     pub expires_in_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_activations: Option<u32>,
+    /// What devices activated with this token may do (default: everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Policies>,
+    /// Activate only emails the admin provisioned in the tenant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub provisioned_only: bool,
 }
 
 impl Validate for CreateDeploymentToken {
@@ -92,11 +121,19 @@ impl Validate for CreateDeploymentToken {
     }
 }
 
+/// The answer to `POST /v1/admin/deployment-tokens`: the secret (shown this
+/// once) and the token's id, which names it from then on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentTokenCreated {
     pub token: String,
+    #[serde(default)]
+    pub token_id: String,
     pub tenant: String,
     pub expires_at: DateTime<Utc>,
+    #[serde(default)]
+    pub policies: Policies,
+    #[serde(default)]
+    pub provisioned_only: bool,
 }
 
 /// `POST /v1/activate`
@@ -134,11 +171,44 @@ impl Validate for SessionRequest {
     }
 }
 
-/// What the tenant allows a device to do with restored data.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What the admin allows a device to do with restored data. Set on the
+/// deployment token, kept with each device it activates, carried in the
+/// signed session token; a missing field means allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policies {
+    /// Read snapshots that another device of the same user made (enforced
+    /// by the storage node).
+    #[serde(default = "allowed")]
     pub allow_restore_to_other_device: bool,
+    /// Hand restored files to other apps (enforced by the device app).
+    #[serde(default = "allowed")]
     pub allow_open_in: bool,
+}
+
+fn allowed() -> bool {
+    true
+}
+
+impl Default for Policies {
+    /// Everything allowed: what devices had before policies existed.
+    fn default() -> Self {
+        Policies { allow_restore_to_other_device: true, allow_open_in: true }
+    }
+}
+
+impl Policies {
+    /// The names the admin CLI and the managed config use.
+    pub const NAMES: [&'static str; 2] = ["allowRestoreToOtherDevice", "allowOpenIn"];
+
+    /// Sets one policy by its managed-config name (`allowOpenIn`, ...).
+    pub fn set(&mut self, name: &str, value: bool) -> Result<(), String> {
+        match name {
+            "allowRestoreToOtherDevice" => self.allow_restore_to_other_device = value,
+            "allowOpenIn" => self.allow_open_in = value,
+            other => return Err(format!("unknown policy {other:?}; known: {}", Policies::NAMES.join(", "))),
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,10 +282,29 @@ pub struct CommitRequest {
 }
 
 impl Validate for CommitRequest {
-    fn validate(&self) -> Result<(), String> {
-        if self.hostname.len() > 255 || self.paths.len() > 1024 || self.tags.len() > 64 {
-            return Err("hostname, paths or tags too long".into());
+    /// Every string the manifest keeps is bounded, so that what is accepted
+    /// can be read back (the storage node also bounds the encoded manifest).
+    fn check_limits(&self) -> Result<(), ApiError> {
+        let too_large = |what: String| Err(ApiError::ManifestTooLarge(what));
+        if self.hostname.len() > MAX_HOSTNAME {
+            return too_large(format!("hostname is longer than {MAX_HOSTNAME} bytes"));
         }
+        if self.paths.len() > MAX_MANIFEST_PATHS {
+            return too_large(format!("more than {MAX_MANIFEST_PATHS} paths"));
+        }
+        if self.tags.len() > MAX_TAGS {
+            return too_large(format!("more than {MAX_TAGS} tags"));
+        }
+        if self.paths.iter().any(|p| p.len() > MAX_MANIFEST_PATH) {
+            return too_large(format!("a path is longer than {MAX_MANIFEST_PATH} bytes"));
+        }
+        if self.tags.iter().any(|t| t.len() > MAX_TAG) {
+            return too_large(format!("a tag is longer than {MAX_TAG} bytes"));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
         for f in &self.files {
             check_manifest_path(&f.path)?;
             if f.mtime_nsec >= 1_000_000_000 {
@@ -229,7 +318,7 @@ impl Validate for CommitRequest {
 /// A manifest path: non-empty components that are valid tree entry names, so
 /// nothing can name `..` or an absolute path.
 pub fn check_manifest_path(path: &str) -> Result<(), String> {
-    if path.len() > 4096 {
+    if path.len() > MAX_MANIFEST_PATH {
         return Err("path too long".into());
     }
     let mut any = false;
@@ -281,6 +370,12 @@ pub struct DeviceInfo {
     pub state: String,
     pub activated_at: DateTime<Utc>,
     pub last_seen: Option<DateTime<Utc>>,
+    /// The id of the deployment token that activated it (none for devices
+    /// activated before tokens had ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_token_id: Option<String>,
+    #[serde(default)]
+    pub policies: Policies,
 }
 
 /// One state change in the check-in feed.
@@ -289,6 +384,41 @@ pub struct DeviceChange {
     pub device_id: String,
     pub tenant: String,
     pub state: String,
+    /// Set by a reset and by the activation after it: sessions of an earlier
+    /// activation of this device id (a lower generation) are void.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+}
+
+/// `POST /v1/admin/tenants/{tenant}/users`: emails allowed to activate with
+/// the tenant's `provisioned_only` deployment tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AddUsers {
+    pub emails: Vec<String>,
+}
+
+impl Validate for AddUsers {
+    fn validate(&self) -> Result<(), String> {
+        if self.emails.is_empty() || self.emails.len() > MAX_USERS_PER_REQUEST {
+            return Err(format!("emails: 1 to {MAX_USERS_PER_REQUEST} of them"));
+        }
+        self.emails.iter().try_for_each(|e| check_email(e))
+    }
+}
+
+/// One entry of `GET /v1/admin/tenants/{tenant}/users`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub email: String,
+    pub added_at: DateTime<Utc>,
+}
+
+/// What a `users` change did: the emails added (or removed); emails already
+/// so are left out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsersChanged {
+    pub tenant: String,
+    pub changed: Vec<String>,
 }
 
 /// `GET /v1/checkin?since=CURSOR`
@@ -340,6 +470,33 @@ mod tests {
         assert!(matches!(parse_body::<MissingRequest>(bad_id, MAX_JSON_BODY), Err(ApiError::Json(_))));
     }
 
+    #[test]
+    fn commit_fields_are_bounded_and_refused_as_too_large() {
+        let body = |hostname: usize, paths: Vec<String>, tags: Vec<String>| {
+            let req = CommitRequest { hostname: "h".repeat(hostname), paths, tags, files: vec![] };
+            parse_body::<CommitRequest>(&serde_json::to_vec(&req).unwrap(), MAX_MANIFEST_BODY)
+        };
+        let (paths, tags) =
+            (vec!["p".repeat(MAX_MANIFEST_PATH); MAX_MANIFEST_PATHS], vec!["t".repeat(MAX_TAG); MAX_TAGS]);
+        body(MAX_HOSTNAME, paths.clone(), tags.clone()).unwrap();
+        let too_large = |r: Result<CommitRequest, ApiError>| matches!(r, Err(ApiError::ManifestTooLarge(_)));
+        assert!(too_large(body(MAX_HOSTNAME + 1, vec![], vec![])));
+        assert!(too_large(body(1, vec!["p".repeat(MAX_MANIFEST_PATH + 1)], vec![])));
+        assert!(too_large(body(1, vec!["p".into(); MAX_MANIFEST_PATHS + 1], vec![])));
+        assert!(too_large(body(1, vec![], vec!["t".repeat(MAX_TAG + 1)])));
+        assert!(too_large(body(1, vec![], vec!["t".into(); MAX_TAGS + 1])));
+    }
+
+    #[test]
+    fn policies_default_to_allowed_and_are_set_by_name() {
+        let p: Policies = serde_json::from_str(r#"{"allow_open_in": false}"#).unwrap();
+        assert_eq!(p, Policies { allow_restore_to_other_device: true, allow_open_in: false });
+        let mut r = Policies::default();
+        r.set("allowRestoreToOtherDevice", false).unwrap();
+        assert!(!r.allow_restore_to_other_device);
+        assert!(r.set("allowEverything", true).is_err());
+    }
+
     fn commit_strategy() -> impl Strategy<Value = CommitRequest> {
         let file = ("[a-z]{1,8}(/[a-z]{1,8}){0,2}", any::<u32>(), any::<i64>(), 0u32..1_000_000_000, any::<u64>())
             .prop_map(|(path, mode, mtime, mtime_nsec, size)| ManifestFile {
@@ -372,6 +529,7 @@ mod tests {
             let _ = parse_body::<SessionRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<MissingRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<CommitRequest>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<AddUsers>(&bytes, MAX_JSON_BODY);
         }
     }
 }

@@ -20,14 +20,14 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::{CommitRequest, CommitResponse, SnapshotInfo, TreeEntry};
+use crate::api::{CommitRequest, CommitResponse, Policies, SnapshotInfo, TreeEntry};
 use crate::backup::{BackupError, FileTree};
 use crate::id::{BlobId, BlobKind, SnapshotId};
 use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
 use crate::packer::Packer;
 use crate::repo::{self, InitOptions, RepoError, Repository};
 use crate::restore::RestoreError;
-use crate::snapshot::{Snapshot, Summary};
+use crate::snapshot::{Snapshot, Summary, MAX_SNAPSHOT_SIZE};
 use crate::tree::{Node, NodeKind, Timestamp};
 
 /// Why a storage operation failed or was refused.
@@ -49,6 +49,10 @@ pub enum IngestError {
     NotFound(String),
     #[error("this snapshot belongs to another user")]
     NotOwner,
+    #[error("this snapshot was made by another device, and this device's policy forbids restoring it")]
+    OtherDevice,
+    #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
+    ManifestTooLarge(usize, usize),
     #[error("reading: {0}")]
     Read(String),
     #[error("the tenant's writer stopped")]
@@ -95,7 +99,13 @@ pub struct Owner {
     pub tenant: String,
     pub user: String,
     pub device: String,
+    /// The device's policies, as signed into the session token.
+    pub policies: Policies,
 }
+
+/// Room left in a manifest for what the commit adds after the size check
+/// (summary counts, duration, tree id): a few hundred bytes at most.
+const MANIFEST_MARGIN: usize = 4096;
 
 /// Counters for the server's metrics.
 #[derive(Debug, Default)]
@@ -305,6 +315,7 @@ impl Tenant {
     /// Commits a snapshot of the files a device uploaded; refuses it unless
     /// every chunk it names is stored and every file's size adds up.
     pub fn commit(&self, owner: Owner, req: CommitRequest) -> Result<CommitResponse, IngestError> {
+        check_manifest_size(&owner, &req)?;
         let (reply, rx) = sync_channel(1);
         self.send(Job::Commit { owner, req: Box::new(req), reply })?;
         rx.recv().map_err(|_| IngestError::WriterStopped)?
@@ -335,8 +346,11 @@ impl Tenant {
             .collect())
     }
 
-    /// Loads a snapshot the owner may read.
-    fn owned_snapshot(&self, owner: &Owner, id: &SnapshotId) -> Result<Snapshot, IngestError> {
+    /// Loads a snapshot the owner may read: its tenant's and user's, and,
+    /// when the device's policy forbids restoring to another device, made by
+    /// this device. Every route that reads a snapshot's trees or files must
+    /// get the snapshot from here: it is the one place those rules live.
+    pub fn readable_snapshot(&self, owner: &Owner, id: &SnapshotId) -> Result<Snapshot, IngestError> {
         let snapshot = match self.repo.load_snapshot(id) {
             Err(RepoError::Backend(e)) if e.is_not_found() => {
                 return Err(IngestError::NotFound(format!("no snapshot {id}")))
@@ -345,6 +359,9 @@ impl Tenant {
         };
         if !owns(owner, &snapshot) {
             return Err(IngestError::NotOwner);
+        }
+        if !owner.policies.allow_restore_to_other_device && snapshot.device.as_deref() != Some(owner.device.as_str()) {
+            return Err(IngestError::OtherDevice);
         }
         if !self.repo.index().contains(&snapshot.tree) {
             // Committed (by another node) after this session's refresh: its
@@ -357,7 +374,7 @@ impl Tenant {
 
     /// The node at `path` in one of the owner's snapshots (`None`: the root).
     fn node(&self, owner: &Owner, id: &SnapshotId, path: &str) -> Result<(Snapshot, Option<Node>), IngestError> {
-        let snapshot = self.owned_snapshot(owner, id)?;
+        let snapshot = self.readable_snapshot(owner, id)?;
         let node = match self.repo.find_node(&snapshot.tree, path) {
             Err(RepoError::Invalid(msg)) => return Err(IngestError::NotFound(msg)),
             other => other?,
@@ -407,6 +424,33 @@ impl Tenant {
             other => IngestError::Read(other.to_string()),
         })
     }
+}
+
+/// Refuses a commit whose manifest could not be read back (over
+/// [`MAX_SNAPSHOT_SIZE`]): such a snapshot would fail `check` for good. The
+/// request's fields are bounded one by one (`api`); their encoding (JSON
+/// escapes of control characters take six bytes each) is what is measured
+/// here, before any tree is written.
+pub fn check_manifest_size(owner: &Owner, req: &CommitRequest) -> Result<(), IngestError> {
+    let draft = Snapshot {
+        time: chrono::Utc::now().fixed_offset(),
+        hostname: req.hostname.clone(),
+        username: owner.user.clone(),
+        tenant: Some(owner.tenant.clone()),
+        user: Some(owner.user.clone()),
+        device: Some(owner.device.clone()),
+        tags: req.tags.clone(),
+        paths: req.paths.clone(),
+        tree: BlobId([0; 32]),
+        parent: None,
+        summary: Summary::default(),
+        program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
+    };
+    let len = draft.encode().len();
+    if len + MANIFEST_MARGIN > MAX_SNAPSHOT_SIZE {
+        return Err(IngestError::ManifestTooLarge(len, MAX_SNAPSHOT_SIZE - MANIFEST_MARGIN));
+    }
+    Ok(())
 }
 
 fn owns(owner: &Owner, s: &Snapshot) -> bool {
@@ -669,7 +713,7 @@ mod tests {
     }
 
     fn owner(user: &str) -> Owner {
-        Owner { tenant: "acme".into(), user: user.into(), device: "d1".into() }
+        Owner { tenant: "acme".into(), user: user.into(), device: "d1".into(), policies: Policies::default() }
     }
 
     #[test]
@@ -746,6 +790,41 @@ mod tests {
             t.read_file(&node, 0, node.size, &mut out).unwrap();
             assert_eq!(out, vec![i; 1000 + usize::from(i)]);
         }
+    }
+
+    #[test]
+    fn a_policy_keeps_reads_to_the_devices_own_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        let data = b"phone data".to_vec();
+        let id = t.repo().blob_id(&data);
+        t.put_chunk(id, data.clone()).unwrap();
+        let file = ManifestFile { path: "f".into(), mode: 0o600, mtime: 1, mtime_nsec: 0, size: 10, chunks: vec![id] };
+        let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+        let phone = Owner { device: "phone".into(), ..owner("a") };
+        let done = t.commit(phone.clone(), req).unwrap();
+        let strict = Policies { allow_restore_to_other_device: false, allow_open_in: true };
+        let laptop = Owner { device: "laptop".into(), policies: strict, ..owner("a") };
+        assert!(matches!(t.readable_snapshot(&laptop, &done.id), Err(IngestError::OtherDevice)));
+        assert!(matches!(t.tree(&laptop, &done.id, ""), Err(IngestError::OtherDevice)));
+        assert!(matches!(t.file(&laptop, &done.id, "f"), Err(IngestError::OtherDevice)));
+        // The user's other device without the policy, and the phone under it, read.
+        t.file(&Owner { device: "laptop".into(), ..owner("a") }, &done.id, "f").unwrap();
+        t.file(&Owner { policies: strict, ..phone }, &done.id, "f").unwrap();
+    }
+
+    #[test]
+    fn a_manifest_too_large_to_read_back_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get("acme").unwrap();
+        // Within every field bound, but each control character encodes as
+        // six bytes of JSON: 24 MiB of manifest.
+        let path = "\u{1}".repeat(crate::api::MAX_MANIFEST_PATH);
+        let paths = vec![path; crate::api::MAX_MANIFEST_PATHS];
+        let req = CommitRequest { hostname: "h".into(), paths, tags: vec![], files: vec![] };
+        assert!(matches!(t.commit(owner("a"), req), Err(IngestError::ManifestTooLarge(..))));
+        assert!(t.repo().list_snapshots().unwrap().is_empty());
+        assert!(t.repo().index().is_empty(), "no tree was written");
     }
 
     #[test]

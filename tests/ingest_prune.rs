@@ -37,7 +37,7 @@ fn prune_with_wait(repo: &Repository, wait: Duration) -> Result<(), PruneError> 
 }
 
 fn owner() -> Owner {
-    Owner { tenant: "acme".into(), user: "u@example.com".into(), device: "d1".into() }
+    Owner { tenant: "acme".into(), user: "u@example.com".into(), device: "d1".into(), policies: Default::default() }
 }
 
 /// Uploads one chunk per seed; returns their ids with their data.

@@ -398,3 +398,184 @@ fn managed_policy_can_forbid_restoring_another_devices_snapshot() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("policy"));
     assert!(!dir.path().join("t").join(&data.to_str().unwrap()[1..]).exists());
 }
+
+/// POSTs a commit manifest with a session.
+fn commit_raw(url: &str, session: &str, manifest: &serde_json::Value) -> (u16, String) {
+    let (status, body) =
+        http("POST", &format!("{url}/v1/snapshots"), Some(session), Some(manifest.to_string().as_bytes()));
+    (status, code(&body))
+}
+
+/// Issue 11, finding 5: a manifest too large to read back (60 paths of
+/// 300,000 characters was accepted, then broke `check` for good) is refused
+/// with 413, whether one field is too long or only the encoding is too large.
+#[test]
+fn a_manifest_too_large_to_read_back_is_refused_and_check_stays_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = Server::start(&root, &[]);
+    let u = &server.url;
+    let dev = Dev::activate(dir.path(), u, &deployment_token(u, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let s = dev.session();
+    let manifest = |paths: Vec<String>, tags: Vec<String>| serde_json::json!({"hostname": "h", "paths": paths, "tags": tags, "files": []});
+
+    let long_paths = vec!["/".to_owned() + &"p".repeat(300_000); 60];
+    assert_eq!(commit_raw(u, &s, &manifest(long_paths, vec![])), (413, "manifest_too_large".into()));
+    assert_eq!(commit_raw(u, &s, &manifest(vec![], vec!["t".repeat(257)])), (413, "manifest_too_large".into()));
+    assert_eq!(commit_raw(u, &s, &manifest(vec!["/x".into(); 1025], vec![])), (413, "manifest_too_large".into()));
+    // Every field within its bound, but control characters take six bytes
+    // each in the stored JSON: 24 MiB of manifest, over the 16 MiB read limit.
+    let escaped = vec!["\u{1}".repeat(4096); 1024];
+    assert_eq!(commit_raw(u, &s, &manifest(escaped, vec![])), (413, "manifest_too_large".into()));
+    // At the bounds, plain text: accepted, and read back.
+    let (status, _) = commit_raw(u, &s, &manifest(vec!["p".repeat(4096); 1024], vec!["t".repeat(256); 64]));
+    assert_eq!(status, 200);
+    assert_eq!(dev.json(&["snapshots"]).as_array().unwrap().len(), 1);
+
+    ok(run(tenant_cli(root.join("acme").to_str().unwrap()).arg("check")));
+}
+
+/// Issue 11, finding 6: activating again with an active device id took the
+/// device's place silently; now it is refused until the admin resets the
+/// id, a reset voids the old token and sessions (on a separate storage node
+/// too), and a `--provisioned-only` token activates only listed users.
+#[test]
+fn activation_is_bound_to_a_device_id_and_a_provisioned_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, storage) = auth_and_storage(dir.path(), "fail_closed");
+    let created: serde_json::Value = serde_json::from_str(&ok(run(&mut admin(
+        &auth.url,
+        &["deployment-token", "create", "--tenant", "acme", "--json"],
+    ))))
+    .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let token_id = created["token_id"].as_str().unwrap().to_owned();
+    assert!(!token.contains(&token_id) && token_id.len() == 16);
+    let phone = Dev::activate(dir.path(), &storage.url, &token, "a@acme.com", "phone");
+    phone.json(&["snapshots"]);
+    let old_session = phone.session();
+    let list = format!("{}/v1/snapshots", storage.url);
+    let status_of = |session: &str| {
+        let (status, body) = http("GET", &list, Some(session), None);
+        (status, if status == 200 { String::new() } else { code(&body) })
+    };
+
+    // The same id again, as the same user or another: 409, through the relay,
+    // and the real device keeps working.
+    let activate = |email: &str, id: &str, token: &str| {
+        let body = serde_json::json!({"deployment_token": token, "email": email, "device_id": id}).to_string();
+        let (status, resp) = http("POST", &format!("{}/v1/activate", storage.url), None, Some(body.as_bytes()));
+        (status, if status == 200 { String::new() } else { code(&resp) })
+    };
+    assert_eq!(activate("a@acme.com", "phone", &token), (409, "device_exists".into()));
+    assert_eq!(activate("mallory@acme.com", "phone", &token), (409, "device_exists".into()));
+    phone.json(&["snapshots"]);
+    let devices: serde_json::Value =
+        serde_json::from_str(&ok(run(&mut admin(&auth.url, &["devices", "--json"])))).unwrap();
+    assert_eq!(devices[0]["deployment_token_id"], token_id.as_str());
+    assert!(!devices.to_string().contains(&token), "the secret is never shown again");
+
+    // A reset voids the old token and its sessions; the id activates again.
+    let reset: serde_json::Value =
+        serde_json::from_str(&ok(run(&mut admin(&auth.url, &["device", "reset", "phone", "--json"])))).unwrap();
+    assert_eq!(reset["state"], "reset");
+    eventually(10, "the storage node to refuse the reset device", || {
+        status_of(&old_session) == (403, "device_reset".into())
+    });
+    let old_token = phone.state_json()["device_token"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"device_token": old_token, "email": "a@acme.com", "device_id": "phone"}).to_string();
+    assert_eq!(http("POST", &format!("{}/v1/session", storage.url), None, Some(body.as_bytes())).0, 401);
+    std::fs::create_dir(dir.path().join("reinstalled")).unwrap();
+    let again = Dev::activate(&dir.path().join("reinstalled"), &storage.url, &token, "a@acme.com", "phone");
+    again.json(&["snapshots"]);
+    // The storage node accepts the new activation's sessions at once.
+    assert_eq!(status_of(&again.session()).0, 200);
+    assert_eq!(status_of(&old_session), (403, "device_reset".into()), "the old activation's session stays void");
+    assert_eq!(activate("a@acme.com", "phone", &token), (409, "device_exists".into()));
+
+    // Provisioned users.
+    ok(run(&mut admin(&auth.url, &["user", "add", "--tenant", "acme", "a@acme.com", "b+x/y@acme.com"])));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(run(&mut admin(&auth.url, &["user", "list", "--tenant", "acme", "--json"])))).unwrap();
+    let emails: Vec<&str> = listed.as_array().unwrap().iter().map(|u| u["email"].as_str().unwrap()).collect();
+    assert_eq!(emails, ["a@acme.com", "b+x/y@acme.com"]);
+    let strict =
+        ok(run(&mut admin(&auth.url, &["deployment-token", "create", "--tenant", "acme", "--provisioned-only"])))
+            .trim()
+            .to_owned();
+    assert_eq!(activate("mallory@acme.com", "m1", &strict), (403, "user_not_provisioned".into()));
+    assert_eq!(activate("a@acme.com", "tablet", &strict).0, 200);
+    // The open token still activates anyone; other tenants' lists do not count.
+    assert_eq!(activate("mallory@acme.com", "m2", &token).0, 200);
+    ok(run(&mut admin(&auth.url, &["user", "remove", "--tenant", "acme", "b+x/y@acme.com", "nobody@acme.com"])));
+    assert_eq!(activate("b+x/y@acme.com", "b1", &strict), (403, "user_not_provisioned".into()));
+    let listed = ok(run(&mut admin(&auth.url, &["user", "list", "--tenant", "acme"])));
+    assert!(listed.contains("a@acme.com") && !listed.contains("b+x/y"));
+}
+
+/// Issue 11, finding 7: with `allowRestoreToOtherDevice=false` another
+/// device's session read the first device's files with plain HTTP. The
+/// policy is now set on the deployment token, carried in the signed session
+/// token, and enforced by a storage node that has no registry.
+#[test]
+fn policies_on_the_deployment_token_are_enforced_by_the_storage_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, storage) = auth_and_storage(dir.path(), "fail_closed");
+    let strict = ok(run(&mut admin(
+        &auth.url,
+        &[
+            "deployment-token",
+            "create",
+            "--tenant",
+            "acme",
+            "--policy",
+            "allowRestoreToOtherDevice=false",
+            "--policy",
+            "allowOpenIn=false",
+        ],
+    )))
+    .trim()
+    .to_owned();
+    let bad =
+        run(&mut admin(&auth.url, &["deployment-token", "create", "--tenant", "acme", "--policy", "allowAll=true"]));
+    assert_eq!(bad.status.code(), Some(2), "an unknown policy is a usage error");
+    let open = deployment_token(&auth.url, "acme");
+    let phone = Dev::activate(dir.path(), &storage.url, &strict, "a@acme.com", "phone");
+    let laptop = Dev::activate(dir.path(), &storage.url, &strict, "a@acme.com", "laptop");
+    let desktop = Dev::activate(dir.path(), &storage.url, &open, "a@acme.com", "desktop");
+    let data = dir.path().join("data");
+    make_data(&data, 7);
+    let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
+
+    // The session response carries the device's policies.
+    let token = laptop.state_json()["device_token"].as_str().unwrap().to_owned();
+    let body = serde_json::json!({"device_token": token, "email": "a@acme.com", "device_id": "laptop"}).to_string();
+    let (status, resp) = http("POST", &format!("{}/v1/session", storage.url), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let resp: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(resp["policies"], serde_json::json!({"allow_restore_to_other_device": false, "allow_open_in": false}));
+    let laptop_session = resp["session_token"].as_str().unwrap().to_owned();
+
+    // Plain HTTP with the laptop's session: refused on every read route.
+    let tree = format!("{}/v1/snapshots/{id}/tree?path=", storage.url);
+    let file = format!("{}/v1/snapshots/{id}/file?path={}/notes.txt", storage.url, &data.to_str().unwrap()[1..]);
+    for url in [&tree, &file] {
+        let (status, body) = http("GET", url, Some(&laptop_session), None);
+        assert_eq!((status, code(&body).as_str()), (403, "restore_to_other_device_denied"), "{url}");
+    }
+    // The phone reads its own snapshot; a device under the open token reads it too.
+    phone.json(&["snapshots"]);
+    assert_eq!(http("GET", &file, Some(&phone.session()), None).0, 200);
+    desktop.json(&["snapshots"]);
+    assert_eq!(http("GET", &file, Some(&desktop.session()), None).0, 200);
+
+    // The laptop's client applies the server's policy over its permissive
+    // managed config (which can only narrow it), and says so before writing.
+    let target = dir.path().join("t");
+    let out = run(&mut laptop.cmd(&["restore", &id, "--target", target.to_str().unwrap()]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy"));
+    assert_eq!(laptop.state_json()["allow_restore_to_other_device"], false);
+    assert!(!target.join(&data.to_str().unwrap()[1..]).exists());
+}

@@ -18,6 +18,9 @@ pub enum DeviceState {
     Retired,
     /// Retired, and the client also deletes what it restored.
     Wiped,
+    /// Released by the admin: its tokens and sessions stop working, and the
+    /// device id may be activated again (the only state that allows it).
+    Reset,
 }
 
 impl DeviceState {
@@ -27,6 +30,7 @@ impl DeviceState {
             DeviceState::Blocked => "blocked",
             DeviceState::Retired => "retired",
             DeviceState::Wiped => "wiped",
+            DeviceState::Reset => "reset",
         }
     }
 
@@ -37,6 +41,7 @@ impl DeviceState {
             DeviceState::Blocked => Some("device_blocked"),
             DeviceState::Retired => Some("device_retired"),
             DeviceState::Wiped => Some("device_wiped"),
+            DeviceState::Reset => Some("device_reset"),
         }
     }
 }
@@ -55,6 +60,7 @@ impl FromStr for DeviceState {
             "blocked" => DeviceState::Blocked,
             "retired" => DeviceState::Retired,
             "wiped" => DeviceState::Wiped,
+            "reset" => DeviceState::Reset,
             other => return Err(format!("unknown device state {other:?}")),
         })
     }

@@ -5,17 +5,26 @@
 //! tokens are claims signed with Ed25519, so a storage node can verify them
 //! with the auth role's public key alone:
 //!
-//! `cvs1.<base64url(claims)>.<base64url(signature over "cvs1." + claims)>`
+//! `cvs2.<base64url(claims)>.<base64url(signature over "cvs2." + claims)>`
 //!
 //! where claims are `u8 len + tenant, u8 len + user, u8 len + device,
-//! i64 LE expiry (unix seconds), 16-byte token id`.
+//! i64 LE expiry (unix seconds), 16-byte token id, u32 LE generation,
+//! u8 policy bits` (bit 0 allowRestoreToOtherDevice, bit 1 allowOpenIn).
+//!
+//! `cvs1.` tokens (no generation, no policies) are still verified, as
+//! generation 0 with every policy allowed, which is what they meant when they
+//! were issued: storage nodes can be upgraded before the auth role.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use subtle::ConstantTimeEq;
 
-const SESSION_PREFIX: &str = "cvs1.";
+use crate::api::Policies;
+
+const SESSION_PREFIX: &str = "cvs2.";
+/// Claims without generation and policies, from before they existed.
+const SESSION_PREFIX_V1: &str = "cvs1.";
 /// Longest session token accepted (bounds decoding work).
 const MAX_SESSION_TOKEN: usize = 1024;
 const HASH_CONTEXT: &str = "chunkvault 2026-11 secret token hash";
@@ -88,11 +97,19 @@ pub struct SessionClaims {
     /// Unix seconds.
     pub expires: i64,
     pub token_id: [u8; 16],
+    /// Which activation of the device id the session belongs to: a reset
+    /// voids the sessions of earlier ones.
+    pub generation: u32,
+    /// The device's policies, enforced by storage nodes.
+    pub policies: Policies,
 }
+
+const POLICY_RESTORE_TO_OTHER_DEVICE: u8 = 1;
+const POLICY_OPEN_IN: u8 = 2;
 
 impl SessionClaims {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(3 + self.tenant.len() + self.user.len() + self.device.len() + 24);
+        let mut out = Vec::with_capacity(3 + self.tenant.len() + self.user.len() + self.device.len() + 29);
         for s in [&self.tenant, &self.user, &self.device] {
             // Fields are validated to be short (<= 254 bytes) before signing.
             out.push(s.len().min(255) as u8);
@@ -100,10 +117,16 @@ impl SessionClaims {
         }
         out.extend_from_slice(&self.expires.to_le_bytes());
         out.extend_from_slice(&self.token_id);
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        let p = self.policies;
+        let bits = if p.allow_restore_to_other_device { POLICY_RESTORE_TO_OTHER_DEVICE } else { 0 }
+            | if p.allow_open_in { POLICY_OPEN_IN } else { 0 };
+        out.push(bits);
         out
     }
 
-    fn decode(mut b: &[u8]) -> Result<SessionClaims, TokenError> {
+    /// Decodes `cvs2` claims, or `cvs1` claims when `v1`.
+    fn decode(mut b: &[u8], v1: bool) -> Result<SessionClaims, TokenError> {
         let mut field = || -> Result<String, TokenError> {
             let (&len, rest) = b.split_first().ok_or(TokenError::Malformed)?;
             let (s, rest) = rest.split_at_checked(len as usize).ok_or(TokenError::Malformed)?;
@@ -111,12 +134,25 @@ impl SessionClaims {
             String::from_utf8(s.to_vec()).map_err(|_| TokenError::Malformed)
         };
         let (tenant, user, device) = (field()?, field()?, field()?);
-        if b.len() != 24 {
+        if b.len() != if v1 { 24 } else { 29 } {
             return Err(TokenError::Malformed);
         }
         let expires = i64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-        let token_id = b[8..].try_into().expect("16 bytes");
-        Ok(SessionClaims { tenant, user, device, expires, token_id })
+        let token_id = b[8..24].try_into().expect("16 bytes");
+        let (generation, policies) = if v1 {
+            (0, Policies::default())
+        } else {
+            let bits = b[28];
+            if bits & !(POLICY_RESTORE_TO_OTHER_DEVICE | POLICY_OPEN_IN) != 0 {
+                return Err(TokenError::Malformed);
+            }
+            let policies = Policies {
+                allow_restore_to_other_device: bits & POLICY_RESTORE_TO_OTHER_DEVICE != 0,
+                allow_open_in: bits & POLICY_OPEN_IN != 0,
+            };
+            (u32::from_le_bytes(b[24..28].try_into().expect("4 bytes")), policies)
+        };
+        Ok(SessionClaims { tenant, user, device, expires, token_id, generation, policies })
     }
 }
 
@@ -164,7 +200,10 @@ impl SessionVerifier {
             return Err(TokenError::Malformed);
         }
         let (signed, sig_text) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let payload = signed.strip_prefix(SESSION_PREFIX).ok_or(TokenError::Malformed)?;
+        let (payload, v1) = match signed.strip_prefix(SESSION_PREFIX) {
+            Some(p) => (p, false),
+            None => (signed.strip_prefix(SESSION_PREFIX_V1).ok_or(TokenError::Malformed)?, true),
+        };
         let sig_bytes: [u8; 64] = URL_SAFE_NO_PAD
             .decode(sig_text)
             .map_err(|_| TokenError::Malformed)?
@@ -173,7 +212,8 @@ impl SessionVerifier {
         let claims_bytes = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed)?;
         self.key.verify(signed.as_bytes(), &Signature::from_bytes(&sig_bytes)).map_err(|_| TokenError::BadSignature)?;
         // Decode only what verified: the parser never sees forged bytes' claims.
-        let claims = SessionClaims::decode(&claims_bytes)?;
+        // The prefix is signed, so a v2 payload cannot be passed off as v1.
+        let claims = SessionClaims::decode(&claims_bytes, v1)?;
         if claims.expires <= now {
             return Err(TokenError::Expired);
         }
@@ -193,6 +233,8 @@ mod tests {
             device: "phone-1".into(),
             expires,
             token_id: [9; 16],
+            generation: 3,
+            policies: Policies { allow_restore_to_other_device: false, allow_open_in: true },
         }
     }
 
@@ -220,6 +262,24 @@ mod tests {
     }
 
     #[test]
+    fn version_1_tokens_still_verify_with_every_policy_allowed() {
+        let signer = SessionSigner::new([1; 32]);
+        // A token as the previous auth role signed it: no generation, no policies.
+        let c = claims(100);
+        let mut v1 = c.encode();
+        v1.truncate(v1.len() - 5);
+        let signed = format!("{SESSION_PREFIX_V1}{}", URL_SAFE_NO_PAD.encode(&v1));
+        let sig = signer.key.sign(signed.as_bytes());
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+        let got = signer.verifier().verify(&token, 0).unwrap();
+        assert_eq!(got, SessionClaims { generation: 0, policies: Policies::default(), ..c });
+        // A v2 payload under a v1 prefix (or the reverse) does not verify.
+        let t = signer.sign(&claims(100));
+        let swapped = t.replacen(SESSION_PREFIX, SESSION_PREFIX_V1, 1);
+        assert_eq!(signer.verifier().verify(&swapped, 0), Err(TokenError::BadSignature));
+    }
+
+    #[test]
     fn public_key_roundtrips_through_hex() {
         let signer = SessionSigner::new([3; 32]);
         let v = SessionVerifier::from_public_hex(&signer.verifier().public_hex()).unwrap();
@@ -238,9 +298,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn claims_roundtrip(tenant in "[a-z]{1,64}", user in ".{1,60}", device in "[a-z0-9]{1,128}", expires in any::<i64>(), id in any::<[u8; 16]>()) {
-            let c = SessionClaims { tenant, user, device, expires, token_id: id };
-            prop_assert_eq!(SessionClaims::decode(&c.encode()).unwrap(), c);
+        fn claims_roundtrip(
+            tenant in "[a-z]{1,64}", user in ".{1,60}", device in "[a-z0-9]{1,128}", expires in any::<i64>(),
+            id in any::<[u8; 16]>(), generation in any::<u32>(), r in any::<bool>(), o in any::<bool>(),
+        ) {
+            let policies = Policies { allow_restore_to_other_device: r, allow_open_in: o };
+            let c = SessionClaims { tenant, user, device, expires, token_id: id, generation, policies };
+            prop_assert_eq!(SessionClaims::decode(&c.encode(), false).unwrap(), c);
         }
 
         #[test]
@@ -248,7 +312,8 @@ mod tests {
             let v = SessionSigner::new([1; 32]).verifier();
             let _ = v.verify(&text, 0);
             let _ = secret_hash(SecretKind::Device, &text);
-            let _ = SessionClaims::decode(text.as_bytes());
+            let _ = SessionClaims::decode(text.as_bytes(), false);
+            let _ = SessionClaims::decode(text.as_bytes(), true);
         }
     }
 }

@@ -250,6 +250,10 @@ impl Device {
         };
         let resp: Result<SessionResponse, _> = self.http.post("/v1/session", None, &req);
         let resp = self.guard(resp)?;
+        // The admin's policies (which the server enforces too) and the
+        // managed config's both hold: the config can narrow, never widen.
+        self.state.allow_restore_to_other_device &= resp.policies.allow_restore_to_other_device;
+        self.state.allow_open_in &= resp.policies.allow_open_in;
         self.state.session = Some(CachedSession { token: resp.session_token.clone(), expires_at: resp.expires_at });
         self.save()?;
         Ok(resp.session_token)

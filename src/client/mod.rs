@@ -98,6 +98,15 @@ impl Http {
         Self::json(Self::check(req.send_json(body).map_err(Self::transport)?)?)
     }
 
+    /// `DELETE path`, JSON answer.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str, token: Option<&str>) -> Result<T, ClientError> {
+        let mut req = self.agent.delete(self.url(path));
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        Self::json(Self::check(req.call().map_err(Self::transport)?)?)
+    }
+
     /// `GET path`, JSON answer.
     pub fn get<T: DeserializeOwned>(&self, path: &str, token: Option<&str>) -> Result<T, ClientError> {
         Self::json(self.get_raw(path, token, None)?)
@@ -120,6 +129,11 @@ impl Http {
         let req = self.agent.put(self.url(path)).header("Authorization", &format!("Bearer {token}"));
         Ok(Self::check(req.send(data).map_err(Self::transport)?)?.status().as_u16())
     }
+}
+
+/// Percent-encodes one path segment (an email in an admin route).
+pub fn segment_escape(s: &str) -> String {
+    query_escape(s).replace('/', "%2F")
 }
 
 /// Percent-encodes a query value.

@@ -34,6 +34,11 @@ impl HttpError {
         HttpError::new(StatusCode::UNAUTHORIZED, "invalid_token", message)
     }
 
+    /// A valid token that is not allowed to do this.
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        HttpError::new(StatusCode::FORBIDDEN, code, message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         HttpError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -62,6 +67,9 @@ impl From<ApiError> for HttpError {
             ApiError::TooLarge(_) => HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
             ApiError::Json(_) => HttpError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()),
             ApiError::Invalid(_) => HttpError::bad_request(e.to_string()),
+            ApiError::ManifestTooLarge(_) => {
+                HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "manifest_too_large", e.to_string())
+            }
         }
     }
 }
@@ -86,6 +94,10 @@ impl From<RegistryError> for HttpError {
                 HttpError::new(StatusCode::FORBIDDEN, s.error_code().unwrap_or("forbidden"), e.to_string())
             }
             RegistryError::Conflict => HttpError::new(StatusCode::CONFLICT, "device_conflict", e.to_string()),
+            RegistryError::DeviceExists => HttpError::new(StatusCode::CONFLICT, "device_exists", e.to_string()),
+            RegistryError::UserNotProvisioned => {
+                HttpError::new(StatusCode::FORBIDDEN, "user_not_provisioned", e.to_string())
+            }
             RegistryError::NoSuchDevice => HttpError::not_found(e.to_string()),
         }
     }
@@ -104,6 +116,12 @@ impl From<IngestError> for HttpError {
                 HttpError::not_found(e.to_string())
             }
             IngestError::NotOwner => HttpError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            IngestError::OtherDevice => {
+                HttpError::new(StatusCode::FORBIDDEN, "restore_to_other_device_denied", e.to_string())
+            }
+            IngestError::ManifestTooLarge(..) => {
+                HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "manifest_too_large", e.to_string())
+            }
             IngestError::WriterStopped => HttpError::unavailable("unavailable", e.to_string()),
             // Who holds the lock (host, user, pid) is the operator's business.
             IngestError::Lock(LockError::Locked(_)) => HttpError::unavailable(

@@ -142,10 +142,10 @@ impl App {
         let token = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
         let now = Utc::now().timestamp();
         let claims = storage.verifier.verify(token, now)?;
-        storage.states.check(&claims.device)?;
+        storage.states.check(&claims.device, claims.generation)?;
         self.metrics.session_seen(claims.token_id, claims.expires, now);
         storage.tenants.session_seen(&claims.tenant, claims.token_id, claims.expires, now);
-        Ok(Owner { tenant: claims.tenant, user: claims.user, device: claims.device })
+        Ok(Owner { tenant: claims.tenant, user: claims.user, device: claims.device, policies: claims.policies })
     }
 }
 

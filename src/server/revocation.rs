@@ -19,6 +19,10 @@ use crate::auth::DeviceState;
 pub struct DeviceStates {
     /// Devices that are not active; absent means active.
     states: RwLock<HashMap<String, DeviceState>>,
+    /// Per device id, the lowest generation whose sessions are valid: a
+    /// reset moves it on, so sessions of the earlier activation stay void
+    /// after the id activates again.
+    generations: RwLock<HashMap<String, u32>>,
     cursor: AtomicU64,
     /// When a check-in last succeeded; `None` in the `all` role (no check-in).
     last_ok: Option<Mutex<Instant>>,
@@ -30,6 +34,7 @@ impl DeviceStates {
     pub fn new(local: bool, policy: AuthUnreachable, interval: Duration) -> Self {
         DeviceStates {
             states: RwLock::default(),
+            generations: RwLock::default(),
             cursor: AtomicU64::new(0),
             last_ok: (!local).then(|| Mutex::new(Instant::now())),
             policy,
@@ -45,9 +50,17 @@ impl DeviceStates {
     /// Applies state changes, from the registry or the check-in feed.
     pub fn apply(&self, changes: &[DeviceChange]) {
         let mut states = self.states.write().expect("states lock");
+        let mut generations = self.generations.write().expect("generations lock");
         for c in changes {
+            if let Some(g) = c.generation {
+                let min = generations.entry(c.device_id.clone()).or_default();
+                *min = (*min).max(g);
+            }
             match DeviceState::from_str(&c.state) {
-                Ok(DeviceState::Active) => {
+                // A reset's generation (above) voids the earlier sessions by
+                // itself; leaving no state lets the id's next activation work
+                // here before the next check-in brings its `active` change.
+                Ok(DeviceState::Active | DeviceState::Reset) => {
                     states.remove(&c.device_id);
                 }
                 Ok(s) => {
@@ -58,12 +71,18 @@ impl DeviceStates {
         }
     }
 
-    /// Refuses a device that is not active, or anyone when the auth role has
-    /// been unreachable for two intervals and the policy is fail-closed.
-    pub fn check(&self, device: &str) -> Result<(), HttpError> {
+    /// Refuses a device that is not active, a session of an activation
+    /// before the device's last reset (`generation` from the session token),
+    /// or anyone when the auth role has been unreachable for two intervals
+    /// and the policy is fail-closed.
+    pub fn check(&self, device: &str, generation: u32) -> Result<(), HttpError> {
         if let Some(state) = self.states.read().expect("states lock").get(device) {
             let code = state.error_code().unwrap_or("forbidden");
             return Err(HttpError::new(StatusCode::FORBIDDEN, code, format!("device is {state}")));
+        }
+        if self.generations.read().expect("generations lock").get(device).is_some_and(|&min| generation < min) {
+            let code = DeviceState::Reset.error_code().unwrap_or("forbidden");
+            return Err(HttpError::forbidden(code, "this session belongs to an activation the admin reset"));
         }
         if let Some(last_ok) = &self.last_ok {
             let stale = last_ok.lock().expect("checkin lock").elapsed() > 2 * self.interval;
@@ -127,24 +146,41 @@ mod tests {
     use super::*;
 
     fn change(state: &str) -> DeviceChange {
-        DeviceChange { device_id: "d".into(), tenant: "t".into(), state: state.into() }
+        DeviceChange { device_id: "d".into(), tenant: "t".into(), state: state.into(), generation: None }
     }
 
     #[test]
     fn states_block_and_allow() {
         let s = DeviceStates::new(true, AuthUnreachable::FailClosed, Duration::from_secs(1));
-        s.check("d").unwrap();
+        s.check("d", 1).unwrap();
         s.apply(&[change("wiped")]);
-        assert_eq!(s.check("d").unwrap_err().code, "device_wiped");
+        assert_eq!(s.check("d", 1).unwrap_err().code, "device_wiped");
         s.apply(&[change("blocked"), change("active")]);
-        s.check("d").unwrap();
+        s.check("d", 1).unwrap();
+    }
+
+    #[test]
+    fn a_reset_voids_sessions_of_earlier_activations_for_good() {
+        let s = DeviceStates::new(true, AuthUnreachable::FailClosed, Duration::from_secs(1));
+        let with = |state: &str, g| DeviceChange { generation: Some(g), ..change(state) };
+        s.apply(&[change("retired"), with("reset", 2)]);
+        assert_eq!(s.check("d", 1).unwrap_err().code, "device_reset");
+        // The next activation's sessions work before its change arrives.
+        s.check("d", 2).unwrap();
+        s.apply(&[with("active", 2)]);
+        assert_eq!(s.check("d", 1).unwrap_err().code, "device_reset");
+        s.check("d", 2).unwrap();
+        // Changes without a generation never lower it; other devices are unaffected.
+        s.apply(&[change("blocked"), change("active")]);
+        assert!(s.check("d", 1).is_err());
+        s.check("other", 0).unwrap();
     }
 
     #[test]
     fn stale_checkin_fails_closed_or_open() {
         let closed = DeviceStates::new(false, AuthUnreachable::FailClosed, Duration::ZERO);
-        assert_eq!(closed.check("d").unwrap_err().code, "auth_unreachable");
+        assert_eq!(closed.check("d", 1).unwrap_err().code, "auth_unreachable");
         let open = DeviceStates::new(false, AuthUnreachable::FailOpen, Duration::ZERO);
-        open.check("d").unwrap();
+        open.check("d", 1).unwrap();
     }
 }

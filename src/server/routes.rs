@@ -11,13 +11,14 @@ use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
 
 use super::error::HttpError;
 use super::{App, Role};
 use crate::api::{self, *};
+use crate::auth::registry::DeploymentTokenSpec;
 use crate::auth::token::SessionClaims;
 use crate::auth::DeviceState;
 use crate::id::{BlobId, SnapshotId};
@@ -42,7 +43,9 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/checkin", get(checkin))
             .route("/v1/admin/deployment-tokens", post(create_deployment_token))
             .route("/v1/admin/devices", get(devices))
-            .route("/v1/admin/devices/{id}/{action}", post(device_action));
+            .route("/v1/admin/devices/{id}/{action}", post(device_action))
+            .route("/v1/admin/tenants/{tenant}/users", post(add_users).get(users))
+            .route("/v1/admin/tenants/{tenant}/users/{email}", delete(remove_user));
     }
     // An edge relays device authentication to the auth role; so does a
     // storage node, so that a device needs one URL in either deployment.
@@ -120,10 +123,20 @@ async fn activate(
     let app2 = app.clone();
     let result = blocking(move || {
         let auth = app2.auth()?;
-        let (tenant, device_token) =
-            auth.registry.activate(&req.deployment_token, &req.email, &req.device_id, Utc::now())?;
-        tracing::info!("device {} of {} activated in tenant {tenant}", req.device_id, req.email);
-        Ok(ActivateResponse { device_token })
+        let a = auth.registry.activate(&req.deployment_token, &req.email, &req.device_id, Utc::now())?;
+        // A reset device id activated again: in the `all` role the storage
+        // side learns at once that its earlier sessions stay void.
+        if let (Some(change), Some(storage)) = (&a.change, &app2.storage) {
+            storage.states.apply(std::slice::from_ref(change));
+        }
+        tracing::info!(
+            "device {} of {} activated in tenant {} with deployment token {}",
+            req.device_id,
+            req.email,
+            a.tenant,
+            a.deployment_token_id
+        );
+        Ok(ActivateResponse { device_token: a.device_token })
     })
     .await;
     if result.is_err() {
@@ -145,12 +158,10 @@ async fn session(State(app): AppState, body: Body) -> Reply<Json<SessionResponse
             device: id.device_id,
             expires: expires_at.timestamp(),
             token_id: rand::random(),
+            generation: id.generation,
+            policies: id.policies,
         };
-        Ok(Json(SessionResponse {
-            session_token: auth.signer.sign(&claims),
-            expires_at,
-            policies: Policies { allow_restore_to_other_device: true, allow_open_in: true },
-        }))
+        Ok(Json(SessionResponse { session_token: auth.signer.sign(&claims), expires_at, policies: id.policies }))
     })
     .await
 }
@@ -189,10 +200,23 @@ async fn create_deployment_token(
             storage.tenants.get(&req.tenant)?;
         }
         let now = Utc::now();
-        let expires_at = now + Duration::from_secs(req.expires_in_secs.unwrap_or(DEFAULT_DEPLOYMENT_TTL));
-        let token = app.auth()?.registry.create_deployment_token(&req.tenant, expires_at, req.max_activations, now)?;
-        tracing::info!("deployment token created for tenant {}", req.tenant);
-        Ok(Json(DeploymentTokenCreated { token, tenant: req.tenant, expires_at }))
+        let spec = DeploymentTokenSpec {
+            tenant: req.tenant,
+            expires_at: now + Duration::from_secs(req.expires_in_secs.unwrap_or(DEFAULT_DEPLOYMENT_TTL)),
+            max_activations: req.max_activations,
+            policies: req.policies.unwrap_or_default(),
+            provisioned_only: req.provisioned_only,
+        };
+        let created = app.auth()?.registry.create_deployment_token(&spec, now)?;
+        tracing::info!("deployment token {} created for tenant {}", created.id, spec.tenant);
+        Ok(Json(DeploymentTokenCreated {
+            token: created.text,
+            token_id: created.id,
+            tenant: spec.tenant,
+            expires_at: spec.expires_at,
+            policies: spec.policies,
+            provisioned_only: spec.provisioned_only,
+        }))
     })
     .await
 }
@@ -214,16 +238,60 @@ async fn device_action(
         "block" => DeviceState::Blocked,
         "allow" => DeviceState::Active,
         "wipe" => DeviceState::Wiped,
-        _ => return Err(HttpError::not_found("actions: retire, block, allow, wipe")),
+        "reset" => DeviceState::Reset,
+        _ => return Err(HttpError::not_found("actions: retire, block, allow, wipe, reset")),
     };
     blocking(move || {
-        let change = app.auth()?.registry.set_state(&id, state)?;
+        let registry = &app.auth()?.registry;
+        let change = if state == DeviceState::Reset { registry.reset(&id)? } else { registry.set_state(&id, state)? };
         // In the `all` role the storage side learns at once.
         if let Some(storage) = &app.storage {
             storage.states.apply(std::slice::from_ref(&change));
         }
         tracing::info!("device {id} is now {state}");
         Ok(Json(change))
+    })
+    .await
+}
+
+/// `POST /v1/admin/tenants/{tenant}/users`: provisions users.
+async fn add_users(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: Body,
+) -> Reply<Json<UsersChanged>> {
+    app.require_admin(&headers)?;
+    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
+    let req: AddUsers = parse(body, MAX_JSON_BODY).await?;
+    blocking(move || {
+        let changed = app.auth()?.registry.add_users(&tenant, &req.emails, Utc::now())?;
+        tracing::info!("{} users provisioned in tenant {tenant}", changed.len());
+        Ok(Json(UsersChanged { tenant, changed }))
+    })
+    .await
+}
+
+/// `GET /v1/admin/tenants/{tenant}/users`
+async fn users(State(app): AppState, headers: HeaderMap, Path(tenant): Path<String>) -> Reply<Json<Vec<UserInfo>>> {
+    app.require_admin(&headers)?;
+    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
+    blocking(move || Ok(Json(app.auth()?.registry.users(&tenant)?))).await
+}
+
+/// `DELETE /v1/admin/tenants/{tenant}/users/{email}` (the email percent-encoded).
+async fn remove_user(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path((tenant, email)): Path<(String, String)>,
+) -> Reply<Json<UsersChanged>> {
+    app.require_admin(&headers)?;
+    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
+    api::check_email(&email).map_err(HttpError::bad_request)?;
+    blocking(move || {
+        let changed = app.auth()?.registry.remove_users(&tenant, std::slice::from_ref(&email))?;
+        tracing::info!("{} users removed from tenant {tenant}", changed.len());
+        Ok(Json(UsersChanged { tenant, changed }))
     })
     .await
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use chunkvault::api::CreateDeploymentToken;
+use chunkvault::api::{CreateDeploymentToken, Policies, UsersChanged};
 use chunkvault::client::admin::AdminClient;
 
 use crate::ctx::{password_from, CliError, Ctx};
@@ -28,11 +28,38 @@ pub enum AdminCommand {
     DeploymentToken(TokenCommand),
     /// List devices, their state and when they were last seen.
     Devices,
-    /// Change a device's state.
+    /// Change a device's state; `reset` voids its tokens and lets the device
+    /// id activate again.
     Device {
-        #[arg(value_parser = ["retire", "block", "allow", "wipe"])]
+        #[arg(value_parser = ["retire", "block", "allow", "wipe", "reset"])]
         action: String,
         device_id: String,
+    },
+    /// The users a tenant's `--provisioned-only` deployment tokens activate.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum UserCommand {
+    /// Provision users (emails exactly as the managed config will give them).
+    Add {
+        #[arg(long)]
+        tenant: String,
+        #[arg(required = true)]
+        emails: Vec<String>,
+    },
+    /// List a tenant's provisioned users.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Remove provisioned users (their devices keep working: retire them).
+    Remove {
+        #[arg(long)]
+        tenant: String,
+        #[arg(required = true)]
+        emails: Vec<String>,
     },
 }
 
@@ -47,7 +74,22 @@ pub enum TokenCommand {
         expires_in: Option<u64>,
         #[arg(long)]
         max_activations: Option<u32>,
+        /// A policy for the devices it activates, NAME=true|false
+        /// (allowRestoreToOtherDevice, allowOpenIn); unset ones are allowed.
+        #[arg(long = "policy", value_name = "NAME=BOOL", value_parser = parse_policy)]
+        policies: Vec<(String, bool)>,
+        /// Activate only users provisioned with `admin user add`.
+        #[arg(long)]
+        provisioned_only: bool,
     },
+}
+
+/// `NAME=true|false`, with a known policy name.
+fn parse_policy(s: &str) -> Result<(String, bool), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=true or NAME=false")?;
+    let value = value.parse::<bool>().map_err(|_| format!("{value:?}: expected true or false"))?;
+    Policies::default().set(name, value)?;
+    Ok((name.to_owned(), value))
 }
 
 pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
@@ -56,14 +98,39 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
     let client = AdminClient::new(&a.server, token);
     let failed = |e: chunkvault::client::ClientError| CliError::Other(e.to_string());
     match a.command {
-        AdminCommand::DeploymentToken(TokenCommand::Create { tenant, expires_in, max_activations }) => {
-            let req = CreateDeploymentToken { tenant, expires_in_secs: expires_in, max_activations };
+        AdminCommand::DeploymentToken(TokenCommand::Create {
+            tenant,
+            expires_in,
+            max_activations,
+            policies,
+            provisioned_only,
+        }) => {
+            let mut set = Policies::default();
+            for (name, value) in &policies {
+                set.set(name, *value).map_err(CliError::Usage)?;
+            }
+            let req = CreateDeploymentToken {
+                tenant,
+                expires_in_secs: expires_in,
+                max_activations,
+                policies: (!policies.is_empty()).then_some(set),
+                provisioned_only,
+            };
             let created = client.create_deployment_token(&req).map_err(failed)?;
             if ctx.args.json {
                 ctx.print_json(&created);
             } else {
                 println!("{}", created.token);
-                ctx.info(format!("tenant {}, expires {}", created.tenant, created.expires_at.to_rfc3339()));
+                let p = created.policies;
+                ctx.info(format!(
+                    "token id {}, tenant {}, expires {}, allowRestoreToOtherDevice={}, allowOpenIn={}{}",
+                    created.token_id,
+                    created.tenant,
+                    created.expires_at.to_rfc3339(),
+                    p.allow_restore_to_other_device,
+                    p.allow_open_in,
+                    if created.provisioned_only { ", provisioned users only" } else { "" }
+                ));
             }
         }
         AdminCommand::Devices => {
@@ -71,10 +138,17 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
             if ctx.args.json {
                 ctx.print_json(&devices);
             } else {
-                println!("{:<24}  {:<12}  {:<28}  {:<8}  last seen", "device", "tenant", "email", "state");
+                println!(
+                    "{:<24}  {:<12}  {:<28}  {:<8}  {:<16}  last seen",
+                    "device", "tenant", "email", "state", "deployment token"
+                );
                 for d in &devices {
                     let seen = d.last_seen.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into());
-                    println!("{:<24}  {:<12}  {:<28}  {:<8}  {seen}", d.device_id, d.tenant, d.email, d.state);
+                    let token = d.deployment_token_id.as_deref().unwrap_or("-");
+                    println!(
+                        "{:<24}  {:<12}  {:<28}  {:<8}  {token:<16}  {seen}",
+                        d.device_id, d.tenant, d.email, d.state
+                    );
                 }
             }
         }
@@ -86,6 +160,48 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
                 println!("device {} is now {}", change.device_id, change.state);
             }
         }
+        AdminCommand::User(UserCommand::Add { tenant, emails }) => {
+            for e in &emails {
+                chunkvault::api::check_email(e).map_err(|m| CliError::Usage(format!("{e}: {m}")))?;
+            }
+            let changed = client.add_users(&tenant, &emails).map_err(failed)?;
+            report_users(ctx, &changed, "added", emails.len());
+        }
+        AdminCommand::User(UserCommand::List { tenant }) => {
+            let users = client.users(&tenant).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&users);
+            } else {
+                for u in &users {
+                    println!("{}  added {}", u.email, u.added_at.to_rfc3339());
+                }
+            }
+        }
+        AdminCommand::User(UserCommand::Remove { tenant, emails }) => {
+            for e in &emails {
+                chunkvault::api::check_email(e).map_err(|m| CliError::Usage(format!("{e}: {m}")))?;
+            }
+            let mut all = UsersChanged { tenant: tenant.clone(), changed: Vec::new() };
+            for e in &emails {
+                all.changed.extend(client.remove_user(&tenant, e).map_err(failed)?.changed);
+            }
+            report_users(ctx, &all, "removed", emails.len());
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what a `user add` or `user remove` changed.
+fn report_users(ctx: &Ctx, changed: &UsersChanged, verb: &str, asked: usize) {
+    if ctx.args.json {
+        ctx.print_json(changed);
+    } else {
+        for e in &changed.changed {
+            println!("{verb} {e}");
+        }
+        let unchanged = asked.saturating_sub(changed.changed.len());
+        if unchanged > 0 {
+            ctx.info(format!("{unchanged} already {}", if verb == "added" { "listed" } else { "absent" }));
+        }
+    }
 }
