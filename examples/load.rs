@@ -137,9 +137,9 @@ fn device_loop(
         totals.bytes_up.fetch_add(done.bytes_uploaded, Ordering::Relaxed);
         let target = dir.join(format!("restore-{round}"));
         let t = Instant::now();
-        let restored = device.restore(&done.id, &target, &[])?;
+        let restored = device.restore(&done.id, &target, &[], chunkvault::restore::Overwrite::Always)?;
         record(totals, t);
-        totals.bytes_down.fetch_add(restored.bytes, Ordering::Relaxed);
+        totals.bytes_down.fetch_add(restored.report.bytes, Ordering::Relaxed);
         let back = std::fs::read(target.join(data.strip_prefix("/")?).join("changing.bin"))?;
         if back != content {
             return Err("restored bytes differ".into());

@@ -252,14 +252,120 @@ impl Validate for MissingRequest {
     }
 }
 
+/// One entry of a restore plan: what the restore creates at `path`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanEntry {
+    /// Slash-separated path relative to the restore target.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits (the device decides which it applies).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub size: u64,
+    /// A file's chunks, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<BlobId>,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// `POST /v1/snapshots/{id}/restore-plan`: the paths to restore (each with
+/// what lies below it); empty for everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestorePlanRequest {
+    #[serde(default)]
+    pub include: Vec<String>,
+}
+
+impl Validate for RestorePlanRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.include.len() > MAX_MANIFEST_PATHS {
+            return Err(format!("at most {MAX_MANIFEST_PATHS} include paths"));
+        }
+        if self.include.iter().any(|p| p.len() > MAX_MANIFEST_PATH) {
+            return Err(format!("include paths are at most {MAX_MANIFEST_PATH} bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// A chunk of a restore plan and its plaintext length.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanChunk {
+    pub id: BlobId,
+    pub len: u32,
+}
+
+/// `GET /v1/snapshots/{id}/restore-plan`: every entry to create, and every
+/// chunk the files need, once each, in the order the storage node reads
+/// them fastest (by pack, then offset): fetch them in that order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RestorePlanResponse {
+    pub entries: Vec<PlanEntry>,
+    pub chunks: Vec<PlanChunk>,
+}
+
+/// `POST /v1/snapshots/{id}/chunks`: chunks of that snapshot to stream back.
+/// The answer is a stream of frames `id (32) | status u8 (0 ok, 1 failed) |
+/// len u32 LE | bytes`: the chunk's plaintext, or why it could not be read
+/// (UTF-8, at most [`MAX_CHUNK_ERROR`] bytes). The device checks every
+/// chunk against its id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkReadRequest {
+    pub chunks: Vec<BlobId>,
+}
+
+/// Longest error message in a chunk stream frame.
+pub const MAX_CHUNK_ERROR: usize = 4096;
+/// Bytes before a chunk stream frame's payload.
+pub const CHUNK_FRAME_HEADER: usize = 32 + 1 + 4;
+
+impl Validate for ChunkReadRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.chunks.is_empty() || self.chunks.len() > MAX_CHUNK_READ {
+            return Err(format!("1 to {MAX_CHUNK_READ} chunk ids per request"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MissingResponse {
     pub missing: Vec<BlobId>,
 }
 
-/// One regular file of a snapshot being committed.
+/// What a manifest or restore-plan entry is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A regular file.
+    #[default]
+    File,
+    /// A directory (its metadata; its entries are listed separately).
+    Dir,
+    /// A symbolic link.
+    Symlink,
+}
+
+/// Longest symlink target accepted in a manifest.
+pub const MAX_LINK_TARGET: usize = 4096;
+/// Most chunks one `POST /v1/snapshots/{id}/chunks` may ask for.
+pub const MAX_CHUNK_READ: usize = 4096;
+
+/// One entry (a regular file by default, or a directory or symlink) of a
+/// snapshot being committed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ManifestFile {
+    /// File (the default, so older devices' manifests still parse), dir or symlink.
+    #[serde(default)]
+    pub kind: EntryKind,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// Slash-separated path inside the snapshot.
     pub path: String,
     /// Permission bits.
@@ -309,6 +415,13 @@ impl Validate for CommitRequest {
             check_manifest_path(&f.path)?;
             if f.mtime_nsec >= 1_000_000_000 {
                 return Err(format!("{}: mtime_nsec out of range", f.path));
+            }
+            let data = !f.chunks.is_empty() || f.size != 0;
+            match (f.kind, &f.target) {
+                (EntryKind::File, None) => {}
+                (EntryKind::Dir, None) if !data => {}
+                (EntryKind::Symlink, Some(t)) if !data && !t.is_empty() && t.len() <= MAX_LINK_TARGET && !t.contains('\0') => {}
+                _ => return Err(format!("{}: a file has chunks, a directory nothing, a symlink one target of at most {MAX_LINK_TARGET} bytes", f.path)),
             }
         }
         Ok(())
@@ -500,6 +613,8 @@ mod tests {
     fn commit_strategy() -> impl Strategy<Value = CommitRequest> {
         let file = ("[a-z]{1,8}(/[a-z]{1,8}){0,2}", any::<u32>(), any::<i64>(), 0u32..1_000_000_000, any::<u64>())
             .prop_map(|(path, mode, mtime, mtime_nsec, size)| ManifestFile {
+                kind: EntryKind::File,
+                target: None,
                 path,
                 mode,
                 mtime,

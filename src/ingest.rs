@@ -13,14 +13,17 @@
 //! a tenant repository gets in between sessions and never deletes data a
 //! later commit names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::api::{CommitRequest, CommitResponse, Policies, SnapshotInfo, TreeEntry};
+use crate::api::{
+    CommitRequest, CommitResponse, EntryKind, PlanChunk, PlanEntry, Policies, RestorePlanResponse, SnapshotInfo,
+    TreeEntry,
+};
 use crate::backup::{BackupError, FileTree};
 use crate::id::{BlobId, BlobKind, SnapshotId};
 use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
@@ -243,7 +246,17 @@ pub struct Tenant {
     /// The last `wanted` the index was brought up to date for; held while
     /// refreshing, so a request of a new session waits for the refresh.
     refreshed: Mutex<u64>,
+    /// The chunks of recently planned snapshots, newest last: the chunk
+    /// stream hands out only chunks of a snapshot the session may read.
+    snapshot_chunks: Mutex<Vec<(SnapshotId, Arc<HashSet<BlobId>>)>>,
 }
+
+/// Chunks a session may read, from [`Tenant::grant_chunks`].
+pub struct ChunkGrant(Vec<BlobId>);
+
+/// Snapshots whose chunk sets a tenant keeps (about 3 MiB for a snapshot
+/// of 45,000 chunks).
+const CACHED_CHUNK_SETS: usize = 8;
 
 impl Tenant {
     fn start(name: &str, repo: Arc<Repository>, stats: Arc<IngestStats>, timing: WriterTiming) -> Tenant {
@@ -254,7 +267,15 @@ impl Tenant {
             .name(format!("writer-{name}"))
             .spawn(move || writer.run(rx))
             .expect("spawn tenant writer");
-        Tenant { repo, jobs: Mutex::new(tx), pending, stats, wanted: AtomicU64::new(0), refreshed: Mutex::new(0) }
+        Tenant {
+            repo,
+            jobs: Mutex::new(tx),
+            pending,
+            stats,
+            wanted: AtomicU64::new(0),
+            refreshed: Mutex::new(0),
+            snapshot_chunks: Mutex::default(),
+        }
     }
 
     /// Brings the index up to date if a new session asked for it: one
@@ -370,6 +391,97 @@ impl Tenant {
             self.refresh()?;
         }
         Ok(snapshot)
+    }
+
+    /// The restore plan of one of the owner's snapshots (or of its
+    /// `include` paths): every entry, and every chunk once, in pack order.
+    pub fn restore_plan(
+        &self,
+        owner: &Owner,
+        id: &SnapshotId,
+        include: &[String],
+    ) -> Result<RestorePlanResponse, IngestError> {
+        let snapshot = self.readable_snapshot(owner, id)?;
+        let plan = crate::restore::plan(&self.repo, &snapshot, include).map_err(|e| match e {
+            RestoreError::Repo(r) => IngestError::Repo(r),
+            other => IngestError::NotFound(other.to_string()),
+        })?;
+        let wire = |e: &crate::restore::PlanEntry| {
+            let n = &e.node;
+            let (kind, chunks, target) = match &n.kind {
+                NodeKind::File { chunks } => (EntryKind::File, chunks.clone(), None),
+                NodeKind::Dir { .. } => (EntryKind::Dir, Vec::new(), None),
+                NodeKind::Symlink { target } => {
+                    (EntryKind::Symlink, Vec::new(), Some(String::from_utf8_lossy(target).into_owned()))
+                }
+            };
+            PlanEntry {
+                path: e.rel.to_string_lossy().into_owned(),
+                kind,
+                mode: n.mode & 0o7777,
+                uid: n.uid,
+                gid: n.gid,
+                mtime: n.mtime.sec,
+                mtime_nsec: n.mtime.nsec,
+                size: n.size,
+                chunks,
+                target,
+            }
+        };
+        let entries = plan.dirs.iter().chain(&plan.files).chain(&plan.symlinks).map(wire).collect();
+        let (packs, missing) = self.repo.plan_blob_reads(plan.chunks());
+        if let Some(id) = missing.first() {
+            return Err(IngestError::Repo(RepoError::MissingBlob(*id)));
+        }
+        let chunks = packs
+            .iter()
+            .flat_map(|(_, blobs)| blobs.iter().map(|(id, l)| PlanChunk { id: *id, len: l.raw_len }))
+            .collect();
+        Ok(RestorePlanResponse { entries, chunks })
+    }
+
+    /// Checks that the owner may read `ids`: chunks of one of its snapshots
+    /// that it may restore. A chunk the snapshot does not use is refused.
+    pub fn grant_chunks(&self, owner: &Owner, id: &SnapshotId, ids: Vec<BlobId>) -> Result<ChunkGrant, IngestError> {
+        let snapshot = self.readable_snapshot(owner, id)?;
+        let allowed = self.chunks_of(id, &snapshot)?;
+        if let Some(c) = ids.iter().find(|c| !allowed.contains(c)) {
+            return Err(IngestError::NotFound(format!("chunk {c} is not part of snapshot {id}")));
+        }
+        Ok(ChunkGrant(ids))
+    }
+
+    /// Reads granted chunks in pack order, calling `deliver` (from several
+    /// threads) with each one's verified plaintext or why it failed.
+    pub fn read_chunks(&self, grant: &ChunkGrant, deliver: &repo::DeliverBlob<'_>) {
+        let (packs, missing) = self.repo.plan_blob_reads(grant.0.iter().copied());
+        for c in missing {
+            deliver(&c, Err(RepoError::MissingBlob(c)));
+        }
+        self.repo.read_blobs(&packs, deliver);
+    }
+
+    /// Every chunk a snapshot's files use (cached for a few snapshots).
+    fn chunks_of(&self, id: &SnapshotId, snapshot: &Snapshot) -> Result<Arc<HashSet<BlobId>>, IngestError> {
+        let mut cache = self.snapshot_chunks.lock().expect("chunk set lock");
+        if let Some(pos) = cache.iter().position(|(s, _)| s == id) {
+            let hit = cache.remove(pos);
+            let set = hit.1.clone();
+            cache.push(hit);
+            return Ok(set);
+        }
+        drop(cache);
+        let plan = crate::restore::plan(&self.repo, snapshot, &[]).map_err(|e| match e {
+            RestoreError::Repo(r) => IngestError::Repo(r),
+            other => IngestError::Read(other.to_string()),
+        })?;
+        let set: Arc<HashSet<BlobId>> = Arc::new(plan.chunks().into_iter().collect());
+        let mut cache = self.snapshot_chunks.lock().expect("chunk set lock");
+        if cache.len() >= CACHED_CHUNK_SETS {
+            cache.remove(0);
+        }
+        cache.push((*id, set.clone()));
+        Ok(set)
     }
 
     /// The node at `path` in one of the owner's snapshots (`None`: the root).
@@ -651,13 +763,23 @@ impl Writer {
             }
         }
         for f in req.files {
-            summary.files_new += 1;
-            summary.total_bytes += f.size;
             let mtime = Timestamp { sec: f.mtime, nsec: f.mtime_nsec };
+            let (kind, type_bits) = match f.kind {
+                EntryKind::File => {
+                    summary.files_new += 1;
+                    summary.total_bytes += f.size;
+                    (NodeKind::File { chunks: f.chunks }, 0o100000)
+                }
+                // The subtree is filled in when the directory's tree is saved.
+                EntryKind::Dir => (NodeKind::Dir { subtree: BlobId([0; 32]) }, 0o040000),
+                EntryKind::Symlink => {
+                    (NodeKind::Symlink { target: f.target.unwrap_or_default().into_bytes() }, 0o120000)
+                }
+            };
             let node = Node {
                 name: Vec::new(),
-                kind: NodeKind::File { chunks: f.chunks },
-                mode: 0o100000 | (f.mode & 0o7777),
+                kind,
+                mode: type_bits | (f.mode & 0o7777),
                 uid: 0,
                 gid: 0,
                 mtime,
@@ -728,6 +850,8 @@ mod tests {
         assert!(!t.put_chunk(id, data.clone()).unwrap());
         assert!(t.missing(&[id]).is_empty());
         let file = |path: &str, size| ManifestFile {
+            kind: crate::api::EntryKind::File,
+            target: None,
             path: path.into(),
             mode: 0o644,
             mtime: 5,
@@ -769,6 +893,8 @@ mod tests {
                     let id = t.repo().blob_id(&data);
                     t.put_chunk(id, data.clone()).unwrap();
                     let file = ManifestFile {
+                        kind: crate::api::EntryKind::File,
+                        target: None,
                         path: "f".into(),
                         mode: 0o600,
                         mtime: 1,
@@ -799,7 +925,16 @@ mod tests {
         let data = b"phone data".to_vec();
         let id = t.repo().blob_id(&data);
         t.put_chunk(id, data.clone()).unwrap();
-        let file = ManifestFile { path: "f".into(), mode: 0o600, mtime: 1, mtime_nsec: 0, size: 10, chunks: vec![id] };
+        let file = ManifestFile {
+            kind: crate::api::EntryKind::File,
+            target: None,
+            path: "f".into(),
+            mode: 0o600,
+            mtime: 1,
+            mtime_nsec: 0,
+            size: 10,
+            chunks: vec![id],
+        };
         let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
         let phone = Owner { device: "phone".into(), ..owner("a") };
         let done = t.commit(phone.clone(), req).unwrap();

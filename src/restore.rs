@@ -97,6 +97,9 @@ pub struct RestoreOptions {
     /// Drop setuid, setgid and sticky bits from the modes: a device restoring
     /// what a server sent does not let the server choose them.
     pub strip_special_bits: bool,
+    /// Never change ownership, even as root (a device does not let the
+    /// server choose owners); otherwise root restores the recorded ones.
+    pub ignore_owner: bool,
 }
 
 /// Live counters a progress display polls.
@@ -669,7 +672,10 @@ fn apply_metadata(path: &Path, node: &Node, is_link: bool, opts: &RestoreOptions
     // SAFETY: `c` is a valid NUL-terminated path; the calls only read it.
     unsafe {
         // Ownership first: chown clears setuid/setgid bits, chmod then sets them.
-        if libc::geteuid() == 0 && libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) != 0 {
+        if !opts.ignore_owner
+            && libc::geteuid() == 0
+            && libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) != 0
+        {
             warnings.push(format!("{}: chown: {}", path.display(), std::io::Error::last_os_error()));
         }
         if !is_link && libc::chmod(c.as_ptr(), (node.mode & mode_bits) as libc::mode_t) != 0 {

@@ -59,6 +59,8 @@ fn commit(t: &Tenant, chunks: &[(BlobId, Vec<u8>)]) -> Result<chunkvault::api::C
         .iter()
         .enumerate()
         .map(|(i, (id, data))| ManifestFile {
+            kind: chunkvault::api::EntryKind::File,
+            target: None,
             path: format!("f{i}"),
             mode: 0o644,
             mtime: 1,

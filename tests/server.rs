@@ -208,7 +208,11 @@ fn retire_block_and_wipe_reach_issued_sessions_at_check_in() {
     let out = run(&mut retired.cmd(&["snapshots"]));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("device_retired"));
     assert!(!retired.state.exists(), "a retired device clears its state");
-    assert_eq!(wiped.json(&["status"])["state"], "device_wiped");
+    let out = run(&mut wiped.cmd(&["status", "--json"]));
+    assert_eq!(out.status.code(), Some(1), "a wiped device's status is not a success");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["state"], "device_wiped");
+    assert!(status["logged_out"]["wipe"]["removed"].as_array().unwrap().len() >= 3, "{status}");
     assert!(!wiped.state.exists(), "a wiped device clears its state");
     assert!(!common::restored(&restored_to, &data).exists(), "a wiped device deletes what it restored");
     assert!(!run(&mut blocked.cmd(&["snapshots"])).status.success());

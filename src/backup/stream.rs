@@ -27,10 +27,13 @@ pub struct NamedFile<R> {
 pub struct FileTree {
     dirs: BTreeMap<Vec<u8>, FileTree>,
     files: Vec<Node>,
+    /// This directory's own node (mode, owner, times), if one was given.
+    meta: Option<Node>,
 }
 
 impl FileTree {
-    /// Places a file node at `path`; intermediate directories are created.
+    /// Places a file or symlink node at `path`, or, for a directory node,
+    /// sets that directory's metadata; missing directories are created.
     pub fn insert(&mut self, path: &str, mut node: Node) -> Result<(), BackupError> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         let Some((name, dirs)) = parts.split_last() else {
@@ -41,21 +44,29 @@ impl FileTree {
             validate_name(d.as_bytes())?;
             dir = dir.dirs.entry(d.as_bytes().to_vec()).or_default();
         }
+        validate_name(name.as_bytes())?;
         node.name = name.as_bytes().to_vec();
-        dir.files.push(node);
+        if node.is_dir() {
+            let entry = dir.dirs.entry(node.name.clone()).or_default();
+            entry.meta = Some(node);
+        } else {
+            dir.files.push(node);
+        }
         Ok(())
     }
 
-    /// Saves every tree blob (directories with mode 0755) and returns the
-    /// root's id; counts the directories into `summary`.
+    /// Saves every tree blob and returns the root's id; counts the
+    /// directories into `summary`. Directories without metadata of their
+    /// own get mode 0755 and the current time.
     pub fn save(self, packer: &Packer<'_>, summary: &mut Summary) -> Result<BlobId, BackupError> {
         let mut nodes = self.files;
         let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
-        for (name, sub) in self.dirs {
+        for (name, mut sub) in self.dirs {
+            let meta = sub.meta.take();
             let subtree = sub.save(packer, summary)?;
             summary.dirs += 1;
-            nodes.push(Node {
-                name,
+            let default = Node {
+                name: Vec::new(),
                 kind: NodeKind::Dir { subtree },
                 mode: 0o040755,
                 uid: 0,
@@ -64,7 +75,8 @@ impl FileTree {
                 ctime: now,
                 inode: 0,
                 size: 0,
-            });
+            };
+            nodes.push(Node { name, kind: NodeKind::Dir { subtree }, ..meta.unwrap_or(default) });
         }
         save_tree(packer, nodes)
     }

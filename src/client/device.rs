@@ -7,19 +7,22 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{query_escape, ClientError, Http};
+use super::journal::{self, Journal, WipeReport};
+use super::remote::RemoteChunks;
+use super::{ClientError, Http};
 use crate::api::{self, *};
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::crypto::IdKey;
 use crate::id::BlobId;
+use crate::restore::{Overwrite, RestoreOptions, RestorePlan, RestoreProgress, RestoreReport};
+use crate::tree::{Node, NodeKind, Timestamp};
 
 /// Largest managed config accepted.
 const MAX_MANAGED_CONFIG: usize = 64 * 1024;
@@ -85,9 +88,16 @@ struct LocalState {
     allow_open_in: bool,
     #[serde(default)]
     session: Option<CachedSession>,
-    /// What restores created, deleted on wipe.
-    #[serde(default)]
-    restored: Vec<PathBuf>,
+}
+
+/// Why the device logged out, and for a wipe what it removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Logout {
+    /// `device_retired` or `device_wiped`.
+    pub reason: String,
+    /// What the wipe removed and left (wiped devices only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wipe: Option<WipeReport>,
 }
 
 /// `device status`.
@@ -98,16 +108,17 @@ pub struct DeviceStatus {
     pub device_id: String,
     /// `active`, or the server's refusal code.
     pub state: String,
+    /// Set when this call logged the device out (retired or wiped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logged_out: Option<Logout>,
 }
 
-/// `device restore`.
-#[derive(Clone, Debug, Default, Serialize)]
+/// `device restore`: the snapshot and what the restore did.
+#[derive(Clone, Debug, Serialize)]
 pub struct RestoreSummary {
     pub snapshot: String,
-    pub files: u64,
-    pub dirs: u64,
-    pub bytes: u64,
-    pub skipped: u64,
+    #[serde(flatten)]
+    pub report: RestoreReport,
 }
 
 /// `device backup`.
@@ -139,6 +150,7 @@ pub struct Device {
     dir: PathBuf,
     state: LocalState,
     http: Http,
+    logged_out: Option<Logout>,
 }
 
 impl Device {
@@ -163,9 +175,8 @@ impl Device {
             allow_restore_to_other_device: managed.allow_restore_to_other_device,
             allow_open_in: managed.allow_open_in,
             session: None,
-            restored: Vec::new(),
         };
-        let device = Device { dir: dir.to_owned(), state, http };
+        let device = Device { dir: dir.to_owned(), state, http, logged_out: None };
         device.save()?;
         Ok(device)
     }
@@ -185,7 +196,12 @@ impl Device {
         let state: LocalState =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
         let http = Http::new(&state.server_url);
-        Ok(Device { dir: dir.to_owned(), state, http })
+        Ok(Device { dir: dir.to_owned(), state, http, logged_out: None })
+    }
+
+    /// Set when a server answer logged this device out (retired or wiped).
+    pub fn logged_out(&self) -> Option<&Logout> {
+        self.logged_out.as_ref()
     }
 
     pub fn device_id(&self) -> &str {
@@ -227,11 +243,9 @@ impl Device {
     }
 
     fn forget(&mut self, wipe: bool) {
-        if wipe {
-            for p in &self.state.restored {
-                let _ = fs::remove_dir_all(p).or_else(|_| fs::remove_file(p));
-            }
-        }
+        let report = wipe.then(|| journal::wipe(&self.dir));
+        let reason = if wipe { "device_wiped" } else { "device_retired" };
+        self.logged_out = Some(Logout { reason: reason.into(), wipe: report });
         let _ = fs::remove_dir_all(&self.dir);
     }
 
@@ -283,6 +297,7 @@ impl Device {
             email: self.state.email.clone(),
             device_id: self.state.device_id.clone(),
             state,
+            logged_out: self.logged_out.clone(),
         })
     }
 
@@ -340,8 +355,25 @@ impl Device {
         files: &mut Vec<ManifestFile>,
         skipped: &mut Vec<String>,
     ) -> Result<(), ClientError> {
+        use std::os::unix::fs::MetadataExt;
         let meta = fs::symlink_metadata(path).map_err(ClientError::io(path))?;
+        let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+        let entry = |kind, target, size, chunks| ManifestFile {
+            kind,
+            target,
+            path: rel.clone(),
+            mode: meta.mode() & 0o7777,
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+            size,
+            chunks,
+        };
+        if api::check_manifest_path(&rel).is_err() {
+            skipped.push(path.display().to_string());
+            return Ok(());
+        }
         if meta.is_dir() {
+            files.push(entry(EntryKind::Dir, None, 0, Vec::new()));
             let mut entries: Vec<PathBuf> = fs::read_dir(path)
                 .map_err(ClientError::io(path))?
                 .map(|e| e.map(|e| e.path()))
@@ -353,8 +385,17 @@ impl Device {
             }
             return Ok(());
         }
-        let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
-        if !meta.is_file() || api::check_manifest_path(&rel).is_err() {
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(path).map_err(ClientError::io(path))?;
+            match target.to_str() {
+                Some(t) if !t.is_empty() && t.len() <= api::MAX_LINK_TARGET => {
+                    files.push(entry(EntryKind::Symlink, Some(t.to_owned()), 0, Vec::new()))
+                }
+                _ => skipped.push(path.display().to_string()),
+            }
+            return Ok(());
+        }
+        if !meta.is_file() {
             skipped.push(path.display().to_string());
             return Ok(());
         }
@@ -369,15 +410,7 @@ impl Device {
                 self.flush(up)?;
             }
         }
-        use std::os::unix::fs::MetadataExt;
-        files.push(ManifestFile {
-            path: rel,
-            mode: meta.mode() & 0o7777,
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
-            size,
-            chunks,
-        });
+        files.push(entry(EntryKind::File, None, size, chunks));
         Ok(())
     }
 
@@ -403,9 +436,26 @@ impl Device {
         Ok(())
     }
 
-    /// Restores a snapshot (`latest`, an id or a unique prefix) under `target`.
-    pub fn restore(&mut self, spec: &str, target: &Path, include: &[String]) -> Result<RestoreSummary, ClientError> {
-        let snapshots = self.snapshots()?;
+    /// Restores a snapshot (`latest`, an id or a unique prefix) under
+    /// `target`, as the CLI restores it: directories, files, symlinks,
+    /// modes and mtimes, with setuid, setgid and sticky bits dropped (they
+    /// come from the server) and ownership left to the restoring user. Each
+    /// entry is recorded in the journal before it is created, so a wipe
+    /// removes exactly what restores wrote. With `allowRestoreToOtherDevice`
+    /// off, `latest` is this device's newest snapshot.
+    pub fn restore(
+        &mut self,
+        spec: &str,
+        target: &Path,
+        include: &[String],
+        overwrite: Overwrite,
+    ) -> Result<RestoreSummary, ClientError> {
+        let mine_only = !self.state.allow_restore_to_other_device;
+        let snapshots: Vec<SnapshotInfo> = self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| !mine_only || s.device.as_deref() == Some(self.state.device_id.as_str()))
+            .collect();
         let snap = if spec == "latest" {
             snapshots.last()
         } else {
@@ -415,103 +465,58 @@ impl Device {
             }
             found.first().copied()
         }
-        .ok_or_else(|| ClientError::Local(format!("no snapshot matches {spec:?}")))?
+        .ok_or_else(|| {
+            let whose =
+                if mine_only { " of this device (policy: no restores of other devices' snapshots)" } else { "" };
+            ClientError::Local(format!("no snapshot{whose} matches {spec:?}"))
+        })?
         .clone();
-        if !self.state.allow_restore_to_other_device && snap.device.as_deref() != Some(self.state.device_id.as_str()) {
-            return Err(ClientError::Local("policy: restoring another device's snapshot is not allowed".into()));
-        }
-        let includes: Vec<Vec<String>> = include
-            .iter()
-            .map(|i| i.split('/').filter(|p| !p.is_empty() && *p != ".").map(str::to_owned).collect())
-            .collect();
-        fs::create_dir_all(target).map_err(ClientError::io(target))?;
-        let mut summary = RestoreSummary { snapshot: snap.id.to_hex(), ..Default::default() };
-        // Record what this restore creates before writing it, so a wipe finds it.
-        let top: Vec<TreeEntry> = self.get(&format!("/v1/snapshots/{}/tree?path=", snap.id))?;
-        for e in &top {
-            crate::tree::validate_name(e.name.as_bytes()).map_err(|e| ClientError::Local(e.to_string()))?;
-            let p = target.join(&e.name);
-            if !self.state.restored.contains(&p) {
-                self.state.restored.push(p);
-            }
-        }
-        self.save()?;
-        self.restore_dir(&snap, &mut Vec::new(), top, target, &includes, &mut summary)?;
-        Ok(summary)
-    }
-
-    fn restore_dir(
-        &mut self,
-        snap: &SnapshotInfo,
-        rel: &mut Vec<String>,
-        entries: Vec<TreeEntry>,
-        target: &Path,
-        includes: &[Vec<String>],
-        summary: &mut RestoreSummary,
-    ) -> Result<(), ClientError> {
-        for e in entries {
-            // A hostile server must not make us write outside the target.
-            crate::tree::validate_name(e.name.as_bytes()).map_err(|e| ClientError::Local(e.to_string()))?;
-            rel.push(e.name.clone());
-            let wanted =
-                includes.is_empty() || includes.iter().any(|inc| inc.iter().zip(rel.iter()).all(|(a, b)| a == b));
-            if wanted {
-                let joined = rel.join("/");
-                let dest = target.join(&joined);
-                match e.kind.as_str() {
-                    "dir" => {
-                        fs::create_dir_all(&dest).map_err(ClientError::io(&dest))?;
-                        summary.dirs += 1;
-                        let path = format!("/v1/snapshots/{}/tree?path={}", snap.id, query_escape(&joined));
-                        let children: Vec<TreeEntry> = self.get(&path)?;
-                        self.restore_dir(snap, rel, children, target, includes, summary)?;
-                    }
-                    "file" => {
-                        self.restore_file(snap, &joined, &e, &dest)?;
-                        summary.files += 1;
-                        summary.bytes += e.size;
-                    }
-                    _ => summary.skipped += 1,
-                }
-            }
-            rel.pop();
-        }
-        Ok(())
-    }
-
-    fn restore_file(&mut self, snap: &SnapshotInfo, rel: &str, e: &TreeEntry, dest: &Path) -> Result<(), ClientError> {
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(ClientError::io(parent))?;
-        }
+        let chunking: Chunking = self.get("/v1/chunking")?;
+        let id_key =
+            IdKey::from_bytes(crate::id::parse_hex32(&chunking.id_key).map_err(|e| ClientError::Local(e.to_string()))?);
+        let wire: RestorePlanResponse = self.post(
+            &format!("/v1/snapshots/{}/restore-plan", snap.id),
+            &RestorePlanRequest { include: include.to_vec() },
+        )?;
+        let plan = plan_from_wire(&wire).map_err(|e| ClientError::Local(e.to_string()))?;
         let token = self.session()?;
-        let path = format!("/v1/snapshots/{}/file?path={}", snap.id, query_escape(rel));
-        let r = self.http.get_raw(&path, Some(&token), None);
-        let mut resp = self.guard(r)?;
-        let tmp = dest.with_file_name(format!(".{}.chunkvault-tmp", e.name));
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(ClientError::io(&tmp))?;
-        let copied = std::io::copy(&mut resp.body_mut().as_reader().take(e.size + 1), &mut out)
-            .map_err(|err| ClientError::Transport(format!("{rel}: {err}")))?;
-        if copied != e.size {
-            let _ = fs::remove_file(&tmp);
-            return Err(ClientError::Transport(format!("{rel}: got {copied} bytes, expected {}", e.size)));
-        }
-        out.set_permissions(fs::Permissions::from_mode(e.mode & 0o7777)).map_err(ClientError::io(&tmp))?;
-        let mtime = if e.mtime >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::new(e.mtime as u64, e.mtime_nsec)
-        } else {
-            SystemTime::UNIX_EPOCH
-        };
-        out.set_modified(mtime).map_err(ClientError::io(&tmp))?;
-        drop(out);
-        fs::rename(&tmp, dest).map_err(ClientError::io(dest))
+        let source = RemoteChunks::new(self.http.clone(), token, snap.id.to_hex(), id_key, wire.chunks);
+        let journal = Journal::open(&self.dir).map_err(ClientError::io(&self.dir))?;
+        let opts = RestoreOptions { include: Vec::new(), overwrite, strip_special_bits: true, ignore_owner: true };
+        let report =
+            crate::restore::restore_plan(&plan, &source, target, &opts, Some(&journal), &RestoreProgress::default())
+                .map_err(|e| ClientError::Local(e.to_string()))?;
+        Ok(RestoreSummary { snapshot: snap.id.to_hex(), report })
     }
+}
+
+/// A restore plan from the storage node's answer; every path is checked
+/// again (a hostile server cannot name a path outside the target).
+fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::restore::RestoreError> {
+    let mut plan = RestorePlan::default();
+    for e in &wire.entries {
+        let (kind, type_bits) = match e.kind {
+            EntryKind::File => (NodeKind::File { chunks: e.chunks.clone() }, 0o100000),
+            EntryKind::Dir => (NodeKind::Dir { subtree: BlobId([0; 32]) }, 0o040000),
+            EntryKind::Symlink => {
+                (NodeKind::Symlink { target: e.target.clone().unwrap_or_default().into_bytes() }, 0o120000)
+            }
+        };
+        let mtime = Timestamp { sec: e.mtime, nsec: e.mtime_nsec.min(999_999_999) };
+        let node = Node {
+            name: e.path.rsplit('/').next().unwrap_or_default().as_bytes().to_vec(),
+            kind,
+            mode: type_bits | (e.mode & 0o7777),
+            uid: e.uid,
+            gid: e.gid,
+            mtime,
+            ctime: mtime,
+            inode: 0,
+            size: e.size,
+        };
+        plan.push(&e.path, node)?;
+    }
+    Ok(plan)
 }
 
 /// Chunks waiting to be checked and uploaded, and counts.

@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod device;
+pub mod journal;
+mod remote;
 
 use std::time::Duration;
 
@@ -46,7 +48,7 @@ pub struct Http {
     base: String,
 }
 
-type Response = ureq::http::Response<ureq::Body>;
+pub(crate) type Response = ureq::http::Response<ureq::Body>;
 
 impl Http {
     pub fn new(base: &str) -> Http {
@@ -96,6 +98,12 @@ impl Http {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
         Self::json(Self::check(req.send_json(body).map_err(Self::transport)?)?)
+    }
+
+    /// `POST path` with a JSON body; the raw response (for streamed answers).
+    pub fn post_raw<B: Serialize>(&self, path: &str, token: &str, body: &B) -> Result<Response, ClientError> {
+        let req = self.agent.post(self.url(path)).header("Authorization", &format!("Bearer {token}"));
+        Self::check(req.send_json(body).map_err(Self::transport)?)
     }
 
     /// `DELETE path`, JSON answer.

@@ -59,7 +59,9 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/chunks/{id}", put(put_chunk))
             .route("/v1/snapshots", post(commit).get(snapshots))
             .route("/v1/snapshots/{id}/tree", get(tree))
-            .route("/v1/snapshots/{id}/file", get(file));
+            .route("/v1/snapshots/{id}/file", get(file))
+            .route("/v1/snapshots/{id}/restore-plan", post(restore_plan))
+            .route("/v1/snapshots/{id}/chunks", post(read_chunks));
     }
     r.fallback(|| async { HttpError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(app.clone(), measure))
@@ -396,6 +398,63 @@ async fn tree(
     let id = snapshot_id(&id)?;
     let path = q.get("path").cloned().unwrap_or_default();
     blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.tree(&owner, &id, &path)?))).await
+}
+
+/// What a restore of a snapshot (or of some paths of it) creates, and the
+/// chunks it needs in the order they are read fastest.
+async fn restore_plan(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Reply<Json<RestorePlanResponse>> {
+    let owner = app.session(&headers)?;
+    let id = snapshot_id(&id)?;
+    let req: RestorePlanRequest = parse(body, MAX_JSON_BODY * 16).await?;
+    blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?)))
+        .await
+}
+
+/// Chunks of a snapshot, streamed as frames (`api::ChunkReadRequest`) as
+/// they are read and verified, in pack order.
+async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<Response> {
+    let owner = app.session(&headers)?;
+    let id = snapshot_id(&id)?;
+    let req: ChunkReadRequest = parse(body, MAX_CHUNK_READ * 70 + 1024).await?;
+    let (tenant, grant) = blocking(move || {
+        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let grant = tenant.grant_chunks(&owner, &id, req.chunks)?;
+        Ok((tenant, grant))
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let out = std::sync::Mutex::new(ChannelWriter { tx, buf: Vec::with_capacity(STREAM_PIECE) });
+        tenant.read_chunks(&grant, &|id, result| {
+            use std::io::Write;
+            let (status, payload): (u8, std::borrow::Cow<[u8]>) = match result {
+                Ok(data) => (0, data.into()),
+                Err(e) => {
+                    tracing::error!("reading chunk {id} for a restore: {e}");
+                    let mut msg = e.to_string().into_bytes();
+                    msg.truncate(MAX_CHUNK_ERROR);
+                    (1, msg.into())
+                }
+            };
+            let mut out = out.lock().expect("stream lock");
+            let mut header = [0u8; CHUNK_FRAME_HEADER];
+            header[..32].copy_from_slice(&id.0);
+            header[32] = status;
+            header[33..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            // A client that went away stops receiving; the rest is read for nothing.
+            let _ = out.write_all(&header).and_then(|_| out.write_all(&payload));
+        });
+        use std::io::Write;
+        let _ = out.into_inner().expect("stream lock").flush();
+    });
+    let mut resp = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Ok(resp)
 }
 
 /// A file's bytes, whole or one `Range: bytes=` range, streamed through a

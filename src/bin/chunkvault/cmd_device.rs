@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use chunkvault::client::device::{default_state_dir, Device, ManagedConfig};
 use chunkvault::client::ClientError;
 
+use crate::cmd_restore::OverwriteArg;
 use crate::ctx::{human_bytes, CliError, Ctx};
 use crate::CmdResult;
 
@@ -25,11 +26,17 @@ pub enum DeviceCommand {
     Snapshots,
     /// Restore a snapshot (`latest`, an id or a prefix) into a directory.
     Restore {
+        /// Snapshot id, unique id prefix, or `latest`.
         snapshot: String,
+        /// Directory to restore into (created if missing).
         #[arg(long)]
         target: PathBuf,
+        /// Restore only this path of the snapshot and what lies below it (repeatable).
         #[arg(long)]
         include: Vec<String>,
+        /// What to do with files already in the target (see `restore --help`).
+        #[arg(long, value_enum, default_value_t = OverwriteArg::Always)]
+        overwrite: OverwriteArg,
     },
     /// This device's activation and its state on the server.
     Status,
@@ -45,6 +52,34 @@ pub fn run(ctx: &Ctx, cmd: DeviceCommand) -> CmdResult {
         DeviceCommand::Activate { managed_config } => return activate(ctx, &dir, managed_config),
         _ => Device::load(&dir).map_err(failed)?,
     };
+    let is_status = matches!(cmd, DeviceCommand::Status);
+    let result = run_on(ctx, &mut device, cmd);
+    // Whatever the command, an answer that logged the device out is told,
+    // with what a wipe removed and left (`status --json` has it in its
+    // document; other commands' JSON goes to stderr beside the error).
+    if let Some(out) = device.logged_out() {
+        if ctx.args.json {
+            if !is_status {
+                eprintln!("{}", serde_json::json!({ "logged_out": out }));
+            }
+        } else {
+            let what = if out.reason == "device_wiped" { "wiped" } else { "retired" };
+            eprintln!("this device was {what} by the administrator: logged out and its state cleared");
+            if let Some(w) = &out.wipe {
+                for p in &w.removed {
+                    eprintln!("removed {}", p.display());
+                }
+                for l in &w.left {
+                    eprintln!("left {}: {}", l.path.display(), l.reason);
+                }
+                eprintln!("wipe: removed {} entries, left {}", w.removed.len(), w.left.len());
+            }
+        }
+    }
+    result
+}
+
+fn run_on(ctx: &Ctx, device: &mut Device, cmd: DeviceCommand) -> CmdResult {
     match cmd {
         DeviceCommand::Activate { .. } => {} // returned above
         DeviceCommand::Backup { paths } => {
@@ -83,12 +118,32 @@ pub fn run(ctx: &Ctx, cmd: DeviceCommand) -> CmdResult {
                 }
             }
         }
-        DeviceCommand::Restore { snapshot, target, include } => {
-            let done = device.restore(&snapshot, &target, &include).map_err(failed)?;
+        DeviceCommand::Restore { snapshot, target, include, overwrite } => {
+            let done = device.restore(&snapshot, &target, &include, overwrite.into()).map_err(failed)?;
+            let r = &done.report;
+            for w in &r.warnings {
+                ctx.info(format!("warning: {w}"));
+            }
+            for d in r.damaged.iter().chain(&r.failed) {
+                eprintln!("not restored: {}: {}", d.path, d.error);
+            }
             if ctx.args.json {
                 ctx.print_json(&done);
             } else {
-                ctx.info(format!("restored {} files ({}) from {}", done.files, human_bytes(done.bytes), done.snapshot));
+                ctx.info(format!(
+                    "restored {} files, {} dirs, {} symlinks ({}) from {}",
+                    r.files,
+                    r.dirs,
+                    r.symlinks,
+                    human_bytes(r.bytes),
+                    done.snapshot
+                ));
+            }
+            if !r.damaged.is_empty() {
+                return Ok(ExitCode::from(crate::exit::DAMAGE));
+            }
+            if !r.failed.is_empty() {
+                return Ok(ExitCode::from(crate::exit::ERROR));
             }
         }
         DeviceCommand::Status => {
@@ -97,6 +152,10 @@ pub fn run(ctx: &Ctx, cmd: DeviceCommand) -> CmdResult {
                 ctx.print_json(&status);
             } else {
                 println!("device {} of {} at {}: {}", status.device_id, status.email, status.server_url, status.state);
+            }
+            // A device the server no longer serves is not a success.
+            if status.state != "active" {
+                return Ok(ExitCode::from(crate::exit::ERROR));
             }
         }
     }

@@ -62,7 +62,12 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
             human_bytes(total)
         ));
     });
-    let opts = RestoreOptions { include: a.include, overwrite: a.overwrite.into(), strip_special_bits: false };
+    let opts = RestoreOptions {
+        include: a.include,
+        overwrite: a.overwrite.into(),
+        strip_special_bits: false,
+        ignore_owner: false,
+    };
     let result = restore::restore(&repo, &snap, &a.target, &opts, &progress);
     drop(bar);
     let report = result?;
