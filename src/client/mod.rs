@@ -132,10 +132,33 @@ impl Http {
         Self::check(req.call().map_err(Self::transport)?)
     }
 
-    /// `PUT path` with raw bytes; the status.
+    /// `PUT path` with raw bytes; the status. When the server is at its
+    /// upload limit (429 `too_many_uploads`, 503 `server_busy`) it waits as
+    /// long as `Retry-After` says (at most 10 s at a time) and tries again,
+    /// for up to about five minutes.
     pub fn put_bytes(&self, path: &str, token: &str, data: &[u8]) -> Result<u16, ClientError> {
-        let req = self.agent.put(self.url(path)).header("Authorization", &format!("Bearer {token}"));
-        Ok(Self::check(req.send(data).map_err(Self::transport)?)?.status().as_u16())
+        const RETRIES: u32 = 60;
+        let mut attempt = 0;
+        loop {
+            let req = self.agent.put(self.url(path)).header("Authorization", &format!("Bearer {token}"));
+            let resp = req.send(data).map_err(Self::transport)?;
+            let wait = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            match Self::check(resp) {
+                Err(ClientError::Api { status: 429 | 503, ref code, .. })
+                    if attempt < RETRIES && (code == "too_many_uploads" || code == "server_busy") =>
+                {
+                    // Jitter, so that refused devices do not all come back at once.
+                    let ms = wait.unwrap_or(1).min(10) * 1000 + u64::from(rand::random::<u16>() % 500);
+                    std::thread::sleep(Duration::from_millis(ms));
+                    attempt += 1;
+                }
+                other => return Ok(other?.status().as_u16()),
+            }
+        }
     }
 }
 

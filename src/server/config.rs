@@ -51,6 +51,26 @@ pub struct ServerConfig {
     pub tenant_kdf_iterations: u32,
     /// Failed activations allowed per client address per minute.
     pub activation_failures_per_minute: u32,
+    /// Seconds a connection has to send a request's complete headers (the
+    /// first request's, and each next one's on a kept-alive connection);
+    /// then it is closed. Bounds what idle and half-open connections cost.
+    pub header_read_timeout_secs: u64,
+    /// Longest silence, in seconds, while a request body is being read;
+    /// then the request fails with 408.
+    pub body_read_timeout_secs: u64,
+    /// Chunk uploads in flight at once, all tenants together; beyond it
+    /// `PUT /v1/chunks/{id}` answers 503 `server_busy` with `Retry-After`.
+    pub max_concurrent_uploads: usize,
+    /// Chunk uploads in flight at once for one tenant, so that one tenant
+    /// cannot take all of `max_concurrent_uploads`. More wait, their bodies
+    /// unread, up to `upload_slot_wait_ms`; then 429 `too_many_uploads`
+    /// with `Retry-After`.
+    pub max_concurrent_uploads_per_tenant: usize,
+    /// How long an upload waits for one of its tenant's slots.
+    pub upload_slot_wait_ms: u64,
+    /// Large JSON requests (snapshot commits, missing-chunk queries: up to
+    /// 64 MiB each) handled at once; more wait their turn, unread.
+    pub max_concurrent_manifests: usize,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +88,18 @@ impl Default for ServerConfig {
             tenant_kdf_memory_kib: 64 * 1024,
             tenant_kdf_iterations: 3,
             activation_failures_per_minute: 20,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            // A tenant's uploads all end at its one writer thread, so more
+            // than a few in flight only add buffered chunks (4 MiB each),
+            // not throughput.
+            max_concurrent_uploads: 32,
+            max_concurrent_uploads_per_tenant: 8,
+            // Waiting costs a connection and hyper's small read buffer;
+            // a refusal costs reading and dropping the whole body (so the
+            // client hears the answer) and sending it again later.
+            upload_slot_wait_ms: 5000,
+            max_concurrent_manifests: 2,
         }
     }
 }
@@ -84,6 +116,7 @@ pub enum ConfigError {
 }
 
 impl ServerConfig {
+    /// Reads a TOML config file; unknown keys are an error.
     pub fn load(path: &std::path::Path) -> Result<ServerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io(path.into(), e))?;
         Ok(toml::from_str(&text)?)
@@ -102,7 +135,14 @@ impl ServerConfig {
         if matches!(self.role, Role::All | Role::Storage) {
             need(self.root.is_some(), "needs `root`")?;
         }
-        need(self.session_ttl_secs > 0 && self.checkin_interval_secs > 0, "intervals must be positive")
+        need(self.session_ttl_secs > 0 && self.checkin_interval_secs > 0, "intervals must be positive")?;
+        need(self.header_read_timeout_secs > 0 && self.body_read_timeout_secs > 0, "timeouts must be positive")?;
+        need(
+            self.max_concurrent_uploads > 0
+                && self.max_concurrent_uploads_per_tenant > 0
+                && self.max_concurrent_manifests > 0,
+            "concurrency limits must be positive",
+        )
     }
 
     /// Where the registry lives.
@@ -128,5 +168,16 @@ mod tests {
         assert!(toml::from_str::<ServerConfig>("nope = 1").is_err());
         let edge: ServerConfig = toml::from_str("role = \"edge\"").unwrap();
         assert!(edge.validate().is_err());
+        let d = ServerConfig::default();
+        assert_eq!((d.header_read_timeout_secs, d.body_read_timeout_secs), (10, 30));
+        let limits: ServerConfig = toml::from_str(
+            "root = \"/r\"\nheader_read_timeout_secs = 2\nmax_concurrent_uploads = 4\n\
+             max_concurrent_uploads_per_tenant = 2\nmax_concurrent_manifests = 1\nbody_read_timeout_secs = 3\n",
+        )
+        .unwrap();
+        limits.validate().unwrap();
+        assert_eq!((limits.header_read_timeout_secs, limits.max_concurrent_uploads_per_tenant), (2, 2));
+        let zero: ServerConfig = toml::from_str("root = \"/r\"\nmax_concurrent_uploads = 0").unwrap();
+        assert!(zero.validate().is_err());
     }
 }

@@ -5,16 +5,17 @@
 
 pub mod config;
 pub mod error;
+mod linger;
+pub mod listen;
 pub mod metrics;
 mod revocation;
 mod routes;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use chrono::Utc;
 use subtle::ConstantTimeEq;
 
@@ -55,6 +56,38 @@ struct StorageSide {
     tenants: Tenants,
     verifier: SessionVerifier,
     states: DeviceStates,
+    /// Chunk upload slots per tenant (`max_concurrent_uploads_per_tenant`).
+    upload_slots: UploadSlots,
+}
+
+/// Chunk upload slots per tenant. The total is bounded by a tower layer on
+/// the route; no tower layer knows tenants, which only the verified
+/// session token names, so this part is ours. Tenants come from verified
+/// tokens only, so the map holds no more entries than there are tenants.
+struct UploadSlots {
+    per_tenant: usize,
+    wait: Duration,
+    tenants: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl UploadSlots {
+    /// A slot for one upload of `tenant`, held until the permit is dropped.
+    /// Waits (first come, first served) up to `wait` with the body unread,
+    /// which costs little; then 429 `too_many_uploads`.
+    async fn take(&self, tenant: &str) -> Result<tokio::sync::OwnedSemaphorePermit, HttpError> {
+        let sem = self
+            .tenants
+            .lock()
+            .expect("upload slots lock")
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_tenant)))
+            .clone();
+        match tokio::time::timeout(self.wait, sem.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; a timeout is the refusal.
+            _ => Err(HttpError::tenant_busy(self.per_tenant)),
+        }
+    }
 }
 
 /// Shared state of every handler.
@@ -74,6 +107,16 @@ impl App {
         admin_token: Option<Vec<u8>>,
     ) -> Result<App, ServerError> {
         config.validate()?;
+        // An empty token would make the admin routes answer to an empty
+        // `Bearer` (or to nothing, were a client to send no token at all
+        // as an empty one): refuse to start rather than guess.
+        if admin_token.as_ref().is_some_and(|t| t.iter().all(u8::is_ascii_whitespace)) {
+            return Err(ServerError::Setup(
+                "the admin token is empty: put a secret in CHUNKVAULT_ADMIN_TOKEN (or the config's \
+                 admin_token_file), or unset it to run without the admin routes"
+                    .into(),
+            ));
+        }
         let auth = match config.role {
             Role::All | Role::Auth => {
                 let path = config.registry_path().ok_or_else(|| ServerError::Setup("no registry path".into()))?;
@@ -107,7 +150,12 @@ impl App {
                     // Sessions issued before a restart must still meet earlier retires.
                     states.apply(&a.registry.changes_since(0, u32::MAX)?.1);
                 }
-                Some(StorageSide { tenants: Tenants::new(&root, password, init), verifier, states })
+                let upload_slots = UploadSlots {
+                    per_tenant: config.max_concurrent_uploads_per_tenant,
+                    wait: Duration::from_millis(config.upload_slot_wait_ms),
+                    tenants: Mutex::default(),
+                };
+                Some(StorageSide { tenants: Tenants::new(&root, password, init), verifier, states, upload_slots })
             }
             _ => None,
         };
@@ -149,9 +197,12 @@ impl App {
     }
 }
 
-/// The bearer token of a request, if any.
+/// The bearer token of a request, if any. The scheme is matched without
+/// regard to case (RFC 9110 11.1: `bearer` and `BEARER` are `Bearer`).
 fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
 }
 
 fn fetch_session_key(upstream: &str) -> Result<SessionVerifier, ServerError> {
@@ -175,11 +226,9 @@ impl ActivationLimiter {
     fn check(&self, ip: IpAddr, limit: u32) -> Result<(), HttpError> {
         let f = self.failures.lock().expect("limiter lock");
         match f.get(&ip) {
-            Some((start, n)) if start.elapsed() < Duration::from_secs(60) && *n >= limit => Err(HttpError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_attempts",
-                "too many failed activations from this address; try again in a minute",
-            )),
+            Some((start, n)) if start.elapsed() < Duration::from_secs(60) && *n >= limit => {
+                Err(HttpError::too_many_attempts())
+            }
             _ => Ok(()),
         }
     }
@@ -200,6 +249,7 @@ impl ActivationLimiter {
 /// Binds, prints `listening on http://ADDR` as the first stdout line, and
 /// serves until SIGTERM or SIGINT; in-flight requests finish first.
 pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<Vec<u8>>) -> Result<(), ServerError> {
+    listen::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listen = config.listen.clone();
@@ -217,7 +267,6 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            tracing::info!("shutting down: finishing in-flight requests");
         };
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         let addr = listener.local_addr()?;
@@ -230,10 +279,10 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         if app.storage.as_ref().is_some_and(|s| !s.states.is_local()) {
             tokio::spawn(revocation::poll_upstream(app.clone()));
         }
+        let limits =
+            listen::ConnLimits { header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs) };
         let router = routes::router(app);
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        listen::serve(listener, Arc::new(listen::PlainTcp), router, limits, shutdown).await?;
         Ok(())
     })
 }

@@ -1,5 +1,6 @@
 //! Route handlers: extract, call the library on the blocking pool, map the
-//! result. Bodies are read with an explicit bound and parsed by `api`.
+//! result. Bodies are read with an explicit bound and parsed by `api` on the
+//! blocking pool.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,13 +8,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::{BoxError, Extension, Json, Router};
 use chrono::Utc;
+use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::ServiceBuilder;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use super::error::HttpError;
 use super::{App, Role};
@@ -22,6 +30,7 @@ use crate::auth::registry::DeploymentTokenSpec;
 use crate::auth::token::SessionClaims;
 use crate::auth::DeviceState;
 use crate::id::{BlobId, SnapshotId};
+use crate::ingest::{IngestError, Owner};
 
 type AppState = State<Arc<App>>;
 type Reply<T> = Result<T, HttpError>;
@@ -30,9 +39,37 @@ type Reply<T> = Result<T, HttpError>;
 const DEFAULT_DEPLOYMENT_TTL: u64 = 30 * 86_400;
 /// Bytes per message of a streamed file read.
 const STREAM_PIECE: usize = 256 * 1024;
+/// Longest request target (path and query) the app accepts: a 4096-byte
+/// snapshot path, percent-encoded, fits. Well below hyper's own limit
+/// (65,534 bytes, answered by hyper without a body), so that a long
+/// target gets our JSON 414.
+const MAX_URI: usize = 16 * 1024;
+/// Largest sum of header names and values the app accepts; below hyper's
+/// buffer limit (about 400 KiB, answered by hyper with a bare 431).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// The routes of the configured role, with metrics around all of them.
+/// The routes of the configured role, with metrics, head bounds, body
+/// timeouts and JSON error bodies around all of them.
 pub fn router(app: Arc<App>) -> Router {
+    let config = &app.config;
+    // All chunk uploads together: beyond the limit, 503 at once (load
+    // shedding) rather than a queue of 4 MiB bodies.
+    let uploads = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|e: BoxError| async move {
+            if e.is::<tower::load_shed::error::Overloaded>() {
+                HttpError::server_busy()
+            } else {
+                HttpError::internal("upload limit", e)
+            }
+        }))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(config.max_concurrent_uploads))));
+    // Commits and missing-chunk queries (up to 64 MiB of JSON each, and a
+    // parsed form of about that size) take turns: they wait, unread, for
+    // a slot, which bounds their memory without failing a device's backup.
+    let manifests =
+        GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(config.max_concurrent_manifests)));
+    let body_timeout = Duration::from_secs(config.body_read_timeout_secs);
     let mut r = Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(metrics));
     let role = app.config.role;
     if matches!(role, Role::All | Role::Auth) {
@@ -55,19 +92,49 @@ pub fn router(app: Arc<App>) -> Router {
     if matches!(role, Role::All | Role::Storage) {
         r = r
             .route("/v1/chunking", get(chunking))
-            .route("/v1/chunks/missing", post(missing))
-            .route("/v1/chunks/{id}", put(put_chunk))
-            .route("/v1/snapshots", post(commit).get(snapshots))
+            .route("/v1/chunks/missing", post(missing).route_layer(manifests.clone()))
+            // The tenant's slot first (outermost), then the total.
+            .route(
+                "/v1/chunks/{id}",
+                put(put_chunk)
+                    .route_layer(uploads)
+                    .route_layer(middleware::from_fn_with_state(app.clone(), upload_slot)),
+            )
+            .route("/v1/snapshots", post(commit).route_layer(manifests).get(snapshots))
             .route("/v1/snapshots/{id}/tree", get(tree))
             .route("/v1/snapshots/{id}/file", get(file))
             .route("/v1/snapshots/{id}/restore-plan", post(restore_plan))
             .route("/v1/snapshots/{id}/chunks", post(read_chunks));
     }
     r.fallback(|| async { HttpError::not_found("no such route") })
+        .layer(middleware::from_fn(bound_head))
+        // Innermost of the rest, so that it sees every error response:
+        // axum's 405, extractor rejections, the layers' refusals.
+        .layer(middleware::map_response(super::error::json_error_body))
         .layer(middleware::from_fn_with_state(app.clone(), measure))
-        // Bodies are bounded per route by `read_body`, with a JSON 413.
+        // Inside the body timeout, so that draining a refused body stops
+        // when the client does.
+        .layer(middleware::map_request(super::linger::linger))
+        // A body that stops arriving fails its read (408) instead of
+        // holding its connection, buffer and any upload slot.
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        // Bodies are bounded per route by `read_bounded`, with a JSON 413.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(app)
+}
+
+/// Refuses request targets and header sets larger than the app accepts,
+/// with JSON errors (see [`MAX_URI`], [`MAX_HEADER_BYTES`]).
+async fn bound_head(req: Request, next: Next) -> Response {
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > MAX_URI {
+        return HttpError::uri_too_long(MAX_URI).into_response();
+    }
+    // Each header as it was on the wire: name, ": ", value, CRLF.
+    let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return HttpError::headers_too_large(MAX_HEADER_BYTES).into_response();
+    }
+    next.run(req).await
 }
 
 /// Records each request's route, status, sizes and latency.
@@ -85,14 +152,66 @@ fn content_length(h: &HeaderMap) -> u64 {
     h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
-/// Reads a body of at most `limit` bytes; a larger one is a JSON 413.
-async fn read_body(body: Body, limit: usize) -> Reply<Bytes> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| api::ApiError::TooLarge(limit).into())
+/// Reads a body of at most `limit` bytes into one buffer; a larger one is
+/// `too_large()`, a stalled one 408, a broken one 400.
+///
+/// The buffer is sized from `Content-Length` (which hyper holds the body
+/// to), so a 64 MiB manifest costs 64 MiB once, not its frames plus a
+/// contiguous copy as with `to_bytes`. A body declared over the limit is
+/// read (up to the limit, and dropped) rather than refused unread: a
+/// client still sending would otherwise see a reset instead of our 413.
+async fn read_bounded(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    too_large: impl Fn() -> HttpError,
+) -> Reply<Vec<u8>> {
+    let declared = content_length(headers);
+    let keep = declared <= limit as u64;
+    let mut buf = Vec::with_capacity(if keep { declared as usize } else { 0 });
+    let mut read = 0usize;
+    let mut frames = body.into_data_stream();
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(body_error)?;
+        read += frame.len();
+        if read > limit {
+            return Err(too_large());
+        }
+        if keep {
+            if buf.capacity() < read {
+                // Chunked bodies: grow by doubling, but never past the limit.
+                let want = (buf.capacity() * 2).max(read).min(limit);
+                buf.reserve_exact(want - buf.len());
+            }
+            buf.extend_from_slice(&frame);
+        }
+    }
+    Ok(buf)
 }
 
-async fn parse<T: serde::de::DeserializeOwned + Validate>(body: Body, limit: usize) -> Reply<T> {
-    let bytes = read_body(body, limit).await?;
-    Ok(api::parse_body(&bytes, limit)?)
+/// A body read failure: the body timeout, or the client's fault.
+fn body_error(e: axum::Error) -> HttpError {
+    let inner = e.into_inner();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*inner);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            return HttpError::body_timeout();
+        }
+        cause = c.source();
+    }
+    HttpError::bad_body(inner)
+}
+
+/// Reads a bounded JSON body and parses it on the blocking pool: a large
+/// manifest takes a good part of a second to parse, which on an async
+/// worker would stall every other request it serves (`/healthz` too).
+async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Reply<T> {
+    let bytes = read_bounded(headers, body, limit, || api::ApiError::TooLarge(limit).into()).await?;
+    blocking(move || Ok(api::parse_body(&bytes, limit)?)).await
 }
 
 /// Runs blocking library work off the async threads.
@@ -111,11 +230,12 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
 async fn activate(
     State(app): AppState,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Body,
 ) -> Reply<Json<ActivateResponse>> {
     let auth = app.auth()?;
     auth.limiter.check(peer.ip(), app.config.activation_failures_per_minute)?;
-    let req: ActivateRequest = match parse(body, MAX_JSON_BODY).await {
+    let req: ActivateRequest = match parse(&headers, body, MAX_JSON_BODY).await {
         Ok(r) => r,
         Err(e) => {
             auth.limiter.failed(peer.ip());
@@ -147,8 +267,8 @@ async fn activate(
     result.map(Json)
 }
 
-async fn session(State(app): AppState, body: Body) -> Reply<Json<SessionResponse>> {
-    let req: SessionRequest = parse(body, MAX_JSON_BODY).await?;
+async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<SessionResponse>> {
+    let req: SessionRequest = parse(&headers, body, MAX_JSON_BODY).await?;
     blocking(move || {
         let auth = app.auth()?;
         let now = Utc::now();
@@ -195,7 +315,7 @@ async fn create_deployment_token(
     body: Body,
 ) -> Reply<Json<DeploymentTokenCreated>> {
     app.require_admin(&headers)?;
-    let req: CreateDeploymentToken = parse(body, MAX_JSON_BODY).await?;
+    let req: CreateDeploymentToken = parse(&headers, body, MAX_JSON_BODY).await?;
     blocking(move || {
         // The tenant's repository is created with its first deployment token.
         if let Some(storage) = &app.storage {
@@ -265,7 +385,7 @@ async fn add_users(
 ) -> Reply<Json<UsersChanged>> {
     app.require_admin(&headers)?;
     api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    let req: AddUsers = parse(body, MAX_JSON_BODY).await?;
+    let req: AddUsers = parse(&headers, body, MAX_JSON_BODY).await?;
     blocking(move || {
         let changed = app.auth()?.registry.add_users(&tenant, &req.emails, Utc::now())?;
         tracing::info!("{} users provisioned in tenant {tenant}", changed.len());
@@ -301,8 +421,9 @@ async fn remove_user(
 // ---- edge role ----
 
 /// Forwards an activation or session request to the auth role unchanged.
-async fn relay(State(app): AppState, path: MatchedPath, body: Body) -> Reply<Response> {
-    let bytes = read_body(body, MAX_JSON_BODY).await?;
+async fn relay(State(app): AppState, path: MatchedPath, headers: HeaderMap, body: Body) -> Reply<Response> {
+    let limit = MAX_JSON_BODY;
+    let bytes = read_bounded(&headers, body, limit, || api::ApiError::TooLarge(limit).into()).await?;
     let url = format!("{}{}", app.config.upstream.as_deref().unwrap_or_default().trim_end_matches('/'), path.as_str());
     blocking(move || {
         let resp = ureq::post(&url)
@@ -350,7 +471,7 @@ async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunki
 
 async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<MissingResponse>> {
     let owner = app.session(&headers)?;
-    let req: MissingRequest = parse(body, MAX_MANIFEST_BODY).await?;
+    let req: MissingRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
         Ok(Json(MissingResponse { missing: tenant.missing(&req.chunks) }))
@@ -358,24 +479,48 @@ async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
     .await
 }
 
-async fn put_chunk(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<StatusCode> {
-    let owner = app.session(&headers)?;
+/// Verifies an upload's session and takes one of its tenant's upload slots
+/// (waiting a bounded time), before the total limit and the handler; the
+/// slot is held until the handler has handed the chunk to the writer.
+async fn upload_slot(State(app): AppState, mut req: Request, next: Next) -> Response {
+    let owner = match app.session(req.headers()) {
+        Ok(owner) => owner,
+        Err(e) => return e.into_response(),
+    };
+    let taken = async {
+        let slot = app.storage()?.upload_slots.take(&owner.tenant).await?;
+        Ok::<_, HttpError>((owner, slot))
+    };
+    match taken.await {
+        Ok((owner, _slot)) => {
+            req.extensions_mut().insert(owner);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn put_chunk(
+    State(app): AppState,
+    Extension(owner): Extension<Owner>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Reply<StatusCode> {
     let id: BlobId =
         id.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("chunk id: {e}")))?;
     let app2 = app.clone();
     let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
-    // One byte over the maximum is enough to know it is too large.
     let max = tenant.repo().config().chunker.max_size as usize;
-    let data = axum::body::to_bytes(body, max + 1).await.map_err(|_| {
-        HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, "chunk_too_large", format!("chunks are at most {max} bytes"))
-    })?;
-    let new = blocking(move || Ok(tenant.put_chunk(id, data.to_vec())?)).await?;
+    let too_large = || HttpError::too_large("chunk_too_large", format!("chunks are at most {max} bytes"));
+    let data = read_bounded(&headers, body, max, too_large).await?;
+    let new = blocking(move || Ok(tenant.put_chunk(id, data)?)).await?;
     Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
 }
 
 async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<CommitResponse>> {
     let owner = app.session(&headers)?;
-    let req: CommitRequest = parse(body, MAX_MANIFEST_BODY).await?;
+    let req: CommitRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
         Ok(Json(tenant.commit(owner, req)?))
@@ -410,7 +555,7 @@ async fn restore_plan(
 ) -> Reply<Json<RestorePlanResponse>> {
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
-    let req: RestorePlanRequest = parse(body, MAX_JSON_BODY * 16).await?;
+    let req: RestorePlanRequest = parse(&headers, body, MAX_JSON_BODY * 16).await?;
     blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?)))
         .await
 }
@@ -420,14 +565,14 @@ async fn restore_plan(
 async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<Response> {
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
-    let req: ChunkReadRequest = parse(body, MAX_CHUNK_READ * 70 + 1024).await?;
+    let req: ChunkReadRequest = parse(&headers, body, MAX_CHUNK_READ * 70 + 1024).await?;
     let (tenant, grant) = blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
         let grant = tenant.grant_chunks(&owner, &id, req.chunks)?;
         Ok((tenant, grant))
     })
     .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, IngestError>>(4);
     tokio::task::spawn_blocking(move || {
         let out = std::sync::Mutex::new(ChannelWriter { tx, buf: Vec::with_capacity(STREAM_PIECE) });
         tenant.read_chunks(&grant, &|id, result| {
@@ -458,7 +603,9 @@ async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<St
 }
 
 /// A file's bytes, whole or one `Range: bytes=` range, streamed through a
-/// bounded channel as chunks are read and verified.
+/// bounded channel as chunks are read and verified. The status is sent
+/// with the first piece: a failure before it (a damaged first chunk) is a
+/// JSON error, one after it cuts the response short.
 async fn file(
     State(app): AppState,
     headers: HeaderMap,
@@ -477,20 +624,34 @@ async fn file(
     let size = node.size;
     let range = headers.get(header::RANGE).map(|v| parse_range(v.to_str().unwrap_or(""), size)).transpose()?;
     let (start, end) = range.unwrap_or((0, size));
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, IngestError>>(4);
+    let name = node.name_lossy();
     tokio::task::spawn_blocking(move || {
         let mut out = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_PIECE) };
-        let result = tenant.read_file(&node, start, end, &mut out).map_err(|e| e.to_string()).and_then(|_| {
+        let result = tenant.read_file(&node, start, end, &mut out).and_then(|_| {
             use std::io::Write;
-            out.flush().map_err(|e| e.to_string())
+            out.flush().map_err(|e| IngestError::Read(e.to_string()))
         });
         if let Err(e) = result {
-            // Abort the body: the client sees a short read, never wrong bytes.
-            tracing::error!("reading {} of a snapshot: {e}", node.name_lossy());
-            let _ = tx.blocking_send(Err(std::io::Error::other("read failed")));
+            let _ = tx.blocking_send(Err(e));
         }
     });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    // Every byte in a piece was verified before it was written to the
+    // channel, so waiting for the first piece is waiting for the first
+    // verified chunk(s), up to STREAM_PIECE bytes.
+    let first = match rx.recv().await {
+        Some(Ok(piece)) => Some(piece),
+        Some(Err(e)) => return Err(e.into()),
+        None => None,
+    };
+    let rest = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |piece| {
+        piece.map_err(|e| {
+            // Abort the body: the client sees a short read, never wrong bytes.
+            tracing::error!("reading {name} of a snapshot: {e}; cutting the response");
+            std::io::Error::other("read failed")
+        })
+    });
+    let body = Body::from_stream(tokio_stream::iter(first.map(Ok)).chain(rest));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -506,13 +667,7 @@ async fn file(
 
 /// Parses one `bytes=` range into `start..end` (end exclusive) within `size`.
 fn parse_range(value: &str, size: u64) -> Reply<(u64, u64)> {
-    let bad = || {
-        HttpError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "bad_range",
-            format!("one satisfiable bytes= range of {size}"),
-        )
-    };
+    let bad = || HttpError::range_not_satisfiable(size);
     let spec = value.strip_prefix("bytes=").ok_or_else(bad)?;
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
     let (start, end) = match (a.trim(), b.trim()) {
@@ -534,7 +689,7 @@ fn parse_range(value: &str, size: u64) -> Reply<(u64, u64)> {
 
 /// A `Write` that sends pieces of a bounded size into the response channel.
 struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, IngestError>>,
     buf: Vec<u8>,
 }
 

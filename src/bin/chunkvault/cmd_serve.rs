@@ -44,6 +44,21 @@ pub struct ServeArgs {
     /// Argon2id passes for keys of tenants created by this server.
     #[arg(long)]
     pub tenant_kdf_iterations: Option<u32>,
+    /// Seconds a client has to send a request's headers (default 10).
+    #[arg(long)]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Longest silence in seconds while a request body is read (default 30).
+    #[arg(long)]
+    pub body_read_timeout_secs: Option<u64>,
+    /// Chunk uploads in flight at once, all tenants (default 32).
+    #[arg(long)]
+    pub max_concurrent_uploads: Option<usize>,
+    /// Chunk uploads in flight at once per tenant (default 8).
+    #[arg(long)]
+    pub max_concurrent_uploads_per_tenant: Option<usize>,
+    /// Milliseconds an upload waits for a tenant slot before a 429 (default 5000).
+    #[arg(long)]
+    pub upload_slot_wait_ms: Option<u64>,
 }
 
 pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
@@ -73,6 +88,12 @@ pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
     c.checkin_interval_secs = a.checkin_interval_secs.unwrap_or(c.checkin_interval_secs);
     c.tenant_kdf_memory_kib = a.tenant_kdf_memory_kib.unwrap_or(c.tenant_kdf_memory_kib);
     c.tenant_kdf_iterations = a.tenant_kdf_iterations.unwrap_or(c.tenant_kdf_iterations);
+    c.header_read_timeout_secs = a.header_read_timeout_secs.unwrap_or(c.header_read_timeout_secs);
+    c.body_read_timeout_secs = a.body_read_timeout_secs.unwrap_or(c.body_read_timeout_secs);
+    c.max_concurrent_uploads = a.max_concurrent_uploads.unwrap_or(c.max_concurrent_uploads);
+    c.max_concurrent_uploads_per_tenant =
+        a.max_concurrent_uploads_per_tenant.unwrap_or(c.max_concurrent_uploads_per_tenant);
+    c.upload_slot_wait_ms = a.upload_slot_wait_ms.unwrap_or(c.upload_slot_wait_ms);
     let admin_token = match (&c.admin_token_file, std::env::var_os("CHUNKVAULT_ADMIN_TOKEN")) {
         (Some(_), _) | (None, Some(_)) => {
             Some(password_from(c.admin_token_file.as_ref(), "CHUNKVAULT_ADMIN_TOKEN", "admin token: ")?)

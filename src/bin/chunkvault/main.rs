@@ -59,8 +59,9 @@ enum Command {
     Stats,
     /// What changed between two snapshots.
     Diff(cmd_inspect::DiffArgs),
-    /// Run the HTTP server (device registry, tokens, storage).
-    Serve(cmd_serve::ServeArgs),
+    /// Run the HTTP server (device registry, tokens, storage). Boxed: its
+    /// many flags would make every other command carry their size.
+    Serve(Box<cmd_serve::ServeArgs>),
     /// Talk to a running server as its administrator.
     Admin(cmd_admin::AdminArgs),
     /// The device-side client of a server.
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
         Command::Repair(c) => cmd_maint::repair_cmd(&ctx, c),
         Command::Stats => cmd_inspect::stats_cmd(&ctx),
         Command::Diff(a) => cmd_inspect::diff_cmd(&ctx, a),
-        Command::Serve(a) => cmd_serve::run(&ctx, a),
+        Command::Serve(a) => cmd_serve::run(&ctx, *a),
         Command::Admin(a) => cmd_admin::run(&ctx, a),
         Command::Device(d) => cmd_device::run(&ctx, d),
     };
