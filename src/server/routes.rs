@@ -65,10 +65,14 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(config.max_concurrent_uploads))));
     // Commits and missing-chunk queries (up to 64 MiB of JSON each, and a
-    // parsed form of about that size) take turns: they wait, unread, for
+    // parsed form of a few times that) take turns: they wait, unread, for
     // a slot, which bounds their memory without failing a device's backup.
-    let manifests =
-        GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(config.max_concurrent_manifests)));
+    // A large one takes every slot, so only one is in memory at a time.
+    let slots = config.max_concurrent_manifests;
+    let manifests = middleware::from_fn_with_state(
+        (Arc::new(Semaphore::new(slots)), u32::try_from(slots).unwrap_or(u32::MAX)),
+        manifest_slot,
+    );
     let body_timeout = Duration::from_secs(config.body_read_timeout_secs);
     let mut r = Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(metrics));
     let role = app.config.role;
@@ -477,6 +481,20 @@ async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
         Ok(Json(MissingResponse { missing: tenant.missing(&req.chunks) }))
     })
     .await
+}
+
+/// Bodies above this take every manifest slot (see `router`).
+const LARGE_MANIFEST: u64 = 4 << 20;
+
+/// Waits for manifest slots: one for a small body, all of them for a large
+/// one (by `Content-Length`; without one, a body counts as large).
+async fn manifest_slot(State((slots, all)): State<(Arc<Semaphore>, u32)>, req: Request, next: Next) -> Response {
+    let len = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let wanted = if len.is_some_and(|l| l <= LARGE_MANIFEST) { 1 } else { all };
+    match slots.acquire_many(wanted).await {
+        Ok(_permits) => next.run(req).await,
+        Err(e) => HttpError::internal("manifest limit", e).into_response(),
+    }
 }
 
 /// Verifies an upload's session and takes one of its tenant's upload slots
