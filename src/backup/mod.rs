@@ -8,6 +8,7 @@
 //! reuse its chunk list without being read. The snapshot is written only
 //! after [`Packer::finish`] has made every pack and index segment durable.
 
+mod filter;
 mod stream;
 mod walk;
 
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+pub use filter::{parse_size, patterns_from_file, ExcludeError, ExcludeOptions, PatternList, CACHEDIR_TAG};
 pub use stream::{backup_stream, FileTree, NamedFile};
 
 use crate::id::{BlobKind, SnapshotId};
@@ -38,6 +40,9 @@ pub enum BackupError {
     NoPaths(String),
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The exclude options cannot be used (a bad pattern).
+    #[error(transparent)]
+    Exclude(#[from] ExcludeError),
 }
 
 /// Which snapshot to compare against for unchanged files.
@@ -65,6 +70,8 @@ pub struct BackupOptions {
     pub uploaders: usize,
     /// Timing of the shared lock the backup holds (how long to wait for a prune).
     pub lock: LockOptions,
+    /// What to leave out; excluded entries are neither stored nor descended into.
+    pub exclude: ExcludeOptions,
 }
 
 /// Live counters a progress display polls.
@@ -85,6 +92,13 @@ pub struct BackupResult {
     pub snapshot: Snapshot,
     /// Entries that could not be read and were left out.
     pub warnings: Vec<String>,
+}
+
+impl BackupResult {
+    /// True when every entry was read (no warnings): a script's "exit 0".
+    pub fn is_complete(&self) -> bool {
+        self.warnings.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -121,6 +135,7 @@ pub fn backup<P: AsRef<Path>>(
     abs.sort();
     abs.dedup();
     let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let filter = filter::Filter::new(&opts.exclude, &abs)?;
     let lock = lock_for_backup(repo, opts)?;
     let (username, machine) = crate::repo::keys::whoami();
     let hostname = opts.hostname.clone().unwrap_or(machine);
@@ -143,6 +158,7 @@ pub fn backup<P: AsRef<Path>>(
         repo,
         packer: &packer,
         progress,
+        filter: &filter,
         counters: Counters::default(),
         warnings: Mutex::new(Vec::new()),
     };
