@@ -541,3 +541,34 @@ fn one_file_system_keeps_a_mountpoint_empty() {
     assert!(!got.contains(&"mnt/file".to_string()), "its contents are not: {got:?}");
     assert!(got.contains(&"Documents/notes.txt".to_string()), "{got:?}");
 }
+
+#[test]
+fn dry_run_counts_what_would_be_stored_and_writes_nothing() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    let objects = |env: &Env| {
+        let b = env.backend();
+        let types = [FileType::Pack, FileType::Index, FileType::Snapshot, FileType::Lock];
+        types.iter().flat_map(|t| b.list(*t).unwrap()).map(|(k, _)| format!("{k:?}")).collect::<Vec<_>>()
+    };
+    let empty = objects(&env);
+    let dry = env.json(&["backup", src.to_str().unwrap(), "--dry-run", "--exclude", "Photos"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["summary"]["files_new"], 12, "{dry}");
+    assert!(dry["summary"]["bytes_new"].as_u64().unwrap() > 3 << 20, "{dry}");
+    assert_eq!(objects(&env), empty, "a dry run writes nothing");
+    let real = env.json(&["backup", src.to_str().unwrap(), "--exclude", "Photos"]);
+    assert_eq!(real["summary"]["files_new"], dry["summary"]["files_new"]);
+    assert_eq!(real["summary"]["bytes_new"], dry["summary"]["bytes_new"]);
+    // After a change, only the changed file counts.
+    let after_backup = objects(&env);
+    fs::write(src.join("Documents/notes.txt"), "new notes").unwrap();
+    let dry = env.json(&["backup", src.to_str().unwrap(), "-n", "--exclude", "Photos"]);
+    assert_eq!(dry["summary"]["files_changed"], 1, "{dry}");
+    assert_eq!(dry["summary"]["files_unmodified"], 11, "{dry}");
+    assert_eq!(objects(&env), after_backup);
+    let text = env.ok(&["backup", src.to_str().unwrap(), "--dry-run"]);
+    assert!(text.contains("dry run, nothing written"), "{text}");
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
+}

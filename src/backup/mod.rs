@@ -112,6 +112,16 @@ struct Counters {
     bytes_read: AtomicU64,
 }
 
+/// What a backup would store ([`dry_run`]); nothing was written.
+#[derive(Debug)]
+pub struct DryRunResult {
+    /// The snapshot that would be written; its summary counts the files and
+    /// bytes that are new or changed, and `bytes_stored` what they would take.
+    pub snapshot: Snapshot,
+    /// Entries that could not be read and would be left out.
+    pub warnings: Vec<String>,
+}
+
 /// Backs up `paths` (files or directories) into one snapshot.
 pub fn backup<P: AsRef<Path>>(
     repo: &Repository,
@@ -119,6 +129,31 @@ pub fn backup<P: AsRef<Path>>(
     opts: &BackupOptions,
     progress: &BackupProgress,
 ) -> Result<BackupResult, BackupError> {
+    let (snapshot, id, warnings) = run(repo, paths, opts, progress, false)?;
+    let id = id.expect("a backup that is not a dry run writes its snapshot");
+    Ok(BackupResult { id, snapshot, warnings })
+}
+
+/// Walks, reads, chunks, dedups and compresses like [`backup`], and writes
+/// nothing: no pack, no index segment, no snapshot, no lock.
+pub fn dry_run<P: AsRef<Path>>(
+    repo: &Repository,
+    paths: &[P],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<DryRunResult, BackupError> {
+    let (snapshot, _, warnings) = run(repo, paths, opts, progress, true)?;
+    Ok(DryRunResult { snapshot, warnings })
+}
+
+/// A backup, or with `dry` a dry run (then no snapshot id).
+fn run<P: AsRef<Path>>(
+    repo: &Repository,
+    paths: &[P],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+    dry: bool,
+) -> Result<(Snapshot, Option<SnapshotId>, Vec<String>), BackupError> {
     let started = Instant::now();
     let time = chrono::Local::now().fixed_offset();
     if paths.is_empty() {
@@ -136,7 +171,7 @@ pub fn backup<P: AsRef<Path>>(
     abs.dedup();
     let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     let filter = filter::Filter::new(&opts.exclude, &abs)?;
-    let lock = lock_for_backup(repo, opts)?;
+    let lock = if dry { None } else { Some(lock_for_backup(repo, opts)?) };
     let (username, machine) = crate::repo::keys::whoami();
     let hostname = opts.hostname.clone().unwrap_or(machine);
 
@@ -152,7 +187,7 @@ pub fn backup<P: AsRef<Path>>(
         None => None,
     };
 
-    let packer = Packer::new(repo, opts.uploaders);
+    let packer = if dry { Packer::dry_run(repo) } else { Packer::new(repo, opts.uploaders) };
     *progress.packer.lock().expect("progress lock") = Some(packer.stats());
     let walker = walk::Walker {
         repo,
@@ -195,11 +230,14 @@ pub fn backup<P: AsRef<Path>>(
         summary,
         program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };
+    let warnings = warnings.into_inner().expect("warnings lock");
+    let Some(lock) = lock else {
+        return Ok((snapshot, None, warnings));
+    };
     lock.check()?;
     let id = repo.save_snapshot(&snapshot)?;
     drop(lock);
-    let warnings = warnings.into_inner().expect("warnings lock");
-    Ok(BackupResult { id, snapshot, warnings })
+    Ok((snapshot, Some(id), warnings))
 }
 
 /// Takes the shared lock a backup holds from before it trusts the index

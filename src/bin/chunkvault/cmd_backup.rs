@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chunkvault::backup::{
-    backup, parse_size, patterns_from_file, BackupOptions, BackupProgress, ExcludeOptions, ParentChoice,
+    backup, dry_run, parse_size, patterns_from_file, BackupOptions, BackupProgress, ExcludeOptions, ParentChoice,
 };
 
 use crate::ctx::{human_bytes, CliError, Ctx};
@@ -55,6 +55,9 @@ pub struct BackupArgs {
     /// Do not cross into other filesystems (their mountpoints are kept, empty).
     #[arg(short = 'x', long)]
     pub one_file_system: bool,
+    /// Show what would be stored (files and bytes new or changed); write nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -116,6 +119,11 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
             shown.errors.load(Ordering::Relaxed)
         ));
     });
+    if a.dry_run {
+        let result = dry_run(&repo, &a.paths, &opts, &progress);
+        drop(bar);
+        return print_dry_run(ctx, result.map_err(CliError::from)?);
+    }
     let result = backup(&repo, &a.paths, &opts, &progress);
     drop(bar);
     let done = result.map_err(CliError::from)?;
@@ -153,4 +161,34 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
     }
     // The snapshot is written either way; a script learns it is incomplete.
     Ok(if done.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(exit::INCOMPLETE) })
+}
+
+fn print_dry_run(ctx: &Ctx, done: chunkvault::backup::DryRunResult) -> CmdResult {
+    for w in &done.warnings {
+        eprintln!("warning: {w}");
+    }
+    let s = &done.snapshot.summary;
+    if ctx.args.json {
+        ctx.print_json(&serde_json::json!({
+            "dry_run": true,
+            "parent": done.snapshot.parent,
+            "paths": done.snapshot.paths,
+            "summary": s,
+            "warnings": done.warnings,
+        }));
+    } else {
+        println!(
+            "dry run, nothing written: files: {} new, {} changed, {} unmodified; {} dirs\n\
+             would add {} ({} stored) in {} new blobs; {} total",
+            s.files_new,
+            s.files_changed,
+            s.files_unmodified,
+            s.dirs,
+            human_bytes(s.bytes_new),
+            human_bytes(s.bytes_stored),
+            s.blobs_new,
+            human_bytes(s.total_bytes),
+        );
+    }
+    Ok(if done.warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(exit::INCOMPLETE) })
 }
