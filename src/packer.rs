@@ -29,9 +29,13 @@ pub const PACKS_PER_SEGMENT: usize = 256;
 /// Counters of what a packer wrote.
 #[derive(Debug, Default)]
 pub struct PackerStats {
+    /// Blobs stored (not already in the repository).
     pub blobs_new: AtomicU64,
+    /// Their bytes before compression and encryption.
     pub bytes_new: AtomicU64,
+    /// Their bytes as stored.
     pub bytes_stored: AtomicU64,
+    /// Packs written.
     pub packs: AtomicU64,
 }
 

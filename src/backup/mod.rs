@@ -53,18 +53,24 @@ pub enum ParentChoice {
     Auto,
     /// Read every file.
     None,
+    /// This snapshot.
     Snapshot(SnapshotId),
 }
 
 /// Options of one backup.
 #[derive(Clone, Debug, Default)]
 pub struct BackupOptions {
+    /// Tags recorded in the snapshot.
     pub tags: Vec<String>,
     /// Host name to record; the machine's by default.
     pub hostname: Option<String>,
+    /// Which snapshot unchanged files are compared with.
     pub parent: ParentChoice,
+    /// The tenant recorded in the snapshot (server backups).
     pub tenant: Option<String>,
+    /// The user recorded in the snapshot (server backups).
     pub user: Option<String>,
+    /// The device recorded in the snapshot (server backups).
     pub device: Option<String>,
     /// Upload threads (at least 1).
     pub uploaders: usize,
@@ -77,18 +83,24 @@ pub struct BackupOptions {
 /// Live counters a progress display polls.
 #[derive(Debug, Default)]
 pub struct BackupProgress {
+    /// Files done.
     pub files: AtomicU64,
+    /// Directories done.
     pub dirs: AtomicU64,
     /// File bytes done (read, or reused from the parent).
     pub bytes: AtomicU64,
+    /// Entries that could not be read.
     pub errors: AtomicU64,
+    /// The packer's counters (blobs and bytes stored), once it exists.
     pub packer: Mutex<Option<Arc<PackerStats>>>,
 }
 
 /// A committed backup.
 #[derive(Debug)]
 pub struct BackupResult {
+    /// The snapshot's id.
     pub id: SnapshotId,
+    /// The snapshot as written.
     pub snapshot: Snapshot,
     /// Entries that could not be read and were left out.
     pub warnings: Vec<String>,
