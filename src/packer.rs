@@ -29,9 +29,13 @@ pub const PACKS_PER_SEGMENT: usize = 256;
 /// Counters of what a packer wrote.
 #[derive(Debug, Default)]
 pub struct PackerStats {
+    /// Blobs stored (not already in the repository).
     pub blobs_new: AtomicU64,
+    /// Their bytes before compression and encryption.
     pub bytes_new: AtomicU64,
+    /// Their bytes as stored.
     pub bytes_stored: AtomicU64,
+    /// Packs written.
     pub packs: AtomicU64,
 }
 
@@ -52,6 +56,8 @@ pub struct Packer<'r> {
     error: Shared<Option<String>>,
     stats: Arc<PackerStats>,
     spare: Shared<Vec<Vec<u8>>>,
+    /// Count and seal blobs (for the sizes) but write nothing.
+    dry_run: bool,
 }
 
 /// Buffers of stored packs kept for the next packs: allocating a fresh 18 MiB
@@ -98,7 +104,17 @@ impl<'r> Packer<'r> {
             error,
             stats,
             spare,
+            dry_run: false,
         }
+    }
+
+    /// A packer that dedups, compresses and seals blobs like [`Packer::new`]
+    /// and counts them in its stats, but writes no pack and no index segment
+    /// (a backup's `--dry-run`).
+    pub fn dry_run(repo: &'r Repository) -> Self {
+        let mut packer = Packer::new(repo, 1);
+        packer.dry_run = true;
+        packer
     }
 
     /// Counters, shared so a progress display can read them.
@@ -164,6 +180,9 @@ impl<'r> Packer<'r> {
         self.stats.blobs_new.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_new.fetch_add(u64::from(raw_len), Ordering::Relaxed);
         self.stats.bytes_stored.fetch_add(stored.len() as u64, Ordering::Relaxed);
+        if self.dry_run {
+            return Ok(());
+        }
         let pack_size = self.repo.config().pack_size as usize;
         let full = {
             let mut slot = self.open[kind as usize - 1].lock().expect("pack lock");

@@ -109,20 +109,24 @@ fn insertion_in_the_middle_of_a_48_mib_file_adds_only_a_few_chunks() {
 }
 
 #[test]
-fn wrong_password_is_a_one_line_error_with_exit_1() {
+fn wrong_password_is_a_one_line_error_with_exit_12() {
     let env = Env::new();
     let out = env.cmd().env("CHUNKVAULT_PASSWORD", "not the password").args(["snapshots"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(12));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("wrong password"), "{stderr}");
+    let out = env.cmd().env("CHUNKVAULT_PASSWORD", "nope").args(["backup", "/nonexistent", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(12));
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["error"], "wrong_password");
 }
 
 #[test]
 fn missing_repository_and_bad_usage_have_distinct_exit_codes() {
     let env = Env::uninit();
     let out = env.run(&["snapshots"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(10));
     assert!(String::from_utf8_lossy(&out.stderr).contains("init"));
     assert_eq!(env.run(&["frobnicate"]).status.code(), Some(2));
     assert_eq!(env.run(&["backup"]).status.code(), Some(2));
@@ -229,7 +233,7 @@ fn key_add_list_remove() {
     assert_eq!(env.run(&["key", "remove", &own]).status.code(), Some(1));
     env.ok(&["key", "remove", &id[..12]]);
     let gone = env.cmd().env("CHUNKVAULT_PASSWORD", "second password").args(["snapshots"]).output().unwrap();
-    assert_eq!(gone.status.code(), Some(1));
+    assert_eq!(gone.status.code(), Some(12), "a removed key's password is a wrong password");
 }
 
 #[test]
@@ -291,4 +295,280 @@ fn assert_owner_only(dir: &Path) {
         files += 1;
     }
     assert!(files > 0, "{dir:?} is empty");
+}
+
+#[test]
+fn a_missing_repository_exits_10_for_every_command_that_opens_one() {
+    let env = Env::uninit();
+    let src = env.path("src");
+    fs::create_dir(&src).unwrap();
+    for args in [vec!["backup", src.to_str().unwrap()], vec!["ls", "latest"], vec!["check"], vec!["prune"]] {
+        let out = env.run(&args);
+        assert_eq!(out.status.code(), Some(10), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = env.run(&["snapshots", "--json"]);
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["error"], "no_repository");
+}
+
+#[test]
+fn a_locked_repository_exits_11() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), b"a").unwrap();
+    env.backup(&src);
+    let repo = chunkvault::repo::Repository::open(env.backend(), common::PASSWORD.as_bytes()).unwrap();
+    let exclusive = repo.lock_exclusive().unwrap();
+    for args in [vec!["backup", src.to_str().unwrap()], vec!["prune"], vec!["check"], vec!["repair", "index"]] {
+        let out = env.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(11), "{args:?}: {stderr}");
+        assert!(stderr.contains("locked"), "{args:?}: {stderr}");
+    }
+    let out = env.run(&["prune", "--json"]);
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["error"], "locked");
+    drop(exclusive);
+    // A shared lock (a backup running) keeps prune out, not another backup.
+    let shared = repo.lock_shared().unwrap();
+    assert_eq!(env.run(&["prune"]).status.code(), Some(11));
+    env.backup(&src);
+    drop(shared);
+    env.ok(&["prune"]);
+}
+
+/// A backup that could not read some of its sources writes its snapshot
+/// with what it could read, names what it left out, and exits 3. Reading
+/// `/proc/self/mem` from its start fails (EIO) for every user, root too; a
+/// mode-000 file and directory fail too when not running as root.
+#[test]
+fn a_backup_that_skipped_unreadable_files_exits_3_after_writing_its_snapshot() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("ok"), b"fine").unwrap();
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        fs::write(src.join("secret"), b"no").unwrap();
+        fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+        fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let out = env.run(&["backup", src.to_str().unwrap(), "/proc/self/mem", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings: Vec<&str> = done["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    assert!(warnings.iter().any(|w| w.starts_with("/proc/self/mem:")), "{warnings:?}");
+    assert!(stderr.contains("/proc/self/mem"), "named on stderr: {stderr}");
+    if !root {
+        assert!(warnings.iter().any(|w| w.contains("secret")), "{warnings:?}");
+        fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The snapshot is there, with the readable file and without the other.
+    let list = env.json(&["snapshots"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], done["snapshot"]);
+    let ok = format!("{}/ok", src.display());
+    assert_eq!(env.cmd().args(["cat", "latest", &ok]).output().unwrap().stdout, b"fine");
+    let mem = env.run(&["cat", "latest", "/proc/self/mem"]);
+    assert_eq!(mem.status.code(), Some(1), "not in the snapshot");
+    // Everything readable: 0.
+    env.ok(&["backup", src.join("ok").to_str().unwrap()]);
+}
+
+/// The relative paths `ls` shows below `src` in the latest snapshot.
+fn stored(env: &Env, src: &Path) -> Vec<String> {
+    let ls = env.json(&["ls", "latest", src.to_str().unwrap()]);
+    let prefix = format!("{}/", src.display());
+    let mut paths: Vec<String> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["path"].as_str().unwrap().strip_prefix(&prefix).map(String::from))
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// A small home-like tree for the exclude tests.
+fn make_home(src: &Path) {
+    for d in ["Documents/taxes", "Music", "proj/target/debug", "proj/src", ".cache/app", "fake-cache", "Photos"] {
+        fs::create_dir_all(src.join(d)).unwrap();
+    }
+    for (f, body) in [
+        ("Documents/taxes/2024.pdf", "taxes"),
+        ("Documents/notes.txt", "notes"),
+        ("Documents/build.log", "log"),
+        ("Music/song.mp3", "la la"),
+        ("proj/src/main.rs", "fn main() {}"),
+        ("proj/target/debug/app", "binary"),
+        ("proj/keep.log", "keep"),
+        (".cache/app/blob", "cached"),
+        ("fake-cache/CACHEDIR.TAG", "not the signature\n"),
+        ("fake-cache/data", "data"),
+        ("Photos/IMG_1.JPG", "jpeg"),
+        ("Photos/img_2.jpg", "jpeg"),
+    ] {
+        fs::write(src.join(f), body).unwrap();
+    }
+    fs::write(src.join(".cache/CACHEDIR.TAG"), format!("{}\n# a cache\n", chunkvault::backup::CACHEDIR_TAG.1)).unwrap();
+    fs::write(src.join("Music/big.flac"), pseudo_random(3 << 20, 5)).unwrap();
+}
+
+fn backup_with(env: &Env, src: &Path, flags: &[&str]) -> Vec<String> {
+    let mut args = vec!["backup", src.to_str().unwrap()];
+    args.extend(flags);
+    env.ok(&args);
+    stored(env, src)
+}
+
+#[test]
+fn exclude_patterns_follow_restics_semantics() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    let anchored = format!("{}/proj/target", src.display());
+    let got = backup_with(&env, &src, &["--exclude", "*.log", "--exclude", &anchored, "-e", "!keep.log"]);
+    assert!(!got.iter().any(|p| p == "Documents/build.log"), "{got:?}");
+    assert!(got.contains(&"proj/keep.log".to_string()), "re-included: {got:?}");
+    assert!(!got.iter().any(|p| p.starts_with("proj/target")), "not stored, not descended: {got:?}");
+    assert!(got.contains(&"proj/src/main.rs".to_string()), "{got:?}");
+    // An anchored pattern matches only from the root.
+    let got = backup_with(&env, &src, &["--exclude", "/proj"]);
+    assert!(got.contains(&"proj/src/main.rs".to_string()), "/proj is not {src:?}/proj: {got:?}");
+    // `**` spans directories, `*` does not.
+    let deep = format!("{}/**/*.pdf", src.display());
+    let shallow = format!("{}/*/*.txt", src.display());
+    let got = backup_with(&env, &src, &["--exclude", &deep, "--exclude", &shallow]);
+    assert!(!got.contains(&"Documents/taxes/2024.pdf".to_string()), "{got:?}");
+    assert!(!got.contains(&"Documents/notes.txt".to_string()), "{got:?}");
+    assert!(got.contains(&"Documents/taxes".to_string()), "{got:?}");
+    // A bad pattern is a usage error, before anything is written.
+    let before = env.json(&["snapshots"]).as_array().unwrap().len();
+    let out = env.run(&["backup", src.to_str().unwrap(), "--exclude", "a[b"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), before);
+}
+
+#[test]
+fn iexclude_ignores_case_and_exclude_files_are_read() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    let got = backup_with(&env, &src, &["--iexclude", "*.jpg"]);
+    assert!(!got.iter().any(|p| p.starts_with("Photos/")), "{got:?}");
+    let got = backup_with(&env, &src, &["--exclude", "*.jpg"]);
+    assert!(got.contains(&"Photos/IMG_1.JPG".to_string()) && !got.contains(&"Photos/img_2.jpg".to_string()));
+    let file = env.path("excludes.txt");
+    fs::write(&file, "# what not to keep\n\nMusic\n  target  \n").unwrap();
+    let got = backup_with(&env, &src, &["--exclude-file", file.to_str().unwrap()]);
+    assert!(!got.iter().any(|p| p.starts_with("Music")), "{got:?}");
+    assert!(!got.iter().any(|p| p.starts_with("proj/target")), "{got:?}");
+    assert!(got.contains(&"Documents/notes.txt".to_string()), "{got:?}");
+    let missing = env.run(&["backup", src.to_str().unwrap(), "--exclude-file", "/no/such/file"]);
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn exclude_caches_and_exclude_if_present_keep_the_directory_and_its_tag() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    fs::write(src.join("proj/.nobackup"), b"").unwrap();
+    let got = backup_with(&env, &src, &["--exclude-caches"]);
+    assert!(got.contains(&".cache".to_string()) && got.contains(&".cache/CACHEDIR.TAG".to_string()), "{got:?}");
+    assert!(!got.iter().any(|p| p.starts_with(".cache/app")), "{got:?}");
+    assert!(got.contains(&"fake-cache/data".to_string()), "a tag without the signature marks nothing: {got:?}");
+    let got = backup_with(&env, &src, &["--exclude-if-present", ".nobackup"]);
+    assert!(got.contains(&"proj/.nobackup".to_string()), "{got:?}");
+    assert!(!got.iter().any(|p| p.starts_with("proj/src") || p.starts_with("proj/target")), "{got:?}");
+    assert!(got.contains(&".cache/app/blob".to_string()), "{got:?}");
+    // NAME:HEADER marks only when the file starts with HEADER.
+    let got = backup_with(&env, &src, &["--exclude-if-present", "CACHEDIR.TAG:not the"]);
+    assert!(!got.contains(&"fake-cache/data".to_string()) && got.contains(&".cache/app/blob".to_string()));
+}
+
+#[test]
+fn exclude_larger_than_leaves_out_only_big_files() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    let got = backup_with(&env, &src, &["--exclude-larger-than", "1M"]);
+    assert!(!got.contains(&"Music/big.flac".to_string()), "{got:?}");
+    assert!(got.contains(&"Music/song.mp3".to_string()), "{got:?}");
+    let got = backup_with(&env, &src, &["--exclude-larger-than", "4m"]);
+    assert!(got.contains(&"Music/big.flac".to_string()), "{got:?}");
+    assert_eq!(env.run(&["backup", src.to_str().unwrap(), "--exclude-larger-than", "lots"]).status.code(), Some(2));
+}
+
+/// A tmpfs mounted inside the tree, in a private mount namespace
+/// (`unshare -m`, so nothing is left mounted); skipped with a reason where
+/// mounting is not allowed.
+#[test]
+fn one_file_system_keeps_a_mountpoint_empty() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    fs::create_dir(src.join("mnt")).unwrap();
+    let script = "mount -t tmpfs cvtest \"$1/mnt\" && echo inside > \"$1/mnt/file\" && shift && exec \"$@\"";
+    let run = |flags: &[&str]| {
+        let cmd = env.cmd();
+        let mut c = std::process::Command::new("unshare");
+        c.args(["-m", "sh", "-c", script, "sh", src.to_str().unwrap(), env!("CARGO_BIN_EXE_chunkvault"), "backup"]);
+        c.arg(&src).args(flags);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.output().unwrap()
+    };
+    let out = run(&[]);
+    if !out.status.success() {
+        eprintln!(
+            "skipped: cannot mount a second filesystem here (unshare -m + mount tmpfs): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    assert!(stored(&env, &src).contains(&"mnt/file".to_string()), "without -x the mount is backed up");
+    let out = run(&["--one-file-system"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = stored(&env, &src);
+    assert!(got.contains(&"mnt".to_string()), "the mountpoint is kept: {got:?}");
+    assert!(!got.contains(&"mnt/file".to_string()), "its contents are not: {got:?}");
+    assert!(got.contains(&"Documents/notes.txt".to_string()), "{got:?}");
+}
+
+#[test]
+fn dry_run_counts_what_would_be_stored_and_writes_nothing() {
+    let env = Env::new();
+    let src = env.path("home");
+    make_home(&src);
+    let objects = |env: &Env| {
+        let b = env.backend();
+        let types = [FileType::Pack, FileType::Index, FileType::Snapshot, FileType::Lock];
+        types.iter().flat_map(|t| b.list(*t).unwrap()).map(|(k, _)| format!("{k:?}")).collect::<Vec<_>>()
+    };
+    let empty = objects(&env);
+    let dry = env.json(&["backup", src.to_str().unwrap(), "--dry-run", "--exclude", "Photos"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["summary"]["files_new"], 12, "{dry}");
+    assert!(dry["summary"]["bytes_new"].as_u64().unwrap() > 3 << 20, "{dry}");
+    assert_eq!(objects(&env), empty, "a dry run writes nothing");
+    let real = env.json(&["backup", src.to_str().unwrap(), "--exclude", "Photos"]);
+    assert_eq!(real["summary"]["files_new"], dry["summary"]["files_new"]);
+    assert_eq!(real["summary"]["bytes_new"], dry["summary"]["bytes_new"]);
+    // After a change, only the changed file counts.
+    let after_backup = objects(&env);
+    fs::write(src.join("Documents/notes.txt"), "new notes").unwrap();
+    let dry = env.json(&["backup", src.to_str().unwrap(), "-n", "--exclude", "Photos"]);
+    assert_eq!(dry["summary"]["files_changed"], 1, "{dry}");
+    assert_eq!(dry["summary"]["files_unmodified"], 11, "{dry}");
+    assert_eq!(objects(&env), after_backup);
+    let text = env.ok(&["backup", src.to_str().unwrap(), "--dry-run"]);
+    assert!(text.contains("dry run, nothing written"), "{text}");
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
 }

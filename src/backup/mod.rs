@@ -8,6 +8,7 @@
 //! reuse its chunk list without being read. The snapshot is written only
 //! after [`Packer::finish`] has made every pack and index segment durable.
 
+mod filter;
 mod stream;
 mod walk;
 
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+pub use filter::{parse_size, patterns_from_file, ExcludeError, ExcludeOptions, PatternList, CACHEDIR_TAG};
 pub use stream::{backup_stream, FileTree, NamedFile};
 
 use crate::id::{BlobKind, SnapshotId};
@@ -38,6 +40,9 @@ pub enum BackupError {
     NoPaths(String),
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The exclude options cannot be used (a bad pattern).
+    #[error(transparent)]
+    Exclude(#[from] ExcludeError),
 }
 
 /// Which snapshot to compare against for unchanged files.
@@ -48,43 +53,64 @@ pub enum ParentChoice {
     Auto,
     /// Read every file.
     None,
+    /// This snapshot.
     Snapshot(SnapshotId),
 }
 
 /// Options of one backup.
 #[derive(Clone, Debug, Default)]
 pub struct BackupOptions {
+    /// Tags recorded in the snapshot.
     pub tags: Vec<String>,
     /// Host name to record; the machine's by default.
     pub hostname: Option<String>,
+    /// Which snapshot unchanged files are compared with.
     pub parent: ParentChoice,
+    /// The tenant recorded in the snapshot (server backups).
     pub tenant: Option<String>,
+    /// The user recorded in the snapshot (server backups).
     pub user: Option<String>,
+    /// The device recorded in the snapshot (server backups).
     pub device: Option<String>,
     /// Upload threads (at least 1).
     pub uploaders: usize,
     /// Timing of the shared lock the backup holds (how long to wait for a prune).
     pub lock: LockOptions,
+    /// What to leave out; excluded entries are neither stored nor descended into.
+    pub exclude: ExcludeOptions,
 }
 
 /// Live counters a progress display polls.
 #[derive(Debug, Default)]
 pub struct BackupProgress {
+    /// Files done.
     pub files: AtomicU64,
+    /// Directories done.
     pub dirs: AtomicU64,
     /// File bytes done (read, or reused from the parent).
     pub bytes: AtomicU64,
+    /// Entries that could not be read.
     pub errors: AtomicU64,
+    /// The packer's counters (blobs and bytes stored), once it exists.
     pub packer: Mutex<Option<Arc<PackerStats>>>,
 }
 
 /// A committed backup.
 #[derive(Debug)]
 pub struct BackupResult {
+    /// The snapshot's id.
     pub id: SnapshotId,
+    /// The snapshot as written.
     pub snapshot: Snapshot,
     /// Entries that could not be read and were left out.
     pub warnings: Vec<String>,
+}
+
+impl BackupResult {
+    /// True when every entry was read (no warnings): a script's "exit 0".
+    pub fn is_complete(&self) -> bool {
+        self.warnings.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -98,6 +124,16 @@ struct Counters {
     bytes_read: AtomicU64,
 }
 
+/// What a backup would store ([`dry_run`]); nothing was written.
+#[derive(Debug)]
+pub struct DryRunResult {
+    /// The snapshot that would be written; its summary counts the files and
+    /// bytes that are new or changed, and `bytes_stored` what they would take.
+    pub snapshot: Snapshot,
+    /// Entries that could not be read and would be left out.
+    pub warnings: Vec<String>,
+}
+
 /// Backs up `paths` (files or directories) into one snapshot.
 pub fn backup<P: AsRef<Path>>(
     repo: &Repository,
@@ -105,6 +141,31 @@ pub fn backup<P: AsRef<Path>>(
     opts: &BackupOptions,
     progress: &BackupProgress,
 ) -> Result<BackupResult, BackupError> {
+    let (snapshot, id, warnings) = run(repo, paths, opts, progress, false)?;
+    let id = id.expect("a backup that is not a dry run writes its snapshot");
+    Ok(BackupResult { id, snapshot, warnings })
+}
+
+/// Walks, reads, chunks, dedups and compresses like [`backup`], and writes
+/// nothing: no pack, no index segment, no snapshot, no lock.
+pub fn dry_run<P: AsRef<Path>>(
+    repo: &Repository,
+    paths: &[P],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<DryRunResult, BackupError> {
+    let (snapshot, _, warnings) = run(repo, paths, opts, progress, true)?;
+    Ok(DryRunResult { snapshot, warnings })
+}
+
+/// A backup, or with `dry` a dry run (then no snapshot id).
+fn run<P: AsRef<Path>>(
+    repo: &Repository,
+    paths: &[P],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+    dry: bool,
+) -> Result<(Snapshot, Option<SnapshotId>, Vec<String>), BackupError> {
     let started = Instant::now();
     let time = chrono::Local::now().fixed_offset();
     if paths.is_empty() {
@@ -121,7 +182,8 @@ pub fn backup<P: AsRef<Path>>(
     abs.sort();
     abs.dedup();
     let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-    let lock = lock_for_backup(repo, opts)?;
+    let filter = filter::Filter::new(&opts.exclude, &abs)?;
+    let lock = if dry { None } else { Some(lock_for_backup(repo, opts)?) };
     let (username, machine) = crate::repo::keys::whoami();
     let hostname = opts.hostname.clone().unwrap_or(machine);
 
@@ -137,12 +199,13 @@ pub fn backup<P: AsRef<Path>>(
         None => None,
     };
 
-    let packer = Packer::new(repo, opts.uploaders);
+    let packer = if dry { Packer::dry_run(repo) } else { Packer::new(repo, opts.uploaders) };
     *progress.packer.lock().expect("progress lock") = Some(packer.stats());
     let walker = walk::Walker {
         repo,
         packer: &packer,
         progress,
+        filter: &filter,
         counters: Counters::default(),
         warnings: Mutex::new(Vec::new()),
     };
@@ -179,11 +242,14 @@ pub fn backup<P: AsRef<Path>>(
         summary,
         program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };
+    let warnings = warnings.into_inner().expect("warnings lock");
+    let Some(lock) = lock else {
+        return Ok((snapshot, None, warnings));
+    };
     lock.check()?;
     let id = repo.save_snapshot(&snapshot)?;
     drop(lock);
-    let warnings = warnings.into_inner().expect("warnings lock");
-    Ok(BackupResult { id, snapshot, warnings })
+    Ok((snapshot, Some(id), warnings))
 }
 
 /// Takes the shared lock a backup holds from before it trusts the index

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use super::filter::{is_one_of, Filter, Verdict};
 use super::{save_tree, BackupError, BackupProgress, Counters};
 use crate::id::{BlobId, BlobKind};
 use crate::packer::Packer;
@@ -34,6 +35,7 @@ pub(super) struct Walker<'a, 'r> {
     pub repo: &'r Repository,
     pub packer: &'a Packer<'r>,
     pub progress: &'a BackupProgress,
+    pub filter: &'a Filter,
     pub counters: Counters,
     pub warnings: Mutex<Vec<String>>,
 }
@@ -85,7 +87,7 @@ impl<'r> Walker<'_, 'r> {
             let parent_node = parent.and_then(|t| t.find(name.as_bytes()));
             let node = match entry {
                 Entry::Real(p) => match std::fs::symlink_metadata(p) {
-                    Ok(meta) => self.backup_entry(p, name.as_bytes(), &meta, parent_node)?,
+                    Ok(meta) => self.filtered_entry(p, name.as_bytes(), &meta, parent_node)?,
                     Err(e) => {
                         self.warn(p, e);
                         None
@@ -117,6 +119,30 @@ impl<'r> Walker<'_, 'r> {
         }
     }
 
+    /// One filesystem entry, unless the filter leaves it out.
+    fn filtered_entry(
+        &self,
+        path: &Path,
+        name: &[u8],
+        meta: &Metadata,
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>, BackupError> {
+        match self.filter.verdict(path, meta) {
+            Verdict::Keep => self.backup_entry(path, name, meta, parent),
+            Verdict::Exclude => {
+                tracing::debug!("{}: excluded", path.display());
+                Ok(None)
+            }
+            Verdict::EmptyDir => {
+                tracing::debug!("{}: another filesystem, kept empty", path.display());
+                let subtree = save_tree(self.packer, Vec::new())?;
+                self.counters.dirs.fetch_add(1, Ordering::Relaxed);
+                self.progress.dirs.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(node_from_meta(name, meta, NodeKind::Dir { subtree })))
+            }
+        }
+    }
+
     /// One filesystem entry; `None` when it was skipped with a warning.
     fn backup_entry(
         &self,
@@ -133,10 +159,13 @@ impl<'r> Walker<'_, 'r> {
                     node.size = size;
                     Ok(Some(node))
                 }
-                Err(e) => {
-                    self.warn(path, e);
+                // The file could not be read: a warning. Anything else (the
+                // repository failing) ends the backup.
+                Err(BackupError::Source { source, .. }) => {
+                    self.warn(path, source);
                     Ok(None)
                 }
+                Err(e) => Err(e),
             }
         } else if ft.is_dir() {
             let parent_tree = self.parent_subtree(parent);
@@ -185,6 +214,10 @@ impl<'r> Walker<'_, 'r> {
             entries.push((e.file_name(), e));
         }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(keep) = self.filter.tagged(path, entries.iter().map(|(n, _)| n.as_os_str())) {
+            tracing::debug!("{}: tagged, only its tag files kept", path.display());
+            entries.retain(|(n, _)| is_one_of(n, &keep));
+        }
         let nodes: Vec<Option<Node>> = entries
             .par_iter()
             .map(|(name, entry)| {
@@ -200,7 +233,7 @@ impl<'r> Walker<'_, 'r> {
                     }
                 };
                 let parent_node = parent.and_then(|t| t.find(name.as_bytes()));
-                self.backup_entry(&p, name.as_bytes(), &meta, parent_node)
+                self.filtered_entry(&p, name.as_bytes(), &meta, parent_node)
             })
             .collect::<Result<_, BackupError>>()?;
         save_tree(self.packer, nodes.into_iter().flatten().collect())

@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use chunkvault::backup::{backup, BackupOptions, BackupProgress, ParentChoice};
+use chunkvault::backup::{
+    backup, dry_run, parse_size, patterns_from_file, BackupOptions, BackupProgress, ExcludeOptions, ParentChoice,
+};
 
 use crate::ctx::{human_bytes, CliError, Ctx};
-use crate::CmdResult;
+use crate::{exit, CmdResult};
 
 #[derive(clap::Args, Debug)]
 pub struct BackupArgs {
@@ -27,9 +29,66 @@ pub struct BackupArgs {
     /// Read every file, ignoring the parent snapshot.
     #[arg(long)]
     pub force: bool,
+    /// Leave out paths matching PATTERN (repeatable): `*` within a path
+    /// component, `**` across them, a leading `/` anchors at the root, a
+    /// leading `!` re-includes; the last matching pattern decides.
+    #[arg(short = 'e', long = "exclude", value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Like --exclude, ignoring case (repeatable).
+    #[arg(long = "iexclude", value_name = "PATTERN")]
+    pub iexclude: Vec<String>,
+    /// Read --exclude patterns from FILE, one a line; `#` starts a comment (repeatable).
+    #[arg(long = "exclude-file", value_name = "FILE")]
+    pub exclude_file: Vec<PathBuf>,
+    /// Read --iexclude patterns from FILE (repeatable).
+    #[arg(long = "iexclude-file", value_name = "FILE")]
+    pub iexclude_file: Vec<PathBuf>,
+    /// Leave out the contents of cache directories (marked by a CACHEDIR.TAG with the standard signature).
+    #[arg(long)]
+    pub exclude_caches: bool,
+    /// Leave out the contents of directories holding a file NAME (`NAME:HEADER`: only if it starts with HEADER).
+    #[arg(long = "exclude-if-present", value_name = "NAME[:HEADER]")]
+    pub exclude_if_present: Vec<String>,
+    /// Leave out files larger than SIZE (bytes, or with a k, m, g or t suffix).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    pub exclude_larger_than: Option<u64>,
+    /// Do not cross into other filesystems (their mountpoints are kept, empty).
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
+    /// Show what would be stored (files and bytes new or changed); write nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("{s:?}: expected a size such as 500, 100k, 2M or 1G"))
+}
+
+/// The exclude options of the flags, with the patterns of the exclude files.
+fn exclude_options(a: &BackupArgs) -> Result<ExcludeOptions, CliError> {
+    let read = |files: &[PathBuf], into: &mut Vec<String>| -> Result<(), CliError> {
+        for f in files {
+            into.extend(
+                patterns_from_file(f).map_err(|e| CliError::Usage(format!("exclude file {}: {e}", f.display())))?,
+            );
+        }
+        Ok(())
+    };
+    let mut opts = ExcludeOptions {
+        patterns: a.exclude.clone(),
+        ipatterns: a.iexclude.clone(),
+        caches: a.exclude_caches,
+        if_present: a.exclude_if_present.clone(),
+        larger_than: a.exclude_larger_than,
+        one_file_system: a.one_file_system,
+    };
+    read(&a.exclude_file, &mut opts.patterns)?;
+    read(&a.iexclude_file, &mut opts.ipatterns)?;
+    Ok(opts)
 }
 
 pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
+    let exclude = exclude_options(&a)?;
     let repo = ctx.open()?;
     let parent = if a.force {
         ParentChoice::None
@@ -44,6 +103,7 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
         parent,
         uploaders: 2,
         lock: ctx.lock_options(),
+        exclude,
         ..BackupOptions::default()
     };
     let progress = Arc::new(BackupProgress::default());
@@ -59,6 +119,11 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
             shown.errors.load(Ordering::Relaxed)
         ));
     });
+    if a.dry_run {
+        let result = dry_run(&repo, &a.paths, &opts, &progress);
+        drop(bar);
+        return print_dry_run(ctx, result.map_err(CliError::from)?);
+    }
     let result = backup(&repo, &a.paths, &opts, &progress);
     drop(bar);
     let done = result.map_err(CliError::from)?;
@@ -94,5 +159,36 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
         }
         println!("{}", done.id);
     }
-    Ok(ExitCode::SUCCESS)
+    // The snapshot is written either way; a script learns it is incomplete.
+    Ok(if done.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(exit::INCOMPLETE) })
+}
+
+fn print_dry_run(ctx: &Ctx, done: chunkvault::backup::DryRunResult) -> CmdResult {
+    for w in &done.warnings {
+        eprintln!("warning: {w}");
+    }
+    let s = &done.snapshot.summary;
+    if ctx.args.json {
+        ctx.print_json(&serde_json::json!({
+            "dry_run": true,
+            "parent": done.snapshot.parent,
+            "paths": done.snapshot.paths,
+            "summary": s,
+            "warnings": done.warnings,
+        }));
+    } else {
+        println!(
+            "dry run, nothing written: files: {} new, {} changed, {} unmodified; {} dirs\n\
+             would add {} ({} stored) in {} new blobs; {} total",
+            s.files_new,
+            s.files_changed,
+            s.files_unmodified,
+            s.dirs,
+            human_bytes(s.bytes_new),
+            human_bytes(s.bytes_stored),
+            s.blobs_new,
+            human_bytes(s.total_bytes),
+        );
+    }
+    Ok(if done.warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(exit::INCOMPLETE) })
 }

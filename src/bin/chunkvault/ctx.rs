@@ -58,20 +58,39 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The one place errors become exit codes.
+    /// The one place errors become exit codes (see [`exit`]).
     pub fn exit_code(&self) -> u8 {
-        let repo_err = match self {
+        let (repo_err, lock_err) = match self {
             CliError::Usage(_) => return exit::USAGE,
-            CliError::Repo(e) => Some(e),
-            CliError::Backup(BackupError::Repo(e)) => Some(e),
-            CliError::Restore(RestoreError::Repo(e)) => Some(e),
-            CliError::Prune(PruneError::Repo(e)) => Some(e),
+            CliError::Backup(BackupError::Exclude(_)) => return exit::USAGE,
             CliError::Prune(PruneError::Damaged(_)) => return exit::DAMAGE,
-            _ => None,
+            CliError::Repo(e)
+            | CliError::Backup(BackupError::Repo(e))
+            | CliError::Restore(RestoreError::Repo(e))
+            | CliError::Prune(PruneError::Repo(e)) => (Some(e), None),
+            CliError::Lock(e) | CliError::Backup(BackupError::Lock(e)) | CliError::Prune(PruneError::Lock(e)) => {
+                (None, Some(e))
+            }
+            _ => (None, None),
         };
-        match repo_err {
-            Some(e) if e.is_damage() => exit::DAMAGE,
+        match (repo_err, lock_err) {
+            (Some(RepoError::NotARepository(_)), _) => exit::NO_REPOSITORY,
+            (Some(RepoError::WrongPassword), _) => exit::WRONG_PASSWORD,
+            (Some(e), _) if e.is_damage() => exit::DAMAGE,
+            (_, Some(LockError::Locked(_))) => exit::LOCKED,
             _ => exit::ERROR,
+        }
+    }
+
+    /// The exit code's name in `--json` error documents.
+    pub fn kind(&self) -> &'static str {
+        match self.exit_code() {
+            exit::USAGE => "usage",
+            exit::DAMAGE => "damage",
+            exit::NO_REPOSITORY => "no_repository",
+            exit::LOCKED => "locked",
+            exit::WRONG_PASSWORD => "wrong_password",
+            _ => "error",
         }
     }
 }
@@ -135,12 +154,7 @@ impl Ctx {
 
     pub fn print_error(&self, e: &CliError) {
         if self.args.json {
-            let code = match e.exit_code() {
-                exit::DAMAGE => "damage",
-                exit::USAGE => "usage",
-                _ => "error",
-            };
-            eprintln!("{}", serde_json::json!({"error": code, "message": e.to_string()}));
+            eprintln!("{}", serde_json::json!({"error": e.kind(), "message": e.to_string()}));
         } else {
             eprintln!("chunkvault: error: {e}");
         }

@@ -107,11 +107,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit codes, as SPEC.md fixes them.
+/// Exit codes: restic's, plus the damage code SPEC.md fixes. Errors become
+/// codes only in [`CliError::exit_code`]; commands that finish with a
+/// partial result return [`DAMAGE`](exit::DAMAGE) or
+/// [`INCOMPLETE`](exit::INCOMPLETE) themselves.
 pub mod exit {
+    /// Any other error.
     pub const ERROR: u8 = 1;
+    /// Bad flags or arguments (also a bad exclude pattern or size).
     pub const USAGE: u8 = 2;
+    /// Damaged data found by `check`, or met by `restore`/`cat`.
     pub const DAMAGE: u8 = 3;
+    /// A backup left out entries it could not read; its snapshot is written.
+    /// The same number as [`DAMAGE`], as in restic: both mean "done, but
+    /// not everything is there".
+    pub const INCOMPLETE: u8 = 3;
+    /// No repository at the given location.
+    pub const NO_REPOSITORY: u8 = 10;
+    /// The repository is locked by another process.
+    pub const LOCKED: u8 = 11;
+    /// No key of the repository opens with the password.
+    pub const WRONG_PASSWORD: u8 = 12;
 }
 
 pub(crate) type CmdResult = Result<ExitCode, CliError>;
