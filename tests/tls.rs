@@ -254,3 +254,22 @@ fn sighup_reloads_the_certificate_for_new_connections_only() {
     // The connection from before the reload is still served.
     assert!(get_on(&mut kept).starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn a_stalled_handshake_is_cut_at_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("CA");
+    let (cert, key) = ca.server_pair(dir.path(), "server");
+    let server = Server::start(
+        &dir.path().join("root"),
+        &["--tls-cert", s(&cert), "--tls-key", s(&key), "--header-read-timeout-secs", "1"],
+    );
+    let addr = server.url.strip_prefix("https://").unwrap();
+    // Connect and send nothing: no ClientHello ever comes.
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let started = std::time::Instant::now();
+    let n = tcp.read(&mut [0u8; 16]).unwrap_or(0);
+    assert_eq!(n, 0, "the server closes the connection without a byte");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+}
