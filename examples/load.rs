@@ -121,6 +121,9 @@ fn device_loop(
         allow_restore_to_other_device: true,
         allow_open_in: true,
         device_id: Some(format!("load-{i}")),
+        ca_certificate: None,
+        // A load test may aim at a plain-HTTP test server on another host.
+        allow_insecure_http: true,
     };
     let mut device = Device::activate(&dir.join("state"), &managed)?;
     let data = dir.join("data");

@@ -64,5 +64,7 @@ pub mod retention;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod tree;
 mod wire;

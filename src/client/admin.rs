@@ -13,8 +13,19 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
+    /// A client of `server` trusting the platform's CA roots.
     pub fn new(server: &str, token: String) -> AdminClient {
         AdminClient { http: Http::new(server), token }
+    }
+
+    /// A client of `server` trusting the platform's roots plus the CA in
+    /// `ca_pem` (PEM, at most [`crate::tls::MAX_CA_PEM`] bytes).
+    pub fn with_ca(server: &str, token: String, ca_pem: Option<&[u8]>) -> Result<AdminClient, ClientError> {
+        let ca = match ca_pem {
+            Some(pem) => crate::tls::parse_ca_pem(pem).map_err(ClientError::Local)?,
+            None => Vec::new(),
+        };
+        Ok(AdminClient { http: Http::with_ca(server, &ca), token })
     }
 
     pub fn create_deployment_token(&self, req: &CreateDeploymentToken) -> Result<DeploymentTokenCreated, ClientError> {

@@ -46,6 +46,15 @@ pub struct ManagedConfig {
     pub allow_open_in: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
+    /// A CA certificate (PEM text) trusted besides the platform's roots, for
+    /// a server whose certificate a private CA signed; at most
+    /// [`crate::tls::MAX_CA_PEM`] bytes. Kept in the device state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<String>,
+    /// Allows a plain `http://` serverURL that is not a loopback address
+    /// (device and session tokens would cross the network in the clear).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_http: bool,
 }
 
 fn yes() -> bool {
@@ -63,12 +72,43 @@ impl ManagedConfig {
         if !(c.server_url.starts_with("http://") || c.server_url.starts_with("https://")) {
             return Err(ClientError::Local("managed config: serverURL must be an http(s) URL".into()));
         }
+        check_transport(&c.server_url, c.allow_insecure_http)?;
+        if let Some(pem) = &c.ca_certificate {
+            crate::tls::parse_ca_pem(pem.as_bytes()).map_err(|e| ClientError::Local(format!("managed config: {e}")))?;
+        }
         api::check_email(&c.user_email).map_err(ClientError::Local)?;
         if let Some(d) = &c.device_id {
             api::check_device_id(d).map_err(ClientError::Local)?;
         }
         Ok(c)
     }
+}
+
+/// Refuses a plain `http://` URL to anything but a loopback address unless
+/// `allow_insecure_http`: tokens would cross the network in the clear.
+fn check_transport(url: &str, allow_insecure_http: bool) -> Result<(), ClientError> {
+    let Some(rest) = url.strip_prefix("http://") else { return Ok(()) };
+    if allow_insecure_http || is_loopback_authority(rest) {
+        return Ok(());
+    }
+    Err(ClientError::Local(format!(
+        "refusing plain http:// to {url}: device and session tokens would cross the network unencrypted; \
+         use an https:// serverURL, or set allowInsecureHttp: true in the managed config"
+    )))
+}
+
+/// Whether the authority at the start of `rest` (what follows `http://`)
+/// is a loopback address: 127.0.0.0/8, `[::1]` or `localhost`.
+fn is_loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,6 +128,21 @@ struct LocalState {
     allow_open_in: bool,
     #[serde(default)]
     session: Option<CachedSession>,
+    /// The managed config's `caCertificate`, for every later call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_certificate: Option<String>,
+}
+
+impl LocalState {
+    /// The transport to the server, trusting the platform's roots and the
+    /// CA this device was given.
+    fn http(&self) -> Result<Http, ClientError> {
+        let ca = match &self.ca_certificate {
+            Some(pem) => crate::tls::parse_ca_pem(pem.as_bytes()).map_err(ClientError::Local)?,
+            None => Vec::new(),
+        };
+        Ok(Http::with_ca(&self.server_url, &ca))
+    }
 }
 
 /// Why the device logged out, and for a wipe what it removed.
@@ -157,7 +212,18 @@ impl Device {
     /// Activates silently from a managed config and saves the device token.
     pub fn activate(dir: &Path, managed: &ManagedConfig) -> Result<Device, ClientError> {
         let device_id = managed.device_id.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
-        let http = Http::new(&managed.server_url);
+        check_transport(&managed.server_url, managed.allow_insecure_http)?;
+        let mut state = LocalState {
+            server_url: managed.server_url.clone(),
+            email: managed.user_email.clone(),
+            device_id: device_id.clone(),
+            device_token: String::new(),
+            allow_restore_to_other_device: managed.allow_restore_to_other_device,
+            allow_open_in: managed.allow_open_in,
+            session: None,
+            ca_certificate: managed.ca_certificate.clone(),
+        };
+        let http = state.http()?;
         let resp: ActivateResponse = http.post(
             "/v1/activate",
             None,
@@ -167,15 +233,7 @@ impl Device {
                 device_id: device_id.clone(),
             },
         )?;
-        let state = LocalState {
-            server_url: managed.server_url.clone(),
-            email: managed.user_email.clone(),
-            device_id,
-            device_token: resp.device_token,
-            allow_restore_to_other_device: managed.allow_restore_to_other_device,
-            allow_open_in: managed.allow_open_in,
-            session: None,
-        };
+        state.device_token = resp.device_token;
         let device = Device { dir: dir.to_owned(), state, http, logged_out: None };
         device.save()?;
         Ok(device)
@@ -195,7 +253,7 @@ impl Device {
         };
         let state: LocalState =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
-        let http = Http::new(&state.server_url);
+        let http = state.http()?;
         Ok(Device { dir: dir.to_owned(), state, http, logged_out: None })
     }
 
@@ -563,7 +621,7 @@ mod tests {
     #[test]
     fn managed_config_keys_and_defaults() {
         let c = ManagedConfig::parse(
-            br#"{"serverURL":"http://h:1","userEmail":"a@b.c","deploymentToken":"t","allowOpenIn":false}"#,
+            br#"{"serverURL":"http://h:1","userEmail":"a@b.c","deploymentToken":"t","allowOpenIn":false,"allowInsecureHttp":true}"#,
         )
         .unwrap();
         assert_eq!(c.server_url, "http://h:1");
@@ -575,6 +633,38 @@ mod tests {
             br#"{"serverURL":"http://h","userEmail":"a@b.c","deploymentToken":"t","deviceId":"a/b"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        let cfg = |url: &str, extra: &str| {
+            ManagedConfig::parse(
+                format!(r#"{{"serverURL":"{url}","userEmail":"a@b.c","deploymentToken":"t"{extra}}}"#).as_bytes(),
+            )
+        };
+        for ok in ["http://127.0.0.1:8080", "http://127.1.2.3/x", "http://[::1]:1", "http://localhost", "https://h"] {
+            cfg(ok, "").unwrap();
+        }
+        for bad in
+            ["http://h:1", "http://10.0.0.1", "http://127.0.0.1@evil", "http://localhost.evil.com", "http://[::2]"]
+        {
+            let e = cfg(bad, "").unwrap_err().to_string();
+            assert!(e.contains("allowInsecureHttp"), "{bad}: {e}");
+        }
+        cfg("http://h:1", r#","allowInsecureHttp":true"#).unwrap();
+    }
+
+    #[test]
+    fn ca_certificate_is_checked_and_bounded() {
+        let cfg = |pem: &str| {
+            let v = serde_json::json!({"serverURL":"https://h","userEmail":"a@b.c","deploymentToken":"t","caCertificate":pem});
+            ManagedConfig::parse(&serde_json::to_vec(&v).unwrap())
+        };
+        assert!(cfg("not a pem").unwrap_err().to_string().contains("no `BEGIN CERTIFICATE`"));
+        let junk = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", "QUJD".repeat(10));
+        assert!(cfg(&junk).is_err());
+        let big = "A".repeat(crate::tls::MAX_CA_PEM + 1);
+        assert!(cfg(&big).unwrap_err().to_string().contains("more than"));
     }
 
     #[test]
@@ -601,6 +691,8 @@ mod tests {
                 deployment_token: "cvdt_x".into(),
                 allow_restore_to_other_device: r,
                 allow_open_in: !r,
+                ca_certificate: None,
+                allow_insecure_http: r,
                 device_id: id,
             };
             prop_assert_eq!(ManagedConfig::parse(&serde_json::to_vec(&c).unwrap()).unwrap(), c);

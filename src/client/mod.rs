@@ -50,14 +50,22 @@ pub struct Http {
 
 pub(crate) type Response = ureq::http::Response<ureq::Body>;
 
+/// What a transport error about an untrusted certificate tells the user to do.
+const HOW_TO_TRUST: &str = "give its CA: `caCertificate` in the managed config (device), \
+                            `--ca-cert FILE` or CHUNKVAULT_CA_CERT (admin)";
+
 impl Http {
+    /// A transport to `base` (`http://` or `https://`) trusting the
+    /// platform's CA roots.
     pub fn new(base: &str) -> Http {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build();
-        Http { agent: config.into(), base: base.trim_end_matches('/').to_owned() }
+        Http::with_ca(base, &[])
+    }
+
+    /// A transport trusting the platform's roots plus `ca` (parsed by
+    /// [`crate::tls::parse_ca_pem`]).
+    pub fn with_ca(base: &str, ca: &[ureq::tls::Certificate<'static>]) -> Http {
+        let agent = crate::tls::agent(ca, Duration::from_secs(600));
+        Http { agent, base: base.trim_end_matches('/').to_owned() }
     }
 
     fn url(&self, path: &str) -> String {
@@ -83,7 +91,7 @@ impl Http {
     }
 
     fn transport(e: ureq::Error) -> ClientError {
-        ClientError::Transport(e.to_string())
+        ClientError::Transport(crate::tls::explain(&e, HOW_TO_TRUST))
     }
 
     /// `POST path` with a JSON body, JSON answer.

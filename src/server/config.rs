@@ -46,6 +46,14 @@ pub struct ServerConfig {
     pub auth_unreachable: AuthUnreachable,
     /// The auth role's URL (edge and storage roles).
     pub upstream: Option<String>,
+    /// A CA certificate (PEM file) trusted besides the platform's roots for
+    /// calls to `upstream`, whose certificate a private CA signed.
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// The certificate chain (PEM file) to serve HTTPS with; needs
+    /// `tls_key`. Re-read with the key on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM file: PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Argon2id memory (KiB) and passes for keys of tenants created here.
     pub tenant_kdf_memory_kib: u32,
     pub tenant_kdf_iterations: u32,
@@ -85,6 +93,9 @@ impl Default for ServerConfig {
             checkin_interval_secs: 30,
             auth_unreachable: AuthUnreachable::FailClosed,
             upstream: None,
+            upstream_ca_cert: None,
+            tls_cert: None,
+            tls_key: None,
             tenant_kdf_memory_kib: 64 * 1024,
             tenant_kdf_iterations: 3,
             activation_failures_per_minute: 20,
@@ -135,6 +146,7 @@ impl ServerConfig {
         if matches!(self.role, Role::All | Role::Storage) {
             need(self.root.is_some(), "needs `root`")?;
         }
+        need(self.tls_cert.is_some() == self.tls_key.is_some(), "`tls_cert` and `tls_key` go together")?;
         need(self.session_ttl_secs > 0 && self.checkin_interval_secs > 0, "intervals must be positive")?;
         need(self.header_read_timeout_secs > 0 && self.body_read_timeout_secs > 0, "timeouts must be positive")?;
         need(
@@ -177,6 +189,13 @@ mod tests {
         .unwrap();
         limits.validate().unwrap();
         assert_eq!((limits.header_read_timeout_secs, limits.max_concurrent_uploads_per_tenant), (2, 2));
+        let half: ServerConfig = toml::from_str("root = \"/r\"\ntls_cert = \"/c.pem\"").unwrap();
+        assert!(half.validate().unwrap_err().to_string().contains("tls_key"));
+        let tls: ServerConfig = toml::from_str(
+            "root = \"/r\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nupstream_ca_cert = \"/ca.pem\"",
+        )
+        .unwrap();
+        tls.validate().unwrap();
         let zero: ServerConfig = toml::from_str("root = \"/r\"\nmax_concurrent_uploads = 0").unwrap();
         assert!(zero.validate().is_err());
     }

@@ -2,8 +2,9 @@
 //! hyper's header read timeout nor the accepted sockets.
 //!
 //! Each accepted TCP connection gets `TCP_NODELAY`, goes through an
-//! [`Accept`] step (plain TCP today; a TLS handshake slots in here, issue
-//! 12) bounded by the header timeout, and is served by hyper's HTTP/1
+//! [`Accept`] step (plain TCP, or the TLS handshake of
+//! [`super::tls::TlsTcp`]) bounded by the header timeout, and is served by
+//! hyper's HTTP/1
 //! connection with `header_read_timeout`, so a client that has not sent a
 //! request's complete headers in time is disconnected, whether it never
 //! finished its first request or idles on a kept-alive connection. Handlers
@@ -31,8 +32,8 @@ use tower::Service;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
 /// Turns an accepted TCP connection into the byte stream HTTP is spoken
-/// on. Plain TCP passes the socket through; a TLS acceptor (tokio-rustls)
-/// implements this with its handshake, and the loop stays as it is.
+/// on. Plain TCP passes the socket through; [`super::tls::TlsTcp`] does the
+/// TLS handshake (tokio-rustls).
 pub trait Accept: Send + Sync + 'static {
     /// The stream hyper reads requests from and writes responses to.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
@@ -73,8 +74,8 @@ pub async fn serve<A: Accept>(
 ) -> io::Result<()> {
     // HTTP/1 only: hyper's HTTP/2 (and the auto builder's sniffing of the
     // HTTP/2 preface) has no header read timeout, so a client could hold a
-    // connection by sending half a preface. Our clients speak HTTP/1.1; with
-    // TLS, HTTP/2 can come back through ALPN with its own keep-alive limits.
+    // connection by sending half a preface. Our clients speak HTTP/1.1, and
+    // with TLS only `http/1.1` is offered through ALPN (server/tls.rs).
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);

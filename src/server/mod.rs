@@ -10,6 +10,7 @@ pub mod listen;
 pub mod metrics;
 mod revocation;
 mod routes;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -97,7 +98,13 @@ pub struct App {
     storage: Option<StorageSide>,
     admin_token: Option<Vec<u8>>,
     metrics: Metrics,
+    /// The agent of calls to `upstream` (session key, check-in, relay):
+    /// platform roots plus `upstream_ca_cert`.
+    upstream: ureq::Agent,
 }
+
+/// What an upstream call's certificate error tells the operator to do.
+const HOW_TO_TRUST_UPSTREAM: &str = "give its CA as `upstream_ca_cert` in the server config";
 
 impl App {
     /// Builds the state a role needs. `password` wraps tenant keys (storage).
@@ -117,6 +124,7 @@ impl App {
                     .into(),
             ));
         }
+        let upstream = upstream_agent(&config)?;
         let auth = match config.role {
             Role::All | Role::Auth => {
                 let path = config.registry_path().ok_or_else(|| ServerError::Setup("no registry path".into()))?;
@@ -134,7 +142,7 @@ impl App {
                 })?;
                 let verifier = match &auth {
                     Some(a) => a.signer.verifier(),
-                    None => fetch_session_key(config.upstream.as_deref().unwrap_or_default())?,
+                    None => fetch_session_key(&upstream, config.upstream.as_deref().unwrap_or_default())?,
                 };
                 let init = InitOptions {
                     kdf: KdfParams {
@@ -159,7 +167,7 @@ impl App {
             }
             _ => None,
         };
-        Ok(App { config, auth, storage, admin_token, metrics: Metrics::default() })
+        Ok(App { config, auth, storage, admin_token, metrics: Metrics::default(), upstream })
     }
 
     fn auth(&self) -> Result<&AuthSide, HttpError> {
@@ -205,14 +213,31 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
 }
 
-fn fetch_session_key(upstream: &str) -> Result<SessionVerifier, ServerError> {
+/// The agent of calls to `upstream`: the platform's roots plus the CA in
+/// `upstream_ca_cert`, if any.
+fn upstream_agent(config: &ServerConfig) -> Result<ureq::Agent, ServerError> {
+    let ca = match &config.upstream_ca_cert {
+        Some(path) => {
+            let pem = tls::read_pem_file(path, crate::tls::MAX_CA_PEM as u64, "upstream_ca_cert")?;
+            crate::tls::parse_ca_pem(&pem)
+                .map_err(|e| ServerError::Setup(format!("upstream_ca_cert {}: {e}", path.display())))?
+        }
+        None => Vec::new(),
+    };
+    Ok(crate::tls::agent(&ca, Duration::from_secs(30)))
+}
+
+fn fetch_session_key(agent: &ureq::Agent, upstream: &str) -> Result<SessionVerifier, ServerError> {
     let url = format!("{}/v1/session-key", upstream.trim_end_matches('/'));
-    let key: crate::api::SessionKey = ureq::get(&url)
+    let mut resp = agent
+        .get(&url)
         .call()
-        .map_err(|e| ServerError::Upstream(e.to_string()))?
-        .body_mut()
-        .read_json()
-        .map_err(|e| ServerError::Upstream(e.to_string()))?;
+        .map_err(|e| ServerError::Upstream(format!("{url}: {}", crate::tls::explain(&e, HOW_TO_TRUST_UPSTREAM))))?;
+    if resp.status().as_u16() >= 400 {
+        return Err(ServerError::Upstream(format!("{url}: answered {}", resp.status())));
+    }
+    let key: crate::api::SessionKey =
+        resp.body_mut().read_json().map_err(|e| ServerError::Upstream(format!("{url}: {e}")))?;
     SessionVerifier::from_public_hex(&key.public_key).map_err(|e| ServerError::Upstream(e.to_string()))
 }
 
@@ -246,8 +271,10 @@ impl ActivationLimiter {
     }
 }
 
-/// Binds, prints `listening on http://ADDR` as the first stdout line, and
-/// serves until SIGTERM or SIGINT; in-flight requests finish first.
+/// Binds, prints `listening on http://ADDR` (`https://` with `tls_cert`)
+/// as the first stdout line, and serves until SIGTERM or SIGINT; in-flight
+/// requests finish first. With TLS, SIGHUP re-reads the certificate and key
+/// for new connections.
 pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<Vec<u8>>) -> Result<(), ServerError> {
     listen::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -268,12 +295,33 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
                 _ = int.recv() => {}
             }
         };
+        // The pair is read before binding, so a bad file stops the start.
+        let resolver = match (&app.config.tls_cert, &app.config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(tls::CertResolver::new(cert.clone(), key.clone())?)),
+            _ => None,
+        };
+        // SIGHUP would end the process by default; with TLS it reloads, and
+        // without TLS it is ignored.
+        let mut hup = signal(SignalKind::hangup())?;
+        let reloader = resolver.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match &reloader {
+                    Some(r) => match r.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate and key"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the old TLS certificate: {e}"),
+                    },
+                    None => tracing::info!("SIGHUP: nothing to reload (no TLS)"),
+                }
+            }
+        });
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         let addr = listener.local_addr()?;
         {
             use std::io::Write;
+            let scheme = if resolver.is_some() { "https" } else { "http" };
             let mut out = std::io::stdout().lock();
-            writeln!(out, "listening on http://{addr}")?;
+            writeln!(out, "listening on {scheme}://{addr}")?;
             out.flush()?;
         }
         if app.storage.as_ref().is_some_and(|s| !s.states.is_local()) {
@@ -282,7 +330,13 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         let limits =
             listen::ConnLimits { header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs) };
         let router = routes::router(app);
-        listen::serve(listener, Arc::new(listen::PlainTcp), router, limits, shutdown).await?;
+        match resolver {
+            Some(r) => {
+                let acceptor = Arc::new(tls::TlsTcp::new(tls::server_config(r)?));
+                listen::serve(listener, acceptor, router, limits, shutdown).await?
+            }
+            None => listen::serve(listener, Arc::new(listen::PlainTcp), router, limits, shutdown).await?,
+        }
         Ok(())
     })
 }

@@ -118,12 +118,17 @@ pub async fn poll_upstream(app: Arc<App>) {
             storage.states.cursor.load(Ordering::Relaxed)
         );
         let token = token.clone();
+        let agent = app.upstream.clone();
         let fetched = tokio::task::spawn_blocking(move || -> Result<CheckinResponse, String> {
-            let mut req = ureq::get(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
+            let mut req = agent.get(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
             if let Some(t) = &token {
                 req = req.header("Authorization", &format!("Bearer {t}"));
             }
-            req.call().map_err(|e| e.to_string())?.body_mut().read_json().map_err(|e| e.to_string())
+            let mut resp = req.call().map_err(|e| crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM))?;
+            if resp.status().as_u16() >= 400 {
+                return Err(format!("the auth server answered {}", resp.status()));
+            }
+            resp.body_mut().read_json().map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())

@@ -429,15 +429,19 @@ async fn relay(State(app): AppState, path: MatchedPath, headers: HeaderMap, body
     let limit = MAX_JSON_BODY;
     let bytes = read_bounded(&headers, body, limit, || api::ApiError::TooLarge(limit).into()).await?;
     let url = format!("{}{}", app.config.upstream.as_deref().unwrap_or_default().trim_end_matches('/'), path.as_str());
+    let agent = app.upstream.clone();
     blocking(move || {
-        let resp = ureq::post(&url)
+        let resp = agent
+            .post(&url)
             .config()
-            .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .header("Content-Type", "application/json")
             .send(&bytes[..])
-            .map_err(|e| HttpError::unavailable("upstream_unreachable", format!("auth server: {e}")))?;
+            .map_err(|e| {
+                let e = crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM);
+                HttpError::unavailable("upstream_unreachable", format!("auth server: {e}"))
+            })?;
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let body = resp
             .into_body()

@@ -17,6 +17,10 @@ pub struct AdminArgs {
     /// File holding the admin token (else $CHUNKVAULT_ADMIN_TOKEN).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust besides the platform's roots, for a
+    /// server whose certificate a private CA signed.
+    #[arg(long, global = true, env = "CHUNKVAULT_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -84,6 +88,24 @@ pub enum TokenCommand {
     },
 }
 
+/// Reads `--ca-cert`, refusing a file larger than a CA PEM can be.
+pub(crate) fn read_ca_cert(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let failed = |e: std::io::Error| CliError::Other(format!("reading the CA certificate {}: {e}", path.display()));
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(chunkvault::tls::MAX_CA_PEM as u64 + 1).read_to_end(&mut pem))
+        .map_err(failed)?;
+    if pem.len() > chunkvault::tls::MAX_CA_PEM {
+        return Err(CliError::Other(format!(
+            "the CA certificate {} is larger than {} bytes",
+            path.display(),
+            chunkvault::tls::MAX_CA_PEM
+        )));
+    }
+    Ok(pem)
+}
+
 /// `NAME=true|false`, with a known policy name.
 fn parse_policy(s: &str) -> Result<(String, bool), String> {
     let (name, value) = s.split_once('=').ok_or("expected NAME=true or NAME=false")?;
@@ -95,8 +117,9 @@ fn parse_policy(s: &str) -> Result<(String, bool), String> {
 pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
     let token = password_from(a.admin_token_file.as_ref(), "CHUNKVAULT_ADMIN_TOKEN", "admin token: ")?;
     let token = String::from_utf8(token).map_err(|_| CliError::Usage("the admin token is not UTF-8".into()))?;
-    let client = AdminClient::new(&a.server, token);
     let failed = |e: chunkvault::client::ClientError| CliError::Other(e.to_string());
+    let ca = a.ca_cert.as_deref().map(read_ca_cert).transpose()?;
+    let client = AdminClient::with_ca(&a.server, token, ca.as_deref()).map_err(failed)?;
     match a.command {
         AdminCommand::DeploymentToken(TokenCommand::Create {
             tenant,

@@ -44,6 +44,16 @@ pub struct ServeArgs {
     /// Argon2id passes for keys of tenants created by this server.
     #[arg(long)]
     pub tenant_kdf_iterations: Option<u32>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    /// Re-read on SIGHUP.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for calls to --upstream.
+    #[arg(long, value_name = "PEM")]
+    pub upstream_ca_cert: Option<PathBuf>,
     /// Seconds a client has to send a request's headers (default 10).
     #[arg(long)]
     pub header_read_timeout_secs: Option<u64>,
@@ -84,6 +94,9 @@ pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
     c.registry = a.registry.or(c.registry);
     c.upstream = a.upstream.or(c.upstream);
     c.admin_token_file = a.admin_token_file.or(c.admin_token_file);
+    c.tls_cert = a.tls_cert.or(c.tls_cert);
+    c.tls_key = a.tls_key.or(c.tls_key);
+    c.upstream_ca_cert = a.upstream_ca_cert.or(c.upstream_ca_cert);
     c.session_ttl_secs = a.session_ttl_secs.unwrap_or(c.session_ttl_secs);
     c.checkin_interval_secs = a.checkin_interval_secs.unwrap_or(c.checkin_interval_secs);
     c.tenant_kdf_memory_kib = a.tenant_kdf_memory_kib.unwrap_or(c.tenant_kdf_memory_kib);
