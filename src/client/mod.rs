@@ -41,6 +41,11 @@ impl ClientError {
     }
 }
 
+/// Largest JSON answer read. ureq's default (10 MiB) is less than the
+/// restore plan of a snapshot of some 40,000 files; a hostile server still
+/// cannot make the client buffer more than this.
+const MAX_JSON_RESPONSE: u64 = 512 << 20;
+
 /// A JSON-over-HTTP transport with a base URL and an optional bearer token.
 #[derive(Clone)]
 pub struct Http {
@@ -79,7 +84,13 @@ impl Http {
     }
 
     fn json<T: DeserializeOwned>(mut resp: Response) -> Result<T, ClientError> {
-        resp.body_mut().read_json().map_err(|e| ClientError::Transport(format!("response: {e}")))
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_JSON_RESPONSE)
+            .read_to_vec()
+            .map_err(|e| ClientError::Transport(format!("response: {e}")))?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Transport(format!("response: {e}")))
     }
 
     fn transport(e: ureq::Error) -> ClientError {
