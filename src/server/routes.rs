@@ -97,6 +97,13 @@ pub fn router(app: Arc<App>) -> Router {
             .route(
                 "/v1/chunks/{id}",
                 put(put_chunk)
+                    .route_layer(uploads.clone())
+                    .route_layer(middleware::from_fn_with_state(app.clone(), upload_slot)),
+            )
+            // A bundle is an upload: the same tenant slots and total limit.
+            .route(
+                "/v1/chunks/bundle",
+                post(put_bundle)
                     .route_layer(uploads)
                     .route_layer(middleware::from_fn_with_state(app.clone(), upload_slot)),
             )
@@ -516,6 +523,29 @@ async fn put_chunk(
     let data = read_bounded(&headers, body, max, too_large).await?;
     let new = blocking(move || Ok(tenant.put_chunk(id, data)?)).await?;
     Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
+}
+
+/// `POST /v1/chunks/bundle`: many chunks in one framed body
+/// (`api::parse_bundle`), each verified against its id before any is
+/// stored; only the ones the tenant lacks are stored.
+async fn put_bundle(
+    State(app): AppState,
+    Extension(owner): Extension<Owner>,
+    headers: HeaderMap,
+    body: Body,
+) -> Reply<Json<BundleResponse>> {
+    let app2 = app.clone();
+    let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
+    let max_chunk = tenant.repo().config().chunker.max_size as usize;
+    let limit = MAX_BUNDLE_BODY.max(max_chunk + BUNDLE_FRAME_HEADER);
+    let too_large = || HttpError::too_large("bundle_too_large", format!("bundles are at most {limit} bytes"));
+    let data = read_bounded(&headers, body, limit, too_large).await?;
+    blocking(move || {
+        let chunks = api::parse_bundle(&data, max_chunk)
+            .map_err(|m| HttpError::new(StatusCode::BAD_REQUEST, "bad_bundle", m))?;
+        Ok(Json(tenant.put_bundle(data, chunks)?))
+    })
+    .await
 }
 
 async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<CommitResponse>> {
