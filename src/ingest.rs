@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    BundleResponse, CommitRequest, CommitResponse, EntryKind, PlanChunk, PlanEntry, Policies, RestorePlanResponse, SnapshotInfo,
-    TreeEntry,
+    BundleResponse, CommitRequest, CommitResponse, EntryKind, PlanChunk, PlanEntry, Policies, RestorePlanResponse,
+    SnapshotInfo, TreeEntry,
 };
 use crate::backup::{BackupError, FileTree};
 use crate::id::{BlobId, BlobKind, SnapshotId};
@@ -221,10 +221,22 @@ impl Tenants {
 }
 
 enum Job {
-    Put { id: BlobId, data: Vec<u8>, reply: SyncSender<Result<(), IngestError>> },
+    Put {
+        id: BlobId,
+        data: Vec<u8>,
+        reply: SyncSender<Result<(), IngestError>>,
+    },
     /// Verified chunks of one bundle: ids and ranges into `body`.
-    PutMany { body: Vec<u8>, chunks: Vec<(BlobId, std::ops::Range<usize>)>, reply: SyncSender<Result<(), IngestError>> },
-    Commit { owner: Owner, req: Box<CommitRequest>, reply: SyncSender<Result<CommitResponse, IngestError>> },
+    PutMany {
+        body: Vec<u8>,
+        chunks: Vec<(BlobId, std::ops::Range<usize>)>,
+        reply: SyncSender<Result<(), IngestError>>,
+    },
+    Commit {
+        owner: Owner,
+        req: Box<CommitRequest>,
+        reply: SyncSender<Result<CommitResponse, IngestError>>,
+    },
 }
 
 impl Job {
@@ -743,7 +755,9 @@ impl Writer {
                 // `put_bundle` verified every id against its bytes.
                 let result = chunks
                     .par_iter()
-                    .map(|(id, r)| packer.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new)))
+                    .map(|(id, r)| {
+                        packer.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new))
+                    })
                     .collect::<Result<Vec<_>, _>>();
                 let result = match result {
                     Ok(saved) => {

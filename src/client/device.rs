@@ -651,7 +651,7 @@ fn upload_batch(http: &Http, token: &str, batch: Batch) -> Result<Sent, ClientEr
     let mut sent = Sent::default();
     for (id, data) in batch.items.iter().filter(|(id, _)| missing.contains(id)) {
         let frame = BUNDLE_FRAME_HEADER + data.len();
-        if bundles.last().is_none_or(|b| !b.is_empty() && b.len() + frame > MAX_BUNDLE_BODY) {
+        if bundles.last().map_or(true, |b| !b.is_empty() && b.len() + frame > MAX_BUNDLE_BODY) {
             bundles.push(Vec::with_capacity(MAX_BUNDLE_BODY.min(BATCH_BYTES)));
         }
         api::push_bundle_frame(bundles.last_mut().expect("a bundle"), id, data);
