@@ -338,6 +338,59 @@ pub struct MissingResponse {
     pub missing: Vec<BlobId>,
 }
 
+/// `POST /v1/chunks/bundle`: many chunks in one body, each framed
+/// `id (32) | len u32 LE | bytes`, back to back and nothing after the last.
+/// The storage node verifies every chunk against its id before it stores
+/// any, and stores only those it lacks.
+pub const BUNDLE_FRAME_HEADER: usize = 32 + 4;
+/// Largest bundle body the storage node reads (a bundle holding one chunk of
+/// the repository's maximum size is always allowed as well).
+pub const MAX_BUNDLE_BODY: usize = 8 << 20;
+
+/// The answer to a bundle upload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleResponse {
+    /// Chunks the node stored.
+    pub stored: u64,
+    /// Chunks it already had (or that appeared twice in the bundle).
+    pub deduplicated: u64,
+}
+
+/// Splits a bundle body into its chunks' ids and byte ranges; refuses a
+/// frame that runs past the end of the body, a chunk over `max_chunk`
+/// bytes and an empty bundle.
+pub fn parse_bundle(body: &[u8], max_chunk: usize) -> Result<Vec<(BlobId, std::ops::Range<usize>)>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos < body.len() {
+        let Some(header) = body.get(pos..pos + BUNDLE_FRAME_HEADER) else {
+            return Err(format!("bundle truncated in the header of chunk {}", out.len()));
+        };
+        let id = BlobId(header[..32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(header[32..].try_into().expect("4 bytes")) as usize;
+        if len > max_chunk {
+            return Err(format!("chunk {id} is {len} bytes, more than the maximum of {max_chunk}"));
+        }
+        let start = pos + BUNDLE_FRAME_HEADER;
+        if body.len() - start < len {
+            return Err(format!("bundle truncated in chunk {id}"));
+        }
+        out.push((id, start..start + len));
+        pos = start + len;
+    }
+    if out.is_empty() {
+        return Err("an empty bundle".into());
+    }
+    Ok(out)
+}
+
+/// Appends one chunk's frame to a bundle body (see [`parse_bundle`]).
+pub fn push_bundle_frame(body: &mut Vec<u8>, id: &BlobId, data: &[u8]) {
+    body.extend_from_slice(&id.0);
+    body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    body.extend_from_slice(data);
+}
+
 /// What a manifest or restore-plan entry is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -628,6 +681,20 @@ mod tests {
             tags: vec![],
             files,
         })
+    }
+
+    #[test]
+    fn bundles_round_trip_and_refuse_truncation() {
+        let mut body = Vec::new();
+        push_bundle_frame(&mut body, &BlobId([1; 32]), b"abc");
+        push_bundle_frame(&mut body, &BlobId([2; 32]), b"");
+        let parsed = parse_bundle(&body, 16).unwrap();
+        assert_eq!(parsed, vec![(BlobId([1; 32]), 36..39), (BlobId([2; 32]), 75..75)]);
+        for cut in [1, 35, 38, 40, 74] {
+            assert!(parse_bundle(&body[..cut], 16).is_err(), "cut at {cut}");
+        }
+        assert!(parse_bundle(&body, 2).is_err());
+        assert!(parse_bundle(&[], 16).is_err());
     }
 
     proptest! {

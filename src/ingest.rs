@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::{
-    CommitRequest, CommitResponse, EntryKind, PlanChunk, PlanEntry, Policies, RestorePlanResponse, SnapshotInfo,
-    TreeEntry,
+    BundleResponse, CommitRequest, CommitResponse, EntryKind, PlanChunk, PlanEntry, Policies, RestorePlanResponse,
+    SnapshotInfo, TreeEntry,
 };
 use crate::backup::{BackupError, FileTree};
 use crate::id::{BlobId, BlobKind, SnapshotId};
@@ -44,6 +44,8 @@ pub enum IngestError {
     ChunkTooLarge(usize, u32),
     #[error("chunk content does not hash to its id")]
     ChunkMismatch,
+    #[error("chunk {0} of the bundle does not hash to its id; nothing of the bundle was stored")]
+    BundleMismatch(BlobId),
     #[error("{} chunks are not stored; upload them first", .0.len())]
     MissingChunks(Vec<BlobId>),
     #[error("{0}: size does not match its chunks")]
@@ -219,15 +221,29 @@ impl Tenants {
 }
 
 enum Job {
-    Put { id: BlobId, data: Vec<u8>, reply: SyncSender<Result<(), IngestError>> },
-    Commit { owner: Owner, req: Box<CommitRequest>, reply: SyncSender<Result<CommitResponse, IngestError>> },
+    Put {
+        id: BlobId,
+        data: Vec<u8>,
+        reply: SyncSender<Result<(), IngestError>>,
+    },
+    /// Verified chunks of one bundle: ids and ranges into `body`.
+    PutMany {
+        body: Vec<u8>,
+        chunks: Vec<(BlobId, std::ops::Range<usize>)>,
+        reply: SyncSender<Result<(), IngestError>>,
+    },
+    Commit {
+        owner: Owner,
+        req: Box<CommitRequest>,
+        reply: SyncSender<Result<CommitResponse, IngestError>>,
+    },
 }
 
 impl Job {
     /// Answers a job the writer cannot take on.
     fn refuse(self, e: IngestError) {
         match self {
-            Job::Put { reply, .. } => drop(reply.send(Err(e))),
+            Job::Put { reply, .. } | Job::PutMany { reply, .. } => drop(reply.send(Err(e))),
             Job::Commit { reply, .. } => drop(reply.send(Err(e))),
         }
     }
@@ -331,6 +347,40 @@ impl Tenant {
         self.send(Job::Put { id, data, reply })?;
         rx.recv().map_err(|_| IngestError::WriterStopped)??;
         Ok(true)
+    }
+
+    /// Verifies every chunk of a bundle (`api::parse_bundle`'s ranges into
+    /// `body`) against its id and size bound, on all cores, before storing
+    /// any; then hands the ones neither the index nor the writer has to the
+    /// writer in one job. A bundle with one wrong chunk stores nothing.
+    pub fn put_bundle(
+        &self,
+        body: Vec<u8>,
+        chunks: Vec<(BlobId, std::ops::Range<usize>)>,
+    ) -> Result<BundleResponse, IngestError> {
+        use rayon::prelude::*;
+        let max = self.repo.config().chunker.max_size;
+        if let Some((_, r)) = chunks.iter().find(|(_, r)| r.len() > max as usize) {
+            return Err(IngestError::ChunkTooLarge(r.len(), max));
+        }
+        let bad = chunks.par_iter().find_any(|(id, r)| self.repo.blob_id(&body[r.clone()]) != *id);
+        if let Some((id, _)) = bad {
+            return Err(IngestError::BundleMismatch(*id));
+        }
+        let total = chunks.len() as u64;
+        let mut seen = HashSet::with_capacity(chunks.len());
+        let unique: Vec<_> = chunks.into_iter().filter(|(id, _)| seen.insert(*id)).collect();
+        let ids: Vec<BlobId> = unique.iter().map(|(id, _)| *id).collect();
+        let missing: HashSet<BlobId> = self.missing(&ids).into_iter().collect();
+        let new: Vec<_> = unique.into_iter().filter(|(id, _)| missing.contains(id)).collect();
+        let stored = new.len() as u64;
+        self.stats.chunks_deduplicated.fetch_add(total - stored, Ordering::Relaxed);
+        if !new.is_empty() {
+            let (reply, rx) = sync_channel(1);
+            self.send(Job::PutMany { body, chunks: new, reply })?;
+            rx.recv().map_err(|_| IngestError::WriterStopped)??;
+        }
+        Ok(BundleResponse { stored, deduplicated: total - stored })
     }
 
     /// Commits a snapshot of the files a device uploaded; refuses it unless
@@ -691,6 +741,36 @@ impl Writer {
                         // A failed packer is sticky: start over (under the
                         // same lock and index), forgetting what it held
                         // (devices re-upload at commit).
+                        drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
+                        self.pending.lock().expect("pending lock").clear();
+                        Err(e.into())
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Job::PutMany { body, chunks, reply } => {
+                // Sealing (compression, encryption) on all cores: the
+                // packer is shared by its callers, as in a local backup.
+                use rayon::prelude::*;
+                // `put_bundle` verified every id against its bytes.
+                let result = chunks
+                    .par_iter()
+                    .map(|(id, r)| {
+                        packer.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new))
+                    })
+                    .collect::<Result<Vec<_>, _>>();
+                let result = match result {
+                    Ok(saved) => {
+                        let mut pending = self.pending.lock().expect("pending lock");
+                        for (id, len, new) in saved {
+                            if new {
+                                pending.insert(id, len as u32);
+                                self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
                         drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
                         self.pending.lock().expect("pending lock").clear();
                         Err(e.into())

@@ -200,3 +200,24 @@ fn wipe_removes_exactly_what_restores_created() {
     assert!(left.iter().any(|p| p.ends_with("sub/deeper")), "{wipe}");
     assert!(!phone.state.exists());
 }
+
+#[test]
+fn a_restore_of_more_chunks_than_one_request_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = Server::start(&root, &[]);
+    let token = deployment_token(&server.url, "acme");
+    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let data = dir.path().join("data");
+    for d in 0..10 {
+        fs::create_dir_all(data.join(format!("d{d}"))).unwrap();
+        for f in 0..500 {
+            fs::write(data.join(format!("d{d}/f{f}")), format!("file {d}/{f}\n")).unwrap();
+        }
+    }
+    let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
+    let t = dir.path().join("T");
+    let r = phone.restore(&id, &t);
+    assert_eq!(r["files"], 5000, "{r}");
+    assert_same_tree(&data, &restored(&t, &data));
+}

@@ -583,3 +583,92 @@ fn policies_on_the_deployment_token_are_enforced_by_the_storage_node() {
     assert_eq!(laptop.state_json()["allow_restore_to_other_device"], false);
     assert!(!target.join(&data.to_str().unwrap()[1..]).exists());
 }
+
+#[test]
+fn bundle_uploads_verify_every_chunk_and_refuse_hostile_bundles_with_json_errors() {
+    use chunkvault::api::{push_bundle_frame, BUNDLE_FRAME_HEADER, MAX_BUNDLE_BODY};
+    use chunkvault::crypto::IdKey;
+    use chunkvault::id::BlobId;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let u = &server.url;
+    let dev = Dev::activate(dir.path(), u, &deployment_token(u, "acme"), "a@acme.com", "d1");
+    dev.json(&["snapshots"]);
+    let session = dev.session();
+    let s = Some(session.as_str());
+    let (status, body) = http("GET", &format!("{u}/v1/chunking"), s, None);
+    assert_eq!(status, 200);
+    let chunking: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let key = hex::decode(chunking["id_key"].as_str().unwrap()).unwrap();
+    let id_key = IdKey::from_bytes(key.try_into().unwrap());
+    let missing = |ids: &[BlobId]| -> Vec<String> {
+        let q = serde_json::json!({ "chunks": ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>() });
+        let (status, body) = http("POST", &format!("{u}/v1/chunks/missing"), s, Some(q.to_string().as_bytes()));
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["missing"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_owned()).collect()
+    };
+    let bundle_url = format!("{u}/v1/chunks/bundle");
+    let (a, b, c) = (pseudo_random(50_000, 1), pseudo_random(70_000, 2), pseudo_random(30_000, 3));
+    let (ia, ib, ic) = (id_key.blob_id(&a), id_key.blob_id(&b), id_key.blob_id(&c));
+
+    // A good bundle: both stored, then both deduplicated (a chunk twice in
+    // one bundle is stored once).
+    let mut good = Vec::new();
+    push_bundle_frame(&mut good, &ia, &a);
+    push_bundle_frame(&mut good, &ib, &b);
+    push_bundle_frame(&mut good, &ia, &a);
+    let (status, body) = http("POST", &bundle_url, s, Some(&good));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((v["stored"].as_u64(), v["deduplicated"].as_u64()), (Some(2), Some(1)));
+    assert!(missing(&[ia, ib]).is_empty());
+    let (status, body) = http("POST", &bundle_url, s, Some(&good));
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((v["stored"].as_u64(), v["deduplicated"].as_u64()), (Some(0), Some(3)));
+
+    // One chunk under a wrong id: nothing of the bundle is stored, neither
+    // the good chunk nor the bytes under the id they were sent with.
+    let (x, ix) = (pseudo_random(40_000, 4), id_key.blob_id(&pseudo_random(40_000, 5)));
+    let mut wrong = Vec::new();
+    push_bundle_frame(&mut wrong, &ic, &c);
+    push_bundle_frame(&mut wrong, &ix, &x);
+    let (status, body) = http("POST", &bundle_url, s, Some(&wrong));
+    assert_eq!((status, code(&body).as_str()), (400, "chunk_mismatch"));
+    assert_eq!(missing(&[ic, ix, id_key.blob_id(&x)]).len(), 3);
+
+    // Truncated: in a header, and in a chunk's bytes.
+    let mut one = Vec::new();
+    push_bundle_frame(&mut one, &ic, &c);
+    for cut in [BUNDLE_FRAME_HEADER - 1, one.len() - 1] {
+        let (status, body) = http("POST", &bundle_url, s, Some(&one[..cut]));
+        assert_eq!((status, code(&body).as_str()), (400, "bad_bundle"), "cut at {cut}");
+    }
+    let mut long_tail = one.clone();
+    long_tail.extend_from_slice(&[0; 10]);
+    let (status, body) = http("POST", &bundle_url, s, Some(&long_tail));
+    assert_eq!((status, code(&body).as_str()), (400, "bad_bundle"));
+    let (status, body) = http("POST", &bundle_url, s, Some(b""));
+    assert_eq!((status, code(&body).as_str()), (400, "bad_bundle"));
+    // A frame claiming more than a chunk may have.
+    let mut huge = ic.0.to_vec();
+    huge.extend_from_slice(&(5u32 << 20).to_le_bytes());
+    let (status, body) = http("POST", &bundle_url, s, Some(&huge));
+    assert_eq!((status, code(&body).as_str()), (400, "bad_bundle"));
+    assert_eq!(missing(&[ic]).len(), 1);
+
+    // Oversized, and without a session.
+    let (status, body) = http("POST", &bundle_url, s, Some(&vec![0u8; MAX_BUNDLE_BODY + 1]));
+    assert_eq!((status, code(&body).as_str()), (413, "bundle_too_large"));
+    let (status, body) = http("POST", &bundle_url, None, Some(&one));
+    assert_eq!((status, code(&body).as_str()), (401, "invalid_token"));
+    assert_eq!(missing(&[ic]).len(), 1);
+
+    // What a bundle stored, a snapshot can name.
+    let commit = serde_json::json!({"hostname": "h", "paths": ["/x"], "files": [
+        {"path": "x", "mode": 420, "mtime": 0, "size": a.len() + b.len(), "chunks": [ia.to_hex(), ib.to_hex()]}]});
+    let (status, body) = http("POST", &format!("{u}/v1/snapshots"), s, Some(commit.to_string().as_bytes()));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}

@@ -27,7 +27,14 @@ use crate::tree::{Node, NodeKind, Timestamp};
 /// Largest managed config accepted.
 const MAX_MANAGED_CONFIG: usize = 64 * 1024;
 /// Chunk bytes held before asking which are missing and uploading them.
-const BATCH_BYTES: usize = 32 << 20;
+const BATCH_BYTES: usize = 16 << 20;
+/// File bytes read and chunked together on all cores (smaller files are
+/// grouped up to this; a larger file is chunked alone, a window at a time).
+const GROUP_BYTES: u64 = 16 << 20;
+/// Files at least this large are mapped rather than read into a buffer.
+const MMAP_THRESHOLD: u64 = 8 << 20;
+/// Bundle uploads in flight at once (the server's per-tenant limit is 8).
+const BUNDLES_IN_FLIGHT: usize = 4;
 /// A cached session is reused while it has at least this long to live.
 const SESSION_MARGIN_SECS: i64 = 60;
 
@@ -379,8 +386,9 @@ impl Device {
             ChunkerParams { min_size: chunking.min_size, avg_size: chunking.avg_size, max_size: chunking.max_size };
         let chunker = Chunker::new(params, chunking.seed).map_err(|e| ClientError::Local(e.to_string()))?;
         let key = crate::id::parse_hex32(&chunking.id_key).map_err(|e| ClientError::Local(e.to_string()))?;
-        let mut up = Uploader::new(IdKey::from_bytes(key));
+        let id_key = IdKey::from_bytes(key);
         let mut files = Vec::new();
+        let mut todo = Vec::new();
         let mut skipped = Vec::new();
         let mut abs_paths = Vec::new();
         for p in paths {
@@ -388,9 +396,30 @@ impl Device {
             let abs: PathBuf = abs.components().filter(|c| !matches!(c, Component::CurDir)).collect();
             fs::symlink_metadata(&abs).map_err(ClientError::io(&abs))?;
             abs_paths.push(abs.to_string_lossy().into_owned());
-            self.walk(&abs, &chunker, &mut up, &mut files, &mut skipped)?;
+            walk(&abs, &mut files, &mut todo, &mut skipped)?;
         }
-        self.flush(&mut up)?;
+        // Chunk and hash on all cores while a second thread asks which
+        // chunks are missing and uploads them in bundles (one batch of
+        // chunks queued between the two).
+        let http = self.http.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Batch)>(1);
+        let (hashed, sent) = std::thread::scope(|s| {
+            let sender = s.spawn(move || {
+                let mut sent = Sent::default();
+                for (token, batch) in rx {
+                    sent.add(upload_batch(&http, &token, batch)?);
+                }
+                Ok::<Sent, ClientError>(sent)
+            });
+            let hashed = self.hash_files(&chunker, &id_key, &mut files, &todo, &tx);
+            drop(tx);
+            let sent = sender.join().unwrap_or_else(|_| Err(ClientError::Local("the upload thread panicked".into())));
+            (hashed, sent)
+        });
+        // An upload error is the cause when both failed (the hashing side
+        // then only saw the channel close).
+        let sent = self.guard(sent)?;
+        let chunks = hashed?;
         let bytes = files.iter().map(|f: &ManifestFile| f.size).sum();
         let req = CommitRequest { hostname: crate::repo::keys::hostname(), paths: abs_paths, tags: Vec::new(), files };
         let done: CommitResponse = self.post("/v1/snapshots", &req)?;
@@ -398,100 +427,98 @@ impl Device {
             id: done.id.to_hex(),
             files: done.files,
             bytes,
-            chunks: up.chunks,
-            chunks_uploaded: up.uploaded,
-            bytes_uploaded: up.bytes_uploaded,
+            chunks,
+            chunks_uploaded: sent.chunks,
+            bytes_uploaded: sent.bytes,
             skipped,
         })
     }
 
-    fn walk(
+    /// Chunks and names the files of `todo` (index into `files`, path, size
+    /// when walked) on all cores, filling in their chunk lists and sizes,
+    /// and hands batches of chunks to the uploader. Returns the number of
+    /// chunks.
+    fn hash_files(
         &mut self,
-        path: &Path,
         chunker: &Chunker,
-        up: &mut Uploader,
-        files: &mut Vec<ManifestFile>,
-        skipped: &mut Vec<String>,
-    ) -> Result<(), ClientError> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = fs::symlink_metadata(path).map_err(ClientError::io(path))?;
-        let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
-        let entry = |kind, target, size, chunks| ManifestFile {
-            kind,
-            target,
-            path: rel.clone(),
-            mode: meta.mode() & 0o7777,
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
-            size,
-            chunks,
+        id_key: &IdKey,
+        files: &mut [ManifestFile],
+        todo: &[(usize, PathBuf, u64)],
+        tx: &std::sync::mpsc::SyncSender<(String, Batch)>,
+    ) -> Result<u64, ClientError> {
+        use rayon::prelude::*;
+        let mut batch = Batch::default();
+        let mut chunks = 0u64;
+        let send = |this: &mut Self, batch: &mut Batch, force: bool| -> Result<(), ClientError> {
+            if batch.items.is_empty() || (!force && batch.bytes < BATCH_BYTES) {
+                return Ok(());
+            }
+            let token = this.session()?;
+            tx.send((token, std::mem::take(batch))).map_err(|_| ClientError::Local("the upload thread stopped".into()))
         };
-        if api::check_manifest_path(&rel).is_err() {
-            skipped.push(path.display().to_string());
-            return Ok(());
-        }
-        if meta.is_dir() {
-            files.push(entry(EntryKind::Dir, None, 0, Vec::new()));
-            let mut entries: Vec<PathBuf> = fs::read_dir(path)
-                .map_err(ClientError::io(path))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()
-                .map_err(ClientError::io(path))?;
-            entries.sort();
-            for e in entries {
-                self.walk(&e, chunker, up, files, skipped)?;
-            }
-            return Ok(());
-        }
-        if meta.file_type().is_symlink() {
-            let target = fs::read_link(path).map_err(ClientError::io(path))?;
-            match target.to_str() {
-                Some(t) if !t.is_empty() && t.len() <= api::MAX_LINK_TARGET => {
-                    files.push(entry(EntryKind::Symlink, Some(t.to_owned()), 0, Vec::new()))
+        let mut rest = todo;
+        while let Some((_, _, size)) = rest.first() {
+            if *size >= MMAP_THRESHOLD {
+                let (i, path, _) = &rest[0];
+                rest = &rest[1..];
+                let file = fs::File::open(path).map_err(ClientError::io(path))?;
+                // SAFETY: a read-only private map; a file truncated meanwhile
+                // raises SIGBUS and stops the backup, as in the CLI.
+                let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(ClientError::io(path))?;
+                let _ = map.advise(memmap2::Advice::Sequential);
+                let mut cuts = chunker.cut_points(&map).peekable();
+                let mut ids = Vec::new();
+                while cuts.peek().is_some() {
+                    let mut window = Vec::new();
+                    let mut bytes = 0;
+                    while let Some(r) = cuts.next_if(|_| bytes < GROUP_BYTES as usize) {
+                        bytes += r.len();
+                        window.push(r);
+                    }
+                    let named: Vec<BlobId> = window.par_iter().map(|r| id_key.blob_id(&map[r.clone()])).collect();
+                    for (id, r) in named.iter().zip(&window) {
+                        batch.add(*id, &map[r.clone()]);
+                    }
+                    ids.extend(named);
+                    send(self, &mut batch, false)?;
                 }
-                _ => skipped.push(path.display().to_string()),
+                chunks += ids.len() as u64;
+                files[*i].size = map.len() as u64;
+                files[*i].chunks = ids;
+                continue;
             }
-            return Ok(());
-        }
-        if !meta.is_file() {
-            skipped.push(path.display().to_string());
-            return Ok(());
-        }
-        let file = fs::File::open(path).map_err(ClientError::io(path))?;
-        let mut chunks = Vec::new();
-        let mut size = 0u64;
-        for chunk in chunker.stream(file) {
-            let chunk = chunk.map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?;
-            size += chunk.len() as u64;
-            chunks.push(up.add(chunk));
-            if up.batch_bytes >= BATCH_BYTES {
-                self.flush(up)?;
+            // Smaller files, up to GROUP_BYTES of them, read and chunked on all cores.
+            let mut n = 0;
+            let mut bytes = 0;
+            while n < rest.len() && rest[n].2 < MMAP_THRESHOLD && (n == 0 || bytes + rest[n].2 <= GROUP_BYTES) {
+                bytes += rest[n].2;
+                n += 1;
             }
-        }
-        files.push(entry(EntryKind::File, None, size, chunks));
-        Ok(())
-    }
-
-    /// Asks which batched chunks the server lacks and uploads only those.
-    fn flush(&mut self, up: &mut Uploader) -> Result<(), ClientError> {
-        if up.batch.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<BlobId> = up.batch.iter().map(|(id, _)| *id).collect();
-        let missing: MissingResponse = self.post("/v1/chunks/missing", &MissingRequest { chunks: ids })?;
-        let missing: HashSet<BlobId> = missing.missing.into_iter().collect();
-        let token = self.session()?;
-        for (id, data) in up.batch.drain(..) {
-            if missing.contains(&id) {
-                let r = self.http.put_bytes(&format!("/v1/chunks/{id}"), &token, &data);
-                self.guard(r)?;
-                up.uploaded += 1;
-                up.bytes_uploaded += data.len() as u64;
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            type Named = (Vec<u8>, Vec<(BlobId, std::ops::Range<usize>)>);
+            let done: Vec<Named> = group
+                .par_iter()
+                .map(|(_, path, size)| {
+                    use std::io::Read;
+                    let mut data = Vec::with_capacity(*size as usize);
+                    fs::File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(ClientError::io(path))?;
+                    let named = chunker.cut_points(&data).map(|r| (id_key.blob_id(&data[r.clone()]), r)).collect();
+                    Ok((data, named))
+                })
+                .collect::<Result<_, ClientError>>()?;
+            for ((i, _, _), (data, named)) in group.iter().zip(done) {
+                for (id, r) in &named {
+                    batch.add(*id, &data[r.clone()]);
+                }
+                chunks += named.len() as u64;
+                files[*i].size = data.len() as u64;
+                files[*i].chunks = named.into_iter().map(|(id, _)| id).collect();
             }
+            send(self, &mut batch, false)?;
         }
-        up.batch_ids.clear();
-        up.batch_bytes = 0;
-        Ok(())
+        send(self, &mut batch, true)?;
+        Ok(chunks)
     }
 
     /// Restores a snapshot (`latest`, an id or a unique prefix) under
@@ -577,39 +604,138 @@ fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::rest
     Ok(plan)
 }
 
-/// Chunks waiting to be checked and uploaded, and counts.
-struct Uploader {
-    id_key: IdKey,
-    batch: Vec<(BlobId, Vec<u8>)>,
-    batch_ids: HashSet<BlobId>,
-    batch_bytes: usize,
-    chunks: u64,
-    uploaded: u64,
-    bytes_uploaded: u64,
+/// Walks `path` (metadata only): every entry goes into `files` in order;
+/// regular files also into `todo` (their index, path and size), to be
+/// chunked later.
+fn walk(
+    path: &Path,
+    files: &mut Vec<ManifestFile>,
+    todo: &mut Vec<(usize, PathBuf, u64)>,
+    skipped: &mut Vec<String>,
+) -> Result<(), ClientError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path).map_err(ClientError::io(path))?;
+    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+    let entry = |kind, target| ManifestFile {
+        kind,
+        target,
+        path: rel.clone(),
+        mode: meta.mode() & 0o7777,
+        mtime: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec().clamp(0, 999_999_999) as u32,
+        size: 0,
+        chunks: Vec::new(),
+    };
+    if api::check_manifest_path(&rel).is_err() {
+        skipped.push(path.display().to_string());
+        return Ok(());
+    }
+    if meta.is_dir() {
+        files.push(entry(EntryKind::Dir, None));
+        let mut entries: Vec<PathBuf> = fs::read_dir(path)
+            .map_err(ClientError::io(path))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(ClientError::io(path))?;
+        entries.sort();
+        for e in entries {
+            walk(&e, files, todo, skipped)?;
+        }
+        return Ok(());
+    }
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(path).map_err(ClientError::io(path))?;
+        match target.to_str() {
+            Some(t) if !t.is_empty() && t.len() <= api::MAX_LINK_TARGET => {
+                files.push(entry(EntryKind::Symlink, Some(t.to_owned())))
+            }
+            _ => skipped.push(path.display().to_string()),
+        }
+        return Ok(());
+    }
+    if !meta.is_file() {
+        skipped.push(path.display().to_string());
+        return Ok(());
+    }
+    todo.push((files.len(), path.to_owned(), meta.len()));
+    files.push(entry(EntryKind::File, None));
+    Ok(())
 }
 
-impl Uploader {
-    fn new(id_key: IdKey) -> Uploader {
-        Uploader {
-            id_key,
-            batch: Vec::new(),
-            batch_ids: HashSet::new(),
-            batch_bytes: 0,
-            chunks: 0,
-            uploaded: 0,
-            bytes_uploaded: 0,
+/// Named chunks waiting to be checked and uploaded, each once.
+#[derive(Default)]
+struct Batch {
+    items: Vec<(BlobId, Vec<u8>)>,
+    ids: HashSet<BlobId>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Queues a chunk unless this batch has it already.
+    fn add(&mut self, id: BlobId, data: &[u8]) {
+        if self.ids.insert(id) {
+            self.bytes += data.len();
+            self.items.push((id, data.to_vec()));
         }
     }
+}
 
-    /// Names a chunk and queues it unless this batch has it already.
-    fn add(&mut self, chunk: Vec<u8>) -> BlobId {
-        let id = self.id_key.blob_id(&chunk);
-        self.chunks += 1;
-        if self.batch_ids.insert(id) {
-            self.batch_bytes += chunk.len();
-            self.batch.push((id, chunk));
+/// What the uploader sent.
+#[derive(Clone, Copy, Default)]
+struct Sent {
+    chunks: u64,
+    bytes: u64,
+}
+
+impl Sent {
+    fn add(&mut self, other: Sent) {
+        self.chunks += other.chunks;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Asks which chunks of a batch the server lacks (in queries of at most
+/// `MAX_MISSING_QUERY` ids) and uploads those in bundles of at most
+/// `MAX_BUNDLE_BODY` bytes, [`BUNDLES_IN_FLIGHT`] at a time.
+fn upload_batch(http: &Http, token: &str, batch: Batch) -> Result<Sent, ClientError> {
+    let ids: Vec<BlobId> = batch.items.iter().map(|(id, _)| *id).collect();
+    let mut missing = HashSet::new();
+    for part in ids.chunks(MAX_MISSING_QUERY) {
+        let answer: MissingResponse =
+            http.post("/v1/chunks/missing", Some(token), &MissingRequest { chunks: part.to_vec() })?;
+        missing.extend(answer.missing);
+    }
+    let mut bundles: Vec<Vec<u8>> = Vec::new();
+    let mut sent = Sent::default();
+    for (id, data) in batch.items.iter().filter(|(id, _)| missing.contains(id)) {
+        let frame = BUNDLE_FRAME_HEADER + data.len();
+        if bundles.last().map_or(true, |b| !b.is_empty() && b.len() + frame > MAX_BUNDLE_BODY) {
+            bundles.push(Vec::with_capacity(MAX_BUNDLE_BODY.min(BATCH_BYTES)));
         }
-        id
+        api::push_bundle_frame(bundles.last_mut().expect("a bundle"), id, data);
+        sent.chunks += 1;
+        sent.bytes += data.len() as u64;
+    }
+    drop(batch);
+    let next = std::sync::Mutex::new(bundles.iter());
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..BUNDLES_IN_FLIGHT.min(bundles.len()) {
+            s.spawn(|| loop {
+                if failed.lock().expect("error lock").is_some() {
+                    break;
+                }
+                let Some(body) = next.lock().expect("bundle lock").next() else { break };
+                if let Err(e) = http.post_bytes::<BundleResponse>("/v1/chunks/bundle", token, body) {
+                    failed.lock().expect("error lock").get_or_insert(e);
+                    break;
+                }
+            });
+        }
+    });
+    match failed.into_inner().expect("error lock") {
+        Some(e) => Err(e),
+        None => Ok(sent),
     }
 }
 
@@ -668,13 +794,12 @@ mod tests {
     }
 
     #[test]
-    fn uploader_names_and_dedups_within_a_batch() {
-        let mut up = Uploader::new(IdKey::from_bytes([1; 32]));
-        let a = up.add(b"same".to_vec());
-        let b = up.add(b"same".to_vec());
-        assert_eq!(a, b);
-        assert_eq!(a, IdKey::from_bytes([1; 32]).blob_id(b"same"));
-        assert_eq!((up.chunks, up.batch.len(), up.batch_bytes), (2, 1, 4));
+    fn batch_dedups_by_id() {
+        let mut b = Batch::default();
+        b.add(BlobId([1; 32]), b"same");
+        b.add(BlobId([1; 32]), b"same");
+        b.add(BlobId([2; 32]), b"other");
+        assert_eq!((b.items.len(), b.bytes), (2, 9));
     }
 
     proptest! {

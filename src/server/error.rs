@@ -246,7 +246,9 @@ impl From<IngestError> for HttpError {
     fn from(e: IngestError) -> Self {
         match e {
             IngestError::ChunkTooLarge(..) => HttpError::too_large("chunk_too_large", e.to_string()),
-            IngestError::ChunkMismatch => HttpError::new(StatusCode::BAD_REQUEST, "chunk_mismatch", e.to_string()),
+            IngestError::ChunkMismatch | IngestError::BundleMismatch(_) => {
+                HttpError::new(StatusCode::BAD_REQUEST, "chunk_mismatch", e.to_string())
+            }
             IngestError::MissingChunks(_) => HttpError::new(StatusCode::CONFLICT, "missing_chunks", e.to_string()),
             IngestError::SizeMismatch(_) | IngestError::Backup(_) => HttpError::bad_request(e.to_string()),
             IngestError::NotFound(_) | IngestError::Repo(RepoError::NoSuchSnapshot(_)) => {

@@ -101,6 +101,13 @@ pub fn router(app: Arc<App>) -> Router {
             .route(
                 "/v1/chunks/{id}",
                 put(put_chunk)
+                    .route_layer(uploads.clone())
+                    .route_layer(middleware::from_fn_with_state(app.clone(), upload_slot)),
+            )
+            // A bundle is an upload: the same tenant slots and total limit.
+            .route(
+                "/v1/chunks/bundle",
+                post(put_bundle)
                     .route_layer(uploads)
                     .route_layer(middleware::from_fn_with_state(app.clone(), upload_slot)),
             )
@@ -540,6 +547,29 @@ async fn put_chunk(
     Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
 }
 
+/// `POST /v1/chunks/bundle`: many chunks in one framed body
+/// (`api::parse_bundle`), each verified against its id before any is
+/// stored; only the ones the tenant lacks are stored.
+async fn put_bundle(
+    State(app): AppState,
+    Extension(owner): Extension<Owner>,
+    headers: HeaderMap,
+    body: Body,
+) -> Reply<Json<BundleResponse>> {
+    let app2 = app.clone();
+    let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
+    let max_chunk = tenant.repo().config().chunker.max_size as usize;
+    let limit = MAX_BUNDLE_BODY.max(max_chunk + BUNDLE_FRAME_HEADER);
+    let too_large = || HttpError::too_large("bundle_too_large", format!("bundles are at most {limit} bytes"));
+    let data = read_bounded(&headers, body, limit, too_large).await?;
+    blocking(move || {
+        let chunks = api::parse_bundle(&data, max_chunk)
+            .map_err(|m| HttpError::new(StatusCode::BAD_REQUEST, "bad_bundle", m))?;
+        Ok(Json(tenant.put_bundle(data, chunks)?))
+    })
+    .await
+}
+
 async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<CommitResponse>> {
     let owner = app.session(&headers)?;
     let req: CommitRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
@@ -587,7 +617,8 @@ async fn restore_plan(
 async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<Response> {
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
-    let req: ChunkReadRequest = parse(&headers, body, MAX_CHUNK_READ * 70 + 1024).await?;
+    // At most 4096 quoted hex ids; the bound leaves room for whitespace.
+    let req: ChunkReadRequest = parse(&headers, body, MAX_CHUNK_READ * 128 + 1024).await?;
     let (tenant, grant) = blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
         let grant = tenant.grant_chunks(&owner, &id, req.chunks)?;
