@@ -577,7 +577,7 @@ impl Device {
 
 /// A restore plan from the storage node's answer; every path is checked
 /// again (a hostile server cannot name a path outside the target).
-fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::restore::RestoreError> {
+pub fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::restore::RestoreError> {
     let mut plan = RestorePlan::default();
     for e in &wire.entries {
         let (kind, type_bits) = match e.kind {
@@ -800,6 +800,28 @@ mod tests {
         b.add(BlobId([1; 32]), b"same");
         b.add(BlobId([2; 32]), b"other");
         assert_eq!((b.items.len(), b.bytes), (2, 9));
+    }
+
+    #[test]
+    fn a_hostile_restore_plan_cannot_leave_the_target() {
+        let entry = |path: &str| PlanEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            chunks: Vec::new(),
+            target: None,
+        };
+        for bad in ["../x", "/etc/passwd", "a/../../x", "a//b", "", "a/./b", "nul\0byte"] {
+            let wire = RestorePlanResponse { entries: vec![entry(bad)], chunks: Vec::new() };
+            assert!(plan_from_wire(&wire).is_err(), "{bad:?}");
+        }
+        let wire = RestorePlanResponse { entries: vec![entry("home/me/ok.txt")], chunks: Vec::new() };
+        assert_eq!(plan_from_wire(&wire).unwrap().files[0].rel, PathBuf::from("home/me/ok.txt"));
     }
 
     proptest! {
