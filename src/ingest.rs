@@ -725,27 +725,39 @@ impl Writer {
     }
 
     /// Stores an upload at once; queues a commit into `group`.
+    /// Records chunks the packer took (`(id, length, new)`) as pending; a
+    /// failed packer is sticky, so it is replaced (under the same lock and
+    /// index) and what it held forgotten (devices re-upload at commit).
+    fn settle_uploads<'r>(
+        &'r self,
+        packer: &mut Packer<'r>,
+        saved: Result<Vec<(BlobId, usize, bool)>, RepoError>,
+    ) -> Result<(), IngestError> {
+        match saved {
+            Ok(saved) => {
+                let mut pending = self.pending.lock().expect("pending lock");
+                for (id, len, new) in saved {
+                    if new {
+                        pending.insert(id, len as u32);
+                        self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
+                self.pending.lock().expect("pending lock").clear();
+                Err(e.into())
+            }
+        }
+    }
+
     fn handle<'r>(&'r self, packer: &mut Packer<'r>, job: Job, group: &mut Vec<Pending>) {
         match job {
             Job::Put { id, data, reply } => {
                 // `put_chunk` verified that `id` is the hash of `data`.
-                let result = match packer.save_named(BlobKind::Data, id, &data) {
-                    Ok(new) => {
-                        if new {
-                            self.pending.lock().expect("pending lock").insert(id, data.len() as u32);
-                            self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // A failed packer is sticky: start over (under the
-                        // same lock and index), forgetting what it held
-                        // (devices re-upload at commit).
-                        drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
-                        self.pending.lock().expect("pending lock").clear();
-                        Err(e.into())
-                    }
-                };
+                let saved = packer.save_named(BlobKind::Data, id, &data).map(|new| vec![(id, data.len(), new)]);
+                let result = self.settle_uploads(packer, saved);
                 let _ = reply.send(result);
             }
             Job::PutMany { body, chunks, reply } => {
@@ -753,29 +765,13 @@ impl Writer {
                 // packer is shared by its callers, as in a local backup.
                 use rayon::prelude::*;
                 // `put_bundle` verified every id against its bytes.
-                let result = chunks
+                let saved = chunks
                     .par_iter()
                     .map(|(id, r)| {
                         packer.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new))
                     })
                     .collect::<Result<Vec<_>, _>>();
-                let result = match result {
-                    Ok(saved) => {
-                        let mut pending = self.pending.lock().expect("pending lock");
-                        for (id, len, new) in saved {
-                            if new {
-                                pending.insert(id, len as u32);
-                                self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Ok(())
-                    }
-                    Err(e) => {
-                        drop(std::mem::replace(packer, Packer::new(&self.repo, 1)));
-                        self.pending.lock().expect("pending lock").clear();
-                        Err(e.into())
-                    }
-                };
+                let result = self.settle_uploads(packer, saved);
                 let _ = reply.send(result);
             }
             Job::Commit { owner, req, reply } => group.push(Pending { owner, req: *req, reply }),
