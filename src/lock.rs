@@ -12,12 +12,11 @@
 //! not refreshed for [`LockOptions::stale_after`], or when it was written on
 //! this host by a process that no longer exists.
 //!
-//! An embedder that writes data itself (the server's upload sessions) does
-//! what `backup` does: take `repo.lock_shared()`, call
-//! `repo.reload_index_if_replaced()` before trusting the index, keep the
-//! guard while it uploads, and call [`LockGuard::check`] right before it
-//! commits a snapshot. A shared lock held for a process's whole life keeps
-//! prune out for that long: take one per session instead.
+//! An embedder that writes data does not take locks itself: a
+//! [`WriteSession`](crate::repo::WriteSession) takes the lock, makes the
+//! index trustworthy under it, and checks it right before it commits. A
+//! session held for a process's whole life keeps prune out for that long:
+//! begin one per unit of work instead.
 
 use std::collections::HashSet;
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};

@@ -70,12 +70,19 @@ impl<'r> Packer<'r> {
     /// A packer with `uploaders` upload threads and at most `uploaders + 1`
     /// finished packs waiting in memory.
     pub fn new(repo: &'r Repository, uploaders: usize) -> Self {
+        Packer::with_stats(repo, uploaders, Arc::default(), false)
+    }
+
+    /// [`Packer::new`] counting into `stats` (a [`WriteSession`](crate::repo::WriteSession)
+    /// counts over every packer it makes). With `dry_run` it dedups,
+    /// compresses and seals blobs and counts them, but writes no pack and no
+    /// index segment (a backup's `--dry-run`).
+    pub(crate) fn with_stats(repo: &'r Repository, uploaders: usize, stats: Arc<PackerStats>, dry_run: bool) -> Self {
         let uploaders = uploaders.max(1);
         let (tx, rx) = sync_channel::<PackBuilder>(1);
         let rx = Arc::new(Mutex::new(rx));
         let written: Shared<Vec<PackEntries>> = Arc::default();
         let error: Shared<Option<String>> = Arc::default();
-        let stats = Arc::new(PackerStats::default());
         let spare: Shared<Vec<Vec<u8>>> = Arc::default();
         let workers = (0..uploaders)
             .map(|i| {
@@ -104,17 +111,8 @@ impl<'r> Packer<'r> {
             error,
             stats,
             spare,
-            dry_run: false,
+            dry_run,
         }
-    }
-
-    /// A packer that dedups, compresses and seals blobs like [`Packer::new`]
-    /// and counts them in its stats, but writes no pack and no index segment
-    /// (a backup's `--dry-run`).
-    pub fn dry_run(repo: &'r Repository) -> Self {
-        let mut packer = Packer::new(repo, 1);
-        packer.dry_run = true;
-        packer
     }
 
     /// Counters, shared so a progress display can read them.

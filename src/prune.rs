@@ -27,8 +27,8 @@ use crate::id::{BlobId, IndexId, PackId, SnapshotId};
 use crate::index::{IndexSegment, PackEntries};
 use crate::lock::{LockError, LockKind, LockOptions};
 use crate::pack::FRAME_HEADER_LEN;
-use crate::packer::{Packer, PACKS_PER_SEGMENT};
-use crate::repo::{RepoError, Repository};
+use crate::packer::PACKS_PER_SEGMENT;
+use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::Snapshot;
 use crate::tree::NodeKind;
 
@@ -42,6 +42,12 @@ pub enum PruneError {
     Lock(#[from] LockError),
     #[error("refusing to prune: {0} (run `chunkvault check`; `repair index` or `repair snapshots` may help)")]
     Damaged(String),
+}
+
+impl From<WriteError> for PruneError {
+    fn from(e: WriteError) -> Self {
+        e.split()
+    }
 }
 
 impl From<crate::backend::BackendError> for PruneError {
@@ -131,7 +137,7 @@ enum Fate {
 
 /// Prunes `repo`; see the module docs.
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -> Result<PruneReport, PruneError> {
-    let lock = repo.lock(LockKind::Exclusive, opts.lock)?;
+    let mut session = WriteSession::begin(repo, LockKind::Exclusive, opts.lock, 2)?;
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
 
     progress.set("loading index");
@@ -244,7 +250,6 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
 
     // 1. Repack: copy live blobs out of mostly-garbage packs, verifying each.
     let repack: Vec<PackId> = pack_ids.iter().filter(|p| fates[*p] == Fate::Repack).copied().collect();
-    let packer = Packer::new(repo, 2);
     for (i, pack) in repack.iter().enumerate() {
         progress.set(format!("repacking {}/{}", i + 1, repack.len()));
         let bytes = repo.backend().get(&ObjectKey::Pack(*pack))?;
@@ -257,11 +262,11 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
             // Open it fully (crc, tag, hash) so damage is never copied on as good.
             repo.open_frame(&b.id, entries.kind, frame, u64::from(b.offset), b.stored_len, b.raw_len)
                 .map_err(|e| PruneError::Damaged(format!("pack {pack}: {e}")))?;
-            packer.save_stored(entries.kind, b.id, b.raw_len, &frame[FRAME_HEADER_LEN..])?;
+            session.save_stored(entries.kind, b.id, b.raw_len, &frame[FRAME_HEADER_LEN..])?;
         }
     }
     progress.set("writing index");
-    let written = packer.finish()?;
+    let written = session.flush()?;
     report.packs_written = written.len() as u64;
     report.index_segments_written = written.len().div_ceil(PACKS_PER_SEGMENT) as u64;
     report.bytes_after = kept_bytes
@@ -283,7 +288,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
     // 3. and 4. Only now delete: the old segments, then the packs. A lock
     // that may have gone stale means a backup may have started meanwhile and
     // deduplicated against these packs: stop.
-    lock.check()?;
+    session.check_lock()?;
     for (i, id) in segment_ids.iter().enumerate() {
         progress.set(format!("deleting old index segments {}/{}", i + 1, segment_ids.len()));
         repo.backend().remove(&ObjectKey::Index(*id))?;
@@ -296,7 +301,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
     }
     repo.reload_index()?;
     progress.set("done");
-    drop(lock);
+    drop(session);
     Ok(report)
 }
 

@@ -10,8 +10,8 @@ use crate::id::{BlobId, BlobKind, IndexId, PackId, SnapshotId};
 use crate::index::{IndexSegment, PackEntries};
 use crate::lock::{LockError, LockKind, LockOptions};
 use crate::pack::{self, FRAME_HEADER_LEN, TRAILER_LEN};
-use crate::packer::{Packer, PACKS_PER_SEGMENT};
-use crate::repo::{RepoError, Repository};
+use crate::packer::PACKS_PER_SEGMENT;
+use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::Snapshot;
 use crate::tree::{Node, NodeKind, Tree};
 
@@ -24,6 +24,12 @@ pub enum RepairError {
     Lock(#[from] LockError),
     #[error("building a tree: {0}")]
     Tree(#[from] crate::tree::TreeError),
+}
+
+impl From<WriteError> for RepairError {
+    fn from(e: WriteError) -> Self {
+        e.split()
+    }
 }
 
 impl From<crate::backend::BackendError> for RepairError {
@@ -146,24 +152,29 @@ pub fn repair_snapshots(
     dry_run: bool,
     lock: LockOptions,
 ) -> Result<Vec<RepairedSnapshot>, RepairError> {
-    let guard = repo.lock(LockKind::Shared, lock)?;
-    repo.reload_index_if_replaced()?;
+    // A dry run takes no lock and seals new trees only to name them: it
+    // writes nothing at all.
+    let mut session =
+        if dry_run { WriteSession::dry_run(repo) } else { WriteSession::begin(repo, LockKind::Shared, lock, 1)? };
     let pack_sizes = crate::backend::pack_sizes(repo.backend().as_ref())?;
     let mut avail = Available { repo, pack_sizes, read_data, known: HashMap::new() };
-    let packer = Packer::new(repo, 1);
     let mut plans = Vec::new();
     let (snapshots, unreadable) = repo.list_snapshots_and_unreadable()?;
     for (id, snap) in snapshots {
         let mut dropped = Vec::new();
         let tree = if avail.blob(&snap.tree) && repo.load_tree(&snap.tree).is_ok() {
-            rewrite_tree(&packer, &mut avail, &snap.tree, "", &mut dropped)?
+            rewrite_tree(&session, &mut avail, &snap.tree, "", &mut dropped)?
         } else {
             // Nothing of it can be reached: keep an empty snapshot as the record.
             dropped.push("/".into());
-            packer.save(BlobKind::Tree, &Tree::new(Vec::new())?.encode())?.0
+            session.save(BlobKind::Tree, &Tree::new(Vec::new())?.encode())?.0
         };
         if !dropped.is_empty() {
-            plans.push((id, snap, tree, dropped));
+            let mut tags = snap.tags.clone();
+            if !tags.iter().any(|t| t == "repaired") {
+                tags.push("repaired".into());
+            }
+            plans.push((id, Snapshot { tree, tags, parent: Some(id), ..snap }, dropped));
         }
     }
     let unreadable = unreadable.into_iter().map(|(old, why)| RepairedSnapshot {
@@ -176,18 +187,12 @@ pub fn repair_snapshots(
     if dry_run {
         return Ok(plans
             .into_iter()
-            .map(|(old, _, _, dropped)| RepairedSnapshot {
-                old,
-                new: None,
-                unreadable: None,
-                dropped,
-                forgotten: false,
-            })
+            .map(|(old, _, dropped)| RepairedSnapshot { old, new: None, unreadable: None, dropped, forgotten: false })
             .chain(unreadable)
             .collect());
     }
-    packer.finish()?;
-    guard.check()?;
+    // Every new tree durable, the lock checked, then the new snapshots.
+    let ids = session.commit_group(plans.iter().map(|(_, snap, _)| snap))?;
     let mut out = Vec::new();
     // A manifest that cannot be read names no data: with `forget` it goes.
     for r in unreadable {
@@ -196,12 +201,8 @@ pub fn repair_snapshots(
         }
         out.push(r);
     }
-    for (old, snap, tree, dropped) in plans {
-        let mut tags = snap.tags.clone();
-        if !tags.iter().any(|t| t == "repaired") {
-            tags.push("repaired".into());
-        }
-        let new = repo.save_snapshot(&Snapshot { tree, tags, parent: Some(old), ..snap })?;
+    for ((old, _, dropped), new) in plans.into_iter().zip(ids) {
+        let new = new?;
         if forget {
             repo.backend().remove(&ObjectKey::Snapshot(old))?;
         }
@@ -213,7 +214,7 @@ pub fn repair_snapshots(
 /// Rebuilds a tree without what cannot be restored; returns its (possibly
 /// unchanged) id. New trees go through the packer (deduplicated).
 fn rewrite_tree(
-    packer: &Packer<'_>,
+    session: &WriteSession<'_>,
     avail: &mut Available<'_>,
     id: &BlobId,
     path: &str,
@@ -231,7 +232,7 @@ fn rewrite_tree(
                     dropped.push(format!("{child}/"));
                     continue;
                 }
-                let new = rewrite_tree(packer, avail, subtree, &child, dropped)?;
+                let new = rewrite_tree(session, avail, subtree, &child, dropped)?;
                 nodes.push(Node { kind: NodeKind::Dir { subtree: new }, ..node.clone() });
             }
             NodeKind::File { chunks } => {
@@ -247,5 +248,5 @@ fn rewrite_tree(
     if dropped.len() == before {
         return Ok(*id);
     }
-    Ok(packer.save(BlobKind::Tree, &Tree::new(nodes)?.encode())?.0)
+    Ok(session.save(BlobKind::Tree, &Tree::new(nodes)?.encode())?.0)
 }

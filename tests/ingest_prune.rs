@@ -13,7 +13,7 @@ use chunkvault::backend::{Backend, ObjectKey};
 use chunkvault::check::{check, CheckOptions};
 use chunkvault::crypto::KdfParams;
 use chunkvault::id::BlobId;
-use chunkvault::ingest::{IngestError, Owner, Tenant, Tenants, WriterTiming};
+use chunkvault::ingest::{IngestError, Owner, Tenant, TenantName, Tenants, WriterTiming};
 use chunkvault::lock::{list_locks, LockError, LockOptions};
 use chunkvault::prune::{prune, PruneError, PruneOptions, PruneProgress};
 use chunkvault::repo::{open_backend, InitOptions, Repository};
@@ -36,8 +36,12 @@ fn prune_with_wait(repo: &Repository, wait: Duration) -> Result<(), PruneError> 
     prune(repo, &opts, &PruneProgress::default()).map(drop)
 }
 
+fn acme() -> TenantName {
+    TenantName::new("acme").unwrap()
+}
+
 fn owner() -> Owner {
-    Owner { tenant: "acme".into(), user: "u@example.com".into(), device: "d1".into(), policies: Default::default() }
+    Owner { tenant: acme(), user: "u@example.com".into(), device: "d1".into(), policies: Default::default() }
 }
 
 /// Uploads one chunk per seed; returns their ids with their data.
@@ -97,7 +101,7 @@ fn a_writer_with_uploaded_chunks_keeps_prune_out() {
     let dir = tempfile::tempdir().unwrap();
     let timing = WriterTiming { idle: Duration::from_secs(3600), ..WriterTiming::default() };
     let node = tenants(dir.path(), timing);
-    let t = node.get("acme").unwrap();
+    let t = node.get(&acme()).unwrap();
     put(&t, &[1]);
     let other = other_handle(dir.path());
     assert!(
@@ -123,7 +127,7 @@ fn a_prune_between_sessions_never_leaves_a_snapshot_on_deleted_data() {
         ..WriterTiming::default()
     };
     let node = tenants(dir.path(), timing);
-    let t = node.get("acme").unwrap();
+    let t = node.get(&acme()).unwrap();
     let other = other_handle(dir.path());
 
     // Session 1 commits x; another device uploads y and goes away.
@@ -167,7 +171,7 @@ fn a_busy_writer_lets_a_waiting_prune_in_after_max_hold() {
     let dir = tempfile::tempdir().unwrap();
     let timing = WriterTiming { idle: Duration::from_secs(3600), max_hold: Duration::ZERO, ..WriterTiming::default() };
     let node = tenants(dir.path(), timing);
-    let t = node.get("acme").unwrap();
+    let t = node.get(&acme()).unwrap();
     let x = put(&t, &[1]);
     commit(&t, &x).unwrap();
     let other = other_handle(dir.path());

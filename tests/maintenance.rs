@@ -1,5 +1,6 @@
 //! Forget, prune, repair, stats and diff through the library, and every
-//! injected fault at every write point of backup and prune.
+//! injected fault at every write point of backup, prune and repair (each a
+//! write session).
 
 mod common;
 
@@ -114,6 +115,8 @@ fn prune_opts() -> PruneOptions {
 enum Op {
     Backup,
     Prune,
+    /// `repair snapshots --forget` of a repository that lost a pack.
+    Repair,
 }
 
 type MakeFault = fn(usize) -> Fault;
@@ -143,6 +146,9 @@ fn sweep(fx: &Fixture, op: Op) -> Vec<(&'static str, usize)> {
             let fault = make(k);
             let why = format!("{op:?} {fault:?}");
             let dir = fx.copy("sweep");
+            if let Op::Repair = op {
+                remove_one_pack_used_by_latest(&dir);
+            }
             let faulty = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::open(&dir).unwrap())));
             let repo = Repository::open(faulty.clone(), PW).unwrap();
             faulty.inject(fault.clone());
@@ -151,14 +157,21 @@ fn sweep(fx: &Fixture, op: Op) -> Vec<(&'static str, usize)> {
                 Op::Prune => {
                     prune(&repo, &prune_opts(), &PruneProgress::default()).map(|_| None).map_err(|e| e.to_string())
                 }
+                Op::Repair => repair_snapshots(&repo, false, true, false, Default::default())
+                    .map(|_| None)
+                    .map_err(|e| e.to_string()),
             };
             faulty.clear();
             drop(repo);
-            let mut expected = fx.snapshots.clone();
-            if let Ok(Some(id)) = &result {
-                expected.insert(*id);
+            if let Op::Repair = op {
+                verify_repair(&dir, &fx.snapshots, &why);
+            } else {
+                let mut expected = fx.snapshots.clone();
+                if let Ok(Some(id)) = &result {
+                    expected.insert(*id);
+                }
+                verify_with(&dir, &expected, false, &why);
             }
-            verify_with(&dir, &expected, false, &why);
             // The next operation succeeds on what the fault left.
             let repo = open(&dir);
             match op {
@@ -170,6 +183,16 @@ fn sweep(fx: &Fixture, op: Op) -> Vec<(&'static str, usize)> {
                         .unwrap_or_else(|e| panic!("{why}: next prune: {e}"));
                     let report = check(&repo, CheckOptions::default(), &Default::default()).unwrap();
                     assert!(report.problems.is_empty(), "{why}: after a clean prune: {:?}", report.problems);
+                }
+                Op::Repair => {
+                    repair_snapshots(&repo, false, true, false, Default::default())
+                        .unwrap_or_else(|e| panic!("{why}: next repair: {e}"));
+                    prune(&repo, &prune_opts(), &PruneProgress::default())
+                        .unwrap_or_else(|e| panic!("{why}: prune after repair: {e}"));
+                    let report =
+                        check(&repo, CheckOptions { read_data: true, ..Default::default() }, &Default::default())
+                            .unwrap();
+                    assert!(!report.has_damage(), "{why}: after repair and prune: {:?}", report.problems);
                 }
             }
             if result.is_ok() {
@@ -200,6 +223,48 @@ fn every_fault_at_every_write_point_of_a_backup_loses_nothing() {
     for (name, count) in fired {
         assert!(count >= 1, "{name}: no write point of backup was exercised");
     }
+}
+
+#[test]
+fn every_fault_at_every_write_point_of_a_repair_loses_nothing() {
+    let fx = Fixture::new();
+    let fired = sweep(&fx, Op::Repair);
+    eprintln!("repair fault points: {fired:?}");
+    for (name, count) in fired {
+        assert!(count >= 1, "{name}: no write point of repair was exercised");
+    }
+}
+
+/// After a `repair snapshots --forget` that may have failed anywhere: every
+/// original snapshot is still there or has a repaired copy, and no repaired
+/// copy names data that is missing or damaged.
+fn verify_repair(dir: &Path, originals: &BTreeSet<SnapshotId>, why: &str) {
+    let repo = open(dir);
+    let snaps = repo.list_snapshots().unwrap();
+    let repaired: Vec<SnapshotId> =
+        snaps.iter().filter(|(_, s)| s.tags.iter().any(|t| t == "repaired")).map(|(id, _)| *id).collect();
+    for old in originals {
+        let kept = snaps.iter().any(|(id, s)| id == old || s.parent == Some(*old));
+        assert!(kept, "{why}: snapshot {old} is gone without a repaired copy");
+    }
+    let report = check(&repo, CheckOptions { read_data: true, ..Default::default() }, &Default::default()).unwrap();
+    let bad: Vec<_> = report.damaged_files.iter().filter(|f| repaired.contains(&f.snapshot)).collect();
+    assert!(bad.is_empty(), "{why}: a repaired snapshot names missing data: {bad:?}");
+}
+
+#[test]
+fn repair_snapshots_dry_run_writes_nothing() {
+    let fx = Fixture::new();
+    let dir = fx.copy("repair-dry");
+    remove_one_pack_used_by_latest(&dir);
+    let faulty = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::open(&dir).unwrap())));
+    let repo = Repository::open(faulty.clone(), PW).unwrap();
+    let before = walk(&dir);
+    let dry = repair_snapshots(&repo, false, true, true, Default::default()).unwrap();
+    assert_eq!(dry.len(), 1, "{dry:?}");
+    assert!(!dry[0].dropped.is_empty());
+    assert_eq!(faulty.puts(), 0, "a dry run puts nothing, not even a lock or a tree pack");
+    assert_eq!(walk(&dir), before);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use chunkvault::api::{
     parse_body, CommitRequest, Policies, MAX_HOSTNAME, MAX_MANIFEST_BODY, MAX_MANIFEST_PATH, MAX_MANIFEST_PATHS,
     MAX_TAG, MAX_TAGS,
 };
-use chunkvault::ingest::{check_manifest_size, Owner};
+use chunkvault::ingest::{check_manifest_size, Owner, TenantName};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(v.paths.len() <= MAX_MANIFEST_PATHS && v.paths.iter().all(|p| p.len() <= MAX_MANIFEST_PATH));
         assert!(v.tags.len() <= MAX_TAGS && v.tags.iter().all(|t| t.len() <= MAX_TAG));
         let owner = Owner {
-            tenant: "acme".into(),
+            tenant: TenantName::new("acme").unwrap(),
             user: "a@acme.com".into(),
             device: "d".into(),
             policies: Policies::default(),

@@ -5,8 +5,9 @@
 //! parallel too, while its cut points are found sequentially. A directory's
 //! tree blob is written once all its entries are, so trees are built bottom
 //! up. Files whose size, mtime, ctime and inode match the parent snapshot
-//! reuse its chunk list without being read. The snapshot is written only
-//! after [`Packer::finish`] has made every pack and index segment durable.
+//! reuse its chunk list without being read. Everything is written through
+//! one [`WriteSession`], whose commit writes the snapshot only after every
+//! pack and index segment is durable.
 
 mod filter;
 mod stream;
@@ -18,12 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub use filter::{parse_size, patterns_from_file, ExcludeError, ExcludeOptions, PatternList, CACHEDIR_TAG};
-pub use stream::{backup_stream, FileTree, NamedFile};
+pub use stream::{backup_stream, stream_node, FileTree, NamedFile, StreamOrigin};
 
 use crate::id::{BlobKind, SnapshotId};
-use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
-use crate::packer::{Packer, PackerStats};
-use crate::repo::{RepoError, Repository};
+use crate::lock::{LockError, LockKind, LockOptions};
+use crate::packer::PackerStats;
+use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::{Snapshot, Summary};
 use crate::tree::{Tree, TreeError};
 
@@ -183,7 +184,9 @@ fn run<P: AsRef<Path>>(
     abs.dedup();
     let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     let filter = filter::Filter::new(&opts.exclude, &abs)?;
-    let lock = if dry { None } else { Some(lock_for_backup(repo, opts)?) };
+    // The shared lock is held from before the index is trusted (dedup,
+    // parent reuse) until the snapshot is written.
+    let mut session = if dry { WriteSession::dry_run(repo) } else { begin_session(repo, opts)? };
     let (username, machine) = crate::repo::keys::whoami();
     let hostname = opts.hostname.clone().unwrap_or(machine);
 
@@ -199,11 +202,11 @@ fn run<P: AsRef<Path>>(
         None => None,
     };
 
-    let packer = if dry { Packer::dry_run(repo) } else { Packer::new(repo, opts.uploaders) };
-    *progress.packer.lock().expect("progress lock") = Some(packer.stats());
+    let stats = session.stats();
+    *progress.packer.lock().expect("progress lock") = Some(stats.clone());
     let walker = walk::Walker {
         repo,
-        packer: &packer,
+        session: &session,
         progress,
         filter: &filter,
         counters: Counters::default(),
@@ -211,8 +214,7 @@ fn run<P: AsRef<Path>>(
     };
     let root = walker.backup_roots(&abs, parent_tree.as_ref())?;
     let walk::Walker { counters: c, warnings, .. } = walker;
-    let stats = packer.stats();
-    packer.finish()?;
+    session.flush()?;
 
     let summary = Summary {
         files_new: c.files_new.load(Ordering::Relaxed),
@@ -243,22 +245,13 @@ fn run<P: AsRef<Path>>(
         program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };
     let warnings = warnings.into_inner().expect("warnings lock");
-    let Some(lock) = lock else {
-        return Ok((snapshot, None, warnings));
-    };
-    lock.check()?;
-    let id = repo.save_snapshot(&snapshot)?;
-    drop(lock);
-    Ok((snapshot, Some(id), warnings))
+    let id = session.commit(&snapshot)?;
+    Ok((snapshot, id, warnings))
 }
 
-/// Takes the shared lock a backup holds from before it trusts the index
-/// (for dedup and parent reuse) until its snapshot is written, and reloads
-/// the index if a prune replaced it since the repository was opened.
-fn lock_for_backup(repo: &Repository, opts: &BackupOptions) -> Result<LockGuard, BackupError> {
-    let lock = repo.lock(LockKind::Shared, opts.lock)?;
-    repo.reload_index_if_replaced()?;
-    Ok(lock)
+/// The write session of a backup: a shared lock with the backup's timing.
+fn begin_session<'r>(repo: &'r Repository, opts: &BackupOptions) -> Result<WriteSession<'r>, BackupError> {
+    Ok(WriteSession::begin(repo, LockKind::Shared, opts.lock, opts.uploaders)?)
 }
 
 /// Removes `.` and `..` components lexically (the path is absolute).
@@ -277,7 +270,13 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 /// Stores a tree blob and returns its id.
-fn save_tree(packer: &Packer<'_>, nodes: Vec<crate::tree::Node>) -> Result<crate::id::BlobId, BackupError> {
+fn save_tree(session: &WriteSession<'_>, nodes: Vec<crate::tree::Node>) -> Result<crate::id::BlobId, BackupError> {
     let tree = Tree::new(nodes)?;
-    Ok(packer.save(BlobKind::Tree, &tree.encode())?.0)
+    Ok(session.save(BlobKind::Tree, &tree.encode())?.0)
+}
+
+impl From<WriteError> for BackupError {
+    fn from(e: WriteError) -> Self {
+        e.split()
+    }
 }

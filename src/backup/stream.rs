@@ -4,10 +4,9 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use super::{lock_for_backup, save_tree, BackupError, BackupOptions};
+use super::{begin_session, save_tree, BackupError, BackupOptions};
 use crate::id::{BlobId, BlobKind, SnapshotId};
-use crate::packer::Packer;
-use crate::repo::Repository;
+use crate::repo::{Repository, WriteSession};
 use crate::snapshot::{Snapshot, Summary};
 use crate::tree::{validate_name, Node, NodeKind, Timestamp};
 
@@ -58,27 +57,17 @@ impl FileTree {
     /// Saves every tree blob and returns the root's id; counts the
     /// directories into `summary`. Directories without metadata of their
     /// own get mode 0755 and the current time.
-    pub fn save(self, packer: &Packer<'_>, summary: &mut Summary) -> Result<BlobId, BackupError> {
+    pub fn save(self, session: &WriteSession<'_>, summary: &mut Summary) -> Result<BlobId, BackupError> {
         let mut nodes = self.files;
         let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
         for (name, mut sub) in self.dirs {
             let meta = sub.meta.take();
-            let subtree = sub.save(packer, summary)?;
+            let subtree = sub.save(session, summary)?;
             summary.dirs += 1;
-            let default = Node {
-                name: Vec::new(),
-                kind: NodeKind::Dir { subtree },
-                mode: 0o040755,
-                uid: 0,
-                gid: 0,
-                mtime: now,
-                ctime: now,
-                inode: 0,
-                size: 0,
-            };
+            let default = stream_node(NodeKind::Dir { subtree }, 0o755, now, 0);
             nodes.push(Node { name, kind: NodeKind::Dir { subtree }, ..meta.unwrap_or(default) });
         }
-        save_tree(packer, nodes)
+        save_tree(session, nodes)
     }
 }
 
@@ -91,8 +80,7 @@ pub fn backup_stream<R: Read>(
 ) -> Result<(SnapshotId, Snapshot), BackupError> {
     let started = std::time::Instant::now();
     let time = chrono::Local::now().fixed_offset();
-    let lock = lock_for_backup(repo, opts)?;
-    let packer = Packer::new(repo, opts.uploaders);
+    let mut session = begin_session(repo, opts)?;
     let mut root = FileTree::default();
     let mut summary = Summary::default();
     for file in files {
@@ -102,34 +90,22 @@ pub fn backup_stream<R: Read>(
             let chunk =
                 chunk.map_err(|e| BackupError::Source { path: file.path.clone().into(), source: chunker_io(e) })?;
             size += chunk.len() as u64;
-            chunks.push(packer.save(BlobKind::Data, &chunk)?.0);
+            chunks.push(session.save(BlobKind::Data, &chunk)?.0);
         }
         summary.files_new += 1;
         summary.total_bytes += size;
         summary.bytes_read += size;
-        let node = Node {
-            name: Vec::new(),
-            kind: NodeKind::File { chunks },
-            mode: 0o100000 | (file.mode & 0o7777),
-            uid: 0,
-            gid: 0,
-            mtime: file.mtime,
-            ctime: file.mtime,
-            inode: 0,
-            size,
-        };
-        root.insert(&file.path, node)?;
+        root.insert(&file.path, stream_node(NodeKind::File { chunks }, file.mode, file.mtime, size))?;
     }
-    let tree = root.save(&packer, &mut summary)?;
-    let stats = packer.stats();
-    packer.finish()?;
+    let tree = root.save(&session, &mut summary)?;
+    let stats = session.stats();
+    session.flush()?;
     summary.blobs_new = stats.blobs_new.load(std::sync::atomic::Ordering::Relaxed);
     summary.bytes_new = stats.bytes_new.load(std::sync::atomic::Ordering::Relaxed);
     summary.bytes_stored = stats.bytes_stored.load(std::sync::atomic::Ordering::Relaxed);
     summary.duration_secs = started.elapsed().as_secs_f64();
     let (username, machine) = crate::repo::keys::whoami();
-    let snapshot = Snapshot {
-        time,
+    let origin = StreamOrigin {
         hostname: opts.hostname.clone().unwrap_or(machine),
         username,
         tenant: opts.tenant.clone(),
@@ -137,14 +113,72 @@ pub fn backup_stream<R: Read>(
         device: opts.device.clone(),
         tags: opts.tags.clone(),
         paths: vec!["/".into()],
-        tree,
-        parent: None,
-        summary,
-        program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };
-    lock.check()?;
-    let id = repo.save_snapshot(&snapshot)?;
+    let snapshot = origin.snapshot(time, tree, summary);
+    let id = session.commit(&snapshot)?.expect("a backup session is not a dry run");
     Ok((id, snapshot))
+}
+
+/// The node of an entry that comes from a stream rather than a filesystem
+/// (a stream backup, a device's commit): no owner, no inode, ctime = mtime;
+/// the permission bits of `mode` are kept and its type bits follow `kind`
+/// (a directory's subtree is filled in when its tree is saved).
+pub fn stream_node(kind: NodeKind, mode: u32, mtime: Timestamp, size: u64) -> Node {
+    let type_bits = match kind {
+        NodeKind::File { .. } => 0o100000,
+        NodeKind::Dir { .. } => 0o040000,
+        NodeKind::Symlink { .. } => 0o120000,
+    };
+    Node {
+        name: Vec::new(),
+        kind,
+        mode: type_bits | (mode & 0o7777),
+        uid: 0,
+        gid: 0,
+        mtime,
+        ctime: mtime,
+        inode: 0,
+        size,
+    }
+}
+
+/// Who and what a stream snapshot records: a stream backup's options, or a
+/// device's commit on the storage node.
+pub struct StreamOrigin {
+    /// Host name recorded.
+    pub hostname: String,
+    /// User name recorded (the operating system's, or the device's user).
+    pub username: String,
+    /// Tenant, user and device (server backups).
+    pub tenant: Option<String>,
+    /// See `tenant`.
+    pub user: Option<String>,
+    /// See `tenant`.
+    pub device: Option<String>,
+    /// Tags recorded.
+    pub tags: Vec<String>,
+    /// Paths recorded.
+    pub paths: Vec<String>,
+}
+
+impl StreamOrigin {
+    /// The snapshot of the root tree `tree`, taken at `time` (no parent).
+    pub fn snapshot(self, time: chrono::DateTime<chrono::FixedOffset>, tree: BlobId, summary: Summary) -> Snapshot {
+        Snapshot {
+            time,
+            hostname: self.hostname,
+            username: self.username,
+            tenant: self.tenant,
+            user: self.user,
+            device: self.device,
+            tags: self.tags,
+            paths: self.paths,
+            tree,
+            parent: None,
+            summary,
+            program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
 }
 
 fn chunker_io(e: crate::chunker::ChunkerError) -> std::io::Error {

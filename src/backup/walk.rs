@@ -15,8 +15,8 @@ use rayon::prelude::*;
 use super::filter::{is_one_of, Filter, Verdict};
 use super::{save_tree, BackupError, BackupProgress, Counters};
 use crate::id::{BlobId, BlobKind};
-use crate::packer::Packer;
 use crate::repo::Repository;
+use crate::repo::WriteSession;
 use crate::tree::{Node, NodeKind, Timestamp, Tree};
 
 /// Files at least this large are memory-mapped instead of read.
@@ -33,7 +33,7 @@ thread_local! {
 
 pub(super) struct Walker<'a, 'r> {
     pub repo: &'r Repository,
-    pub packer: &'a Packer<'r>,
+    pub session: &'a WriteSession<'r>,
     pub progress: &'a BackupProgress,
     pub filter: &'a Filter,
     pub counters: Counters,
@@ -103,7 +103,7 @@ impl<'r> Walker<'_, 'r> {
             };
             nodes.extend(node);
         }
-        save_tree(self.packer, nodes)
+        save_tree(self.session, nodes)
     }
 
     fn parent_subtree(&self, node: Option<&Node>) -> Option<Tree> {
@@ -135,7 +135,7 @@ impl<'r> Walker<'_, 'r> {
             }
             Verdict::EmptyDir => {
                 tracing::debug!("{}: another filesystem, kept empty", path.display());
-                let subtree = save_tree(self.packer, Vec::new())?;
+                let subtree = save_tree(self.session, Vec::new())?;
                 self.counters.dirs.fetch_add(1, Ordering::Relaxed);
                 self.progress.dirs.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(node_from_meta(name, meta, NodeKind::Dir { subtree })))
@@ -236,7 +236,7 @@ impl<'r> Walker<'_, 'r> {
                 self.filtered_entry(&p, name.as_bytes(), &meta, parent_node)
             })
             .collect::<Result<_, BackupError>>()?;
-        save_tree(self.packer, nodes.into_iter().flatten().collect())
+        save_tree(self.session, nodes.into_iter().flatten().collect())
     }
 
     /// Returns the file's chunk list and size, reusing the parent's list when
@@ -309,7 +309,7 @@ impl<'r> Walker<'_, 'r> {
             let saved = batch
                 .par_iter()
                 .map(|r| {
-                    let id = self.packer.save(BlobKind::Data, &data[r.clone()]).map(|(id, _)| id);
+                    let id = self.session.save(BlobKind::Data, &data[r.clone()]).map(|(id, _)| id);
                     self.progress.bytes.fetch_add(r.len() as u64, Ordering::Relaxed);
                     id
                 })

@@ -7,8 +7,10 @@
 pub mod config;
 pub mod keys;
 mod read;
+mod session;
 
 pub use read::{DeliverBlob, PackBlobs};
+pub use session::{WriteError, WriteSession};
 
 use std::collections::HashSet;
 use std::path::Path;

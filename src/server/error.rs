@@ -250,7 +250,9 @@ impl From<IngestError> for HttpError {
                 HttpError::new(StatusCode::BAD_REQUEST, "chunk_mismatch", e.to_string())
             }
             IngestError::MissingChunks(_) => HttpError::new(StatusCode::CONFLICT, "missing_chunks", e.to_string()),
-            IngestError::SizeMismatch(_) | IngestError::Backup(_) => HttpError::bad_request(e.to_string()),
+            IngestError::SizeMismatch(_) | IngestError::Backup(_) | IngestError::InvalidTenant(..) => {
+                HttpError::bad_request(e.to_string())
+            }
             IngestError::NotFound(_) | IngestError::Repo(RepoError::NoSuchSnapshot(_)) => {
                 HttpError::not_found(e.to_string())
             }

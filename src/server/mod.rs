@@ -200,8 +200,9 @@ impl App {
         let claims = storage.verifier.verify(token, now)?;
         storage.states.check(&claims.device, claims.generation)?;
         self.metrics.session_seen(claims.token_id, claims.expires, now);
-        storage.tenants.session_seen(&claims.tenant, claims.token_id, claims.expires, now);
-        Ok(Owner { tenant: claims.tenant, user: claims.user, device: claims.device, policies: claims.policies })
+        let tenant = crate::ingest::TenantName::new(&claims.tenant)?;
+        storage.tenants.session_seen(&tenant, claims.token_id, claims.expires, now);
+        Ok(Owner { tenant, user: claims.user, device: claims.device, policies: claims.policies })
     }
 }
 

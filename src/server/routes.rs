@@ -30,7 +30,9 @@ use crate::auth::registry::DeploymentTokenSpec;
 use crate::auth::token::SessionClaims;
 use crate::auth::DeviceState;
 use crate::id::{BlobId, SnapshotId};
-use crate::ingest::{IngestError, Owner};
+use crate::ingest::{IngestError, Owner, ReadPlan, TenantName};
+use crate::snapshot::Snapshot;
+use crate::tree::{Node, NodeKind};
 
 type AppState = State<Arc<App>>;
 type Reply<T> = Result<T, HttpError>;
@@ -330,7 +332,7 @@ async fn create_deployment_token(
     blocking(move || {
         // The tenant's repository is created with its first deployment token.
         if let Some(storage) = &app.storage {
-            storage.tenants.get(&req.tenant)?;
+            storage.tenants.get(&TenantName::new(&req.tenant)?)?;
         }
         let now = Utc::now();
         let spec = DeploymentTokenSpec {
@@ -517,7 +519,7 @@ async fn upload_slot(State(app): AppState, mut req: Request, next: Next) -> Resp
         Err(e) => return e.into_response(),
     };
     let taken = async {
-        let slot = app.storage()?.upload_slots.take(&owner.tenant).await?;
+        let slot = app.storage()?.upload_slots.take(owner.tenant.as_str()).await?;
         Ok::<_, HttpError>((owner, slot))
     };
     match taken.await {
@@ -582,7 +584,11 @@ async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<J
 
 async fn snapshots(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<SnapshotInfo>>> {
     let owner = app.session(&headers)?;
-    blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.snapshots(&owner)?))).await
+    blocking(move || {
+        let snapshots = app.storage()?.tenants.get(&owner.tenant)?.snapshots(&owner)?;
+        Ok(Json(snapshots.into_iter().map(snapshot_info).collect()))
+    })
+    .await
 }
 
 async fn tree(
@@ -594,7 +600,11 @@ async fn tree(
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
     let path = q.get("path").cloned().unwrap_or_default();
-    blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.tree(&owner, &id, &path)?))).await
+    blocking(move || {
+        let nodes = app.storage()?.tenants.get(&owner.tenant)?.tree(&owner, &id, &path)?;
+        Ok(Json(nodes.iter().map(tree_entry).collect()))
+    })
+    .await
 }
 
 /// What a restore of a snapshot (or of some paths of it) creates, and the
@@ -608,8 +618,73 @@ async fn restore_plan(
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
     let req: RestorePlanRequest = parse(&headers, body, MAX_JSON_BODY * 16).await?;
-    blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?)))
-        .await
+    blocking(move || {
+        let plan = app.storage()?.tenants.get(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?;
+        Ok(Json(restore_plan_response(plan)))
+    })
+    .await
+}
+
+/// A snapshot as the list route shows it.
+fn snapshot_info((id, s): (SnapshotId, Snapshot)) -> SnapshotInfo {
+    SnapshotInfo {
+        id,
+        time: s.time.to_utc(),
+        device: s.device,
+        hostname: s.hostname,
+        paths: s.paths,
+        tags: s.tags,
+        files: s.summary.files_new + s.summary.files_changed + s.summary.files_unmodified,
+        bytes: s.summary.total_bytes,
+    }
+}
+
+/// A directory entry as the tree route shows it.
+fn tree_entry(n: &Node) -> TreeEntry {
+    TreeEntry {
+        name: n.name_lossy(),
+        kind: match n.kind {
+            NodeKind::File { .. } => "file",
+            NodeKind::Dir { .. } => "dir",
+            NodeKind::Symlink { .. } => "symlink",
+        }
+        .into(),
+        size: n.size,
+        mode: n.mode,
+        mtime: n.mtime.sec,
+        mtime_nsec: n.mtime.nsec,
+    }
+}
+
+/// A device's restore plan on the wire: every entry with its metadata, and
+/// every chunk once in pack order.
+fn restore_plan_response(read: ReadPlan) -> RestorePlanResponse {
+    let wire = |e: &crate::restore::PlanEntry| {
+        let n = &e.node;
+        let (kind, chunks, target) = match &n.kind {
+            NodeKind::File { chunks } => (EntryKind::File, chunks.clone(), None),
+            NodeKind::Dir { .. } => (EntryKind::Dir, Vec::new(), None),
+            NodeKind::Symlink { target } => {
+                (EntryKind::Symlink, Vec::new(), Some(String::from_utf8_lossy(target).into_owned()))
+            }
+        };
+        PlanEntry {
+            path: e.rel.to_string_lossy().into_owned(),
+            kind,
+            mode: n.mode & 0o7777,
+            uid: n.uid,
+            gid: n.gid,
+            mtime: n.mtime.sec,
+            mtime_nsec: n.mtime.nsec,
+            size: n.size,
+            chunks,
+            target,
+        }
+    };
+    let plan = &read.plan;
+    let entries = plan.dirs.iter().chain(&plan.files).chain(&plan.symlinks).map(wire).collect();
+    let chunks = read.chunks.into_iter().map(|(id, len)| PlanChunk { id, len }).collect();
+    RestorePlanResponse { entries, chunks }
 }
 
 /// Chunks of a snapshot, streamed as frames (`api::ChunkReadRequest`) as

@@ -1,0 +1,284 @@
+//! The library side of a storage node: one repository per tenant under a
+//! root, opened on demand with keys wrapped by the server's password, a
+//! long-lived writer per tenant that takes verified chunks from many
+//! concurrent uploads, and reads filtered by the owning user.
+//!
+//! The writer is one thread per tenant owning a [`Packer`]: uploads hand it
+//! chunks over a channel; a snapshot commit flushes the packer (every pack and
+//! index segment durable) and only then writes the snapshot, so a crash loses
+//! at most chunks not yet named by a committed snapshot.
+//!
+//! The writer holds the repository's shared lock only while it has work (see
+//! [`WriterTiming`] and ARCHITECTURE.md, "The storage node and prune"), so that a prune of
+//! a tenant repository gets in between sessions and never deletes data a
+//! later commit names.
+
+mod reads;
+mod tenants;
+mod writer;
+
+use std::sync::atomic::AtomicU64;
+
+use crate::api::{CommitRequest, Policies};
+use crate::backup::{BackupError, StreamOrigin};
+use crate::id::BlobId;
+use crate::lock::LockError;
+use crate::repo::{RepoError, WriteError};
+use crate::snapshot::{Snapshot, Summary, MAX_SNAPSHOT_SIZE};
+
+pub use reads::{ChunkGrant, ReadPlan};
+pub use tenants::{Tenant, TenantName, Tenants};
+pub use writer::WriterTiming;
+
+/// Why a storage operation failed or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    #[error("chunk is {0} bytes, larger than the repository's maximum of {1}")]
+    ChunkTooLarge(usize, u32),
+    #[error("chunk content does not hash to its id")]
+    ChunkMismatch,
+    #[error("chunk {0} of the bundle does not hash to its id; nothing of the bundle was stored")]
+    BundleMismatch(BlobId),
+    #[error("{} chunks are not stored; upload them first", .0.len())]
+    MissingChunks(Vec<BlobId>),
+    #[error("{0}: size does not match its chunks")]
+    SizeMismatch(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("this snapshot belongs to another user")]
+    NotOwner,
+    #[error("this snapshot was made by another device, and this device's policy forbids restoring it")]
+    OtherDevice,
+    #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
+    ManifestTooLarge(usize, usize),
+    #[error("reading: {0}")]
+    Read(String),
+    #[error("the tenant's writer stopped")]
+    WriterStopped,
+    #[error("making uploads durable: {0}")]
+    Flush(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// A tenant name that cannot name a repository under the root.
+    #[error("tenant {0:?}: {1}")]
+    InvalidTenant(String, String),
+}
+
+impl From<WriteError> for IngestError {
+    fn from(e: WriteError) -> Self {
+        e.split()
+    }
+}
+
+/// Who a request acts for (from a verified session token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub tenant: TenantName,
+    pub user: String,
+    pub device: String,
+    /// The device's policies, as signed into the session token.
+    pub policies: Policies,
+}
+
+/// Room left in a manifest for what the commit adds after the size check
+/// (summary counts, duration, tree id): a few hundred bytes at most.
+const MANIFEST_MARGIN: usize = 4096;
+
+/// Counters for the server's metrics.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub chunks_stored: AtomicU64,
+    pub chunks_deduplicated: AtomicU64,
+    pub snapshots_committed: AtomicU64,
+}
+
+/// Refuses a commit whose manifest could not be read back (over
+/// [`MAX_SNAPSHOT_SIZE`]): such a snapshot would fail `check` for good. The
+/// request's fields are bounded one by one (`api`); their encoding (JSON
+/// escapes of control characters take six bytes each) is what is measured
+/// here, before any tree is written.
+pub fn check_manifest_size(owner: &Owner, req: &CommitRequest) -> Result<(), IngestError> {
+    let draft = origin(owner, req).snapshot(chrono::Utc::now().fixed_offset(), BlobId([0; 32]), Summary::default());
+    let len = draft.encode().len();
+    if len + MANIFEST_MARGIN > MAX_SNAPSHOT_SIZE {
+        return Err(IngestError::ManifestTooLarge(len, MAX_SNAPSHOT_SIZE - MANIFEST_MARGIN));
+    }
+    Ok(())
+}
+
+/// What a device's commit records: its manifest's host, tags and paths, and
+/// the session's tenant, user and device.
+fn origin(owner: &Owner, req: &CommitRequest) -> StreamOrigin {
+    StreamOrigin {
+        hostname: req.hostname.clone(),
+        username: owner.user.clone(),
+        tenant: Some(owner.tenant.to_string()),
+        user: Some(owner.user.clone()),
+        device: Some(owner.device.clone()),
+        tags: req.tags.clone(),
+        paths: req.paths.clone(),
+    }
+}
+
+fn owns(owner: &Owner, s: &Snapshot) -> bool {
+    s.tenant.as_deref() == Some(owner.tenant.as_str()) && s.user.as_deref() == Some(owner.user.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ManifestFile;
+    use crate::crypto::KdfParams;
+    use crate::repo::InitOptions;
+
+    fn tenants(dir: &std::path::Path) -> Tenants {
+        let init =
+            InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
+        Tenants::new(dir.to_str().unwrap(), b"pw".to_vec(), init)
+    }
+
+    pub(super) fn acme() -> TenantName {
+        TenantName::new("acme").unwrap()
+    }
+
+    pub(super) fn owner(user: &str) -> Owner {
+        Owner { tenant: acme(), user: user.into(), device: "d1".into(), policies: Policies::default() }
+    }
+
+    #[test]
+    fn upload_commit_list_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get(&acme()).unwrap();
+        let data = b"hello chunk".to_vec();
+        let id = t.repo().blob_id(&data);
+        assert_eq!(t.missing(&[id]), vec![id]);
+        assert!(matches!(t.put_chunk(BlobId([0; 32]), data.clone()), Err(IngestError::ChunkMismatch)));
+        assert!(t.put_chunk(id, data.clone()).unwrap());
+        assert!(!t.put_chunk(id, data.clone()).unwrap());
+        assert!(t.missing(&[id]).is_empty());
+        let file = |path: &str, size| ManifestFile {
+            kind: crate::api::EntryKind::File,
+            target: None,
+            path: path.into(),
+            mode: 0o644,
+            mtime: 5,
+            mtime_nsec: 0,
+            size,
+            chunks: vec![id],
+        };
+        let req = |files| CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files };
+        assert!(matches!(t.commit(owner("a"), req(vec![file("x", 3)])), Err(IngestError::SizeMismatch(_))));
+        let done = t.commit(owner("a"), req(vec![file("dir/x", data.len() as u64)])).unwrap();
+        assert!(t.repo().index().contains(&id), "a commit makes its chunks durable and indexed");
+
+        assert_eq!(t.snapshots(&owner("a")).unwrap().len(), 1);
+        assert!(t.snapshots(&owner("b")).unwrap().is_empty());
+        assert!(matches!(t.tree(&owner("b"), &done.id, ""), Err(IngestError::NotOwner)));
+        assert_eq!(t.tree(&owner("a"), &done.id, "dir").unwrap()[0].name, b"x");
+        let node = t.file(&owner("a"), &done.id, "dir/x").unwrap();
+        let mut out = Vec::new();
+        t.read_file(&node, 6, 100, &mut out).unwrap();
+        assert_eq!(out, b"chunk");
+        assert!(matches!(t.file(&owner("a"), &done.id, "dir/nope"), Err(IngestError::NotFound(_))));
+
+        let other = BlobId([1; 32]);
+        let missing = ManifestFile { chunks: vec![other], ..file("y", 1) };
+        assert!(
+            matches!(t.commit(owner("a"), req(vec![missing])), Err(IngestError::MissingChunks(m)) if m == vec![other])
+        );
+    }
+
+    #[test]
+    fn concurrent_commits_all_land_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get(&acme()).unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..8u8 {
+                let t = &t;
+                scope.spawn(move || {
+                    let data = vec![i; 1000 + usize::from(i)];
+                    let id = t.repo().blob_id(&data);
+                    t.put_chunk(id, data.clone()).unwrap();
+                    let file = ManifestFile {
+                        kind: crate::api::EntryKind::File,
+                        target: None,
+                        path: "f".into(),
+                        mode: 0o600,
+                        mtime: 1,
+                        mtime_nsec: 0,
+                        size: data.len() as u64,
+                        chunks: vec![id],
+                    };
+                    let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+                    t.commit(owner(&format!("u{i}")), req).unwrap();
+                });
+            }
+        });
+        for i in 0..8u8 {
+            let o = owner(&format!("u{i}"));
+            let snaps = t.snapshots(&o).unwrap();
+            assert_eq!(snaps.len(), 1);
+            let node = t.file(&o, &snaps[0].0, "f").unwrap();
+            let mut out = Vec::new();
+            t.read_file(&node, 0, node.size, &mut out).unwrap();
+            assert_eq!(out, vec![i; 1000 + usize::from(i)]);
+        }
+    }
+
+    #[test]
+    fn a_policy_keeps_reads_to_the_devices_own_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get(&acme()).unwrap();
+        let data = b"phone data".to_vec();
+        let id = t.repo().blob_id(&data);
+        t.put_chunk(id, data.clone()).unwrap();
+        let file = ManifestFile {
+            kind: crate::api::EntryKind::File,
+            target: None,
+            path: "f".into(),
+            mode: 0o600,
+            mtime: 1,
+            mtime_nsec: 0,
+            size: 10,
+            chunks: vec![id],
+        };
+        let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+        let phone = Owner { device: "phone".into(), ..owner("a") };
+        let done = t.commit(phone.clone(), req).unwrap();
+        let strict = Policies { allow_restore_to_other_device: false, allow_open_in: true };
+        let laptop = Owner { device: "laptop".into(), policies: strict, ..owner("a") };
+        assert!(matches!(t.readable_snapshot(&laptop, &done.id), Err(IngestError::OtherDevice)));
+        assert!(matches!(t.tree(&laptop, &done.id, ""), Err(IngestError::OtherDevice)));
+        assert!(matches!(t.file(&laptop, &done.id, "f"), Err(IngestError::OtherDevice)));
+        // The user's other device without the policy, and the phone under it, read.
+        t.file(&Owner { device: "laptop".into(), ..owner("a") }, &done.id, "f").unwrap();
+        t.file(&Owner { policies: strict, ..phone }, &done.id, "f").unwrap();
+    }
+
+    #[test]
+    fn a_manifest_too_large_to_read_back_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get(&acme()).unwrap();
+        // Within every field bound, but each control character encodes as
+        // six bytes of JSON: 24 MiB of manifest.
+        let path = "\u{1}".repeat(crate::api::MAX_MANIFEST_PATH);
+        let paths = vec![path; crate::api::MAX_MANIFEST_PATHS];
+        let req = CommitRequest { hostname: "h".into(), paths, tags: vec![], files: vec![] };
+        assert!(matches!(t.commit(owner("a"), req), Err(IngestError::ManifestTooLarge(..))));
+        assert!(t.repo().list_snapshots().unwrap().is_empty());
+        assert!(t.repo().index().is_empty(), "no tree was written");
+    }
+
+    #[test]
+    fn oversized_chunk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get(&acme()).unwrap();
+        let big = vec![0u8; t.repo().config().chunker.max_size as usize + 1];
+        let id = t.repo().blob_id(&big);
+        assert!(matches!(t.put_chunk(id, big), Err(IngestError::ChunkTooLarge(..))));
+    }
+}
