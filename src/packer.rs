@@ -16,15 +16,33 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::backend::{Backend, ObjectKey};
+use crate::backend::{Backend, BackendError, ObjectKey};
 use crate::crypto::MasterKey;
 use crate::id::{BlobId, BlobKind};
 use crate::index::{IndexSegment, PackEntries};
-use crate::pack::{self, PackBuilder};
+use crate::pack::{self, PackBuilder, PackError};
 use crate::repo::{RepoError, Repository};
 
 /// Packs per index segment: bounds a segment's size (~45 bytes per blob).
 pub const PACKS_PER_SEGMENT: usize = 256;
+
+/// Why a pack upload failed. The first failure is sticky: the packer
+/// refuses all further work with it ([`RepoError::Upload`]).
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// Storing the pack failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The pack's table, read back before the upload, does not decode.
+    #[error("pack self-check: {0}")]
+    SelfCheck(PackError),
+    /// The pack's table, read back before the upload, is not what was written.
+    #[error("pack self-check: table does not match")]
+    TableMismatch,
+    /// An uploader thread panicked, so nothing more can be uploaded.
+    #[error("the pack uploaders stopped")]
+    Stopped,
+}
 
 /// Counters of what a packer wrote.
 #[derive(Debug, Default)]
@@ -53,7 +71,7 @@ pub struct Packer<'r> {
     tx: Option<SyncSender<PackBuilder>>,
     workers: Vec<JoinHandle<()>>,
     written: Shared<Vec<PackEntries>>,
-    error: Shared<Option<String>>,
+    error: Shared<Option<Arc<UploadError>>>,
     stats: Arc<PackerStats>,
     spare: Shared<Vec<Vec<u8>>>,
     /// Count and seal blobs (for the sizes) but write nothing.
@@ -82,7 +100,7 @@ impl<'r> Packer<'r> {
         let (tx, rx) = sync_channel::<PackBuilder>(1);
         let rx = Arc::new(Mutex::new(rx));
         let written: Shared<Vec<PackEntries>> = Arc::default();
-        let error: Shared<Option<String>> = Arc::default();
+        let error: Shared<Option<Arc<UploadError>>> = Arc::default();
         let spare: Shared<Vec<Vec<u8>>> = Arc::default();
         let workers = (0..uploaders)
             .map(|i| {
@@ -122,7 +140,7 @@ impl<'r> Packer<'r> {
 
     fn check_error(&self) -> Result<(), RepoError> {
         match &*self.error.lock().expect("error lock") {
-            Some(e) => Err(RepoError::Invalid(format!("an earlier pack upload failed: {e}"))),
+            Some(e) => Err(RepoError::Upload(e.clone())),
             None => Ok(()),
         }
     }
@@ -205,7 +223,7 @@ impl<'r> Packer<'r> {
         let tx = self.tx.as_ref().expect("sender lives until finish");
         if tx.send(builder).is_err() {
             self.check_error()?;
-            return Err(RepoError::Invalid("pack uploaders stopped".into()));
+            return Err(RepoError::Upload(Arc::new(UploadError::Stopped)));
         }
         Ok(())
     }
@@ -227,7 +245,7 @@ impl<'r> Packer<'r> {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             if w.join().is_err() {
-                *self.error.lock().expect("error lock") = Some("an uploader thread panicked".into());
+                *self.error.lock().expect("error lock") = Some(Arc::new(UploadError::Stopped));
             }
         }
         result?;
@@ -255,7 +273,7 @@ struct Uploader {
     backend: Arc<dyn Backend>,
     key: MasterKey,
     written: Shared<Vec<PackEntries>>,
-    error: Shared<Option<String>>,
+    error: Shared<Option<Arc<UploadError>>>,
     stats: Arc<PackerStats>,
     spare: Shared<Vec<Vec<u8>>>,
 }
@@ -270,20 +288,20 @@ impl Uploader {
             }
             if let Err(e) = self.upload(builder) {
                 tracing::error!("pack upload failed: {e}");
-                self.error.lock().expect("error lock").get_or_insert(e);
+                self.error.lock().expect("error lock").get_or_insert(Arc::new(e));
             }
         }
     }
 
-    fn upload(&self, builder: PackBuilder) -> Result<(), String> {
+    fn upload(&self, builder: PackBuilder) -> Result<(), UploadError> {
         let pack = builder.finish(&self.key);
         // Verify what we are about to store: the table must decode to what we
         // meant to write (restic's "re-read before upload").
-        let table = pack::read_table(&self.key, &pack.bytes).map_err(|e| format!("pack self-check: {e}"))?;
+        let table = pack::read_table(&self.key, &pack.bytes).map_err(UploadError::SelfCheck)?;
         if table.blobs != pack.entries.blobs {
-            return Err("pack self-check: table does not match".into());
+            return Err(UploadError::TableMismatch);
         }
-        self.backend.put(&ObjectKey::Pack(pack.id), &pack.bytes).map_err(|e| e.to_string())?;
+        self.backend.put(&ObjectKey::Pack(pack.id), &pack.bytes)?;
         self.stats.packs.fetch_add(1, Ordering::Relaxed);
         self.written.lock().expect("written lock").push(pack.entries);
         let mut spare = self.spare.lock().expect("spare lock");

@@ -18,12 +18,14 @@ mod tenants;
 mod writer;
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use crate::api::{CommitRequest, Policies};
 use crate::backup::{BackupError, StreamOrigin};
 use crate::id::BlobId;
 use crate::lock::LockError;
 use crate::repo::{RepoError, WriteError};
+use crate::restore::RestoreError;
 use crate::snapshot::{Snapshot, Summary, MAX_SNAPSHOT_SIZE};
 
 pub use reads::{ChunkGrant, ReadPlan};
@@ -55,17 +57,30 @@ pub enum IngestError {
     OtherDevice,
     #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
     ManifestTooLarge(usize, usize),
+    /// Reading a snapshot for a device failed (the repository's own
+    /// failures are [`IngestError::Repo`]).
     #[error("reading: {0}")]
-    Read(String),
+    Read(#[source] RestoreError),
     #[error("the tenant's writer stopped")]
     WriterStopped,
+    /// The flush of a commit group failed: nothing of the group was committed.
     #[error("making uploads durable: {0}")]
-    Flush(String),
+    Flush(#[source] Arc<RepoError>),
     #[error(transparent)]
     Lock(#[from] LockError),
     /// A tenant name that cannot name a repository under the root.
     #[error("tenant {0:?}: {1}")]
     InvalidTenant(String, String),
+}
+
+impl From<RestoreError> for IngestError {
+    fn from(e: RestoreError) -> Self {
+        match e {
+            RestoreError::Repo(r) => IngestError::Repo(r),
+            e @ RestoreError::PathNotFound(_) => IngestError::NotFound(e.to_string()),
+            other => IngestError::Read(other),
+        }
+    }
 }
 
 impl From<WriteError> for IngestError {
@@ -184,6 +199,12 @@ mod tests {
         t.read_file(&node, 6, 100, &mut out).unwrap();
         assert_eq!(out, b"chunk");
         assert!(matches!(t.file(&owner("a"), &done.id, "dir/nope"), Err(IngestError::NotFound(_))));
+        assert!(matches!(t.file(&owner("a"), &done.id, "dir/x/below"), Err(IngestError::NotFound(_))));
+        let tree = t.repo().load_snapshot(&done.id).unwrap().tree;
+        for missing in ["nope", "dir/nope", "dir/x/below", "nope/x"] {
+            let found = t.repo().find_node(&tree, missing);
+            assert!(matches!(found, Err(RepoError::PathNotFound(ref p)) if p == missing), "{missing}: {found:?}");
+        }
 
         let other = BlobId([1; 32]);
         let missing = ManifestFile { chunks: vec![other], ..file("y", 1) };

@@ -9,7 +9,7 @@ use super::tenants::Tenant;
 use super::{owns, IngestError, Owner};
 use crate::id::{BlobId, SnapshotId};
 use crate::repo::{self, RepoError};
-use crate::restore::{RestoreError, RestorePlan};
+use crate::restore::RestorePlan;
 use crate::snapshot::Snapshot;
 use crate::tree::{Node, NodeKind};
 
@@ -65,10 +65,7 @@ impl Tenant {
     /// `include` paths), with every chunk it needs once, in pack order.
     pub fn restore_plan(&self, owner: &Owner, id: &SnapshotId, include: &[String]) -> Result<ReadPlan, IngestError> {
         let snapshot = self.readable_snapshot(owner, id)?;
-        let plan = crate::restore::plan(&self.repo, &snapshot, include).map_err(|e| match e {
-            RestoreError::Repo(r) => IngestError::Repo(r),
-            other => IngestError::NotFound(other.to_string()),
-        })?;
+        let plan = crate::restore::plan(&self.repo, &snapshot, include).map_err(IngestError::from)?;
         let (packs, missing) = self.repo.plan_blob_reads(plan.chunks());
         if let Some(id) = missing.first() {
             return Err(IngestError::Repo(RepoError::MissingBlob(*id)));
@@ -108,10 +105,7 @@ impl Tenant {
             return Ok(set);
         }
         drop(cache);
-        let plan = crate::restore::plan(&self.repo, snapshot, &[]).map_err(|e| match e {
-            RestoreError::Repo(r) => IngestError::Repo(r),
-            other => IngestError::Read(other.to_string()),
-        })?;
+        let plan = crate::restore::plan(&self.repo, snapshot, &[]).map_err(IngestError::from)?;
         let set: Arc<HashSet<BlobId>> = Arc::new(plan.chunks().into_iter().collect());
         let mut cache = self.snapshot_chunks.lock().expect("chunk set lock");
         if cache.len() >= CACHED_CHUNK_SETS {
@@ -125,7 +119,7 @@ impl Tenant {
     fn node(&self, owner: &Owner, id: &SnapshotId, path: &str) -> Result<(Snapshot, Option<Node>), IngestError> {
         let snapshot = self.readable_snapshot(owner, id)?;
         let node = match self.repo.find_node(&snapshot.tree, path) {
-            Err(RepoError::Invalid(msg)) => return Err(IngestError::NotFound(msg)),
+            Err(e @ RepoError::PathNotFound(_)) => return Err(IngestError::NotFound(e.to_string())),
             other => other?,
         };
         Ok((snapshot, node))
@@ -151,9 +145,6 @@ impl Tenant {
 
     /// Writes `start..end` of a file to `out`, verifying every chunk read.
     pub fn read_file(&self, node: &Node, start: u64, end: u64, out: &mut dyn Write) -> Result<u64, IngestError> {
-        crate::restore::cat(&self.repo, node, Some((start, end)), out).map_err(|e| match e {
-            RestoreError::Repo(r) => IngestError::Repo(r),
-            other => IngestError::Read(other.to_string()),
-        })
+        crate::restore::cat(&self.repo, node, Some((start, end)), out).map_err(IngestError::from)
     }
 }

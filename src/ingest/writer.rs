@@ -323,7 +323,7 @@ impl Writer {
         // The group flushes whatever the outcome: no packer state outlives a commit.
         let committed = held.session.commit_group(prepared.iter().filter_map(|(s, _)| s.as_ref().ok()));
         self.pending.lock().expect("pending lock").clear();
-        let mut committed = committed.map(Vec::into_iter).map_err(|e| e.to_string());
+        let mut committed = committed.map(Vec::into_iter).map_err(Arc::new);
         let mut lapsed = false;
         for (snapshot, reply) in prepared {
             let result = snapshot.and_then(|s| match &mut committed {

@@ -72,6 +72,12 @@ pub enum RepoError {
     /// one is the newest is unknown.
     #[error("snapshot{} {} cannot be read, so which snapshot is the latest is unknown; name a snapshot by id, or remove the damaged ones with `chunkvault forget ID` or `chunkvault repair snapshots --forget`", if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|i| i.to_hex()).collect::<Vec<_>>().join(", "))]
     UnreadableSnapshots(Vec<SnapshotId>),
+    /// An earlier pack upload of this packer failed; it refuses further work.
+    #[error("an earlier pack upload failed: {0}")]
+    Upload(Arc<crate::packer::UploadError>),
+    /// A path that is not in the snapshot ([`Repository::find_node`]).
+    #[error("{0}: not found in the snapshot")]
+    PathNotFound(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -569,14 +575,11 @@ impl Repository {
             let tree = self.load_tree(&tree_id)?;
             match tree.find(part.as_bytes()).map(|n| &n.kind) {
                 Some(crate::tree::NodeKind::Dir { subtree }) => tree_id = *subtree,
-                _ => return Err(RepoError::Invalid(format!("{path}: no such directory {part:?} in the snapshot"))),
+                _ => return Err(RepoError::PathNotFound(path.to_owned())),
             }
         }
         let tree = self.load_tree(&tree_id)?;
-        tree.find(last.as_bytes())
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| RepoError::Invalid(format!("{path}: not found in the snapshot")))
+        tree.find(last.as_bytes()).cloned().map(Some).ok_or_else(|| RepoError::PathNotFound(path.to_owned()))
     }
 
     /// Adds a key file for another password.

@@ -186,3 +186,73 @@ impl<'r> WriteSession<'r> {
         Ok(self.repo.save_snapshot(snapshot)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Fault, FaultyBackend, FileType, LocalBackend};
+    use crate::crypto::KdfParams;
+    use crate::packer::UploadError;
+    use crate::repo::InitOptions;
+
+    fn faulty_repo(dir: &std::path::Path) -> (Arc<FaultyBackend>, Repository) {
+        let init = InitOptions {
+            kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
+            pack_size: 1 << 20,
+            ..Default::default()
+        };
+        Repository::init(Arc::new(LocalBackend::create(dir).unwrap()), b"pw", &init).unwrap();
+        let faulty = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::open(dir).unwrap())));
+        let repo = Repository::open(faulty.clone(), b"pw").unwrap();
+        (faulty, repo)
+    }
+
+    fn noise(len: usize) -> Vec<u8> {
+        (0..len).map(|_| rand::random::<u8>()).collect()
+    }
+
+    #[test]
+    fn a_failed_upload_is_sticky_typed_and_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (faulty, repo) = faulty_repo(dir.path());
+        let mut session = WriteSession::begin(&repo, LockKind::Shared, LockOptions::default(), 1).unwrap();
+        faulty.inject(Fault::FailPut { nth: 0, file_type: Some(FileType::Pack) });
+        // Three packs' worth: the first full pack's upload fails.
+        let mut saved = Ok(());
+        for _ in 0..48 {
+            saved = session.save(BlobKind::Data, &noise(64 << 10)).map(drop);
+            if saved.is_err() {
+                break;
+            }
+        }
+        let flushed = saved.and_then(|()| session.flush().map(drop));
+        let Err(RepoError::Upload(e)) = flushed else { panic!("expected a sticky upload error, got {flushed:?}") };
+        assert!(matches!(*e, UploadError::Backend(_)), "{e}");
+        faulty.clear();
+        drop(session);
+        assert!(repo.list_snapshots().unwrap().is_empty());
+        assert!(repo.index().is_empty(), "no index segment names the failed session's packs");
+    }
+
+    #[test]
+    fn a_dry_run_session_writes_nothing_and_commits_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (faulty, repo) = faulty_repo(dir.path());
+        let session = WriteSession::dry_run(&repo);
+        let (tree, new) = session.save(BlobKind::Tree, &crate::tree::Tree::new(Vec::new()).unwrap().encode()).unwrap();
+        assert!(new);
+        let snapshot = crate::backup::StreamOrigin {
+            hostname: "h".into(),
+            username: "u".into(),
+            tenant: None,
+            user: None,
+            device: None,
+            tags: Vec::new(),
+            paths: vec!["/".into()],
+        }
+        .snapshot(chrono::Utc::now().fixed_offset(), tree, Default::default());
+        assert_eq!(session.stats().blobs_new.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(session.commit(&snapshot).unwrap(), None);
+        assert_eq!(faulty.puts(), 0);
+    }
+}

@@ -56,6 +56,16 @@ impl HttpError {
         HttpError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// 400 `bad_id`: a path segment that should be an id of `what` is not one.
+    pub fn bad_id(what: &str, err: impl std::fmt::Display) -> Self {
+        HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("{what} id: {err}"))
+    }
+
+    /// 400 `bad_bundle`: a chunk bundle whose framing is broken.
+    pub fn bad_bundle(message: impl Into<String>) -> Self {
+        HttpError::new(StatusCode::BAD_REQUEST, "bad_bundle", message)
+    }
+
     /// 401 `invalid_token`: a missing, malformed or forged token.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         HttpError::new(StatusCode::UNAUTHORIZED, "invalid_token", message)

@@ -466,7 +466,7 @@ async fn relay(State(app): AppState, path: MatchedPath, headers: HeaderMap, body
 // ---- storage role ----
 
 fn snapshot_id(s: &str) -> Reply<SnapshotId> {
-    s.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("snapshot id: {e}")))
+    s.parse().map_err(|e| HttpError::bad_id("snapshot", e))
 }
 
 async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunking>> {
@@ -538,8 +538,7 @@ async fn put_chunk(
     Path(id): Path<String>,
     body: Body,
 ) -> Reply<StatusCode> {
-    let id: BlobId =
-        id.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("chunk id: {e}")))?;
+    let id: BlobId = id.parse().map_err(|e| HttpError::bad_id("chunk", e))?;
     let app2 = app.clone();
     let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
     let max = tenant.repo().config().chunker.max_size as usize;
@@ -565,8 +564,7 @@ async fn put_bundle(
     let too_large = || HttpError::too_large("bundle_too_large", format!("bundles are at most {limit} bytes"));
     let data = read_bounded(&headers, body, limit, too_large).await?;
     blocking(move || {
-        let chunks = api::parse_bundle(&data, max_chunk)
-            .map_err(|m| HttpError::new(StatusCode::BAD_REQUEST, "bad_bundle", m))?;
+        let chunks = api::parse_bundle(&data, max_chunk).map_err(HttpError::bad_bundle)?;
         Ok(Json(tenant.put_bundle(data, chunks)?))
     })
     .await
@@ -758,7 +756,7 @@ async fn file(
         let mut out = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_PIECE) };
         let result = tenant.read_file(&node, start, end, &mut out).and_then(|_| {
             use std::io::Write;
-            out.flush().map_err(|e| IngestError::Read(e.to_string()))
+            out.flush().map_err(|e| IngestError::Read(crate::restore::RestoreError::Output(e)))
         });
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(e));
