@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::io::Cursor;
 
-use crate::crypto::{CryptoError, IdKey, MasterKey};
+use crate::crypto::{CryptoError, IdKey, MasterKey, Role};
 use crate::id::{BlobId, BlobKind};
 
 const FLAG_RAW: u8 = 0;
@@ -105,7 +105,7 @@ impl BlobCodec {
     /// pages for every chunk.
     pub fn seal_into(&self, kind: BlobKind, id: &BlobId, plaintext: &[u8], out: &mut Vec<u8>) {
         self.compress_into(plaintext, out);
-        self.key.seal_blob(kind.role(), id, out);
+        self.key.seal_blob(Role::from(kind), id, out);
     }
 
     fn compress_into(&self, plaintext: &[u8], out: &mut Vec<u8>) {
@@ -141,7 +141,7 @@ impl BlobCodec {
     /// Opens stored bytes, decompresses into at most `raw_len` bytes and
     /// verifies that the result is the blob `id`.
     pub fn open(&self, kind: BlobKind, id: &BlobId, mut stored: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, BlobError> {
-        self.key.open_blob(kind.role(), id, &mut stored).map_err(|e| BlobError::Crypto(*id, e))?;
+        self.key.open_blob(Role::from(kind), id, &mut stored).map_err(|e| BlobError::Crypto(*id, e))?;
         let (&flag, payload) = stored.split_first().ok_or(BlobError::BadFlag(*id, 0xff))?;
         let plain = match flag {
             FLAG_RAW => {

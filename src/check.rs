@@ -8,17 +8,17 @@
 //! Damage is then attributed to the files (snapshot and path) that use it.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::backend::{FileType, ObjectKey};
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::BlobLocation;
 use crate::pack::{self, FRAME_HEADER_LEN, HEADER_LEN, TRAILER_LEN};
 use crate::repo::{RepoError, Repository};
-use crate::tree::NodeKind;
+use crate::tree::{walk, NodeKind};
 
 /// What `check` should do beyond the structure.
 #[derive(Clone, Copy, Debug, Default)]
@@ -86,17 +86,54 @@ impl CheckReport {
     }
 }
 
-/// Checks `repo`; see the module docs.
+/// Checks `repo`; see the module docs. The steps: [`check_index`] (the
+/// index against the packs in storage), [`read_packs`] (with `read_data`),
+/// [`check_snapshots`] (every snapshot's trees, damage attributed to files).
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) -> Result<CheckReport, RepoError> {
     let mut report = CheckReport::default();
-    let problems: Mutex<Vec<Problem>> = Mutex::default();
-    let damage = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Damage, message: m });
-    let warn = |m: String| problems.lock().expect("lock").push(Problem { severity: Severity::Warning, message: m });
-
-    let sizes: HashMap<PackId, u64> = crate::backend::pack_sizes(repo.backend().as_ref())?;
+    let findings = Findings::default();
+    let sizes: HashMap<PackId, u64> = repo.pack_sizes()?;
     report.packs = sizes.len() as u64;
+    let (by_pack, mut bad_blobs) = check_index(repo, &sizes, &findings, &mut report);
+    if opts.read_data || opts.read_data_subset.is_some() {
+        bad_blobs.extend(read_packs(repo, &sizes, &by_pack, opts, progress, &findings, &mut report));
+    }
+    report.damaged_files = check_snapshots(repo, &bad_blobs, &findings, &mut report)?;
+    let mut problems = findings.0.into_inner().expect("lock");
+    problems.sort();
+    problems.dedup();
+    report.problems = problems;
+    Ok(report)
+}
+
+/// Problems found so far; steps running in parallel add to it.
+#[derive(Default)]
+struct Findings(Mutex<Vec<Problem>>);
+
+impl Findings {
+    fn damage(&self, message: String) {
+        self.0.lock().expect("lock").push(Problem { severity: Severity::Damage, message });
+    }
+
+    fn warn(&self, message: String) {
+        self.0.lock().expect("lock").push(Problem { severity: Severity::Warning, message });
+    }
+}
+
+/// The index's blobs by pack.
+type ByPack = HashMap<PackId, Vec<(BlobId, BlobLocation)>>;
+
+/// Step 1: every index entry lies inside an existing pack; unindexed packs
+/// and unreadable segments are warnings. Returns the index's blobs by pack
+/// and the blobs found missing.
+fn check_index(
+    repo: &Repository,
+    sizes: &HashMap<PackId, u64>,
+    findings: &Findings,
+    report: &mut CheckReport,
+) -> (ByPack, HashSet<BlobId>) {
     let mut bad_blobs: HashSet<BlobId> = HashSet::new();
-    let mut by_pack: HashMap<PackId, Vec<(BlobId, BlobLocation)>> = HashMap::new();
+    let mut by_pack: ByPack = HashMap::new();
     {
         let index = repo.index();
         report.blobs = index.len() as u64;
@@ -106,115 +143,141 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
     }
     for (pack, blobs) in &by_pack {
         let Some(&size) = sizes.get(pack) else {
-            damage(format!("pack {pack} is in the index but missing from storage ({} blobs)", blobs.len()));
+            findings.damage(format!("pack {pack} is in the index but missing from storage ({} blobs)", blobs.len()));
             bad_blobs.extend(blobs.iter().map(|(id, _)| *id));
             continue;
         };
         for (id, loc) in blobs {
             let end = u64::from(loc.offset) + (FRAME_HEADER_LEN as u64) + u64::from(loc.stored_len);
             if (loc.offset as usize) < HEADER_LEN || end + TRAILER_LEN as u64 > size {
-                damage(format!("blob {id}: index points outside pack {pack} ({size} bytes)"));
+                findings.damage(format!("blob {id}: index points outside pack {pack} ({size} bytes)"));
                 bad_blobs.insert(*id);
             }
         }
     }
     for (segment, why) in repo.unreadable_index_segments() {
-        warn(format!("index segment {segment} is unreadable and was skipped ({why}); `repair index` rebuilds the index from the packs"));
+        findings.warn(format!("index segment {segment} is unreadable and was skipped ({why}); `repair index` rebuilds the index from the packs"));
     }
     for pack in sizes.keys().filter(|p| !by_pack.contains_key(p)) {
-        warn(format!("pack {pack} is not in the index (left by an interrupted backup; prune removes it)"));
+        findings.warn(format!("pack {pack} is not in the index (left by an interrupted backup; prune removes it)"));
     }
+    (by_pack, bad_blobs)
+}
 
-    if opts.read_data || opts.read_data_subset.is_some() {
-        let ids: Vec<PackId> = {
-            let mut v: Vec<PackId> = sizes
-                .keys()
-                .copied()
-                .filter(|p| by_pack.contains_key(p) && opts.read_data_subset.map_or(true, |s| in_subset(p, s)))
-                .collect();
-            v.sort();
-            v
-        };
-        progress.packs_total.store(ids.len() as u64, Ordering::Relaxed);
-        let bad: Mutex<HashSet<BlobId>> = Mutex::default();
-        ids.par_iter().for_each(|pack| {
-            let expected = &by_pack[pack];
-            let found = read_pack(repo, pack, expected);
-            progress.packs_done.fetch_add(1, Ordering::Relaxed);
-            if !found.problems.is_empty() {
-                for m in found.problems {
-                    damage(m);
-                }
-                bad.lock().expect("lock").extend(found.bad_blobs);
+/// Step 2: reads every pack (or the chosen subset) whole and verifies
+/// everything in it. Returns the blobs found damaged.
+fn read_packs(
+    repo: &Repository,
+    sizes: &HashMap<PackId, u64>,
+    by_pack: &ByPack,
+    opts: CheckOptions,
+    progress: &CheckProgress,
+    findings: &Findings,
+    report: &mut CheckReport,
+) -> HashSet<BlobId> {
+    let mut ids: Vec<PackId> = sizes
+        .keys()
+        .copied()
+        .filter(|p| by_pack.contains_key(p) && opts.read_data_subset.map_or(true, |s| in_subset(p, s)))
+        .collect();
+    ids.sort();
+    progress.packs_total.store(ids.len() as u64, Ordering::Relaxed);
+    let bad: Mutex<HashSet<BlobId>> = Mutex::default();
+    ids.par_iter().for_each(|pack| {
+        let found = read_pack(repo, pack, &by_pack[pack]);
+        progress.packs_done.fetch_add(1, Ordering::Relaxed);
+        if !found.problems.is_empty() {
+            for m in found.problems {
+                findings.damage(m);
             }
-        });
-        report.packs_read = ids.len() as u64;
-        bad_blobs.extend(bad.into_inner().expect("lock"));
-    }
+            bad.lock().expect("lock").extend(found.bad_blobs);
+        }
+    });
+    report.packs_read = ids.len() as u64;
+    bad.into_inner().expect("lock")
+}
 
+/// Step 3: walks every snapshot's trees, attributing missing or damaged
+/// blobs to the files (snapshot and path) that use them.
+fn check_snapshots(
+    repo: &Repository,
+    bad_blobs: &HashSet<BlobId>,
+    findings: &Findings,
+    report: &mut CheckReport,
+) -> Result<Vec<DamagedFile>, RepoError> {
     // Walk every snapshot's trees, attributing missing or damaged blobs to files.
-    let snapshots = repo.backend().list(FileType::Snapshot)?;
-    let mut seen_trees: HashSet<BlobId> = HashSet::new();
+    let snapshots = repo.snapshot_ids()?;
+    let mut first: HashMap<BlobId, (SnapshotId, PathBuf)> = HashMap::new();
+    let mut failed: HashSet<BlobId> = HashSet::new();
     let mut damaged_files = Vec::new();
-    for (key, _) in snapshots {
-        let ObjectKey::Snapshot(sid) = key else {
-            continue;
-        };
+    for sid in snapshots {
         report.snapshots += 1;
         let snap = match repo.load_snapshot(&sid) {
             Ok(s) => s,
             Err(e) => {
-                damage(format!(
+                findings.damage(format!(
                     "snapshot {sid} cannot be read: {e} (`chunkvault forget {sid}` or `repair snapshots --forget` removes it)"
                 ));
                 continue;
             }
         };
-        let mut stack = vec![(snap.tree, String::new())];
-        while let Some((tree_id, path)) = stack.pop() {
-            let first_visit = seen_trees.insert(tree_id);
-            let tree = match repo.load_tree(&tree_id) {
-                Ok(t) => t,
+        // Damage is reported at a tree's first visit (`first`: the snapshot
+        // and path of it); every visit attributes it to the files it hurts.
+        first.entry(snap.tree).or_insert((sid, PathBuf::new()));
+        let mut entries = walk(repo, &snap.tree);
+        while let Some(entry) = entries.next() {
+            let (path, node) = match entry {
+                Ok(entry) => entry,
                 Err(e) => {
-                    if first_visit {
-                        damage(format!("tree {tree_id} at {path}/: {e}"));
+                    if first[&e.tree] == (sid, e.path.clone()) && failed.insert(e.tree) {
+                        findings.damage(format!("tree {} at {}/: {}", e.tree, slash(&e.path), e.source));
                     }
-                    damaged_files.push(DamagedFile { snapshot: sid, path: format!("{path}/") });
+                    damaged_files.push(DamagedFile { snapshot: sid, path: format!("{}/", slash(&e.path)) });
                     continue;
                 }
             };
-            if first_visit {
-                report.trees += 1;
-            }
-            for node in tree.nodes() {
-                let child = format!("{path}/{}", node.name_lossy());
-                match &node.kind {
-                    NodeKind::Dir { subtree } => stack.push((*subtree, child)),
-                    NodeKind::File { chunks } => {
-                        let index = repo.index();
-                        let missing = chunks.iter().find(|c| !index.contains(c));
-                        if let Some(c) = missing {
-                            if first_visit {
-                                damage(format!("{child} in snapshot {}: chunk {c} is not in the index", sid.short()));
-                            }
-                            damaged_files.push(DamagedFile { snapshot: sid, path: child });
-                        } else if chunks.iter().any(|c| bad_blobs.contains(c)) {
-                            damaged_files.push(DamagedFile { snapshot: sid, path: child });
-                        }
-                    }
-                    NodeKind::Symlink { .. } => {}
+            let first_visit = entries.parent_tree().is_some_and(|t| first[&t] == (sid, parent_of(&path)));
+            match &node.kind {
+                NodeKind::Dir { subtree } => {
+                    first.entry(*subtree).or_insert((sid, path));
                 }
+                NodeKind::File { chunks } => {
+                    let child = slash(&path);
+                    let index = repo.index();
+                    let missing = chunks.iter().find(|c| !index.contains(c));
+                    if let Some(c) = missing {
+                        if first_visit {
+                            findings
+                                .damage(format!("{child} in snapshot {}: chunk {c} is not in the index", sid.short()));
+                        }
+                        damaged_files.push(DamagedFile { snapshot: sid, path: child });
+                    } else if chunks.iter().any(|c| bad_blobs.contains(c)) {
+                        damaged_files.push(DamagedFile { snapshot: sid, path: child });
+                    }
+                }
+                NodeKind::Symlink { .. } => {}
             }
         }
     }
+    report.trees = (first.len() - failed.len()) as u64;
     damaged_files.sort();
     damaged_files.dedup();
-    report.damaged_files = damaged_files;
-    let mut problems = problems.into_inner().expect("lock");
-    problems.sort();
-    problems.dedup();
-    report.problems = problems;
-    Ok(report)
+    Ok(damaged_files)
+}
+
+/// A path below a snapshot's root as check reports it: `/a/b`, and the
+/// root as the empty string (so that `{}/` names a directory).
+fn slash(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("/{}", path.display())
+    }
+}
+
+/// A path's directory (empty for an entry of the root).
+fn parent_of(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 struct PackFindings {
@@ -226,7 +289,7 @@ struct PackFindings {
 fn read_pack(repo: &Repository, pack: &PackId, expected: &[(BlobId, BlobLocation)]) -> PackFindings {
     let mut f = PackFindings { problems: Vec::new(), bad_blobs: Vec::new() };
     let all_bad = |f: &mut PackFindings| f.bad_blobs.extend(expected.iter().map(|(id, _)| *id));
-    let bytes = match repo.backend().get(&ObjectKey::Pack(*pack)) {
+    let bytes = match repo.read_pack(pack) {
         Ok(b) => b,
         Err(e) => {
             f.problems.push(format!("pack {pack}: {e}"));

@@ -15,7 +15,7 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use crate::id::BlobId;
+use crate::id::{BlobId, BlobKind};
 
 /// Bytes of AES-GCM nonce appended to every sealed message.
 pub const NONCE_LEN: usize = 12;
@@ -54,6 +54,16 @@ pub enum Role {
     Snapshot = 4,
     Config = 5,
     PackTable = 6,
+}
+
+impl From<BlobKind> for Role {
+    /// The encryption role of blobs of a kind (bound as associated data).
+    fn from(kind: BlobKind) -> Role {
+        match kind {
+            BlobKind::Data => Role::Data,
+            BlobKind::Tree => Role::Tree,
+        }
+    }
 }
 
 impl Role {

@@ -168,12 +168,4 @@ impl BlobKind {
             _ => None,
         }
     }
-
-    /// The encryption role of blobs of this kind (bound as associated data).
-    pub fn role(self) -> crate::crypto::Role {
-        match self {
-            BlobKind::Data => crate::crypto::Role::Data,
-            BlobKind::Tree => crate::crypto::Role::Tree,
-        }
-    }
 }

@@ -4,13 +4,14 @@
 //! Under an exclusive lock: mark every blob reachable from every snapshot,
 //! then sort every pack in storage into *keep* (little garbage), *repack*
 //! (garbage above the threshold: its live blobs are copied into new packs),
-//! or *delete* (nothing live, or not indexed at all). The order of writes is
-//! the safety argument (ARCHITECTURE.md, "Prune"):
+//! or *delete* (nothing live, or not indexed at all): that is [`plan`], which
+//! writes nothing. [`execute`] then writes and deletes in the order that is
+//! the safety argument (ARCHITECTURE.md, "Prune", steps 4-6):
 //!
-//! 1. new packs (repacked blobs), then their index segments, durable;
-//! 2. new index segments naming every kept pack, durable;
-//! 3. only then delete the old index segments;
-//! 4. only then delete the obsolete packs.
+//! 4. new packs (repacked blobs), then their index segments, durable;
+//! 5. new index segments naming every kept pack, durable;
+//! 6. the lock checked, then the old index segments deleted, and only then
+//!    the obsolete packs.
 //!
 //! A crash anywhere leaves an index whose every segment names existing packs
 //! and covers every live blob: at worst duplicates or garbage that the next
@@ -22,7 +23,6 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backend::ObjectKey;
 use crate::id::{BlobId, IndexId, PackId, SnapshotId};
 use crate::index::{IndexSegment, PackEntries};
 use crate::lock::{LockError, LockKind, LockOptions};
@@ -30,7 +30,7 @@ use crate::pack::FRAME_HEADER_LEN;
 use crate::packer::PACKS_PER_SEGMENT;
 use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::Snapshot;
-use crate::tree::NodeKind;
+use crate::tree::{walk, NodeKind};
 
 /// Why prune stopped (before deleting anything, unless storage failed midway,
 /// which the write order makes harmless).
@@ -111,16 +111,18 @@ pub struct PruneReport {
 /// cannot be loaded is an error: what it references is unknown.
 pub fn reachable_blobs(repo: &Repository, snapshots: &[(SnapshotId, Snapshot)]) -> Result<HashSet<BlobId>, RepoError> {
     let mut used: HashSet<BlobId> = HashSet::new();
-    let mut stack: Vec<BlobId> = snapshots.iter().map(|(_, s)| s.tree).collect();
-    while let Some(tree_id) = stack.pop() {
-        if !used.insert(tree_id) {
+    for (_, snapshot) in snapshots {
+        if !used.insert(snapshot.tree) {
             continue;
         }
-        for node in repo.load_tree(&tree_id)?.nodes() {
+        let mut entries = walk(repo, &snapshot.tree);
+        while let Some(entry) = entries.next() {
+            let (_, node) = entry.map_err(|e| e.source)?;
             match &node.kind {
-                NodeKind::Dir { subtree } => stack.push(*subtree),
+                // A subtree seen before: everything below it is marked.
+                NodeKind::Dir { subtree } if !used.insert(*subtree) => entries.skip_subtree(),
                 NodeKind::File { chunks } => used.extend(chunks.iter().copied()),
-                NodeKind::Symlink { .. } => {}
+                _ => {}
             }
         }
     }
@@ -135,16 +137,68 @@ enum Fate {
     Delete,
 }
 
-/// Prunes `repo`; see the module docs.
+/// What a prune will do ([`plan`]), for [`execute`]; its report is what
+/// `--dry-run` prints.
+pub struct PrunePlan {
+    /// The figures of the plan (packs and bytes before and after).
+    pub report: PruneReport,
+    /// Every index segment: all are replaced.
+    segment_ids: Vec<IndexId>,
+    /// Each existing pack's entries, from the first readable segment naming it.
+    packs: HashMap<PackId, PackEntries>,
+    /// The indexed packs, in id order, each with its fate.
+    fates: Vec<(PackId, Fate)>,
+    /// Each live blob's one home: the first pack (in id order) holding it.
+    home: HashMap<BlobId, PackId>,
+    /// Packs no index names (left by interrupted backups).
+    unindexed: Vec<PackId>,
+    /// Bytes of the packs kept whole.
+    kept_bytes: u64,
+    /// Whether the index must be rewritten even if no pack goes (unreadable
+    /// segments, entries naming packs that are gone).
+    index_stale: bool,
+}
+
+impl PrunePlan {
+    /// True when executing the plan would change nothing.
+    pub fn is_empty(&self) -> bool {
+        let r = &self.report;
+        r.packs_repacked == 0 && r.packs_unused == 0 && self.unindexed.is_empty() && !self.index_stale
+    }
+
+    fn with_fate(&self, fate: Fate) -> impl Iterator<Item = PackId> + '_ {
+        self.fates.iter().filter(move |(_, f)| *f == fate).map(|(p, _)| *p)
+    }
+}
+
+/// Prunes `repo`: [`plan`], then (unless `opts.dry_run`) [`execute`], under
+/// one exclusive lock; see the module docs.
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -> Result<PruneReport, PruneError> {
     let mut session = WriteSession::begin(repo, LockKind::Exclusive, opts.lock, 2)?;
+    let plan = plan(&session, opts, progress)?;
+    if opts.dry_run || plan.is_empty() {
+        return Ok(plan.report);
+    }
+    execute(&mut session, plan, progress)
+}
+
+/// Steps 1-3 of ARCHITECTURE.md's "Prune": load the index, mark what the
+/// snapshots use, decide each pack's fate. Writes nothing; `session` (an
+/// exclusive one) is what makes the plan hold until it is executed.
+pub fn plan(
+    session: &WriteSession<'_>,
+    opts: &PruneOptions,
+    progress: &PruneProgress,
+) -> Result<PrunePlan, PruneError> {
+    let repo = session.repo();
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
 
+    // 1. Load every index segment itself, and list the packs.
     progress.set("loading index");
-    let segment_ids: Vec<IndexId> = crate::backend::index_ids(repo.backend().as_ref())?;
+    let segment_ids: Vec<IndexId> = repo.index_segment_ids()?;
     let segments: Vec<(IndexId, Result<IndexSegment, RepoError>)> =
         segment_ids.par_iter().map(|id| (*id, repo.load_index_segment(id))).collect();
-    let sizes: HashMap<PackId, u64> = crate::backend::pack_sizes(repo.backend().as_ref())?;
+    let sizes: HashMap<PackId, u64> = repo.pack_sizes()?;
     // Each existing pack's entries, from the first readable segment naming it.
     // Unreadable segments are replaced like the rest; if they held the only
     // location of a live blob, marking below finds it missing and stops.
@@ -173,12 +227,15 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
     }
     repo.reload_index()?;
 
+    // 2. Mark every blob the snapshots reach.
     progress.set("marking used blobs");
     let snapshots = list_all_snapshots(repo)?;
     report.snapshots = snapshots.len() as u64;
     let used = reachable_blobs(repo, &snapshots).map_err(|e| PruneError::Damaged(e.to_string()))?;
 
-    // One home per live blob: the first existing pack (in id order) holding it.
+    // 3. Plan: one home per live blob, the first existing pack (in id order)
+    // holding it; then each pack's fate.
+    progress.set("planning");
     let mut pack_ids: Vec<PackId> = packs.keys().copied().collect();
     pack_ids.sort();
     let mut home: HashMap<BlobId, PackId> = HashMap::with_capacity(used.len());
@@ -197,9 +254,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
         )));
     }
     report.blobs_used = used.len() as u64;
-
-    progress.set("planning");
-    let mut fates: HashMap<PackId, Fate> = HashMap::new();
+    let mut fates = Vec::with_capacity(pack_ids.len());
     for pack in &pack_ids {
         let size = sizes[pack];
         // Garbage is the frames of blobs that live elsewhere or nowhere; the
@@ -230,29 +285,36 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
             }
             Fate::Delete => report.packs_unused += 1,
         }
-        fates.insert(*pack, fate);
+        fates.push((*pack, fate));
     }
     let unindexed: Vec<PackId> = sizes.keys().filter(|p| !packs.contains_key(p)).copied().collect();
     report.packs_unindexed = unindexed.len() as u64;
     report.packs_total = sizes.len() as u64;
     report.bytes_before = sizes.values().sum();
-    let kept_bytes: u64 = fates.iter().filter(|(_, f)| **f == Fate::Keep).map(|(p, _)| sizes[p]).sum();
+    let kept_bytes: u64 = fates.iter().filter(|(_, f)| *f == Fate::Keep).map(|(p, _)| sizes[p]).sum();
     report.bytes_after = kept_bytes + report.bytes_repacked;
+    let index_stale = unreadable_segments > 0 || dangling > 0;
+    Ok(PrunePlan { report, segment_ids, packs, fates, home, unindexed, kept_bytes, index_stale })
+}
 
-    let nothing_to_do = report.packs_repacked == 0
-        && report.packs_unused == 0
-        && unindexed.is_empty()
-        && unreadable_segments == 0
-        && dangling == 0;
-    if opts.dry_run || nothing_to_do {
-        return Ok(report);
-    }
+/// Steps 4-6 of ARCHITECTURE.md's "Prune": repack, write the new index,
+/// then (lock checked) delete the old segments and the obsolete packs, in
+/// the order the safety argument needs. `session` must be the exclusive one
+/// `plan` ran under.
+pub fn execute(
+    session: &mut WriteSession<'_>,
+    mut plan: PrunePlan,
+    progress: &PruneProgress,
+) -> Result<PruneReport, PruneError> {
+    let repo = session.repo();
+    let mut report = std::mem::take(&mut plan.report);
+    let (packs, home) = (&plan.packs, &plan.home);
 
-    // 1. Repack: copy live blobs out of mostly-garbage packs, verifying each.
-    let repack: Vec<PackId> = pack_ids.iter().filter(|p| fates[*p] == Fate::Repack).copied().collect();
+    // 4. Repack: copy live blobs out of mostly-garbage packs, verifying each.
+    let repack: Vec<PackId> = plan.with_fate(Fate::Repack).collect();
     for (i, pack) in repack.iter().enumerate() {
         progress.set(format!("repacking {}/{}", i + 1, repack.len()));
-        let bytes = repo.backend().get(&ObjectKey::Pack(*pack))?;
+        let bytes = repo.read_pack(pack)?;
         let entries = &packs[pack];
         for b in entries.blobs.iter().filter(|b| home.get(&b.id) == Some(pack)) {
             let start = b.offset as usize;
@@ -265,43 +327,43 @@ pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -
             session.save_stored(entries.kind, b.id, b.raw_len, &frame[FRAME_HEADER_LEN..])?;
         }
     }
+    // The new packs, then the segments naming them, durable.
     progress.set("writing index");
     let written = session.flush()?;
     report.packs_written = written.len() as u64;
     report.index_segments_written = written.len().div_ceil(PACKS_PER_SEGMENT) as u64;
-    report.bytes_after = kept_bytes
-        + written
-            .iter()
-            .map(|p| repo.backend().size(&ObjectKey::Pack(p.pack)))
-            .collect::<Result<Vec<u64>, _>>()?
-            .iter()
-            .sum::<u64>();
+    report.bytes_after = plan.kept_bytes
+        + written.iter().map(|p| repo.pack_size(&p.pack)).collect::<Result<Vec<u64>, _>>()?.iter().sum::<u64>();
 
-    // 2. Index every kept pack anew.
-    let kept: Vec<PackEntries> =
-        pack_ids.iter().filter(|p| fates[*p] == Fate::Keep).map(|p| packs[p].clone()).collect();
+    // 5. Index every kept pack anew.
+    let kept: Vec<PackEntries> = plan.with_fate(Fate::Keep).map(|p| packs[&p].clone()).collect();
     for chunk in kept.chunks(PACKS_PER_SEGMENT) {
         repo.save_index_segment(&IndexSegment { packs: chunk.to_vec() })?;
         report.index_segments_written += 1;
     }
 
-    // 3. and 4. Only now delete: the old segments, then the packs. A lock
-    // that may have gone stale means a backup may have started meanwhile and
+    // 6. Only now delete: the old segments, then the packs. A lock that may
+    // have gone stale means a backup may have started meanwhile and
     // deduplicated against these packs: stop.
     session.check_lock()?;
-    for (i, id) in segment_ids.iter().enumerate() {
-        progress.set(format!("deleting old index segments {}/{}", i + 1, segment_ids.len()));
-        repo.backend().remove(&ObjectKey::Index(*id))?;
+    for (i, id) in plan.segment_ids.iter().enumerate() {
+        progress.set(format!("deleting old index segments {}/{}", i + 1, plan.segment_ids.len()));
+        repo.remove_index_segment(id)?;
         report.index_segments_deleted += 1;
     }
-    let doomed: Vec<PackId> = pack_ids.iter().filter(|p| fates[*p] != Fate::Keep).copied().chain(unindexed).collect();
+    let doomed: Vec<PackId> = plan
+        .fates
+        .iter()
+        .filter(|(_, f)| *f != Fate::Keep)
+        .map(|(p, _)| *p)
+        .chain(plan.unindexed.iter().copied())
+        .collect();
     for (i, pack) in doomed.iter().enumerate() {
         progress.set(format!("deleting packs {}/{}", i + 1, doomed.len()));
-        repo.backend().remove(&ObjectKey::Pack(*pack))?;
+        repo.remove_pack(pack)?;
     }
     repo.reload_index()?;
     progress.set("done");
-    drop(session);
     Ok(report)
 }
 
@@ -318,7 +380,7 @@ pub fn forget(
     let decisions = crate::retention::apply(policy, group_by, &repo.list_snapshots()?);
     if !dry_run {
         for id in decisions.iter().flat_map(|d| &d.remove) {
-            repo.backend().remove(&ObjectKey::Snapshot(*id))?;
+            repo.remove_snapshot(id)?;
         }
     }
     Ok(decisions)
@@ -337,7 +399,7 @@ pub fn forget_ids(repo: &Repository, specs: &[String], dry_run: bool) -> Result<
     }
     if !dry_run {
         for id in &ids {
-            repo.backend().remove(&ObjectKey::Snapshot(*id))?;
+            repo.remove_snapshot(id)?;
         }
     }
     Ok(ids)
@@ -346,7 +408,7 @@ pub fn forget_ids(repo: &Repository, specs: &[String], dry_run: bool) -> Result<
 /// Every snapshot; unlike `list_snapshots`, one that cannot be read stops
 /// prune, since the blobs it needs are unknown.
 fn list_all_snapshots(repo: &Repository) -> Result<Vec<(SnapshotId, Snapshot)>, PruneError> {
-    let ids: Vec<SnapshotId> = crate::backend::snapshot_ids(repo.backend().as_ref())?;
+    let ids: Vec<SnapshotId> = repo.snapshot_ids()?;
     ids.par_iter()
         .map(|id| match repo.load_snapshot(id) {
             Ok(s) => Ok((*id, s)),

@@ -5,11 +5,10 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::backend::{FileType, ObjectKey};
 use crate::id::{BlobId, BlobKind, IndexId, PackId, SnapshotId};
-use crate::index::{IndexSegment, PackEntries};
+use crate::index::IndexSegment;
 use crate::lock::{LockError, LockKind, LockOptions};
-use crate::pack::{self, FRAME_HEADER_LEN, TRAILER_LEN};
+use crate::pack::FRAME_HEADER_LEN;
 use crate::packer::PACKS_PER_SEGMENT;
 use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::Snapshot;
@@ -38,21 +37,6 @@ impl From<crate::backend::BackendError> for RepairError {
     }
 }
 
-/// Reads a pack's own blob table with two ranged reads (trailer, table).
-pub fn read_pack_table(repo: &Repository, pack: &PackId, size: u64) -> Result<PackEntries, RepoError> {
-    let key = ObjectKey::Pack(*pack);
-    let damaged = |source| RepoError::Pack { pack: pack.to_hex(), source };
-    if size < (pack::HEADER_LEN + TRAILER_LEN) as u64 {
-        return Err(damaged(pack::PackError::Format("shorter than header and trailer")));
-    }
-    let trailer = repo.backend().get_range(&key, size - TRAILER_LEN as u64, TRAILER_LEN as u64)?;
-    let (table_len, crc) = pack::parse_trailer(&trailer, size).map_err(damaged)?;
-    let start = size - TRAILER_LEN as u64 - u64::from(table_len);
-    let sealed = repo.backend().get_range(&key, start, u64::from(table_len))?;
-    let table = pack::decode_table(repo.master_key(), &sealed, crc, size).map_err(damaged)?;
-    Ok(PackEntries { pack: *pack, kind: table.kind, blobs: table.blobs })
-}
-
 /// What `repair index` did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RepairIndexReport {
@@ -68,12 +52,13 @@ pub struct RepairIndexReport {
 /// segments (durable), then deletes the old ones. Exclusive lock, like prune.
 pub fn repair_index(repo: &Repository, lock: LockOptions) -> Result<RepairIndexReport, RepairError> {
     let guard = repo.lock(LockKind::Exclusive, lock)?;
-    let old: Vec<IndexId> = crate::backend::index_ids(repo.backend().as_ref())?;
+    let old: Vec<IndexId> = repo.index_segment_ids()?;
     let mut report = RepairIndexReport::default();
     let mut entries = Vec::new();
-    for (key, size) in repo.backend().list(FileType::Pack)? {
-        let ObjectKey::Pack(pack) = key else { continue };
-        match read_pack_table(repo, &pack, size) {
+    let mut packs: Vec<(PackId, u64)> = repo.pack_sizes()?.into_iter().collect();
+    packs.sort();
+    for (pack, size) in packs {
+        match repo.read_pack_table(&pack, size) {
             Ok(e) => {
                 report.blobs += e.blobs.len() as u64;
                 entries.push(e);
@@ -89,7 +74,7 @@ pub fn repair_index(repo: &Repository, lock: LockOptions) -> Result<RepairIndexR
     }
     guard.check()?;
     for id in old {
-        repo.backend().remove(&ObjectKey::Index(id))?;
+        repo.remove_index_segment(&id)?;
         report.segments_deleted += 1;
     }
     repo.reload_index()?;
@@ -156,7 +141,7 @@ pub fn repair_snapshots(
     // writes nothing at all.
     let mut session =
         if dry_run { WriteSession::dry_run(repo) } else { WriteSession::begin(repo, LockKind::Shared, lock, 1)? };
-    let pack_sizes = crate::backend::pack_sizes(repo.backend().as_ref())?;
+    let pack_sizes = repo.pack_sizes()?;
     let mut avail = Available { repo, pack_sizes, read_data, known: HashMap::new() };
     let mut plans = Vec::new();
     let (snapshots, unreadable) = repo.list_snapshots_and_unreadable()?;
@@ -197,14 +182,14 @@ pub fn repair_snapshots(
     // A manifest that cannot be read names no data: with `forget` it goes.
     for r in unreadable {
         if forget {
-            repo.backend().remove(&ObjectKey::Snapshot(r.old))?;
+            repo.remove_snapshot(&r.old)?;
         }
         out.push(r);
     }
     for ((old, _, dropped), new) in plans.into_iter().zip(ids) {
         let new = new?;
         if forget {
-            repo.backend().remove(&ObjectKey::Snapshot(old))?;
+            repo.remove_snapshot(&old)?;
         }
         out.push(RepairedSnapshot { old, new: Some(new), unreadable: None, dropped, forgotten: forget });
     }

@@ -1,14 +1,13 @@
 //! Repository statistics (`stats`) and the difference of two snapshots (`diff`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::backend::FileType;
 use crate::id::BlobId;
 use crate::repo::{RepoError, Repository};
 use crate::snapshot::Snapshot;
-use crate::tree::{Node, NodeKind};
+use crate::tree::{walk, Node, NodeKind};
 
 /// Sizes and counts of a repository.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -40,59 +39,70 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-/// Walks every snapshot's trees once (shared trees are counted once).
+/// Walks every distinct tree once (shared subtrees are counted, and read, once).
 pub fn stats(repo: &Repository) -> Result<Stats, RepoError> {
     let snapshots = repo.list_snapshots()?;
     let mut s = Stats { snapshots: snapshots.len() as u64, ..Stats::default() };
-    let (mut seen_trees, mut seen_chunks) = (HashSet::new(), HashSet::new());
-    // The logical size of a tree is needed once per visit, so sizes of shared
-    // subtrees are remembered rather than walked again.
-    let mut tree_sizes: std::collections::HashMap<BlobId, u64> = std::collections::HashMap::new();
+    // Per distinct tree: the bytes of its own files and its subtrees, so that
+    // each snapshot's logical size is summed without reading a tree twice.
+    let mut trees: HashMap<BlobId, (u64, Vec<BlobId>)> = HashMap::new();
+    let mut seen_chunks = HashSet::new();
     for (_, snap) in &snapshots {
-        s.logical_bytes += tree_size(repo, &snap.tree, &mut tree_sizes, &mut seen_trees, &mut seen_chunks, &mut s)?;
+        if trees.contains_key(&snap.tree) {
+            continue;
+        }
+        trees.insert(snap.tree, (0, Vec::new()));
+        let mut entries = walk(repo, &snap.tree);
+        while let Some(entry) = entries.next() {
+            let (_, node) = entry.map_err(|e| e.source)?;
+            let parent = entries.parent_tree().expect("an entry is inside a tree");
+            match &node.kind {
+                NodeKind::Dir { subtree } => {
+                    trees.get_mut(&parent).expect("parent walked").1.push(*subtree);
+                    if trees.contains_key(subtree) {
+                        entries.skip_subtree();
+                    } else {
+                        trees.insert(*subtree, (0, Vec::new()));
+                    }
+                }
+                NodeKind::File { chunks } => {
+                    trees.get_mut(&parent).expect("parent walked").0 += node.size;
+                    for c in chunks {
+                        if seen_chunks.insert(*c) {
+                            let loc = repo.index().get(c).ok_or(RepoError::MissingBlob(*c))?;
+                            s.chunks += 1;
+                            s.chunk_bytes += u64::from(loc.raw_len);
+                            s.chunk_stored_bytes += u64::from(loc.stored_len);
+                        }
+                    }
+                }
+                NodeKind::Symlink { .. } => {}
+            }
+        }
     }
-    let packs = repo.backend().list(FileType::Pack)?;
+    s.trees = trees.len() as u64;
+    let mut totals = HashMap::with_capacity(trees.len());
+    for (_, snap) in &snapshots {
+        s.logical_bytes += logical_size(&snap.tree, &trees, &mut totals);
+    }
+    let packs = repo.pack_sizes()?;
     s.packs = packs.len() as u64;
-    s.pack_bytes = packs.iter().map(|(_, n)| n).sum();
+    s.pack_bytes = packs.values().sum();
     s.dedup_ratio = ratio(s.logical_bytes, s.chunk_bytes);
     s.compression_ratio = ratio(s.chunk_bytes, s.chunk_stored_bytes);
     Ok(s)
 }
 
-fn tree_size(
-    repo: &Repository,
-    id: &BlobId,
-    sizes: &mut std::collections::HashMap<BlobId, u64>,
-    seen_trees: &mut HashSet<BlobId>,
-    seen_chunks: &mut HashSet<BlobId>,
-    s: &mut Stats,
-) -> Result<u64, RepoError> {
-    if let Some(n) = sizes.get(id) {
-        return Ok(*n);
+/// The bytes of every file below `tree`, from the per-tree sums `stats`
+/// gathered (in memory; each tree's total is computed once).
+fn logical_size(tree: &BlobId, trees: &HashMap<BlobId, (u64, Vec<BlobId>)>, totals: &mut HashMap<BlobId, u64>) -> u64 {
+    if let Some(n) = totals.get(tree) {
+        return *n;
     }
-    if seen_trees.insert(*id) {
-        s.trees += 1;
-    }
-    let mut total = 0;
-    for node in repo.load_tree(id)?.nodes() {
-        match &node.kind {
-            NodeKind::Dir { subtree } => total += tree_size(repo, subtree, sizes, seen_trees, seen_chunks, s)?,
-            NodeKind::File { chunks } => {
-                total += node.size;
-                for c in chunks {
-                    if seen_chunks.insert(*c) {
-                        let loc = repo.index().get(c).ok_or(RepoError::MissingBlob(*c))?;
-                        s.chunks += 1;
-                        s.chunk_bytes += u64::from(loc.raw_len);
-                        s.chunk_stored_bytes += u64::from(loc.stored_len);
-                    }
-                }
-            }
-            NodeKind::Symlink { .. } => {}
-        }
-    }
-    sizes.insert(*id, total);
-    Ok(total)
+    let (own, subtrees) = &trees[tree];
+    let total = own + subtrees.iter().map(|t| logical_size(t, trees, totals)).sum::<u64>();
+    totals.insert(*tree, total);
+    total
 }
 
 /// How an entry differs between two snapshots.

@@ -48,6 +48,8 @@
 //! checks every count against the bytes that remain before allocating for
 //! it, refuses anything over [`MAX_TREE_SIZE`], and never panics.
 
+use std::os::unix::ffi::OsStrExt;
+
 use crate::id::BlobId;
 use crate::wire::{put_u32_len, Reader, Truncated};
 
@@ -408,6 +410,76 @@ impl From<Truncated> for TreeError {
     }
 }
 
+/// A depth-first walk of a tree and every subtree below it ([`walk`]).
+pub struct Walk<'r> {
+    repo: &'r crate::repo::Repository,
+    /// Open directories: their path, tree id, and the nodes not yet yielded.
+    stack: Vec<(std::path::PathBuf, BlobId, std::vec::IntoIter<Node>)>,
+    /// The directory yielded last: entered at the next step unless skipped.
+    enter: Option<(std::path::PathBuf, BlobId)>,
+}
+
+/// A subtree a [`walk`] could not load; the walk goes on with its siblings.
+#[derive(Debug, thiserror::Error)]
+#[error("tree {tree} at /{}: {source}", path.display())]
+pub struct WalkError {
+    /// The directory's path below the root (empty for the root).
+    pub path: std::path::PathBuf,
+    /// Its tree id.
+    pub tree: BlobId,
+    /// Why it could not be loaded.
+    #[source]
+    pub source: crate::repo::RepoError,
+}
+
+/// Walks `root` depth-first, loading subtrees through the repository as it
+/// reaches them. Yields each entry with its path below the root (relative,
+/// the names' bytes kept): a directory's entries in name order, each
+/// directory right before its contents. A subtree that cannot be loaded is
+/// yielded as a [`WalkError`] (the root too); call [`Walk::skip_subtree`]
+/// after a directory to leave its contents out.
+pub fn walk<'r>(repo: &'r crate::repo::Repository, root: &BlobId) -> Walk<'r> {
+    Walk { repo, stack: Vec::new(), enter: Some((std::path::PathBuf::new(), *root)) }
+}
+
+impl Walk<'_> {
+    /// Does not descend into the directory yielded last (a subtree already
+    /// seen, or one a restore does not select).
+    pub fn skip_subtree(&mut self) {
+        self.enter = None;
+    }
+
+    /// The tree id of the directory holding the entry yielded last.
+    pub fn parent_tree(&self) -> Option<BlobId> {
+        self.stack.last().map(|(_, id, _)| *id)
+    }
+}
+
+impl Iterator for Walk<'_> {
+    type Item = Result<(std::path::PathBuf, Node), WalkError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some((path, tree)) = self.enter.take() {
+            match self.repo.load_tree(&tree) {
+                Ok(t) => self.stack.push((path, tree, t.nodes.into_iter())),
+                Err(source) => return Some(Err(WalkError { path, tree, source })),
+            }
+        }
+        loop {
+            let (dir, _, nodes) = self.stack.last_mut()?;
+            let Some(node) = nodes.next() else {
+                self.stack.pop();
+                continue;
+            };
+            let path = dir.join(std::ffi::OsStr::from_bytes(&node.name));
+            if let NodeKind::Dir { subtree } = &node.kind {
+                self.enter = Some((path.clone(), *subtree));
+            }
+            return Some(Ok((path, node)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +497,50 @@ mod tests {
             inode: 42,
             size: 7,
         }
+    }
+
+    #[test]
+    fn walk_is_depth_first_in_name_order_and_can_skip_and_survive_a_lost_subtree() {
+        use crate::id::BlobKind;
+        let dir = tempfile::tempdir().unwrap();
+        let init = crate::repo::InitOptions {
+            kdf: crate::crypto::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
+            ..Default::default()
+        };
+        let backend = std::sync::Arc::new(crate::backend::LocalBackend::create(dir.path()).unwrap());
+        let repo = crate::repo::Repository::init(backend, b"pw", &init).unwrap();
+        let packer = crate::packer::Packer::new(&repo, 1);
+        let save = |nodes: Vec<Node>| packer.save(BlobKind::Tree, &Tree::new(nodes).unwrap().encode()).unwrap().0;
+        let file = |name: &[u8]| node(name, NodeKind::File { chunks: vec![] });
+        let deep = save(vec![file(b"z")]);
+        let b = save(vec![node(b"deep", NodeKind::Dir { subtree: deep }), file(b"y")]);
+        // A subtree that is not stored: the walk reports it and goes on.
+        let lost = BlobId([9; 32]);
+        let root = save(vec![
+            file(b"c"),
+            node(b"b", NodeKind::Dir { subtree: b }),
+            node(b"a", NodeKind::Dir { subtree: lost }),
+        ]);
+        packer.finish().unwrap();
+
+        let show = |w: Walk<'_>| -> Vec<String> {
+            w.map(|e| match e {
+                Ok((p, _)) => p.display().to_string(),
+                Err(e) => format!("error at {}", e.path.display()),
+            })
+            .collect()
+        };
+        assert_eq!(show(walk(&repo, &root)), ["a", "error at a", "b", "b/deep", "b/deep/z", "b/y", "c"]);
+        let mut w = walk(&repo, &root);
+        let mut seen = Vec::new();
+        while let Some(Ok((p, n))) = w.next() {
+            if n.is_dir() {
+                w.skip_subtree();
+            }
+            seen.push(p.display().to_string());
+        }
+        assert_eq!(seen, ["a", "b", "c"]);
+        assert!(matches!(walk(&repo, &lost).next(), Some(Err(WalkError { tree, .. })) if tree == lost));
     }
 
     fn file(name: &[u8]) -> Node {

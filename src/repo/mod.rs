@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod keys;
+mod objects;
 mod read;
 mod session;
 

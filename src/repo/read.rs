@@ -10,7 +10,7 @@ use super::{RepoError, Repository};
 use crate::backend::ObjectKey;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
-use crate::pack::FRAME_HEADER_LEN;
+use crate::pack::{PackError, FRAME_HEADER_LEN};
 
 /// Blobs closer than this in a pack are fetched with one ranged read.
 const COALESCE_GAP: u64 = 1 << 20;
@@ -81,7 +81,8 @@ impl Repository {
             for (id, loc) in group {
                 let at = (u64::from(loc.offset) - start) as usize;
                 let Some(frame) = bytes.get(at..at + FRAME_HEADER_LEN + loc.stored_len as usize) else {
-                    deliver(id, Err(RepoError::Invalid(format!("pack {pack} is shorter than its index says"))));
+                    let short = PackError::Format("shorter than the index says");
+                    deliver(id, Err(RepoError::Pack { pack: pack.to_hex(), source: short }));
                     continue;
                 };
                 match self.open_frame(id, loc.kind, frame, u64::from(loc.offset), loc.stored_len, loc.raw_len) {
