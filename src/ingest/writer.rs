@@ -437,7 +437,8 @@ mod tests {
     #[test]
     fn every_fault_at_every_write_point_of_the_writer_loses_nothing() {
         use crate::backend::{Fault, FaultyBackend, FileType, LocalBackend};
-        let faults: [(&str, fn(usize) -> Fault); 4] = [
+        type MakeFault = fn(usize) -> Fault;
+        let faults: [(&str, MakeFault); 4] = [
             ("eio", |k| Fault::FailPut { nth: k, file_type: None }),
             ("torn pack", |k| Fault::TornPut { nth: k, file_type: Some(FileType::Pack), keep: 10 }),
             ("torn index", |k| Fault::TornPut { nth: k, file_type: Some(FileType::Index), keep: 10 }),
