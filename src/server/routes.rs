@@ -718,26 +718,15 @@ async fn file(
     Ok(resp)
 }
 
-/// Parses one `bytes=` range into `start..end` (end exclusive) within `size`.
+/// Parses a `Range:` header into one `start..end` (end exclusive) within
+/// `size`. Several ranges (a multipart answer) are refused as unsatisfiable.
 fn parse_range(value: &str, size: u64) -> Reply<(u64, u64)> {
     let bad = || HttpError::range_not_satisfiable(size);
-    let spec = value.strip_prefix("bytes=").ok_or_else(bad)?;
-    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().map_err(|_| bad())?;
-            (size.saturating_sub(n), size)
-        }
-        (a, "") => (a.parse().map_err(|_| bad())?, size),
-        (a, b) => {
-            let last: u64 = b.parse().map_err(|_| bad())?;
-            (a.parse().map_err(|_| bad())?, last.saturating_add(1).min(size))
-        }
-    };
-    if start >= end {
-        return Err(bad());
+    let ranges = http_range_header::parse_range_header(value).and_then(|r| r.validate(size)).map_err(|_| bad())?;
+    match ranges.as_slice() {
+        [one] => Ok((*one.start(), one.end() + 1)),
+        _ => Err(bad()),
     }
-    Ok((start, end))
 }
 
 /// A `Write` that sends pieces of a bounded size into the response channel.
