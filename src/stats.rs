@@ -88,7 +88,7 @@ fn tree_size(
                     }
                 }
             }
-            NodeKind::Symlink { .. } => {}
+            NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
         }
     }
     sizes.insert(*id, total);

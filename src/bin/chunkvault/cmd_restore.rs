@@ -74,6 +74,9 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     for w in &report.warnings {
         ctx.info(format!("warning: {w}"));
     }
+    for l in &report.left_out {
+        eprintln!("not restored: {}: {}", l.path, l.error);
+    }
     for d in &report.damaged {
         eprintln!("damaged: {}: {} (not restored)", d.path, d.error);
     }
@@ -89,12 +92,14 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
         let skipped =
             if report.skipped > 0 { format!(", {} left as they were", report.skipped) } else { String::new() };
         println!(
-            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}{skipped}",
+            "restored snapshot {} to {}: {} files ({} hard links), {} dirs, {} symlinks, {} fifos/devices, {}{skipped}",
             id.short(),
             a.target.display(),
             report.files,
+            report.hardlinks,
             report.dirs,
             report.symlinks,
+            report.specials,
             human_bytes(report.bytes)
         );
     }
@@ -133,18 +138,43 @@ struct Entry {
     mtime: String,
     uid: u32,
     gid: u32,
+    /// Owner names at backup time (empty when unknown or not recorded).
+    user: String,
+    group: String,
+    /// Hard links of the file when backed up (0: not recorded or one).
+    #[serde(skip_serializing_if = "is_zero")]
+    links: u64,
+    /// Names of its extended attributes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    xattrs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn entry(path: String, n: &Node) -> Entry {
-    let (kind, target) = match &n.kind {
-        NodeKind::File { .. } => ("file", None),
-        NodeKind::Dir { .. } => ("dir", None),
-        NodeKind::Symlink { target } => ("symlink", Some(String::from_utf8_lossy(target).into_owned())),
+    let target = match &n.kind {
+        NodeKind::Symlink { target } => Some(String::from_utf8_lossy(target).into_owned()),
+        _ => None,
     };
     let mtime = chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec).map(|t| t.to_rfc3339()).unwrap_or_default();
-    Entry { path, kind, mode: format!("{:o}", n.mode & 0o7777), size: n.size, mtime, uid: n.uid, gid: n.gid, target }
+    Entry {
+        path,
+        kind: n.type_name(),
+        mode: format!("{:o}", n.mode & 0o7777),
+        size: n.size,
+        mtime,
+        uid: n.uid,
+        gid: n.gid,
+        user: n.extra.user.clone(),
+        group: n.extra.group.clone(),
+        links: n.extra.links,
+        xattrs: n.extra.xattrs.iter().map(|x| String::from_utf8_lossy(&x.name).into_owned()).collect(),
+        target,
+    }
 }
 
 pub fn ls(ctx: &Ctx, a: LsArgs) -> CmdResult {
