@@ -845,8 +845,8 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(Tree::decode(&b), Err(TreeError::BadMagic)));
         let mut b = bytes.clone();
-        b[4] = 2;
-        assert!(matches!(Tree::decode(&b), Err(TreeError::UnsupportedVersion(2))));
+        b[4] = 3;
+        assert!(matches!(Tree::decode(&b), Err(TreeError::UnsupportedVersion(3))));
         let mut b = bytes.clone();
         b[HEADER_LEN] = 7;
         assert!(matches!(Tree::decode(&b), Err(TreeError::BadKind(7))));

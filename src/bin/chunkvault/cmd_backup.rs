@@ -1,6 +1,7 @@
 //! `backup`.
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,8 +16,16 @@ use crate::{exit, CmdResult};
 #[derive(clap::Args, Debug)]
 pub struct BackupArgs {
     /// Files and directories to back up.
-    #[arg(required = true)]
+    #[arg(required_unless_present_any = ["files_from", "files_from_verbatim"])]
     pub paths: Vec<PathBuf>,
+    /// Also back up the paths listed in FILE, one a line; empty lines and
+    /// lines starting with `#` are skipped, surrounding spaces trimmed (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub files_from: Vec<PathBuf>,
+    /// Also back up the paths in FILE taken verbatim: separated by NUL
+    /// bytes (`find -print0`), or by newlines when FILE has no NUL (repeatable).
+    #[arg(long, value_name = "FILE", alias = "files-from-raw")]
+    pub files_from_verbatim: Vec<PathBuf>,
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
@@ -87,8 +96,35 @@ fn exclude_options(a: &BackupArgs) -> Result<ExcludeOptions, CliError> {
     Ok(opts)
 }
 
-pub fn run(ctx: &Ctx, a: BackupArgs) -> CmdResult {
+/// The paths of `--files-from` (text: comments, blank lines and surrounding
+/// spaces dropped) or `--files-from-verbatim` (NUL- or newline-separated bytes).
+fn paths_from_file(file: &Path, verbatim: bool) -> Result<Vec<PathBuf>, CliError> {
+    let data = std::fs::read(file).map_err(|e| CliError::Usage(format!("--files-from {}: {e}", file.display())))?;
+    let sep = if verbatim && data.contains(&0) { 0 } else { b'\n' };
+    Ok(data
+        .split(|&b| b == sep)
+        .filter_map(|line| {
+            if verbatim {
+                return (!line.is_empty()).then_some(line);
+            }
+            let line = line.strip_suffix(b"\r").unwrap_or(line).trim_ascii();
+            (!line.is_empty() && !line.starts_with(b"#")).then_some(line)
+        })
+        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .collect())
+}
+
+pub fn run(ctx: &Ctx, mut a: BackupArgs) -> CmdResult {
     let exclude = exclude_options(&a)?;
+    for f in &a.files_from {
+        a.paths.extend(paths_from_file(f, false)?);
+    }
+    for f in &a.files_from_verbatim {
+        a.paths.extend(paths_from_file(f, true)?);
+    }
+    if a.paths.is_empty() {
+        return Err(CliError::Usage("no paths to back up: the --files-from files list none".into()));
+    }
     let repo = ctx.open()?;
     let parent = if a.force {
         ParentChoice::None

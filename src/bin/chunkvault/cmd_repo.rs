@@ -8,7 +8,7 @@ use chunkvault::crypto::KdfParams;
 use chunkvault::id::KeyId;
 use chunkvault::repo::{self, InitOptions, Repository};
 
-use crate::ctx::{human_bytes, password_from, CliError, Ctx};
+use crate::ctx::{human_bytes, password_from, CliError, Ctx, FilterArgs};
 use crate::CmdResult;
 
 #[derive(clap::Args, Debug)]
@@ -59,9 +59,15 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn snapshots(ctx: &Ctx) -> CmdResult {
+#[derive(clap::Args, Debug)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+pub fn snapshots(ctx: &Ctx, a: SnapshotsArgs) -> CmdResult {
     let r = ctx.open()?;
-    let list = r.list_snapshots()?;
+    let list = chunkvault::select::list(&r, &a.filter.filter())?;
     if ctx.args.json {
         let v: Vec<_> = list
             .iter()

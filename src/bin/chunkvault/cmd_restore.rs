@@ -9,9 +9,10 @@ use std::sync::Arc;
 use chunkvault::id::BlobId;
 use chunkvault::repo::Repository;
 use chunkvault::restore::{self, Overwrite, RestoreOptions, RestoreProgress};
+use chunkvault::select;
 use chunkvault::tree::{Node, NodeKind};
 
-use crate::ctx::{human_bytes, CliError, Ctx};
+use crate::ctx::{human_bytes, CliError, Ctx, FilterArgs};
 use crate::{exit, CmdResult};
 
 #[derive(clap::Args, Debug)]
@@ -29,6 +30,8 @@ pub struct RestoreArgs {
     /// (`never`). A file is only ever replaced by a complete, verified copy.
     #[arg(long, value_enum, default_value_t = OverwriteArg::Always)]
     pub overwrite: OverwriteArg,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 /// `--overwrite` values (restic's names).
@@ -51,7 +54,7 @@ impl From<OverwriteArg> for Overwrite {
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     let repo = ctx.open()?;
-    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (id, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let progress = Arc::new(RestoreProgress::default());
     let shown = progress.clone();
     let bar = ctx.progress(None, move |bar| {
@@ -126,6 +129,8 @@ pub struct LsArgs {
     /// Do not descend into subdirectories.
     #[arg(long)]
     pub no_recurse: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -179,7 +184,7 @@ fn entry(path: String, n: &Node) -> Entry {
 
 pub fn ls(ctx: &Ctx, a: LsArgs) -> CmdResult {
     let repo = ctx.open()?;
-    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (_, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let base = a.path.clone().unwrap_or_default();
     let base = base.trim_matches('/');
     let mut out = Vec::new();
@@ -231,6 +236,8 @@ pub struct CatArgs {
     /// Only bytes START-END (END exclusive; either may be omitted).
     #[arg(long)]
     pub range: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), CliError> {
@@ -247,7 +254,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), CliError> {
 pub fn cat(ctx: &Ctx, a: CatArgs) -> CmdResult {
     let range = a.range.as_deref().map(parse_range).transpose()?;
     let repo = ctx.open()?;
-    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (_, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let node =
         repo.find_node(&snap.tree, &a.path)?.ok_or_else(|| CliError::Other(format!("{}: not a file", a.path)))?;
     let mut stdout = std::io::stdout().lock();
