@@ -82,3 +82,45 @@ fn completions_for_each_shell_and_man_pages_are_generated() {
     assert!(backup.contains("exclude\\-larger\\-than"), "{}", &backup[..backup.len().min(400)]);
     assert!(dir.join("chunkvault-key-add.1").exists());
 }
+
+/// Lines on stdout: status lines, then the summary; returns them parsed.
+fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON document a line"))
+        .collect()
+}
+
+#[test]
+fn status_lines_precede_a_one_line_summary_for_front_ends() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), common::pseudo_random(1 << 20, 1)).unwrap();
+    let out = env.run(&["backup", src.to_str().unwrap(), "--json", "--status-lines"]);
+    assert!(out.status.success());
+    let lines = json_lines(&out.stdout);
+    let (summary, status) = lines.split_last().unwrap();
+    assert!(!status.is_empty(), "at least one status line");
+    for s in status {
+        assert_eq!(s["message_type"], "status");
+        assert!(
+            s["percent_done"].as_f64().unwrap() <= 1.0
+                && s.get("total_bytes").is_some()
+                && s.get("bytes_done").is_some()
+        );
+    }
+    assert_eq!(summary["message_type"], "summary");
+    let id = summary["snapshot"].as_str().unwrap();
+
+    let target = env.path("t");
+    let out = env.run(&["restore", id, "--target", target.to_str().unwrap(), "--json", "--status-lines"]);
+    assert!(out.status.success());
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.last().unwrap()["message_type"], "summary");
+    assert_eq!(lines.last().unwrap()["files"], 1);
+    assert_eq!(lines[0]["message_type"], "status");
+
+    let no_json = env.run(&["backup", src.to_str().unwrap(), "--status-lines"]);
+    assert_eq!(no_json.status.code(), Some(2), "--status-lines needs --json");
+}

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 pub use filter::{parse_size, patterns_from_file, ExcludeError, ExcludeOptions, PatternList, CACHEDIR_TAG};
 pub use stream::{backup_stream, FileTree, NamedFile};
+pub use walk::{scan, ScanProgress};
 
 use crate::id::{BlobKind, SnapshotId};
 use crate::lock::{LockError, LockGuard, LockKind, LockOptions};

@@ -416,3 +416,51 @@ fn node_from_meta(name: &[u8], meta: &Metadata, kind: NodeKind) -> Node {
         inode: meta.ino(),
     }
 }
+
+/// What [`scan`] has counted so far: the size of a backup, for a progress
+/// display's total and ETA while the backup runs.
+#[derive(Debug, Default)]
+pub struct ScanProgress {
+    /// Regular files found.
+    pub files: std::sync::atomic::AtomicU64,
+    /// Their bytes.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// Set when the scan has seen everything (the counts are final).
+    pub done: std::sync::atomic::AtomicBool,
+}
+
+/// Counts the files and bytes a backup of `paths` with `exclude` would read,
+/// leaving out what the backup leaves out; run it on a thread of its own
+/// beside the backup (as restic does). Unreadable entries are skipped: the
+/// backup reports them.
+pub fn scan<P: AsRef<Path>>(
+    paths: &[P],
+    exclude: &super::ExcludeOptions,
+    progress: &ScanProgress,
+) -> Result<(), BackupError> {
+    let mut roots = Vec::new();
+    for p in paths {
+        let p = p.as_ref();
+        roots.push(std::path::absolute(p).map_err(|source| BackupError::Source { path: p.into(), source })?);
+    }
+    let filter = Filter::new(exclude, &roots)?;
+    let mut stack: Vec<PathBuf> = roots;
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !matches!(filter.verdict(&path, &meta), Verdict::Keep) {
+            continue;
+        }
+        if meta.is_file() {
+            progress.files.fetch_add(1, Ordering::Relaxed);
+            progress.bytes.fetch_add(meta.size(), Ordering::Relaxed);
+        } else if meta.is_dir() {
+            let Ok(dir) = std::fs::read_dir(&path) else { continue };
+            let names: Vec<OsString> = dir.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+            let keep = filter.tagged(&path, names.iter().map(OsString::as_os_str));
+            let kept = |n: &OsString| keep.as_ref().map_or(true, |k| is_one_of(n, k));
+            stack.extend(names.into_iter().filter(kept).map(|n| path.join(n)));
+        }
+    }
+    progress.done.store(true, Ordering::Relaxed);
+    Ok(())
+}

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chunkvault::backup::{
-    backup, dry_run, parse_size, patterns_from_file, BackupOptions, BackupProgress, ExcludeOptions, ParentChoice,
+    backup, dry_run, parse_size, patterns_from_file, scan, BackupOptions, BackupProgress, ExcludeOptions, ParentChoice,
+    ScanProgress,
 };
 
 use crate::ctx::{human_bytes, CliError, Ctx};
@@ -67,6 +68,11 @@ pub struct BackupArgs {
     /// Show what would be stored (files and bytes new or changed); write nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
+    /// With --json: print a `{"message_type":"status",...}` line on stdout
+    /// every second (total, done, percentage, ETA), then the result as one
+    /// `"message_type":"summary"` line.
+    #[arg(long, requires = "json")]
+    pub status_lines: bool,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -143,40 +149,71 @@ pub fn run(ctx: &Ctx, mut a: BackupArgs) -> CmdResult {
         ..BackupOptions::default()
     };
     let progress = Arc::new(BackupProgress::default());
-    let shown = progress.clone();
-    let bar = ctx.progress(None, move |bar| {
+    // The total for the bar and the ETA: counted beside the backup, as restic does.
+    let scanned = Arc::new(ScanProgress::default());
+    {
+        let (paths, exclude, scanned) = (a.paths.clone(), opts.exclude.clone(), scanned.clone());
+        std::thread::spawn(move || scan(&paths, &exclude, &scanned));
+    }
+    let (shown, total) = (progress.clone(), scanned.clone());
+    let bar = ctx.progress(Some(0), move |bar| {
         let stored =
             shown.packer.lock().expect("progress lock").as_ref().map_or(0, |s| s.bytes_stored.load(Ordering::Relaxed));
+        bar.set_length(total.bytes.load(Ordering::Relaxed));
+        bar.set_position(shown.bytes.load(Ordering::Relaxed));
+        let files_total = total.files.load(Ordering::Relaxed);
+        let counting = if total.done.load(Ordering::Relaxed) { "" } else { "+ (counting)" };
         bar.set_message(format!(
-            "{} files, {} processed, {} stored, {} errors",
+            "{}/{files_total}{counting} files, {} stored, {} errors",
             shown.files.load(Ordering::Relaxed),
-            human_bytes(shown.bytes.load(Ordering::Relaxed)),
             human_bytes(stored),
             shown.errors.load(Ordering::Relaxed)
         ));
     });
+    let (shown, total, started) = (progress.clone(), scanned.clone(), std::time::Instant::now());
+    let status = ctx.status_lines(a.status_lines, move || {
+        let (done, all) = (shown.bytes.load(Ordering::Relaxed), total.bytes.load(Ordering::Relaxed));
+        let counted = total.done.load(Ordering::Relaxed);
+        let fraction = if all == 0 { 0.0 } else { (done as f64 / all as f64).min(1.0) };
+        let elapsed = started.elapsed().as_secs_f64();
+        let remaining = (counted && fraction > 0.0).then(|| elapsed / fraction - elapsed);
+        serde_json::json!({
+            "percent_done": fraction,
+            "total_files": total.files.load(Ordering::Relaxed),
+            "files_done": shown.files.load(Ordering::Relaxed),
+            "total_bytes": all,
+            "bytes_done": done,
+            "scan_finished": counted,
+            "error_count": shown.errors.load(Ordering::Relaxed),
+            "seconds_elapsed": elapsed.round() as u64,
+            "seconds_remaining": remaining.map(|r| r.round() as u64),
+        })
+    });
     if a.dry_run {
         let result = dry_run(&repo, &a.paths, &opts, &progress);
-        drop(bar);
+        drop((bar, status));
         return print_dry_run(ctx, result.map_err(CliError::from)?);
     }
     let result = backup(&repo, &a.paths, &opts, &progress);
-    drop(bar);
+    drop((bar, status));
     let done = result.map_err(CliError::from)?;
     for w in &done.warnings {
         eprintln!("warning: {w}");
     }
     let s = &done.snapshot.summary;
     if ctx.args.json {
-        ctx.print_json(&serde_json::json!({
-            "snapshot": done.id,
-            "short_id": done.id.short(),
-            "parent": done.snapshot.parent,
-            "time": done.snapshot.time,
-            "paths": done.snapshot.paths,
-            "summary": s,
-            "warnings": done.warnings,
-        }));
+        ctx.print_result(
+            serde_json::json!({
+                "snapshot": done.id,
+                "short_id": done.id.short(),
+                "parent": done.snapshot.parent,
+                "time": done.snapshot.time,
+                "paths": done.snapshot.paths,
+                "summary": s,
+                "warnings": done.warnings,
+            }),
+            a.status_lines,
+        );
     } else {
         ctx.info(format!(
             "files: {} new, {} changed, {} unmodified; {} dirs\nadded {} ({} stored) in {} new blobs; {} total in {:.1}s",

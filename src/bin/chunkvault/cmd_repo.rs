@@ -101,13 +101,17 @@ pub fn snapshots(ctx: &Ctx, a: SnapshotsArgs) -> CmdResult {
 pub enum KeyCommand {
     /// Add a password. The new one comes from --new-password-file or $CHUNKVAULT_NEW_PASSWORD.
     Add {
+        /// Read the new password from this file (first line).
         #[arg(long)]
         new_password_file: Option<PathBuf>,
     },
     /// List key files.
     List,
     /// Remove a key file (not the one in use).
-    Remove { id: String },
+    Remove {
+        /// The key's id or a unique prefix of it (see `key list`).
+        id: String,
+    },
 }
 
 pub fn key(ctx: &Ctx, cmd: KeyCommand) -> CmdResult {

@@ -30,6 +30,10 @@ pub struct RestoreArgs {
     /// (`never`). A file is only ever replaced by a complete, verified copy.
     #[arg(long, value_enum, default_value_t = OverwriteArg::Always)]
     pub overwrite: OverwriteArg,
+    /// With --json: print a `{"message_type":"status",...}` line on stdout
+    /// every second, then the result as one `"message_type":"summary"` line.
+    #[arg(long, requires = "json")]
+    pub status_lines: bool,
     #[command(flatten)]
     pub filter: FilterArgs,
 }
@@ -57,13 +61,23 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     let (id, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let progress = Arc::new(RestoreProgress::default());
     let shown = progress.clone();
-    let bar = ctx.progress(None, move |bar| {
-        let total = shown.total_bytes.load(Ordering::Relaxed);
-        bar.set_message(format!(
-            "{} / {} restored",
-            human_bytes(shown.bytes.load(Ordering::Relaxed)),
-            human_bytes(total)
-        ));
+    let bar = ctx.progress(Some(0), move |bar| {
+        bar.set_length(shown.total_bytes.load(Ordering::Relaxed));
+        bar.set_position(shown.bytes.load(Ordering::Relaxed));
+        bar.set_message("restored");
+    });
+    let (shown, started) = (progress.clone(), std::time::Instant::now());
+    let status = ctx.status_lines(a.status_lines, move || {
+        let (done, all) = (shown.bytes.load(Ordering::Relaxed), shown.total_bytes.load(Ordering::Relaxed));
+        let fraction = if all == 0 { 0.0 } else { (done as f64 / all as f64).min(1.0) };
+        let elapsed = started.elapsed().as_secs_f64();
+        serde_json::json!({
+            "percent_done": fraction,
+            "total_bytes": all,
+            "bytes_restored": done,
+            "seconds_elapsed": elapsed.round() as u64,
+            "seconds_remaining": (fraction > 0.0).then(|| (elapsed / fraction - elapsed).round() as u64),
+        })
     });
     let opts = RestoreOptions {
         include: a.include,
@@ -72,7 +86,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
         ignore_owner: false,
     };
     let result = restore::restore(&repo, &snap, &a.target, &opts, &progress);
-    drop(bar);
+    drop((bar, status));
     let report = result?;
     for w in &report.warnings {
         ctx.info(format!("warning: {w}"));
@@ -90,7 +104,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
         let mut v = serde_json::to_value(&report).expect("serializable");
         v["snapshot"] = serde_json::json!(id);
         v["target"] = serde_json::json!(a.target);
-        ctx.print_json(&v);
+        ctx.print_result(v, a.status_lines);
     } else {
         let skipped =
             if report.skipped > 0 { format!(", {} left as they were", report.skipped) } else { String::new() };

@@ -229,7 +229,7 @@ impl Ctx {
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
                 ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {percent}% ETA {eta} {bytes_per_sec} {msg}",
                 )
                 .expect("template"),
             ),
@@ -246,6 +246,43 @@ impl Ctx {
             }
         });
         Progress { bar: Some(bar), stop, thread: Some(thread) }
+    }
+}
+
+impl Ctx {
+    /// With `enabled` (`--json --status-lines`): a `{"message_type":
+    /// "status", ...}` line on stdout from `status` every second until the
+    /// guard drops, for front ends that read stdout line by line.
+    pub fn status_lines(&self, enabled: bool, status: impl Fn() -> serde_json::Value + Send + 'static) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        if !enabled || !self.args.json {
+            return Progress { bar: None, stop, thread: None };
+        }
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || loop {
+            let mut line = status();
+            line["message_type"] = "status".into();
+            println!("{line}");
+            // A second in small steps, so dropping the guard returns at once.
+            for _ in 0..10 {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Progress { bar: None, stop, thread: Some(thread) }
+    }
+
+    /// The result document: pretty, or with status lines one compact
+    /// `"message_type": "summary"` line after them.
+    pub fn print_result(&self, mut value: serde_json::Value, status_lines: bool) {
+        if status_lines {
+            value["message_type"] = "summary".into();
+            println!("{value}");
+        } else {
+            self.print_json(&value);
+        }
     }
 }
 
