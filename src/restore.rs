@@ -507,16 +507,9 @@ pub fn restore_plan(
             continue;
         }
         temps.add(tmp.clone());
-        match std::fs::rename(&tmp, &path) {
-            Ok(()) => {
-                temps.done(&tmp);
-                report.files += 1;
-                report.hardlinks += 1;
-            }
-            Err(err) => {
-                temps.remove(&tmp);
-                report.failed.push(failure(&e.rel, format!("putting it in place: {err}")));
-            }
+        if put_in_place(&tmp, &path, &e.rel, &temps, &mut report) {
+            report.files += 1;
+            report.hardlinks += 1;
         }
     }
 
@@ -524,16 +517,8 @@ pub fn restore_plan(
     for e in &plan.symlinks {
         let path = target.join(&e.rel);
         let NodeKind::Symlink { target: link } = &e.node.kind else { continue };
-        match decide(&path, &e.node, opts.overwrite) {
-            Decision::Write => {}
-            Decision::Skip => {
-                report.skipped += 1;
-                continue;
-            }
-            Decision::Fail(error) => {
-                report.failed.push(failure(&e.rel, error));
-                continue;
-            }
+        if !wants_write(&path, e, opts.overwrite, &mut report) {
+            continue;
         }
         record(&[Created::Symlink { path: path.clone(), target: String::from_utf8_lossy(link).into_owned() }])?;
         let tmp = temp_sibling(&path);
@@ -543,15 +528,8 @@ pub fn restore_plan(
         }
         temps.add(tmp.clone());
         report.warnings.extend(apply_metadata(&tmp, &e.node, true, opts));
-        match std::fs::rename(&tmp, &path) {
-            Ok(()) => {
-                temps.done(&tmp);
-                report.symlinks += 1;
-            }
-            Err(err) => {
-                temps.remove(&tmp);
-                report.failed.push(failure(&e.rel, format!("putting it in place: {err}")));
-            }
+        if put_in_place(&tmp, &path, &e.rel, &temps, &mut report) {
+            report.symlinks += 1;
         }
     }
     restore_specials(plan, target, opts, &record, &temps, &mut report)?;
@@ -560,6 +538,38 @@ pub fn restore_plan(
         report.warnings.extend(apply_metadata(&target.join(&e.rel), &e.node, false, opts));
     }
     Ok(report)
+}
+
+/// Whether to write the entry at `path` (`--overwrite`); otherwise counts
+/// the skip or records the failure.
+fn wants_write(path: &Path, e: &PlanEntry, overwrite: Overwrite, report: &mut RestoreReport) -> bool {
+    match decide(path, &e.node, overwrite) {
+        Decision::Write => true,
+        Decision::Skip => {
+            report.skipped += 1;
+            false
+        }
+        Decision::Fail(error) => {
+            report.failed.push(failure(&e.rel, error));
+            false
+        }
+    }
+}
+
+/// Renames the finished temporary entry `tmp` over `path`; when that fails,
+/// removes it and records why.
+fn put_in_place(tmp: &Path, path: &Path, rel: &Path, temps: &TempFiles, report: &mut RestoreReport) -> bool {
+    match std::fs::rename(tmp, path) {
+        Ok(()) => {
+            temps.done(tmp);
+            true
+        }
+        Err(err) => {
+            temps.remove(tmp);
+            report.failed.push(failure(rel, format!("putting it in place: {err}")));
+            false
+        }
+    }
 }
 
 /// The identity of a file that had hard links when backed up.
@@ -593,16 +603,8 @@ fn restore_specials(
             continue;
         }
         let path = target.join(&e.rel);
-        match decide(&path, &e.node, opts.overwrite) {
-            Decision::Write => {}
-            Decision::Skip => {
-                report.skipped += 1;
-                continue;
-            }
-            Decision::Fail(error) => {
-                report.failed.push(failure(&e.rel, error));
-                continue;
-            }
+        if !wants_write(&path, e, opts.overwrite, report) {
+            continue;
         }
         let node = &e.node;
         record(&[Created::File { path: path.clone(), size: 0, mtime: node.mtime.sec, mtime_nsec: node.mtime.nsec }])?;
@@ -614,15 +616,8 @@ fn restore_specials(
         }
         temps.add(tmp.clone());
         report.warnings.extend(apply_metadata(&tmp, node, false, opts));
-        match std::fs::rename(&tmp, &path) {
-            Ok(()) => {
-                temps.done(&tmp);
-                report.specials += 1;
-            }
-            Err(err) => {
-                temps.remove(&tmp);
-                report.failed.push(failure(&e.rel, format!("putting it in place: {err}")));
-            }
+        if put_in_place(&tmp, &path, &e.rel, temps, report) {
+            report.specials += 1;
         }
     }
     Ok(())
@@ -799,28 +794,26 @@ fn apply_metadata(path: &Path, node: &Node, is_link: bool, opts: &RestoreOptions
     };
     let flags = if is_link { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
     let mode_bits = if opts.strip_special_bits { 0o777 } else { 0o7777 };
-    // SAFETY: `c` is a valid NUL-terminated path; the calls only read it.
-    unsafe {
-        // Ownership first: chown clears setuid/setgid bits, chmod then sets them.
-        if !opts.ignore_owner
-            && libc::geteuid() == 0
-            && libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) != 0
-        {
-            warnings.push(format!("{}: chown: {}", path.display(), std::io::Error::last_os_error()));
+    // Ownership first: chown clears setuid/setgid bits (chmod then sets
+    // them) and security.capability (set below).
+    // SAFETY: `c` is a valid NUL-terminated path; the call only reads it.
+    if !opts.ignore_owner
+        && unsafe { libc::geteuid() } == 0
+        && unsafe { libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) } != 0
+    {
+        warnings.push(format!("{}: chown: {}", path.display(), std::io::Error::last_os_error()));
+    }
+    // Before chmod: a read-only mode would stop its owner setting user.*.
+    // Each attribute is tried: the restoring user may set user.* but not trusted.*.
+    for x in &node.extra.xattrs {
+        if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
+            warnings.push(format!("{}: extended attribute {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
         }
+    }
+    // SAFETY: as above; `times` outlives the call.
+    unsafe {
         if !is_link && libc::chmod(c.as_ptr(), (node.mode & mode_bits) as libc::mode_t) != 0 {
             warnings.push(format!("{}: chmod: {}", path.display(), std::io::Error::last_os_error()));
-        }
-        // After chown, which clears security.capability. Each attribute is
-        // tried: the restoring user may set user.* but not trusted.*.
-        for x in &node.extra.xattrs {
-            if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
-                warnings.push(format!(
-                    "{}: extended attribute {}: {e}",
-                    path.display(),
-                    String::from_utf8_lossy(&x.name)
-                ));
-            }
         }
         let times = [to_timespec(node.mtime), to_timespec(node.mtime)];
         if libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), flags) != 0 {
