@@ -135,3 +135,48 @@ fn the_snapshot_user_comes_from_the_uid_not_from_the_environment() {
     assert_eq!(snaps[0]["username"], me);
     assert_eq!(snaps[0]["hostname"], nix::unistd::gethostname().unwrap().to_str().unwrap());
 }
+
+/// As a user who is not root: the device and the trusted.* attribute cannot
+/// be restored, and each is named on stderr with why; the rest comes back.
+#[test]
+fn a_restore_by_another_user_names_what_it_cannot_restore() {
+    if !is_root() {
+        eprintln!("skipped: needs root to make a device and to switch users");
+        return;
+    }
+    if Env::uninit().is_s3() {
+        eprintln!("skipped: copies the repository's directory, which an S3 run does not have");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    make_tree(&src);
+    env.backup(&src);
+    // A copy of the repository that user nobody can read, in a place it can reach.
+    let base = env.path("shared");
+    fs::create_dir(&base).unwrap();
+    run("cp", &["-a", env.repo.to_str().unwrap(), base.join("repo").to_str().unwrap()]);
+    run("chown", &["-R", "nobody", base.to_str().unwrap()]);
+    fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let target = base.join("restore");
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", env!("CARGO_BIN_EXE_chunkvault")])
+        .args(["restore", "latest", "--target", target.to_str().unwrap(), "--no-cache"])
+        .env("CHUNKVAULT_REPO", base.join("repo"))
+        .env("CHUNKVAULT_PASSWORD", common::PASSWORD)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("not restored") && stderr.contains("null: a device: only root can create one"), "{stderr}");
+    assert!(stderr.contains("extended attribute trusted.secret"), "{stderr}");
+    let out_dir = restored(&target, &src);
+    assert!(!out_dir.join("null").exists());
+    assert_eq!(fs::metadata(out_dir.join("a")).unwrap().nlink(), 3);
+    assert_eq!(xattr::get(out_dir.join("a"), "user.comment").unwrap().as_deref(), Some(&b"kept with the inode"[..]));
+    assert_eq!(
+        fs::metadata(out_dir.join("d")).unwrap().uid(),
+        65534,
+        "not root: the restoring user owns what it writes"
+    );
+}
