@@ -202,7 +202,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) ->
                             damaged_files.push(DamagedFile { snapshot: sid, path: child });
                         }
                     }
-                    NodeKind::Symlink { .. } => {}
+                    NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
                 }
             }
         }

@@ -464,6 +464,9 @@ impl Tenant {
                 NodeKind::Symlink { target } => {
                     (EntryKind::Symlink, Vec::new(), Some(String::from_utf8_lossy(target).into_owned()))
                 }
+                // Not reached: fifos and devices are in `plan.specials`,
+                // which a device is not sent.
+                NodeKind::Special { .. } => (EntryKind::File, Vec::new(), None),
             };
             PlanEntry {
                 path: e.rel.to_string_lossy().into_owned(),
@@ -862,6 +865,7 @@ impl Writer {
                 ctime: mtime,
                 inode: 0,
                 size: f.size,
+                extra: crate::tree::NodeExtra::default(),
             };
             root.insert(&f.path, node)?;
         }

@@ -114,7 +114,7 @@ pub fn reachable_blobs(repo: &Repository, snapshots: &[(SnapshotId, Snapshot)]) 
             match &node.kind {
                 NodeKind::Dir { subtree } => stack.push(*subtree),
                 NodeKind::File { chunks } => used.extend(chunks.iter().copied()),
-                NodeKind::Symlink { .. } => {}
+                NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
             }
         }
     }

@@ -241,7 +241,7 @@ fn rewrite_tree(
                     dropped.push(child);
                 }
             }
-            NodeKind::Symlink { .. } => nodes.push(node.clone()),
+            NodeKind::Symlink { .. } | NodeKind::Special { .. } => nodes.push(node.clone()),
         }
     }
     if dropped.len() == before {

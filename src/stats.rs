@@ -42,13 +42,17 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 /// Walks every snapshot's trees once (shared trees are counted once).
 pub fn stats(repo: &Repository) -> Result<Stats, RepoError> {
-    let snapshots = repo.list_snapshots()?;
+    stats_of(repo, &repo.list_snapshots()?)
+}
+
+/// [`stats`] of some snapshots only (the packs are the whole repository's).
+pub fn stats_of(repo: &Repository, snapshots: &[(crate::id::SnapshotId, Snapshot)]) -> Result<Stats, RepoError> {
     let mut s = Stats { snapshots: snapshots.len() as u64, ..Stats::default() };
     let (mut seen_trees, mut seen_chunks) = (HashSet::new(), HashSet::new());
     // The logical size of a tree is needed once per visit, so sizes of shared
     // subtrees are remembered rather than walked again.
     let mut tree_sizes: std::collections::HashMap<BlobId, u64> = std::collections::HashMap::new();
-    for (_, snap) in &snapshots {
+    for (_, snap) in snapshots {
         s.logical_bytes += tree_size(repo, &snap.tree, &mut tree_sizes, &mut seen_trees, &mut seen_chunks, &mut s)?;
     }
     let packs = repo.backend().list(FileType::Pack)?;
@@ -88,7 +92,7 @@ fn tree_size(
                     }
                 }
             }
-            NodeKind::Symlink { .. } => {}
+            NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
         }
     }
     sizes.insert(*id, total);

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 pub use filter::{parse_size, patterns_from_file, ExcludeError, ExcludeOptions, PatternList, CACHEDIR_TAG};
 pub use stream::{backup_stream, FileTree, NamedFile};
+pub use walk::{scan, ScanProgress};
 
 use crate::id::{BlobKind, SnapshotId};
 use crate::lock::{LockError, LockGuard, LockKind, LockOptions};
@@ -184,8 +185,8 @@ fn run<P: AsRef<Path>>(
     let path_strings: Vec<String> = abs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
     let filter = filter::Filter::new(&opts.exclude, &abs)?;
     let lock = if dry { None } else { Some(lock_for_backup(repo, opts)?) };
-    let (username, machine) = crate::repo::keys::whoami();
-    let hostname = opts.hostname.clone().unwrap_or(machine);
+    let username = crate::snapshot::current_user();
+    let hostname = opts.hostname.clone().unwrap_or_else(crate::snapshot::current_host);
 
     let parent = match &opts.parent {
         ParentChoice::None => None,

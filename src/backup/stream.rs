@@ -75,6 +75,7 @@ impl FileTree {
                 ctime: now,
                 inode: 0,
                 size: 0,
+                extra: crate::tree::NodeExtra::default(),
             };
             nodes.push(Node { name, kind: NodeKind::Dir { subtree }, ..meta.unwrap_or(default) });
         }
@@ -117,6 +118,7 @@ pub fn backup_stream<R: Read>(
             ctime: file.mtime,
             inode: 0,
             size,
+            extra: crate::tree::NodeExtra::default(),
         };
         root.insert(&file.path, node)?;
     }
@@ -127,10 +129,10 @@ pub fn backup_stream<R: Read>(
     summary.bytes_new = stats.bytes_new.load(std::sync::atomic::Ordering::Relaxed);
     summary.bytes_stored = stats.bytes_stored.load(std::sync::atomic::Ordering::Relaxed);
     summary.duration_secs = started.elapsed().as_secs_f64();
-    let (username, machine) = crate::repo::keys::whoami();
+    let username = crate::snapshot::current_user();
     let snapshot = Snapshot {
         time,
-        hostname: opts.hostname.clone().unwrap_or(machine),
+        hostname: opts.hostname.clone().unwrap_or_else(crate::snapshot::current_host),
         username,
         tenant: opts.tenant.clone(),
         user: opts.user.clone(),

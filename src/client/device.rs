@@ -598,6 +598,7 @@ pub fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::
             ctime: mtime,
             inode: 0,
             size: e.size,
+            extra: crate::tree::NodeExtra::default(),
         };
         plan.push(&e.path, node)?;
     }

@@ -14,11 +14,13 @@ use crate::CmdResult;
 pub enum DeviceCommand {
     /// Activate silently from a managed app configuration (JSON).
     Activate {
+        /// The managed app configuration the MDM pushed (serverURL, userEmail, deploymentToken, ...).
         #[arg(long)]
         managed_config: PathBuf,
     },
     /// Back up files and directories; prints the snapshot id.
     Backup {
+        /// Files and directories to back up.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
