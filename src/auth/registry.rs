@@ -1050,6 +1050,125 @@ mod tests {
     }
 
     #[test]
+    fn admin_tokens_are_stored_hashed_and_revoked_ones_refused() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let (text, info) = r.create_admin_token(AdminRole::TenantAdmin, Some("acme"), Some("helpdesk"), now).unwrap();
+        assert!(text.starts_with("cvad_"));
+        let who = r.authenticate_admin(&text).unwrap();
+        assert_eq!(
+            (who.id.as_str(), who.role, who.tenant.as_deref()),
+            (info.id.as_str(), AdminRole::TenantAdmin, Some("acme"))
+        );
+        // The secret is nowhere in the registry, only its hash.
+        let stored: Vec<u8> = r
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT hash FROM admin_tokens WHERE token_id = ?1", params![info.id], |row| row.get(0))
+            .unwrap();
+        assert_eq!(stored, token::secret_hash(SecretKind::Admin, &text).unwrap());
+        assert_eq!(r.admin_tokens().unwrap(), vec![info.clone()]);
+        // Forged, malformed and other kinds of tokens are unknown.
+        let forged = token::new_secret(SecretKind::Admin).text;
+        let device_kind = token::new_secret(SecretKind::Device).text;
+        for bad in [forged.as_str(), device_kind.as_str(), "cvad_", "garbage", &text[..text.len() - 1]] {
+            assert!(matches!(r.authenticate_admin(bad), Err(RegistryError::UnknownToken)), "{bad}");
+        }
+        r.revoke_admin_token(&info.id, now).unwrap();
+        assert!(matches!(r.authenticate_admin(&text), Err(RegistryError::Revoked)));
+        assert!(r.admin_token(&info.id).unwrap().revoked_at.is_some());
+        assert!(matches!(r.revoke_admin_token("nope", now), Err(RegistryError::NoSuchToken)));
+    }
+
+    #[test]
+    fn deployment_tokens_list_without_secrets_and_revoked_ones_activate_nothing() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let dt = r.create_deployment_token(&spec("acme", hour(now), Some(5)), now).unwrap();
+        r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+        let listed = r.deployment_tokens().unwrap();
+        assert_eq!(listed.len(), 1);
+        let t = &listed[0];
+        assert_eq!(
+            (t.token_id.as_str(), t.activations, t.max_activations, t.revoked),
+            (dt.id.as_str(), 1, Some(5), false)
+        );
+        assert!(!serde_json::to_string(&listed).unwrap().contains(&dt.text[5..]));
+        r.revoke_deployment_token(&dt.id, now).unwrap();
+        assert!(r.deployment_token(&dt.id).unwrap().revoked);
+        assert!(matches!(r.activate(&dt.text, "b@acme.com", "tablet", now), Err(RegistryError::Revoked)));
+        // The device it activated keeps working.
+        assert_eq!(r.devices().unwrap()[0].state, "active");
+        assert!(matches!(r.revoke_deployment_token("nope", now), Err(RegistryError::NoSuchToken)));
+    }
+
+    #[test]
+    fn only_retired_or_wiped_devices_are_deleted_and_the_id_comes_back_in_a_new_generation() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let dt = r.create_deployment_token(&spec("acme", hour(now), None), now).unwrap();
+        let first = r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+        let g = r.authenticate_device(&first.device_token, "a@acme.com", "phone", now).unwrap().generation;
+        assert!(matches!(r.delete_device("phone"), Err(RegistryError::NotRetired(DeviceState::Active))));
+        r.set_state("phone", DeviceState::Blocked).unwrap();
+        assert!(matches!(r.delete_device("phone"), Err(RegistryError::NotRetired(DeviceState::Blocked))));
+        r.set_state("phone", DeviceState::Retired).unwrap();
+        let change = r.delete_device("phone").unwrap();
+        assert_eq!((change.state.as_str(), change.generation), ("reset", Some(g + 1)));
+        assert!(r.devices().unwrap().is_empty());
+        assert!(matches!(r.device("phone"), Err(RegistryError::NoSuchDevice)));
+        assert!(matches!(r.delete_device("phone"), Err(RegistryError::NoSuchDevice)));
+        let again = r.activate(&dt.text, "b@acme.com", "phone", now).unwrap();
+        let id = r.authenticate_device(&again.device_token, "b@acme.com", "phone", now).unwrap();
+        assert_eq!(id.generation, g + 1, "sessions of the deleted device stay void");
+    }
+
+    #[test]
+    fn tenants_show_devices_usage_and_quotas_and_the_audit_log_filters() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let dt = r.create_deployment_token(&spec("acme", hour(now), None), now).unwrap();
+        r.create_deployment_token(&spec("globex", hour(now), None), now).unwrap();
+        r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+        r.set_quota("acme", 1000).unwrap();
+        r.set_quota("initech", 0).unwrap();
+        r.record_usage(&[TenantUsage { tenant: "acme".into(), stored_bytes: 600, snapshots: 2 }], now).unwrap();
+        let t = r.tenants().unwrap();
+        let names: Vec<_> = t.iter().map(|t| t.tenant.as_str()).collect();
+        assert_eq!(names, ["acme", "globex", "initech"]);
+        assert_eq!((t[0].devices, t[0].snapshots, t[0].stored_bytes, t[0].quota_bytes), (1, Some(2), Some(600), 1000));
+        assert_eq!((t[1].devices, t[1].stored_bytes, t[1].quota_bytes), (0, None, 0));
+        // A usage report keeps the quota; a quota change keeps the usage.
+        r.set_quota("acme", 2000).unwrap();
+        assert_eq!(r.tenants().unwrap()[0].stored_bytes, Some(600));
+        assert_eq!(r.quotas().unwrap(), vec![TenantQuota { tenant: "acme".into(), quota_bytes: 2000 }]);
+
+        let entry = |tenant: Option<&str>, at: DateTime<Utc>| AuditEntry {
+            at,
+            actor: "bootstrap".into(),
+            action: "retire".into(),
+            target: "x".into(),
+            tenant: tenant.map(Into::into),
+            detail: String::new(),
+        };
+        let earlier = now - chrono::Duration::hours(2);
+        r.record_audit(&entry(Some("globex"), earlier)).unwrap();
+        r.record_audit(&entry(None, now)).unwrap();
+        let all = r.audit_log(None, None, 100).unwrap();
+        // Newest first: the two above, then the activation (by the device).
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].tenant, None);
+        assert_eq!(
+            (all[2].actor.as_str(), all[2].action.as_str(), all[2].target.as_str()),
+            ("device", "activate", "phone")
+        );
+        assert_eq!(r.audit_log(Some("globex"), None, 100).unwrap().len(), 1);
+        assert_eq!(r.audit_log(None, Some(now - chrono::Duration::hours(1)), 100).unwrap().len(), 2);
+        assert_eq!(r.audit_log(None, None, 1).unwrap().len(), 1);
+    }
+
+    #[test]
     fn expired_and_unknown_deployment_tokens_are_refused() {
         let (_d, r) = registry();
         let now = Utc::now();
