@@ -578,7 +578,9 @@ impl Registry {
     pub fn authenticate_admin(&self, text: &str) -> Result<AdminIdentity, RegistryError> {
         let hash = token::secret_hash(SecretKind::Admin, text).map_err(|_| RegistryError::UnknownToken)?;
         let conn = self.conn.lock().expect("registry lock");
-        let row: Option<(Vec<u8>, String, String, Option<String>, Option<i64>)> = conn
+        // hash, id, role, tenant, revoked at
+        type Row = (Vec<u8>, String, String, Option<String>, Option<i64>);
+        let row: Option<Row> = conn
             .query_row(
                 "SELECT hash, token_id, role, tenant, revoked_at FROM admin_tokens WHERE hash = ?1",
                 params![&hash[..]],
@@ -615,12 +617,14 @@ impl Registry {
 
     /// Revokes an admin token (at once: every request looks it up).
     pub fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> Result<(), RegistryError> {
-        let conn = self.conn.lock().expect("registry lock");
-        let n = conn.execute(
-            "UPDATE admin_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE token_id = ?1",
-            params![id, now.timestamp()],
-        )?;
-        if n == 0 {
+        self.revoke("admin_tokens", id, now)
+    }
+
+    /// Marks a token of `table` (a constant, never input) revoked; the
+    /// first revocation's time stays.
+    fn revoke(&self, table: &'static str, id: &str, now: DateTime<Utc>) -> Result<(), RegistryError> {
+        let sql = format!("UPDATE {table} SET revoked_at = COALESCE(revoked_at, ?2) WHERE token_id = ?1");
+        if self.conn.lock().expect("registry lock").execute(&sql, params![id, now.timestamp()])? == 0 {
             return Err(RegistryError::NoSuchToken);
         }
         Ok(())
@@ -644,15 +648,7 @@ impl Registry {
     /// Revokes a deployment token: it activates nothing from now on (the
     /// devices it activated keep working).
     pub fn revoke_deployment_token(&self, id: &str, now: DateTime<Utc>) -> Result<(), RegistryError> {
-        let conn = self.conn.lock().expect("registry lock");
-        let n = conn.execute(
-            "UPDATE deployment_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE token_id = ?1",
-            params![id, now.timestamp()],
-        )?;
-        if n == 0 {
-            return Err(RegistryError::NoSuchToken);
-        }
-        Ok(())
+        self.revoke("deployment_tokens", id, now)
     }
 
     /// Sets a tenant's quota in bytes (0: none).
