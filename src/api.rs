@@ -587,11 +587,157 @@ pub struct UsersChanged {
     pub changed: Vec<String>,
 }
 
-/// `GET /v1/checkin?since=CURSOR`
+/// The answer to a check-in (`GET /v1/checkin?since=CURSOR`, or `POST
+/// /v1/checkin` with a [`CheckinRequest`]): device state changes after the
+/// cursor, and every tenant's quota.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckinResponse {
     pub cursor: u64,
     pub changes: Vec<DeviceChange>,
+    /// Every tenant with a quota (absent: none); the whole list each time,
+    /// so a storage node replaces what it knew. Older auth roles send none.
+    #[serde(default)]
+    pub quotas: Vec<TenantQuota>,
+}
+
+/// Most tenants one check-in reports on.
+pub const MAX_CHECKIN_TENANTS: usize = 10_000;
+/// Largest check-in request body (a report of [`MAX_CHECKIN_TENANTS`] fits).
+pub const MAX_CHECKIN_BODY: usize = 2 << 20;
+
+/// `POST /v1/checkin`: a storage node asks for the changes after `since`
+/// and reports what the tenants it has open store.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckinRequest {
+    #[serde(default)]
+    pub since: u64,
+    #[serde(default)]
+    pub usage: Vec<TenantUsage>,
+}
+
+impl Validate for CheckinRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.usage.len() > MAX_CHECKIN_TENANTS {
+            return Err(format!("at most {MAX_CHECKIN_TENANTS} tenants per check-in"));
+        }
+        self.usage.iter().try_for_each(|u| check_tenant(&u.tenant))
+    }
+}
+
+/// What a tenant's repository holds, as a storage node counts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    pub tenant: String,
+    /// Bytes of the tenant's packs (compressed, encrypted, deduplicated).
+    pub stored_bytes: u64,
+    pub snapshots: u64,
+}
+
+/// A tenant's storage quota in bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantQuota {
+    pub tenant: String,
+    pub quota_bytes: u64,
+}
+
+/// `PUT /v1/admin/tenants/{tenant}/quota`: 0 removes the quota.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetQuota {
+    pub quota_bytes: u64,
+}
+
+impl Validate for SetQuota {
+    fn validate(&self) -> Result<(), String> {
+        // Stored as SQLite's signed 64-bit integer.
+        i64::try_from(self.quota_bytes).map(|_| ()).map_err(|_| "quota_bytes: at most 2^63 - 1".into())
+    }
+}
+
+/// One entry of `GET /v1/admin/tenants`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub tenant: String,
+    pub devices: u64,
+    /// As a storage node last reported (none yet: `null`).
+    pub snapshots: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    /// 0: no quota.
+    pub quota_bytes: u64,
+    /// When the storage figures were reported.
+    pub reported_at: Option<DateTime<Utc>>,
+}
+
+/// Longest admin token label, in bytes.
+pub const MAX_LABEL: usize = 128;
+
+/// `POST /v1/admin/tokens`: a scoped admin token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateAdminToken {
+    pub role: crate::auth::admin::AdminRole,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// What the token is for (shown by `token list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl Validate for CreateAdminToken {
+    fn validate(&self) -> Result<(), String> {
+        crate::auth::admin::check_scope(self.role, self.tenant.as_deref())?;
+        match &self.label {
+            Some(l) if l.len() > MAX_LABEL || l.chars().any(char::is_control) => {
+                Err(format!("label: at most {MAX_LABEL} bytes, no control characters"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An admin token's row: never its secret.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminTokenInfo {
+    pub id: String,
+    pub role: crate::auth::admin::AdminRole,
+    pub tenant: Option<String>,
+    pub label: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The answer to `POST /v1/admin/tokens`: the secret, shown this once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminTokenCreated {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: AdminTokenInfo,
+}
+
+/// One entry of `GET /v1/admin/deployment-tokens`: never the secret.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentTokenInfo {
+    pub token_id: String,
+    pub tenant: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub activations: u32,
+    pub max_activations: Option<u32>,
+    pub policies: Policies,
+    pub provisioned_only: bool,
+    pub revoked: bool,
+}
+
+/// One entry of the audit log (`GET /v1/admin/audit`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// The admin token id, `bootstrap`, or `device` (an activation).
+    pub actor: String,
+    pub action: String,
+    /// What was acted on: a device id, a token id, a tenant, an email.
+    pub target: String,
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub detail: String,
 }
 
 /// Every error response: a stable code and a human message.
@@ -712,6 +858,9 @@ mod tests {
             let _ = parse_body::<MissingRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<CommitRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<AddUsers>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<CreateAdminToken>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<SetQuota>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<CheckinRequest>(&bytes, MAX_JSON_BODY);
         }
     }
 }

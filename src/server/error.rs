@@ -12,7 +12,9 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{AppendHeaders, IntoResponse, Response};
 use axum::Json;
 
+use super::quota::QuotaError;
 use crate::api::{ApiError, ErrorBody};
+use crate::auth::admin::ScopeError;
 use crate::auth::registry::RegistryError;
 use crate::auth::token::TokenError;
 use crate::ingest::IngestError;
@@ -237,7 +239,26 @@ impl From<RegistryError> for HttpError {
             RegistryError::UserNotProvisioned => {
                 HttpError::new(StatusCode::FORBIDDEN, "user_not_provisioned", e.to_string())
             }
-            RegistryError::NoSuchDevice => HttpError::not_found(e.to_string()),
+            RegistryError::NoSuchDevice | RegistryError::NoSuchToken => HttpError::not_found(e.to_string()),
+            RegistryError::Revoked => HttpError::new(StatusCode::UNAUTHORIZED, "token_revoked", e.to_string()),
+            RegistryError::NotRetired(_) => HttpError::new(StatusCode::CONFLICT, "device_not_retired", e.to_string()),
+        }
+    }
+}
+
+impl From<ScopeError> for HttpError {
+    fn from(e: ScopeError) -> Self {
+        HttpError::forbidden("forbidden", e.to_string())
+    }
+}
+
+impl From<QuotaError> for HttpError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::Exceeded { .. } => {
+                HttpError::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", e.to_string())
+            }
+            QuotaError::Count(r) => IngestError::Repo(r).into(),
         }
     }
 }

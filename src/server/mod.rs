@@ -3,11 +3,13 @@
 //! library (blocking calls on the blocking pool), and map errors in one place
 //! ([`error`]). Roles pick which routes a process serves.
 
+mod admin;
 pub mod config;
 pub mod error;
 mod linger;
 pub mod listen;
 pub mod metrics;
+pub mod quota;
 mod revocation;
 mod routes;
 pub mod tls;
@@ -18,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use subtle::ConstantTimeEq;
 
 use crate::auth::registry::Registry;
 use crate::auth::token::{SessionSigner, SessionVerifier};
@@ -59,6 +60,8 @@ struct StorageSide {
     states: DeviceStates,
     /// Chunk upload slots per tenant (`max_concurrent_uploads_per_tenant`).
     upload_slots: UploadSlots,
+    /// Tenant quotas and stored bytes.
+    quotas: quota::Quotas,
 }
 
 /// Chunk upload slots per tenant. The total is bounded by a tower layer on
@@ -154,16 +157,24 @@ impl App {
                 };
                 let interval = Duration::from_secs(config.checkin_interval_secs);
                 let states = DeviceStates::new(auth.is_some(), config.auth_unreachable, interval);
+                let quotas = quota::Quotas::new(interval);
                 if let Some(a) = &auth {
                     // Sessions issued before a restart must still meet earlier retires.
                     states.apply(&a.registry.changes_since(0, u32::MAX)?.1);
+                    quotas.set_all(&a.registry.quotas()?);
                 }
                 let upload_slots = UploadSlots {
                     per_tenant: config.max_concurrent_uploads_per_tenant,
                     wait: Duration::from_millis(config.upload_slot_wait_ms),
                     tenants: Mutex::default(),
                 };
-                Some(StorageSide { tenants: Tenants::new(&root, password, init), verifier, states, upload_slots })
+                Some(StorageSide {
+                    tenants: Tenants::new(&root, password, init),
+                    verifier,
+                    states,
+                    upload_slots,
+                    quotas,
+                })
             }
             _ => None,
         };
@@ -176,19 +187,6 @@ impl App {
 
     fn storage(&self) -> Result<&StorageSide, HttpError> {
         self.storage.as_ref().ok_or_else(|| HttpError::not_found("this server does not run the storage role"))
-    }
-
-    /// Checks `Authorization: Bearer` against the admin token, in constant time.
-    fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), HttpError> {
-        let Some(expected) = &self.admin_token else {
-            return Err(HttpError::unauthorized("no admin token is configured on this server"));
-        };
-        let given = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
-        if bool::from(given.as_bytes().ct_eq(expected)) {
-            Ok(())
-        } else {
-            Err(HttpError::unauthorized("wrong admin token"))
-        }
     }
 
     /// Verifies the session token of a storage request and the device's

@@ -24,19 +24,15 @@ use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use super::error::HttpError;
-use super::{App, Role};
+use super::{admin, App, Role};
 use crate::api::{self, *};
-use crate::auth::registry::DeploymentTokenSpec;
 use crate::auth::token::SessionClaims;
-use crate::auth::DeviceState;
 use crate::id::{BlobId, SnapshotId};
 use crate::ingest::{IngestError, Owner};
 
-type AppState = State<Arc<App>>;
-type Reply<T> = Result<T, HttpError>;
+pub(super) type AppState = State<Arc<App>>;
+pub(super) type Reply<T> = Result<T, HttpError>;
 
-/// Default deployment token lifetime: 30 days.
-const DEFAULT_DEPLOYMENT_TTL: u64 = 30 * 86_400;
 /// Bytes per message of a streamed file read.
 const STREAM_PIECE: usize = 256 * 1024;
 /// Longest request target (path and query) the app accepts: a 4096-byte
@@ -81,12 +77,20 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/activate", post(activate))
             .route("/v1/session", post(session))
             .route("/v1/session-key", get(session_key))
-            .route("/v1/checkin", get(checkin))
-            .route("/v1/admin/deployment-tokens", post(create_deployment_token))
-            .route("/v1/admin/devices", get(devices))
-            .route("/v1/admin/devices/{id}/{action}", post(device_action))
-            .route("/v1/admin/tenants/{tenant}/users", post(add_users).get(users))
-            .route("/v1/admin/tenants/{tenant}/users/{email}", delete(remove_user));
+            .route("/v1/checkin", get(admin::checkin).post(admin::checkin_report))
+            .route("/v1/admin/whoami", get(admin::whoami))
+            .route("/v1/admin/tokens", post(admin::create_admin_token).get(admin::admin_tokens))
+            .route("/v1/admin/tokens/{id}/revoke", post(admin::revoke_admin_token))
+            .route("/v1/admin/deployment-tokens", post(admin::create_deployment_token).get(admin::deployment_tokens))
+            .route("/v1/admin/deployment-tokens/{id}/revoke", post(admin::revoke_deployment_token))
+            .route("/v1/admin/devices", get(admin::devices))
+            .route("/v1/admin/devices/{id}", delete(admin::delete_device))
+            .route("/v1/admin/devices/{id}/{action}", post(admin::device_action))
+            .route("/v1/admin/tenants", get(admin::tenants))
+            .route("/v1/admin/tenants/{tenant}/quota", put(admin::set_quota))
+            .route("/v1/admin/tenants/{tenant}/users", post(admin::add_users).get(admin::users))
+            .route("/v1/admin/tenants/{tenant}/users/{email}", delete(admin::remove_user))
+            .route("/v1/admin/audit", get(admin::audit_log));
     }
     // An edge relays device authentication to the auth role; so does a
     // storage node, so that a device needs one URL in either deployment.
@@ -216,7 +220,7 @@ fn body_error(e: axum::Error) -> HttpError {
 /// Reads a bounded JSON body and parses it on the blocking pool: a large
 /// manifest takes a good part of a second to parse, which on an async
 /// worker would stall every other request it serves (`/healthz` too).
-async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
+pub(super) async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
@@ -226,7 +230,7 @@ async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
 }
 
 /// Runs blocking library work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + Send + 'static) -> Reply<T> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + Send + 'static) -> Reply<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| HttpError::internal("worker", e))?
 }
 
@@ -301,132 +305,6 @@ async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
 
 async fn session_key(State(app): AppState) -> Reply<Json<SessionKey>> {
     Ok(Json(SessionKey { public_key: app.auth()?.signer.verifier().public_hex() }))
-}
-
-async fn checkin(
-    State(app): AppState,
-    headers: HeaderMap,
-    query: Query<HashMap<String, String>>,
-) -> Reply<Json<CheckinResponse>> {
-    app.require_admin(&headers)?;
-    let since = match query.get("since") {
-        Some(s) => s.parse::<u64>().map_err(|_| HttpError::bad_request("since: a number"))?,
-        None => 0,
-    };
-    blocking(move || {
-        let (cursor, changes) = app.auth()?.registry.changes_since(since, 10_000)?;
-        Ok(Json(CheckinResponse { cursor, changes }))
-    })
-    .await
-}
-
-async fn create_deployment_token(
-    State(app): AppState,
-    headers: HeaderMap,
-    body: Body,
-) -> Reply<Json<DeploymentTokenCreated>> {
-    app.require_admin(&headers)?;
-    let req: CreateDeploymentToken = parse(&headers, body, MAX_JSON_BODY).await?;
-    blocking(move || {
-        // The tenant's repository is created with its first deployment token.
-        if let Some(storage) = &app.storage {
-            storage.tenants.get(&req.tenant)?;
-        }
-        let now = Utc::now();
-        let spec = DeploymentTokenSpec {
-            tenant: req.tenant,
-            expires_at: now + Duration::from_secs(req.expires_in_secs.unwrap_or(DEFAULT_DEPLOYMENT_TTL)),
-            max_activations: req.max_activations,
-            policies: req.policies.unwrap_or_default(),
-            provisioned_only: req.provisioned_only,
-        };
-        let created = app.auth()?.registry.create_deployment_token(&spec, now)?;
-        tracing::info!("deployment token {} created for tenant {}", created.id, spec.tenant);
-        Ok(Json(DeploymentTokenCreated {
-            token: created.text,
-            token_id: created.id,
-            tenant: spec.tenant,
-            expires_at: spec.expires_at,
-            policies: spec.policies,
-            provisioned_only: spec.provisioned_only,
-        }))
-    })
-    .await
-}
-
-async fn devices(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<DeviceInfo>>> {
-    app.require_admin(&headers)?;
-    blocking(move || Ok(Json(app.auth()?.registry.devices()?))).await
-}
-
-async fn device_action(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path((id, action)): Path<(String, String)>,
-) -> Reply<Json<DeviceChange>> {
-    app.require_admin(&headers)?;
-    api::check_device_id(&id).map_err(HttpError::bad_request)?;
-    let state = match action.as_str() {
-        "retire" => DeviceState::Retired,
-        "block" => DeviceState::Blocked,
-        "allow" => DeviceState::Active,
-        "wipe" => DeviceState::Wiped,
-        "reset" => DeviceState::Reset,
-        _ => return Err(HttpError::not_found("actions: retire, block, allow, wipe, reset")),
-    };
-    blocking(move || {
-        let registry = &app.auth()?.registry;
-        let change = if state == DeviceState::Reset { registry.reset(&id)? } else { registry.set_state(&id, state)? };
-        // In the `all` role the storage side learns at once.
-        if let Some(storage) = &app.storage {
-            storage.states.apply(std::slice::from_ref(&change));
-        }
-        tracing::info!("device {id} is now {state}");
-        Ok(Json(change))
-    })
-    .await
-}
-
-/// `POST /v1/admin/tenants/{tenant}/users`: provisions users.
-async fn add_users(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path(tenant): Path<String>,
-    body: Body,
-) -> Reply<Json<UsersChanged>> {
-    app.require_admin(&headers)?;
-    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    let req: AddUsers = parse(&headers, body, MAX_JSON_BODY).await?;
-    blocking(move || {
-        let changed = app.auth()?.registry.add_users(&tenant, &req.emails, Utc::now())?;
-        tracing::info!("{} users provisioned in tenant {tenant}", changed.len());
-        Ok(Json(UsersChanged { tenant, changed }))
-    })
-    .await
-}
-
-/// `GET /v1/admin/tenants/{tenant}/users`
-async fn users(State(app): AppState, headers: HeaderMap, Path(tenant): Path<String>) -> Reply<Json<Vec<UserInfo>>> {
-    app.require_admin(&headers)?;
-    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    blocking(move || Ok(Json(app.auth()?.registry.users(&tenant)?))).await
-}
-
-/// `DELETE /v1/admin/tenants/{tenant}/users/{email}` (the email percent-encoded).
-async fn remove_user(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path((tenant, email)): Path<(String, String)>,
-) -> Reply<Json<UsersChanged>> {
-    app.require_admin(&headers)?;
-    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    api::check_email(&email).map_err(HttpError::bad_request)?;
-    blocking(move || {
-        let changed = app.auth()?.registry.remove_users(&tenant, std::slice::from_ref(&email))?;
-        tracing::info!("{} users removed from tenant {tenant}", changed.len());
-        Ok(Json(UsersChanged { tenant, changed }))
-    })
-    .await
 }
 
 // ---- edge role ----
@@ -538,12 +416,18 @@ async fn put_chunk(
 ) -> Reply<StatusCode> {
     let id: BlobId =
         id.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("chunk id: {e}")))?;
-    let app2 = app.clone();
+    let (app2, name) = (app.clone(), owner.tenant.clone());
     let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
     let max = tenant.repo().config().chunker.max_size as usize;
     let too_large = || HttpError::too_large("chunk_too_large", format!("chunks are at most {max} bytes"));
     let data = read_bounded(&headers, body, max, too_large).await?;
-    let new = blocking(move || Ok(tenant.put_chunk(id, data)?)).await?;
+    let new = blocking(move || {
+        let admitted = app.storage()?.quotas.admit(&name, &tenant, &[(id, data.len())])?;
+        let new = tenant.put_chunk(id, data)?;
+        admitted.settle(new);
+        Ok(new)
+    })
+    .await?;
     Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
 }
 
@@ -556,7 +440,7 @@ async fn put_bundle(
     headers: HeaderMap,
     body: Body,
 ) -> Reply<Json<BundleResponse>> {
-    let app2 = app.clone();
+    let (app2, name) = (app.clone(), owner.tenant.clone());
     let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
     let max_chunk = tenant.repo().config().chunker.max_size as usize;
     let limit = MAX_BUNDLE_BODY.max(max_chunk + BUNDLE_FRAME_HEADER);
@@ -565,7 +449,11 @@ async fn put_bundle(
     blocking(move || {
         let chunks = api::parse_bundle(&data, max_chunk)
             .map_err(|m| HttpError::new(StatusCode::BAD_REQUEST, "bad_bundle", m))?;
-        Ok(Json(tenant.put_bundle(data, chunks)?))
+        let sizes: Vec<_> = chunks.iter().map(|(id, r)| (*id, r.len())).collect();
+        let admitted = app.storage()?.quotas.admit(&name, &tenant, &sizes)?;
+        let stored = tenant.put_bundle(data, chunks)?;
+        admitted.settle(stored.stored > 0);
+        Ok(Json(stored))
     })
     .await
 }
@@ -574,7 +462,10 @@ async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<J
     let owner = app.session(&headers)?;
     let req: CommitRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
-        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let storage = app.storage()?;
+        let tenant = storage.tenants.get(&owner.tenant)?;
+        // The next usage report counts the new snapshot.
+        storage.quotas.touch(&owner.tenant, &tenant);
         Ok(Json(tenant.commit(owner, req)?))
     })
     .await
