@@ -25,7 +25,12 @@ impl Fixture {
     /// (locks, new snapshots) touches the fixture itself.
     fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-v1"), &dir.path().join("repo"));
+        let repo = dir.path().join("repo");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-v1"), &repo);
+        // Git keeps no empty directories: give back the ones `init` makes.
+        for d in ["keys", "index", "snapshots", "locks", "tmp"] {
+            std::fs::create_dir_all(repo.join(d)).expect("mkdir");
+        }
         Fixture { dir }
     }
 
