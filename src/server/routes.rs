@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::error_handling::HandleErrorLayer;
@@ -122,7 +122,7 @@ pub fn router(app: Arc<App>) -> Router {
         // Innermost of the rest, so that it sees every error response:
         // axum's 405, extractor rejections, the layers' refusals.
         .layer(middleware::map_response(super::error::json_error_body))
-        .layer(middleware::from_fn_with_state(app.clone(), measure))
+        .layer(middleware::from_fn_with_state(app.clone(), super::access::observe))
         // Inside the body timeout, so that draining a refused body stops
         // when the client does.
         .layer(middleware::map_request(super::linger::linger))
@@ -146,17 +146,6 @@ async fn bound_head(req: Request, next: Next) -> Response {
         return HttpError::headers_too_large(MAX_HEADER_BYTES).into_response();
     }
     next.run(req).await
-}
-
-/// Records each request's route, status, sizes and latency.
-async fn measure(State(app): AppState, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
-    let bytes_in = content_length(req.headers());
-    let resp = next.run(req).await;
-    let bytes_out = content_length(resp.headers());
-    app.metrics.record(&route, resp.status().as_u16(), bytes_in, bytes_out, started.elapsed().as_secs_f64());
-    resp
 }
 
 fn content_length(h: &HeaderMap) -> u64 {
@@ -230,10 +219,21 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + Send + 'stat
     tokio::task::spawn_blocking(f).await.map_err(|e| HttpError::internal("worker", e))?
 }
 
-async fn metrics(State(app): AppState) -> impl IntoResponse {
-    let ingest = app.storage.as_ref().map(|s| s.tenants.stats().as_ref());
-    let text = app.metrics.render(ingest, Utc::now().timestamp());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+async fn metrics(State(app): AppState, headers: HeaderMap) -> Reply<Response> {
+    app.require_metrics_token(&headers)?;
+    let text = blocking(move || {
+        if let Some(storage) = &app.storage {
+            for tenant in app.metrics.tenants() {
+                match storage.tenants.get(&tenant) {
+                    Ok(t) => app.metrics.set_tenant_usage(&tenant, super::metrics::usage(t.repo())),
+                    Err(e) => tracing::warn!("metrics: tenant {tenant}: {e}"),
+                }
+            }
+        }
+        Ok(app.metrics.render(Utc::now().timestamp()))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 // ---- auth role ----
@@ -253,6 +253,7 @@ async fn activate(
             return Err(e);
         }
     };
+    super::access::note(None, Some(&req.device_id));
     let app2 = app.clone();
     let result = blocking(move || {
         let auth = app2.auth()?;
@@ -280,6 +281,7 @@ async fn activate(
 
 async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<SessionResponse>> {
     let req: SessionRequest = parse(&headers, body, MAX_JSON_BODY).await?;
+    super::access::note(None, Some(&req.device_id));
     blocking(move || {
         let auth = app.auth()?;
         let now = Utc::now();
@@ -489,7 +491,9 @@ async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
     let req: MissingRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
-        Ok(Json(MissingResponse { missing: tenant.missing(&req.chunks) }))
+        let missing = tenant.missing(&req.chunks);
+        app.metrics.chunks_offered(&owner.tenant, req.chunks.len(), missing.len());
+        Ok(Json(MissingResponse { missing }))
     })
     .await
 }
@@ -523,6 +527,7 @@ async fn upload_slot(State(app): AppState, mut req: Request, next: Next) -> Resp
     match taken.await {
         Ok((owner, _slot)) => {
             req.extensions_mut().insert(owner);
+            let _in_flight = app.metrics.upload_started();
             next.run(req).await
         }
         Err(e) => e.into_response(),
