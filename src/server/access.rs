@@ -101,14 +101,14 @@ impl Done {
         let who = self.who.lock().expect("access lock");
         tracing::info!(
             target: "chunkvault::access",
-            method = self.method,
+            method = %self.method,
             route = %self.route,
             status = self.status,
             bytes_in,
             bytes_out,
             duration_ms = secs * 1e3,
-            tenant = who.tenant.as_deref().unwrap_or("-"),
-            device = who.device.as_deref().unwrap_or("-"),
+            tenant = %who.tenant.as_deref().unwrap_or("-"),
+            device = %who.device.as_deref().unwrap_or("-"),
             "request"
         );
     }

@@ -136,11 +136,7 @@ impl Metrics {
             Unit::Bytes,
             m.response_bytes.clone(),
         );
-        registry.register(
-            "checkin_failures",
-            "Check-ins with the auth role that failed.",
-            m.checkin_failures.clone(),
-        );
+        registry.register("checkin_failures", "Check-ins with the auth role that failed.", m.checkin_failures.clone());
         registry.register(
             "chunks_offered",
             "Chunk ids devices asked about before uploading (chunks/missing), by tenant.",
@@ -159,11 +155,7 @@ impl Metrics {
             Unit::Bytes,
             m.tenant_stored_bytes.clone(),
         );
-        registry.register(
-            "tenant_chunks",
-            "Data chunks in the tenant's repository.",
-            m.tenant_chunks.clone(),
-        );
+        registry.register("tenant_chunks", "Data chunks in the tenant's repository.", m.tenant_chunks.clone());
         if let Some(stats) = ingest {
             registry.register_collector(Box::new(IngestCollector(stats)));
         }

@@ -9,6 +9,7 @@ pub mod error;
 mod linger;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
 mod revocation;
 mod routes;
 pub mod tls;
