@@ -77,7 +77,9 @@ TOML
 
 # Failed activations are throttled per address (429, documented); the
 # run's own traffic would hit that limit, which is the point of it.
+# From the temporary directory, where schemathesis leaves its cache.
 status=0
+cd "$work"
 "$venv/bin/schemathesis" --no-color --config-file "$work/schemathesis.toml" run "$url/v1/openapi.json" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
     --max-examples "${ST_MAX_EXAMPLES:-40}" \
