@@ -97,6 +97,7 @@ pub fn check_email(e: &str) -> Result<(), String> {
 
 /// `POST /v1/admin/deployment-tokens`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CreateDeploymentToken {
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +125,7 @@ impl Validate for CreateDeploymentToken {
 /// The answer to `POST /v1/admin/deployment-tokens`: the secret (shown this
 /// once) and the token's id, which names it from then on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeploymentTokenCreated {
     pub token: String,
     #[serde(default)]
@@ -138,6 +140,7 @@ pub struct DeploymentTokenCreated {
 
 /// `POST /v1/activate`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ActivateRequest {
     pub deployment_token: String,
     pub email: String,
@@ -152,12 +155,14 @@ impl Validate for ActivateRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ActivateResponse {
     pub device_token: String,
 }
 
 /// `POST /v1/session`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionRequest {
     pub device_token: String,
     pub email: String,
@@ -175,6 +180,7 @@ impl Validate for SessionRequest {
 /// deployment token, kept with each device it activates, carried in the
 /// signed session token; a missing field means allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Policies {
     /// Read snapshots that another device of the same user made (enforced
     /// by the storage node).
@@ -212,6 +218,7 @@ impl Policies {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionResponse {
     pub session_token: String,
     pub expires_at: DateTime<Utc>,
@@ -221,6 +228,7 @@ pub struct SessionResponse {
 /// `GET /v1/session-key`: the auth role's Ed25519 public key (hex), which
 /// storage nodes fetch at start to verify session tokens offline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionKey {
     pub public_key: String,
 }
@@ -228,6 +236,7 @@ pub struct SessionKey {
 /// `GET /v1/chunking`: what a device needs to cut and name chunks exactly as
 /// its tenant's repository does, so it can ask which ones are missing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Chunking {
     pub min_size: u32,
     pub avg_size: u32,
@@ -239,6 +248,7 @@ pub struct Chunking {
 
 /// `POST /v1/chunks/missing`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct MissingRequest {
     pub chunks: Vec<BlobId>,
 }
@@ -254,6 +264,7 @@ impl Validate for MissingRequest {
 
 /// One entry of a restore plan: what the restore creates at `path`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct PlanEntry {
     /// Slash-separated path relative to the restore target.
     pub path: String,
@@ -276,6 +287,7 @@ pub struct PlanEntry {
 /// `POST /v1/snapshots/{id}/restore-plan`: the paths to restore (each with
 /// what lies below it); empty for everything.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RestorePlanRequest {
     #[serde(default)]
     pub include: Vec<String>,
@@ -295,6 +307,7 @@ impl Validate for RestorePlanRequest {
 
 /// A chunk of a restore plan and its plaintext length.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct PlanChunk {
     pub id: BlobId,
     pub len: u32,
@@ -304,6 +317,7 @@ pub struct PlanChunk {
 /// chunk the files need, once each, in the order the storage node reads
 /// them fastest (by pack, then offset): fetch them in that order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RestorePlanResponse {
     pub entries: Vec<PlanEntry>,
     pub chunks: Vec<PlanChunk>,
@@ -315,6 +329,7 @@ pub struct RestorePlanResponse {
 /// (UTF-8, at most [`MAX_CHUNK_ERROR`] bytes). The device checks every
 /// chunk against its id.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ChunkReadRequest {
     pub chunks: Vec<BlobId>,
 }
@@ -334,6 +349,7 @@ impl Validate for ChunkReadRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct MissingResponse {
     pub missing: Vec<BlobId>,
 }
@@ -349,6 +365,7 @@ pub const MAX_BUNDLE_BODY: usize = 8 << 20;
 
 /// The answer to a bundle upload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct BundleResponse {
     /// Chunks the node stored.
     pub stored: u64,
@@ -393,6 +410,7 @@ pub fn push_bundle_frame(body: &mut Vec<u8>, id: &BlobId, data: &[u8]) {
 
 /// What a manifest or restore-plan entry is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     /// A regular file.
@@ -412,6 +430,7 @@ pub const MAX_CHUNK_READ: usize = 4096;
 /// One entry (a regular file by default, or a directory or symlink) of a
 /// snapshot being committed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ManifestFile {
     /// File (the default, so older devices' manifests still parse), dir or symlink.
     #[serde(default)]
@@ -432,6 +451,7 @@ pub struct ManifestFile {
 
 /// `POST /v1/snapshots`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CommitRequest {
     pub hostname: String,
     pub paths: Vec<String>,
@@ -496,6 +516,7 @@ pub fn check_manifest_path(path: &str) -> Result<(), String> {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CommitResponse {
     pub id: SnapshotId,
     pub files: u64,
@@ -504,6 +525,7 @@ pub struct CommitResponse {
 
 /// One entry of `GET /v1/snapshots`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SnapshotInfo {
     pub id: SnapshotId,
     pub time: DateTime<Utc>,
@@ -517,6 +539,7 @@ pub struct SnapshotInfo {
 
 /// One entry of `GET /v1/snapshots/{id}/tree`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct TreeEntry {
     pub name: String,
     /// `file`, `dir` or `symlink`.
@@ -529,6 +552,7 @@ pub struct TreeEntry {
 
 /// A device's state in the registry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeviceInfo {
     pub device_id: String,
     pub tenant: String,
@@ -546,6 +570,7 @@ pub struct DeviceInfo {
 
 /// One state change in the check-in feed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeviceChange {
     pub device_id: String,
     pub tenant: String,
@@ -559,6 +584,7 @@ pub struct DeviceChange {
 /// `POST /v1/admin/tenants/{tenant}/users`: emails allowed to activate with
 /// the tenant's `provisioned_only` deployment tokens.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AddUsers {
     pub emails: Vec<String>,
 }
@@ -574,6 +600,7 @@ impl Validate for AddUsers {
 
 /// One entry of `GET /v1/admin/tenants/{tenant}/users`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UserInfo {
     pub email: String,
     pub added_at: DateTime<Utc>,
@@ -582,6 +609,7 @@ pub struct UserInfo {
 /// What a `users` change did: the emails added (or removed); emails already
 /// so are left out.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsersChanged {
     pub tenant: String,
     pub changed: Vec<String>,
@@ -591,6 +619,7 @@ pub struct UsersChanged {
 /// /v1/checkin` with a [`CheckinRequest`]): device state changes after the
 /// cursor, and every tenant's quota.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CheckinResponse {
     pub cursor: u64,
     pub changes: Vec<DeviceChange>,
@@ -607,6 +636,7 @@ pub const MAX_CHECKIN_BODY: usize = 2 << 20;
 
 /// `POST /v1/checkin`: a storage node asks for the changes after `since`
 /// and reports what the tenants it has open store.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckinRequest {
     #[serde(default)]
@@ -625,6 +655,7 @@ impl Validate for CheckinRequest {
 }
 
 /// What a tenant's repository holds, as a storage node counts it.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantUsage {
     pub tenant: String,
@@ -634,6 +665,7 @@ pub struct TenantUsage {
 }
 
 /// A tenant's storage quota in bytes.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantQuota {
     pub tenant: String,
@@ -641,6 +673,7 @@ pub struct TenantQuota {
 }
 
 /// `PUT /v1/admin/tenants/{tenant}/quota`: 0 removes the quota.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetQuota {
     pub quota_bytes: u64,
@@ -654,6 +687,7 @@ impl Validate for SetQuota {
 }
 
 /// One entry of `GET /v1/admin/tenants`.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TenantInfo {
     pub tenant: String,
@@ -671,6 +705,7 @@ pub struct TenantInfo {
 pub const MAX_LABEL: usize = 128;
 
 /// `POST /v1/admin/tokens`: a scoped admin token.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateAdminToken {
     pub role: crate::auth::admin::AdminRole,
@@ -694,6 +729,7 @@ impl Validate for CreateAdminToken {
 }
 
 /// An admin token's row: never its secret.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdminTokenInfo {
     pub id: String,
@@ -705,6 +741,7 @@ pub struct AdminTokenInfo {
 }
 
 /// The answer to `POST /v1/admin/tokens`: the secret, shown this once.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdminTokenCreated {
     pub token: String,
@@ -713,6 +750,7 @@ pub struct AdminTokenCreated {
 }
 
 /// One entry of `GET /v1/admin/deployment-tokens`: never the secret.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentTokenInfo {
     pub token_id: String,
@@ -727,6 +765,7 @@ pub struct DeploymentTokenInfo {
 }
 
 /// One entry of the audit log (`GET /v1/admin/audit`).
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: DateTime<Utc>,
@@ -742,6 +781,7 @@ pub struct AuditEntry {
 
 /// Every error response: a stable code and a human message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
     pub message: String,

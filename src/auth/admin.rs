@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const BOOTSTRAP_ID: &str = "bootstrap";
 
 /// What an admin token may do.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AdminRole {
@@ -85,6 +86,7 @@ pub enum ScopeError {
 }
 
 /// The caller of an admin route.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminIdentity {
     /// The token's id, or [`BOOTSTRAP_ID`].

@@ -73,10 +73,15 @@ fn audit(
 }
 
 /// `GET /v1/admin/whoami`: the caller's token id, role and tenant.
+#[utoipa::path(get, path = "/v1/admin/whoami", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "The caller's token id, role and tenant", body = AdminIdentity)))]
 pub async fn whoami(Admin(who): Admin) -> Json<AdminIdentity> {
     Json(who)
 }
 
+#[utoipa::path(post, path = "/v1/admin/deployment-tokens", tag = "admin", security(("admin_token" = [])),
+    request_body = CreateDeploymentToken,
+    responses((status = 200, description = "The new token, shown this once, and its id", body = DeploymentTokenCreated)))]
 pub async fn create_deployment_token(
     State(app): AppState,
     Admin(who): Admin,
@@ -115,6 +120,9 @@ pub async fn create_deployment_token(
 }
 
 /// `GET /v1/admin/deployment-tokens[?tenant=T]`: the caller's tenants' tokens.
+#[utoipa::path(get, path = "/v1/admin/deployment-tokens", tag = "admin", security(("admin_token" = [])),
+    params(("tenant" = Option<String>, Query, description = "Only this tenant (a tenant admin may name only its own)")),
+    responses((status = 200, description = "Deployment tokens without their secrets", body = Vec<DeploymentTokenInfo>)))]
 pub async fn deployment_tokens(
     State(app): AppState,
     Admin(who): Admin,
@@ -130,6 +138,9 @@ pub async fn deployment_tokens(
 }
 
 /// `POST /v1/admin/deployment-tokens/{id}/revoke`
+#[utoipa::path(post, path = "/v1/admin/deployment-tokens/{id}/revoke", tag = "admin", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "The id")),
+    responses((status = 200, description = "The revoked token; activations with it get 401 `token_revoked`", body = DeploymentTokenInfo)))]
 pub async fn revoke_deployment_token(
     State(app): AppState,
     Admin(who): Admin,
@@ -147,6 +158,8 @@ pub async fn revoke_deployment_token(
 }
 
 /// `GET /v1/admin/devices`: the devices of the caller's tenants.
+#[utoipa::path(get, path = "/v1/admin/devices", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "The devices of the caller's tenants, their state and when they were last seen", body = Vec<DeviceInfo>)))]
 pub async fn devices(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<DeviceInfo>>> {
     blocking(move || {
         let mut all = app.auth()?.registry.devices()?;
@@ -157,6 +170,9 @@ pub async fn devices(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<
 }
 
 /// `POST /v1/admin/devices/{id}/{action}`: retire, block, allow, wipe, reset.
+#[utoipa::path(post, path = "/v1/admin/devices/{id}/{action}", tag = "admin", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "The device id"), ("action" = String, Path, description = "What to do: retire, block, allow, wipe or reset")),
+    responses((status = 200, description = "The device's new state", body = DeviceChange)))]
 pub async fn device_action(
     State(app): AppState,
     Admin(who): Admin,
@@ -184,6 +200,10 @@ pub async fn device_action(
 }
 
 /// `DELETE /v1/admin/devices/{id}`: a retired or wiped device leaves the registry.
+#[utoipa::path(delete, path = "/v1/admin/devices/{id}", tag = "admin", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The device left the registry; its id may activate again as a new device", body = DeviceChange),
+        (status = 409, description = "`device_not_retired`: retire or wipe the device first", body = ErrorBody)))]
 pub async fn delete_device(
     State(app): AppState,
     Admin(who): Admin,
@@ -210,6 +230,9 @@ fn apply_locally(app: &App, change: &DeviceChange) {
 }
 
 /// `POST /v1/admin/tenants/{tenant}/users`: provisions users.
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/users", tag = "admin", security(("admin_token" = [])),
+    params(("tenant" = String, Path, description = "The tenant")), request_body = AddUsers,
+    responses((status = 200, description = "The emails newly provisioned", body = UsersChanged)))]
 pub async fn add_users(
     State(app): AppState,
     Admin(who): Admin,
@@ -230,6 +253,9 @@ pub async fn add_users(
 }
 
 /// `GET /v1/admin/tenants/{tenant}/users`
+#[utoipa::path(get, path = "/v1/admin/tenants/{tenant}/users", tag = "admin", security(("admin_token" = [])),
+    params(("tenant" = String, Path, description = "The tenant")),
+    responses((status = 200, description = "The tenant's provisioned users", body = Vec<UserInfo>)))]
 pub async fn users(State(app): AppState, Admin(who): Admin, Path(tenant): Path<String>) -> Reply<Json<Vec<UserInfo>>> {
     api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
     who.require_tenant(&tenant)?;
@@ -237,6 +263,9 @@ pub async fn users(State(app): AppState, Admin(who): Admin, Path(tenant): Path<S
 }
 
 /// `DELETE /v1/admin/tenants/{tenant}/users/{email}` (the email percent-encoded).
+#[utoipa::path(delete, path = "/v1/admin/tenants/{tenant}/users/{email}", tag = "admin", security(("admin_token" = [])),
+    params(("tenant" = String, Path, description = "The tenant"), ("email" = String, Path, description = "The email, percent-encoded")),
+    responses((status = 200, description = "The emails removed (none if it was not provisioned)", body = UsersChanged)))]
 pub async fn remove_user(
     State(app): AppState,
     Admin(who): Admin,
@@ -255,6 +284,9 @@ pub async fn remove_user(
 }
 
 /// `POST /v1/admin/tokens`: a scoped admin token, no wider than the caller.
+#[utoipa::path(post, path = "/v1/admin/tokens", tag = "admin", security(("admin_token" = [])),
+    request_body = CreateAdminToken,
+    responses((status = 200, description = "The new admin token, shown this once", body = AdminTokenCreated)))]
 pub async fn create_admin_token(
     State(app): AppState,
     Admin(who): Admin,
@@ -278,6 +310,8 @@ pub async fn create_admin_token(
 }
 
 /// `GET /v1/admin/tokens`: the admin tokens of the caller's tenants.
+#[utoipa::path(get, path = "/v1/admin/tokens", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "The admin tokens of the caller's tenants, without secrets", body = Vec<AdminTokenInfo>)))]
 pub async fn admin_tokens(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<AdminTokenInfo>>> {
     blocking(move || {
         let mut all = app.auth()?.registry.admin_tokens()?;
@@ -289,6 +323,9 @@ pub async fn admin_tokens(State(app): AppState, Admin(who): Admin) -> Reply<Json
 }
 
 /// `POST /v1/admin/tokens/{id}/revoke`: at once, for every request after it.
+#[utoipa::path(post, path = "/v1/admin/tokens/{id}/revoke", tag = "admin", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "The id")),
+    responses((status = 200, description = "The revoked token", body = AdminTokenInfo)))]
 pub async fn revoke_admin_token(
     State(app): AppState,
     Admin(who): Admin,
@@ -308,6 +345,8 @@ pub async fn revoke_admin_token(
 /// `GET /v1/admin/tenants`: the caller's tenants with devices, snapshots,
 /// stored bytes and quota. In the `all` role the storage side's counts of
 /// tenants used since the last listing are recorded first.
+#[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", security(("admin_token" = [])),
+    responses((status = 200, description = "Tenants with devices, snapshots, stored bytes and quota", body = Vec<TenantInfo>)))]
 pub async fn tenants(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<TenantInfo>>> {
     blocking(move || {
         let registry = &app.auth()?.registry;
@@ -323,6 +362,9 @@ pub async fn tenants(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<
 
 /// `PUT /v1/admin/tenants/{tenant}/quota`: only an admin of every tenant
 /// (a tenant's own admin raising its quota would defeat it).
+#[utoipa::path(put, path = "/v1/admin/tenants/{tenant}/quota", tag = "admin", security(("admin_token" = [])),
+    params(("tenant" = String, Path, description = "The tenant")), request_body = SetQuota,
+    responses((status = 200, description = "The tenant's new quota (0 = none)", body = TenantQuota)))]
 pub async fn set_quota(
     State(app): AppState,
     Admin(who): Admin,
@@ -346,6 +388,9 @@ pub async fn set_quota(
 
 /// `GET /v1/admin/audit[?tenant=T][&since=RFC3339]`: newest first; a
 /// tenant's admin sees its tenant's entries only.
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", security(("admin_token" = [])),
+    params(("tenant" = Option<String>, Query, description = "Only this tenant (a tenant admin may name only its own)"), ("since" = Option<String>, Query, description = "Only entries at or after this RFC 3339 time")),
+    responses((status = 200, description = "Audit entries, newest first", body = Vec<AuditEntry>)))]
 pub async fn audit_log(
     State(app): AppState,
     Admin(who): Admin,
@@ -378,6 +423,9 @@ fn tenant_filter(who: &AdminIdentity, q: &HashMap<String, String>) -> Reply<Opti
 
 /// `GET /v1/checkin?since=CURSOR`: the feed for storage nodes that do not
 /// report usage.
+#[utoipa::path(get, path = "/v1/checkin", tag = "admin", security(("admin_token" = [])),
+    params(("since" = Option<u64>, Query, description = "The cursor of the last check-in (default 0)")),
+    responses((status = 200, description = "Device state changes after the cursor, the new cursor and every quota", body = CheckinResponse)))]
 pub async fn checkin(
     State(app): AppState,
     Admin(who): Admin,
@@ -392,6 +440,9 @@ pub async fn checkin(
 
 /// `POST /v1/checkin`: a storage node reports its tenants' usage and gets
 /// the device changes after its cursor and every quota.
+#[utoipa::path(post, path = "/v1/checkin", tag = "admin", security(("admin_token" = [])),
+    request_body = CheckinRequest,
+    responses((status = 200, description = "A storage node reports usage; gets device changes after its cursor and every quota", body = CheckinResponse)))]
 pub async fn checkin_report(
     State(app): AppState,
     Admin(who): Admin,

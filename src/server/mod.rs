@@ -3,12 +3,14 @@
 //! library (blocking calls on the blocking pool), and map errors in one place
 //! ([`error`]). Roles pick which routes a process serves.
 
+mod access;
 mod admin;
 pub mod config;
 pub mod error;
 mod linger;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
 pub mod quota;
 mod revocation;
 mod routes;
@@ -20,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use subtle::ConstantTimeEq;
 
 use crate::auth::registry::Registry;
 use crate::auth::token::{SessionSigner, SessionVerifier};
@@ -100,6 +103,8 @@ pub struct App {
     auth: Option<AuthSide>,
     storage: Option<StorageSide>,
     admin_token: Option<Vec<u8>>,
+    /// The bearer token `/metrics` asks for (`metrics_token_file`), if any.
+    metrics_token: Option<Vec<u8>>,
     metrics: Metrics,
     /// The agent of calls to `upstream` (session key, check-in, relay):
     /// platform roots plus `upstream_ca_cert`.
@@ -178,7 +183,12 @@ impl App {
             }
             _ => None,
         };
-        Ok(App { config, auth, storage, admin_token, metrics: Metrics::default(), upstream })
+        let metrics_token = match &config.metrics_token_file {
+            Some(path) => Some(read_secret(path, "metrics_token_file")?),
+            None => None,
+        };
+        let metrics = Metrics::new(storage.as_ref().map(|s| s.tenants.stats().clone()));
+        Ok(App { config, auth, storage, admin_token, metrics_token, metrics, upstream })
     }
 
     fn auth(&self) -> Result<&AuthSide, HttpError> {
@@ -189,6 +199,14 @@ impl App {
         self.storage.as_ref().ok_or_else(|| HttpError::not_found("this server does not run the storage role"))
     }
 
+    /// With `metrics_token_file` set, `/metrics` wants that bearer token.
+    fn require_metrics_token(&self, headers: &axum::http::HeaderMap) -> Result<(), HttpError> {
+        match &self.metrics_token {
+            Some(expected) => check_bearer(headers, expected, "wrong metrics token"),
+            None => Ok(()),
+        }
+    }
+
     /// Verifies the session token of a storage request and the device's
     /// current state; returns who the request acts for.
     fn session(&self, headers: &axum::http::HeaderMap) -> Result<Owner, HttpError> {
@@ -197,7 +215,8 @@ impl App {
         let now = Utc::now().timestamp();
         let claims = storage.verifier.verify(token, now)?;
         storage.states.check(&claims.device, claims.generation)?;
-        self.metrics.session_seen(claims.token_id, claims.expires, now);
+        self.metrics.session_seen(&claims.tenant, claims.token_id, claims.expires, now);
+        access::note(Some(&claims.tenant), Some(&claims.device));
         storage.tenants.session_seen(&claims.tenant, claims.token_id, claims.expires, now);
         Ok(Owner { tenant: claims.tenant, user: claims.user, device: claims.device, policies: claims.policies })
     }
@@ -209,6 +228,28 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
+}
+
+/// Compares a request's bearer token with `expected` in constant time.
+fn check_bearer(headers: &axum::http::HeaderMap, expected: &[u8], wrong: &str) -> Result<(), HttpError> {
+    let given = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
+    if bool::from(given.as_bytes().ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(HttpError::unauthorized(wrong))
+    }
+}
+
+/// The first line of a secret file, refused when empty: an empty token
+/// would let an empty `Bearer` in.
+fn read_secret(path: &std::path::Path, key: &str) -> Result<Vec<u8>, ServerError> {
+    let text = std::fs::read(path).map_err(|e| ServerError::Setup(format!("{key} {}: {e}", path.display())))?;
+    let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Err(ServerError::Setup(format!("{key} {}: the file is empty", path.display())));
+    }
+    Ok(line.to_vec())
 }
 
 /// The agent of calls to `upstream`: the platform's roots plus the CA in

@@ -142,7 +142,7 @@ pub async fn poll_upstream(app: Arc<App>) {
                 storage.states.checked_in(feed.cursor);
             }
             Err(e) => {
-                app.metrics.checkin_failures.fetch_add(1, Ordering::Relaxed);
+                app.metrics.checkin_failures.inc();
                 tracing::warn!("check-in with {upstream} failed: {e}");
             }
         }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::error_handling::HandleErrorLayer;
@@ -70,7 +70,10 @@ pub fn router(app: Arc<App>) -> Router {
         manifest_slot,
     );
     let body_timeout = Duration::from_secs(config.body_read_timeout_secs);
-    let mut r = Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(metrics));
+    let mut r = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi_json));
     let role = app.config.role;
     if matches!(role, Role::All | Role::Auth) {
         r = r
@@ -126,7 +129,7 @@ pub fn router(app: Arc<App>) -> Router {
         // Innermost of the rest, so that it sees every error response:
         // axum's 405, extractor rejections, the layers' refusals.
         .layer(middleware::map_response(super::error::json_error_body))
-        .layer(middleware::from_fn_with_state(app.clone(), measure))
+        .layer(middleware::from_fn_with_state(app.clone(), super::access::observe))
         // Inside the body timeout, so that draining a refused body stops
         // when the client does.
         .layer(middleware::map_request(super::linger::linger))
@@ -150,17 +153,6 @@ async fn bound_head(req: Request, next: Next) -> Response {
         return HttpError::headers_too_large(MAX_HEADER_BYTES).into_response();
     }
     next.run(req).await
-}
-
-/// Records each request's route, status, sizes and latency.
-async fn measure(State(app): AppState, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
-    let bytes_in = content_length(req.headers());
-    let resp = next.run(req).await;
-    let bytes_out = content_length(resp.headers());
-    app.metrics.record(&route, resp.status().as_u16(), bytes_in, bytes_out, started.elapsed().as_secs_f64());
-    resp
 }
 
 fn content_length(h: &HeaderMap) -> u64 {
@@ -234,14 +226,52 @@ pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + S
     tokio::task::spawn_blocking(f).await.map_err(|e| HttpError::internal("worker", e))?
 }
 
-async fn metrics(State(app): AppState) -> impl IntoResponse {
-    let ingest = app.storage.as_ref().map(|s| s.tenants.stats().as_ref());
-    let text = app.metrics.render(ingest, Utc::now().timestamp());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+#[utoipa::path(get, path = "/metrics", tag = "operator", security((), ("metrics_token" = [])),
+    responses((status = 200, description = "Prometheus text format (version 0.0.4)", content_type = "text/plain", body = String)))]
+async fn metrics(State(app): AppState, headers: HeaderMap) -> Reply<Response> {
+    app.require_metrics_token(&headers)?;
+    let text = blocking(move || {
+        if let Some(storage) = &app.storage {
+            for tenant in app.metrics.tenants() {
+                match storage.tenants.get(&tenant) {
+                    Ok(t) => app.metrics.set_tenant_usage(&tenant, super::metrics::usage(t.repo())),
+                    Err(e) => tracing::warn!("metrics: tenant {tenant}: {e}"),
+                }
+            }
+        }
+        Ok(app.metrics.render(Utc::now().timestamp()))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// Liveness: answers while the process serves requests.
+#[utoipa::path(get, path = "/healthz", tag = "operator",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// This API's OpenAPI 3.1 description (also `docs/openapi.json`).
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operator",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOC.get_or_init(super::openapi::json).as_str();
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
 }
 
 // ---- auth role ----
 
+#[utoipa::path(post, path = "/v1/activate", tag = "device", request_body = ActivateRequest,
+    responses(
+        (status = 200, description = "The device's long-lived device token", body = ActivateResponse),
+        (status = 401, description = "`invalid_token`, `token_expired`: an unknown, revoked or expired deployment token", body = ErrorBody),
+        (status = 403, description = "`activations_exhausted`, `user_not_provisioned`, `device_retired`, `device_blocked`, `device_wiped`: the token may not activate this device", body = ErrorBody),
+        (status = 409, description = "`device_conflict`, `device_exists`: the device id is taken by another user or tenant", body = ErrorBody),
+        (status = 429, description = "`too_many_attempts`: too many failed activations from this address; see Retry-After", body = ErrorBody),
+        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role", body = ErrorBody),
+    ))]
 async fn activate(
     State(app): AppState,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -257,6 +287,7 @@ async fn activate(
             return Err(e);
         }
     };
+    super::access::note(None, Some(&req.device_id));
     let app2 = app.clone();
     let result = blocking(move || {
         let auth = app2.auth()?;
@@ -282,8 +313,16 @@ async fn activate(
     result.map(Json)
 }
 
+#[utoipa::path(post, path = "/v1/session", tag = "device", request_body = SessionRequest,
+    responses(
+        (status = 200, description = "A signed, short-lived session token and the device's policies", body = SessionResponse),
+        (status = 401, description = "`invalid_token`, `token_expired`: the device token is unknown or does not match the email and device id", body = ErrorBody),
+        (status = 403, description = "`device_retired`, `device_blocked`, `device_wiped`: the device may not start sessions", body = ErrorBody),
+        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role", body = ErrorBody),
+    ))]
 async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<SessionResponse>> {
     let req: SessionRequest = parse(&headers, body, MAX_JSON_BODY).await?;
+    super::access::note(None, Some(&req.device_id));
     blocking(move || {
         let auth = app.auth()?;
         let now = Utc::now();
@@ -303,6 +342,11 @@ async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
     .await
 }
 
+#[utoipa::path(get, path = "/v1/session-key", tag = "device",
+    responses(
+        (status = 200, description = "The auth role's Ed25519 public key, which storage nodes verify sessions with", body = SessionKey),
+        (status = 404, description = "`not_found`: this server does not run the auth role", body = ErrorBody),
+    ))]
 async fn session_key(State(app): AppState) -> Reply<Json<SessionKey>> {
     Ok(Json(SessionKey { public_key: app.auth()?.signer.verifier().public_hex() }))
 }
@@ -345,6 +389,8 @@ fn snapshot_id(s: &str) -> Reply<SnapshotId> {
     s.parse().map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, "bad_id", format!("snapshot id: {e}")))
 }
 
+#[utoipa::path(get, path = "/v1/chunking", tag = "storage", security(("session_token" = [])),
+    responses((status = 200, description = "How the tenant's repository cuts and names chunks", body = Chunking)))]
 async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunking>> {
     let owner = app.session(&headers)?;
     blocking(move || {
@@ -362,12 +408,17 @@ async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunki
     .await
 }
 
+#[utoipa::path(post, path = "/v1/chunks/missing", tag = "storage", security(("session_token" = [])),
+    request_body = MissingRequest,
+    responses((status = 200, description = "The chunk ids the tenant's repository lacks", body = MissingResponse)))]
 async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<MissingResponse>> {
     let owner = app.session(&headers)?;
     let req: MissingRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
-        Ok(Json(MissingResponse { missing: tenant.missing(&req.chunks) }))
+        let missing = tenant.missing(&req.chunks);
+        app.metrics.chunks_offered(&owner.tenant, req.chunks.len(), missing.len());
+        Ok(Json(MissingResponse { missing }))
     })
     .await
 }
@@ -401,12 +452,25 @@ async fn upload_slot(State(app): AppState, mut req: Request, next: Next) -> Resp
     match taken.await {
         Ok((owner, _slot)) => {
             req.extensions_mut().insert(owner);
+            let _in_flight = app.metrics.upload_started();
             next.run(req).await
         }
         Err(e) => e.into_response(),
     }
 }
 
+#[utoipa::path(put, path = "/v1/chunks/{id}", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The chunk id: its keyed BLAKE3, 64 lowercase hex digits")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The chunk's plaintext"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 200, description = "Already stored"),
+        (status = 400, description = "`bad_id`, `chunk_mismatch`, `bad_body`: a malformed id, or bytes that do not hash to it", body = ErrorBody),
+        (status = 507, description = "`quota_exceeded`: storing this would pass the tenant's quota", body = ErrorBody),
+        (status = 413, description = "`chunk_too_large`: larger than the repository's maximum chunk size", body = ErrorBody),
+        (status = 429, description = "`too_many_uploads`: the tenant's upload slots are taken; see Retry-After", body = ErrorBody),
+        (status = 503, description = "`server_busy`, `repository_locked`, `auth_unreachable`, `unavailable`: retry later; see Retry-After", body = ErrorBody),
+    ))]
 async fn put_chunk(
     State(app): AppState,
     Extension(owner): Extension<Owner>,
@@ -434,6 +498,17 @@ async fn put_chunk(
 /// `POST /v1/chunks/bundle`: many chunks in one framed body
 /// (`api::parse_bundle`), each verified against its id before any is
 /// stored; only the ones the tenant lacks are stored.
+#[utoipa::path(post, path = "/v1/chunks/bundle", tag = "storage", security(("session_token" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "Chunks framed `id (32 bytes) | length (u32 LE) | plaintext`, back to back"),
+    responses(
+        (status = 200, description = "How many chunks were stored and how many were already there", body = BundleResponse),
+        (status = 400, description = "`bad_bundle`, `chunk_mismatch`, `bad_body`: broken framing, or a chunk that does not hash to its id", body = ErrorBody),
+        (status = 507, description = "`quota_exceeded`: storing this would pass the tenant's quota", body = ErrorBody),
+        (status = 413, description = "`bundle_too_large`: the body is over the bundle limit", body = ErrorBody),
+        (status = 429, description = "`too_many_uploads`: the tenant's upload slots are taken; see Retry-After", body = ErrorBody),
+        (status = 503, description = "`server_busy`, `repository_locked`, `auth_unreachable`, `unavailable`: retry later; see Retry-After", body = ErrorBody),
+    ))]
 async fn put_bundle(
     State(app): AppState,
     Extension(owner): Extension<Owner>,
@@ -458,6 +533,13 @@ async fn put_bundle(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/snapshots", tag = "storage", security(("session_token" = [])),
+    request_body = CommitRequest,
+    responses(
+        (status = 200, description = "The committed snapshot", body = CommitResponse),
+        (status = 409, description = "`missing_chunks`: the manifest names chunks the repository lacks", body = ErrorBody),
+        (status = 413, description = "`too_large`, `manifest_too_large`: the manifest is over a limit", body = ErrorBody),
+    ))]
 async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<CommitResponse>> {
     let owner = app.session(&headers)?;
     let req: CommitRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
@@ -471,11 +553,17 @@ async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<J
     .await
 }
 
+#[utoipa::path(get, path = "/v1/snapshots", tag = "storage", security(("session_token" = [])),
+    responses((status = 200, description = "The user's snapshots", body = Vec<SnapshotInfo>)))]
 async fn snapshots(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<SnapshotInfo>>> {
     let owner = app.session(&headers)?;
     blocking(move || Ok(Json(app.storage()?.tenants.get(&owner.tenant)?.snapshots(&owner)?))).await
 }
 
+#[utoipa::path(get, path = "/v1/snapshots/{id}/tree", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)"),
+        ("path" = Option<String>, Query, description = "A directory in the snapshot (default: its root)")),
+    responses((status = 200, description = "The directory's entries", body = Vec<TreeEntry>)))]
 async fn tree(
     State(app): AppState,
     headers: HeaderMap,
@@ -490,6 +578,10 @@ async fn tree(
 
 /// What a restore of a snapshot (or of some paths of it) creates, and the
 /// chunks it needs in the order they are read fastest.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/restore-plan", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)")),
+    request_body = RestorePlanRequest,
+    responses((status = 200, description = "Every entry to create, and the chunks needed in the order they read fastest", body = RestorePlanResponse)))]
 async fn restore_plan(
     State(app): AppState,
     headers: HeaderMap,
@@ -505,6 +597,11 @@ async fn restore_plan(
 
 /// Chunks of a snapshot, streamed as frames (`api::ChunkReadRequest`) as
 /// they are read and verified, in pack order.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/chunks", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)")),
+    request_body = ChunkReadRequest,
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
+        description = "Frames `id (32 bytes) | status (u8: 0 ok, 1 failed) | length (u32 LE) | plaintext or error text`, in pack order")))]
 async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<Response> {
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
@@ -550,6 +647,15 @@ async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<St
 /// bounded channel as chunks are read and verified. The status is sent
 /// with the first piece: a failure before it (a damaged first chunk) is a
 /// JSON error, one after it cuts the response short.
+#[utoipa::path(get, path = "/v1/snapshots/{id}/file", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)"),
+        ("path" = String, Query, description = "A file in the snapshot"),
+        ("Range" = Option<String>, Header, description = "One `bytes=` range")),
+    responses(
+        (status = 200, description = "The file's bytes, each verified against its chunk id", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 416, description = "`bad_range`: the range selects nothing of the file; Content-Range says its size", body = ErrorBody),
+    ))]
 async fn file(
     State(app): AppState,
     headers: HeaderMap,

@@ -158,14 +158,6 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(args: GlobalArgs) -> Ctx {
-        let filter = if args.quiet { "error" } else { "warn" };
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| filter.into()),
-            )
-            .with_writer(std::io::stderr)
-            .without_time()
-            .init();
         if let Some(n) = args.threads {
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
         }

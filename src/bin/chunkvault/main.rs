@@ -108,6 +108,7 @@ fn main() -> ExitCode {
         let level = ["info", "debug", "trace"][usize::from(cli.global.verbose.min(3)) - 1];
         std::env::set_var("CHUNKVAULT_LOG", format!("chunkvault={level}"));
     }
+    init_logging(&cli);
     let ctx = Ctx::new(cli.global);
     let result = match cli.command {
         Command::Init(a) => cmd_repo::init(&ctx, a),
@@ -153,6 +154,35 @@ fn generate_man(dir: &std::path::Path) -> CmdResult {
         .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
         .map_err(|e| CliError::Other(format!("{}: {e}", dir.display())))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs go to stderr, filtered by `CHUNKVAULT_LOG` (an `EnvFilter`), in
+/// colour only on a terminal. A command's log is terse: warnings (errors
+/// with --quiet), no timestamps. The server's is an operator's record:
+/// `info` and up (one access line per request), always with timestamps,
+/// as text or one JSON object a line (`serve --log-format`).
+fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let serve = match &cli.command {
+        Command::Serve(a) => Some(a.log_format),
+        _ => None,
+    };
+    let default = match serve {
+        Some(_) => "info",
+        None if cli.global.quiet => "error",
+        None => "warn",
+    };
+    let filter = EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| default.into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match serve {
+        None => fmt.without_time().init(),
+        Some(cmd_serve::LogFormat::Text) => fmt.init(),
+        Some(cmd_serve::LogFormat::Json) => fmt.json().flatten_event(true).init(),
+    }
 }
 
 /// Exit codes: restic's, plus the damage code SPEC.md fixes. Errors become
