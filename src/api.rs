@@ -97,7 +97,10 @@ pub fn check_email(e: &str) -> Result<(), String> {
 
 /// `POST /v1/admin/deployment-tokens`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CreateDeploymentToken {
+    /// The tenant whose devices activate with it (created with its first token).
+    #[cfg_attr(feature = "server", schema(pattern = "^[a-z0-9_][a-z0-9_-]{0,63}$"))]
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_in_secs: Option<u64>,
@@ -124,6 +127,7 @@ impl Validate for CreateDeploymentToken {
 /// The answer to `POST /v1/admin/deployment-tokens`: the secret (shown this
 /// once) and the token's id, which names it from then on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeploymentTokenCreated {
     pub token: String,
     #[serde(default)]
@@ -138,9 +142,14 @@ pub struct DeploymentTokenCreated {
 
 /// `POST /v1/activate`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ActivateRequest {
     pub deployment_token: String,
+    /// The user's email (checked against the provisioned users when the token says so).
+    #[cfg_attr(feature = "server", schema(pattern = "^[^@\\s]+@[^@\\s]+$", max_length = 254))]
     pub email: String,
+    /// The device's id, as the MDM or the device chose it.
+    #[cfg_attr(feature = "server", schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$"))]
     pub device_id: String,
 }
 
@@ -152,15 +161,21 @@ impl Validate for ActivateRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ActivateResponse {
     pub device_token: String,
 }
 
 /// `POST /v1/session`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionRequest {
     pub device_token: String,
+    /// The user's email (checked against the provisioned users when the token says so).
+    #[cfg_attr(feature = "server", schema(pattern = "^[^@\\s]+@[^@\\s]+$", max_length = 254))]
     pub email: String,
+    /// The device's id, as the MDM or the device chose it.
+    #[cfg_attr(feature = "server", schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$"))]
     pub device_id: String,
 }
 
@@ -175,6 +190,7 @@ impl Validate for SessionRequest {
 /// deployment token, kept with each device it activates, carried in the
 /// signed session token; a missing field means allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Policies {
     /// Read snapshots that another device of the same user made (enforced
     /// by the storage node).
@@ -212,6 +228,7 @@ impl Policies {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionResponse {
     pub session_token: String,
     pub expires_at: DateTime<Utc>,
@@ -221,6 +238,7 @@ pub struct SessionResponse {
 /// `GET /v1/session-key`: the auth role's Ed25519 public key (hex), which
 /// storage nodes fetch at start to verify session tokens offline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionKey {
     pub public_key: String,
 }
@@ -228,6 +246,7 @@ pub struct SessionKey {
 /// `GET /v1/chunking`: what a device needs to cut and name chunks exactly as
 /// its tenant's repository does, so it can ask which ones are missing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Chunking {
     pub min_size: u32,
     pub avg_size: u32,
@@ -239,6 +258,7 @@ pub struct Chunking {
 
 /// `POST /v1/chunks/missing`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct MissingRequest {
     pub chunks: Vec<BlobId>,
 }
@@ -254,6 +274,7 @@ impl Validate for MissingRequest {
 
 /// One entry of a restore plan: what the restore creates at `path`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct PlanEntry {
     /// Slash-separated path relative to the restore target.
     pub path: String,
@@ -276,6 +297,7 @@ pub struct PlanEntry {
 /// `POST /v1/snapshots/{id}/restore-plan`: the paths to restore (each with
 /// what lies below it); empty for everything.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RestorePlanRequest {
     #[serde(default)]
     pub include: Vec<String>,
@@ -295,6 +317,7 @@ impl Validate for RestorePlanRequest {
 
 /// A chunk of a restore plan and its plaintext length.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct PlanChunk {
     pub id: BlobId,
     pub len: u32,
@@ -304,6 +327,7 @@ pub struct PlanChunk {
 /// chunk the files need, once each, in the order the storage node reads
 /// them fastest (by pack, then offset): fetch them in that order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RestorePlanResponse {
     pub entries: Vec<PlanEntry>,
     pub chunks: Vec<PlanChunk>,
@@ -315,6 +339,7 @@ pub struct RestorePlanResponse {
 /// (UTF-8, at most [`MAX_CHUNK_ERROR`] bytes). The device checks every
 /// chunk against its id.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ChunkReadRequest {
     pub chunks: Vec<BlobId>,
 }
@@ -334,6 +359,7 @@ impl Validate for ChunkReadRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct MissingResponse {
     pub missing: Vec<BlobId>,
 }
@@ -349,6 +375,7 @@ pub const MAX_BUNDLE_BODY: usize = 8 << 20;
 
 /// The answer to a bundle upload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct BundleResponse {
     /// Chunks the node stored.
     pub stored: u64,
@@ -393,6 +420,7 @@ pub fn push_bundle_frame(body: &mut Vec<u8>, id: &BlobId, data: &[u8]) {
 
 /// What a manifest or restore-plan entry is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     /// A regular file.
@@ -412,6 +440,7 @@ pub const MAX_CHUNK_READ: usize = 4096;
 /// One entry (a regular file by default, or a directory or symlink) of a
 /// snapshot being committed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ManifestFile {
     /// File (the default, so older devices' manifests still parse), dir or symlink.
     #[serde(default)]
@@ -432,6 +461,7 @@ pub struct ManifestFile {
 
 /// `POST /v1/snapshots`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CommitRequest {
     pub hostname: String,
     pub paths: Vec<String>,
@@ -496,6 +526,7 @@ pub fn check_manifest_path(path: &str) -> Result<(), String> {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CommitResponse {
     pub id: SnapshotId,
     pub files: u64,
@@ -504,6 +535,7 @@ pub struct CommitResponse {
 
 /// One entry of `GET /v1/snapshots`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SnapshotInfo {
     pub id: SnapshotId,
     pub time: DateTime<Utc>,
@@ -517,6 +549,7 @@ pub struct SnapshotInfo {
 
 /// One entry of `GET /v1/snapshots/{id}/tree`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct TreeEntry {
     pub name: String,
     /// `file`, `dir` or `symlink`.
@@ -529,6 +562,7 @@ pub struct TreeEntry {
 
 /// A device's state in the registry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeviceInfo {
     pub device_id: String,
     pub tenant: String,
@@ -546,6 +580,7 @@ pub struct DeviceInfo {
 
 /// One state change in the check-in feed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeviceChange {
     pub device_id: String,
     pub tenant: String,
@@ -559,6 +594,7 @@ pub struct DeviceChange {
 /// `POST /v1/admin/tenants/{tenant}/users`: emails allowed to activate with
 /// the tenant's `provisioned_only` deployment tokens.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AddUsers {
     pub emails: Vec<String>,
 }
@@ -574,6 +610,7 @@ impl Validate for AddUsers {
 
 /// One entry of `GET /v1/admin/tenants/{tenant}/users`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UserInfo {
     pub email: String,
     pub added_at: DateTime<Utc>,
@@ -582,20 +619,181 @@ pub struct UserInfo {
 /// What a `users` change did: the emails added (or removed); emails already
 /// so are left out.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsersChanged {
     pub tenant: String,
     pub changed: Vec<String>,
 }
 
-/// `GET /v1/checkin?since=CURSOR`
+/// The answer to a check-in (`GET /v1/checkin?since=CURSOR`, or `POST
+/// /v1/checkin` with a [`CheckinRequest`]): device state changes after the
+/// cursor, and every tenant's quota.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CheckinResponse {
     pub cursor: u64,
     pub changes: Vec<DeviceChange>,
+    /// Every tenant with a quota (absent: none); the whole list each time,
+    /// so a storage node replaces what it knew. Older auth roles send none.
+    #[serde(default)]
+    pub quotas: Vec<TenantQuota>,
+}
+
+/// Most tenants one check-in reports on.
+pub const MAX_CHECKIN_TENANTS: usize = 10_000;
+/// Largest check-in request body (a report of [`MAX_CHECKIN_TENANTS`] fits).
+pub const MAX_CHECKIN_BODY: usize = 2 << 20;
+
+/// `POST /v1/checkin`: a storage node asks for the changes after `since`
+/// and reports what the tenants it has open store.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckinRequest {
+    #[serde(default)]
+    pub since: u64,
+    #[serde(default)]
+    pub usage: Vec<TenantUsage>,
+}
+
+impl Validate for CheckinRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.usage.len() > MAX_CHECKIN_TENANTS {
+            return Err(format!("at most {MAX_CHECKIN_TENANTS} tenants per check-in"));
+        }
+        self.usage.iter().try_for_each(|u| check_tenant(&u.tenant))
+    }
+}
+
+/// What a tenant's repository holds, as a storage node counts it.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    pub tenant: String,
+    /// Bytes of the tenant's packs (compressed, encrypted, deduplicated).
+    pub stored_bytes: u64,
+    pub snapshots: u64,
+}
+
+/// A tenant's storage quota in bytes.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantQuota {
+    pub tenant: String,
+    pub quota_bytes: u64,
+}
+
+/// `PUT /v1/admin/tenants/{tenant}/quota`: 0 removes the quota.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetQuota {
+    pub quota_bytes: u64,
+}
+
+impl Validate for SetQuota {
+    fn validate(&self) -> Result<(), String> {
+        // Stored as SQLite's signed 64-bit integer.
+        i64::try_from(self.quota_bytes).map(|_| ()).map_err(|_| "quota_bytes: at most 2^63 - 1".into())
+    }
+}
+
+/// One entry of `GET /v1/admin/tenants`.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub tenant: String,
+    pub devices: u64,
+    /// As a storage node last reported (none yet: `null`).
+    pub snapshots: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    /// 0: no quota.
+    pub quota_bytes: u64,
+    /// When the storage figures were reported.
+    pub reported_at: Option<DateTime<Utc>>,
+}
+
+/// Longest admin token label, in bytes.
+pub const MAX_LABEL: usize = 128;
+
+/// `POST /v1/admin/tokens`: a scoped admin token.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateAdminToken {
+    pub role: crate::auth::admin::AdminRole,
+    /// The tenant a `tenant-admin` token is confined to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "server", schema(pattern = "^[a-z0-9_][a-z0-9_-]{0,63}$"))]
+    pub tenant: Option<String>,
+    /// What the token is for (shown by `token list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl Validate for CreateAdminToken {
+    fn validate(&self) -> Result<(), String> {
+        crate::auth::admin::check_scope(self.role, self.tenant.as_deref())?;
+        match &self.label {
+            Some(l) if l.len() > MAX_LABEL || l.chars().any(char::is_control) => {
+                Err(format!("label: at most {MAX_LABEL} bytes, no control characters"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An admin token's row: never its secret.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminTokenInfo {
+    pub id: String,
+    pub role: crate::auth::admin::AdminRole,
+    pub tenant: Option<String>,
+    pub label: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The answer to `POST /v1/admin/tokens`: the secret, shown this once.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminTokenCreated {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: AdminTokenInfo,
+}
+
+/// One entry of `GET /v1/admin/deployment-tokens`: never the secret.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentTokenInfo {
+    pub token_id: String,
+    pub tenant: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub activations: u32,
+    pub max_activations: Option<u32>,
+    pub policies: Policies,
+    pub provisioned_only: bool,
+    pub revoked: bool,
+}
+
+/// One entry of the audit log (`GET /v1/admin/audit`).
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    /// The admin token id, `bootstrap`, or `device` (an activation).
+    pub actor: String,
+    pub action: String,
+    /// What was acted on: a device id, a token id, a tenant, an email.
+    pub target: String,
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub detail: String,
 }
 
 /// Every error response: a stable code and a human message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
     pub message: String,
@@ -712,6 +910,9 @@ mod tests {
             let _ = parse_body::<MissingRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<CommitRequest>(&bytes, MAX_JSON_BODY);
             let _ = parse_body::<AddUsers>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<CreateAdminToken>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<SetQuota>(&bytes, MAX_JSON_BODY);
+            let _ = parse_body::<CheckinRequest>(&bytes, MAX_JSON_BODY);
         }
     }
 }

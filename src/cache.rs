@@ -28,6 +28,9 @@ use std::time::SystemTime;
 
 use crate::backend::{FileType, ObjectKey};
 
+/// Set (to anything but empty) to work without a cache (`--no-cache`).
+pub const NO_CACHE_ENV: &str = "CHUNKVAULT_NO_CACHE";
+
 /// The default size bound: 2 GiB holds the index of about 40 million
 /// chunks, or many tree packs.
 pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
@@ -53,6 +56,9 @@ pub struct Cache {
 /// The cache root from the environment, if there is one.
 pub fn default_root() -> Option<PathBuf> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if var(NO_CACHE_ENV).is_some() {
+        return None;
+    }
     var("CHUNKVAULT_CACHE_DIR")
         .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("chunkvault")))
         .or_else(|| var("HOME").map(|d| d.join(".cache/chunkvault")))

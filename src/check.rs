@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::index::BlobLocation;
-use crate::pack::{self, FRAME_HEADER_LEN, HEADER_LEN, TRAILER_LEN};
+use crate::pack::{self, HEADER_LEN, TRAILER_LEN};
 use crate::repo::{RepoError, Repository};
 use crate::tree::{walk, NodeKind};
 
@@ -148,7 +148,7 @@ fn check_index(
             continue;
         };
         for (id, loc) in blobs {
-            let end = u64::from(loc.offset) + (FRAME_HEADER_LEN as u64) + u64::from(loc.stored_len);
+            let end = loc.frame_end();
             if (loc.offset as usize) < HEADER_LEN || end + TRAILER_LEN as u64 > size {
                 findings.damage(format!("blob {id}: index points outside pack {pack} ({size} bytes)"));
                 bad_blobs.insert(*id);
@@ -255,7 +255,7 @@ fn check_snapshots(
                         damaged_files.push(DamagedFile { snapshot: sid, path: child });
                     }
                 }
-                NodeKind::Symlink { .. } => {}
+                NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
             }
         }
     }
@@ -320,9 +320,7 @@ fn read_pack(repo: &Repository, pack: &PackId, expected: &[(BlobId, BlobLocation
         Err(e) => f.problems.push(format!("pack {pack}: blob table: {e}")),
     }
     for (id, loc) in expected {
-        let start = loc.offset as usize;
-        let end = start + FRAME_HEADER_LEN + loc.stored_len as usize;
-        let Some(frame) = bytes.get(start..end) else {
+        let Some(frame) = bytes.get(loc.offset as usize..loc.frame_end() as usize) else {
             f.problems.push(format!("pack {pack}: blob {id} lies past the end of the pack"));
             f.bad_blobs.push(*id);
             continue;

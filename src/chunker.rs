@@ -5,6 +5,7 @@
 //! Two entry points: [`Chunker::cut_points`] over a slice (an mmap of a large
 //! file, or a small file read whole) and [`Chunker::stream`] over any reader.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::ops::Range;
 
@@ -38,16 +39,20 @@ impl Default for ChunkerParams {
 impl ChunkerParams {
     /// Checks the bounds FastCDC accepts, as a typed error instead of its panic.
     pub fn validate(&self) -> Result<(), ChunkerError> {
-        let ok = (v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&self.min_size)
-            && (v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&self.avg_size)
-            && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&self.max_size)
-            && self.min_size <= self.avg_size
-            && self.avg_size <= self.max_size;
+        let (min, avg, max) = (self.min_size as usize, self.avg_size as usize, self.max_size as usize);
+        // FastCDC's v2020 scan tests cut candidates in byte pairs from half
+        // of each bound, so odd bounds are off by one (fastcdc 5 asserts it).
+        let ok = (v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min)
+            && (v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&avg)
+            && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&max)
+            && min <= avg
+            && avg <= max
+            && [min, avg, max].iter().all(|v| v % 2 == 0);
         if ok {
             Ok(())
         } else {
             Err(ChunkerError::Params(format!(
-                "need {}..={} <= avg {}..={} <= max {}..={}, got {}/{}/{}",
+                "need even sizes, min {}..={} <= avg {}..={} <= max {}..={}, got {}/{}/{}",
                 v2020::MINIMUM_MIN,
                 v2020::MINIMUM_MAX,
                 v2020::AVERAGE_MIN,
@@ -68,8 +73,8 @@ pub struct Chunker {
     params: ChunkerParams,
     mask_s: u64,
     mask_l: u64,
-    gear: Box<[u64; 256]>,
-    gear_ls: Box<[u64; 256]>,
+    gear: Cow<'static, [u64]>,
+    gear_ls: Cow<'static, [u64]>,
 }
 
 impl std::fmt::Debug for Chunker {
@@ -82,16 +87,9 @@ impl Chunker {
     /// A chunker with the given bounds and gear seed.
     pub fn new(params: ChunkerParams, seed: u64) -> Result<Self, ChunkerError> {
         params.validate()?;
-        let bits = v2020::logarithm2(params.avg_size);
-        let level = Normalization::Level1.bits();
+        let (mask_s, mask_l) = v2020::select_masks(params.avg_size as usize, Normalization::Level1);
         let (gear, gear_ls) = v2020::get_gear_with_seed(seed);
-        Ok(Chunker {
-            params,
-            mask_s: v2020::MASKS[(bits + level) as usize],
-            mask_l: v2020::MASKS[(bits - level) as usize],
-            gear,
-            gear_ls,
-        })
+        Ok(Chunker { params, mask_s, mask_l, gear, gear_ls })
     }
 
     /// The bounds this chunker was built with.

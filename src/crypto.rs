@@ -10,9 +10,9 @@
 //! and id are authenticated as associated data, so a blob cannot be swapped
 //! for another.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use rand::RngCore;
+use rand::TryRng;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::id::{BlobId, BlobKind};
@@ -95,7 +95,7 @@ impl MasterKey {
     /// A fresh random master key from the OS generator.
     pub fn generate() -> Self {
         let mut k = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut k);
+        os_random(&mut k);
         MasterKey(k)
     }
 
@@ -143,7 +143,7 @@ impl MasterKey {
     /// derived from a fresh random salt.
     pub fn seal_object(&self, role: Role, plaintext: &[u8]) -> Vec<u8> {
         let mut salt = [0u8; SALT_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut salt);
+        os_random(&mut salt);
         let cipher = self.derive(CONTEXT_OBJECT_KEY, &salt);
         let mut buf = Vec::with_capacity(SALT_LEN + plaintext.len() + SEAL_OVERHEAD);
         buf.extend_from_slice(plaintext);
@@ -169,7 +169,7 @@ impl MasterKey {
     /// Wraps this key under a password for a key file.
     pub fn wrap(&self, password: &[u8], params: KdfParams) -> Result<WrappedKey, CryptoError> {
         let mut salt = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut salt);
+        os_random(&mut salt);
         let cipher = password_cipher(password, &salt, &params)?;
         let mut buf = self.0.to_vec();
         seal_in_place(&cipher, KEY_WRAP_AAD, &mut buf);
@@ -277,11 +277,18 @@ fn blob_aad(role: Role, id: &BlobId) -> [u8; 33] {
     aad
 }
 
+/// Fills `buf` from the operating system's generator: keys, salts and nonces
+/// come straight from the kernel, never from a user-space generator that a
+/// fork could duplicate.
+fn os_random(buf: &mut [u8]) {
+    rand::rngs::SysRng.try_fill_bytes(buf).expect("the OS random number generator failed");
+}
+
 fn seal_in_place(cipher: &Aes256Gcm, aad: &[u8], buf: &mut Vec<u8>) {
     let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    os_random(&mut nonce);
     let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, buf)
+        .encrypt_inout_detached(&Nonce::from(nonce), aad, buf.as_mut_slice().into())
         .expect("AES-GCM accepts any message below 64 GiB");
     buf.reserve(SEAL_OVERHEAD);
     buf.extend_from_slice(&tag);
@@ -293,10 +300,10 @@ fn open_in_place(cipher: &Aes256Gcm, aad: &[u8], buf: &mut Vec<u8>) -> Result<()
         return Err(CryptoError::TooShort(buf.len()));
     }
     let body_len = buf.len() - SEAL_OVERHEAD;
-    let nonce = *Nonce::from_slice(&buf[body_len + TAG_LEN..]);
-    let tag = *Tag::from_slice(&buf[body_len..body_len + TAG_LEN]);
+    let nonce = Nonce::try_from(&buf[body_len + TAG_LEN..]).expect("the length was checked above");
+    let tag = Tag::try_from(&buf[body_len..body_len + TAG_LEN]).expect("the length was checked above");
     buf.truncate(body_len);
-    cipher.decrypt_in_place_detached(&nonce, aad, buf, &tag).map_err(|_| CryptoError::Authentication)
+    cipher.decrypt_inout_detached(&nonce, aad, buf.as_mut_slice().into(), &tag).map_err(|_| CryptoError::Authentication)
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub mod chunker;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod crypto;
+pub mod dump;
+pub mod find;
 pub mod id;
 pub mod index;
 pub mod ingest;
@@ -60,6 +62,7 @@ pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod select;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod snapshot;

@@ -165,7 +165,7 @@ pub fn is_stale(id: &LockId, lock: &LockFile, now: DateTime<Utc>, opts: &LockOpt
     if age.to_std().is_ok_and(|a| a > opts.stale_after) {
         return true;
     }
-    if lock.hostname != crate::repo::keys::hostname() {
+    if lock.hostname != crate::snapshot::current_host() {
         return false;
     }
     if lock.pid == std::process::id() {

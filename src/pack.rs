@@ -23,6 +23,12 @@ const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 /// Bytes of a frame before its stored bytes.
 pub const FRAME_HEADER_LEN: usize = 8;
+
+/// Bytes a blob's frame takes in its pack: the frame header and the sealed
+/// bytes (`stored_len`).
+pub fn frame_len(stored_len: u32) -> u64 {
+    FRAME_HEADER_LEN as u64 + u64::from(stored_len)
+}
 /// Bytes after the sealed table.
 pub const TRAILER_LEN: usize = 12;
 const TABLE_ENTRY_LEN: usize = 44;

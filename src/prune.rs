@@ -24,9 +24,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::id::{BlobId, IndexId, PackId, SnapshotId};
-use crate::index::{IndexSegment, PackEntries};
+use crate::index::{BlobLocation, IndexSegment, PackEntries};
 use crate::lock::{LockError, LockKind, LockOptions};
-use crate::pack::FRAME_HEADER_LEN;
 use crate::packer::PACKS_PER_SEGMENT;
 use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::Snapshot;
@@ -122,7 +121,7 @@ pub fn reachable_blobs(repo: &Repository, snapshots: &[(SnapshotId, Snapshot)]) 
                 // A subtree seen before: everything below it is marked.
                 NodeKind::Dir { subtree } if !used.insert(*subtree) => entries.skip_subtree(),
                 NodeKind::File { chunks } => used.extend(chunks.iter().copied()),
-                _ => {}
+                NodeKind::Dir { .. } | NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
             }
         }
     }
@@ -264,7 +263,7 @@ pub fn plan(
             if home.get(&b.id) == Some(pack) {
                 live_blobs += 1;
             } else {
-                dead += (FRAME_HEADER_LEN as u64) + u64::from(b.stored_len);
+                dead += crate::pack::frame_len(b.stored_len);
             }
         }
         report.blobs_unused += packs[pack].blobs.len() as u64 - live_blobs;
@@ -314,17 +313,41 @@ pub fn execute(
     let repack: Vec<PackId> = plan.with_fate(Fate::Repack).collect();
     for (i, pack) in repack.iter().enumerate() {
         progress.set(format!("repacking {}/{}", i + 1, repack.len()));
-        let bytes = repo.read_pack(pack)?;
         let entries = &packs[pack];
-        for b in entries.blobs.iter().filter(|b| home.get(&b.id) == Some(pack)) {
-            let start = b.offset as usize;
-            let frame = bytes
-                .get(start..start + FRAME_HEADER_LEN + b.stored_len as usize)
-                .ok_or_else(|| PruneError::Damaged(format!("pack {pack}: blob {} lies past its end", b.id)))?;
-            // Open it fully (crc, tag, hash) so damage is never copied on as good.
-            repo.open_frame(&b.id, entries.kind, frame, u64::from(b.offset), b.stored_len, b.raw_len)
-                .map_err(|e| PruneError::Damaged(format!("pack {pack}: {e}")))?;
-            session.save_stored(entries.kind, b.id, b.raw_len, &frame[FRAME_HEADER_LEN..])?;
+        let mut live: Vec<(BlobId, BlobLocation)> = entries
+            .blobs
+            .iter()
+            .filter(|b| home.get(&b.id) == Some(pack))
+            .map(|b| {
+                let loc = BlobLocation {
+                    pack: *pack,
+                    kind: entries.kind,
+                    offset: b.offset,
+                    stored_len: b.stored_len,
+                    raw_len: b.raw_len,
+                };
+                (b.id, loc)
+            })
+            .collect();
+        live.sort_by_key(|(_, l)| l.offset);
+        let raw_len: HashMap<BlobId, u32> = live.iter().map(|(id, l)| (*id, l.raw_len)).collect();
+        // Each frame is opened fully (crc, tag, hash) by the read path before
+        // it is copied, so damage is never carried on as good.
+        let mut failed = None;
+        repo.read_pack_sealed(pack, &live, &mut |id, sealed| {
+            if failed.is_some() {
+                return;
+            }
+            let copied = match sealed {
+                Ok(sealed) => {
+                    session.save_stored(entries.kind, *id, raw_len[id], sealed).map(drop).map_err(PruneError::from)
+                }
+                Err(e) => Err(PruneError::Damaged(format!("pack {pack}: {e}"))),
+            };
+            failed = copied.err();
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     // The new packs, then the segments naming them, durable.

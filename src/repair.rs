@@ -8,7 +8,6 @@ use serde::Serialize;
 use crate::id::{BlobId, BlobKind, IndexId, PackId, SnapshotId};
 use crate::index::IndexSegment;
 use crate::lock::{LockError, LockKind, LockOptions};
-use crate::pack::FRAME_HEADER_LEN;
 use crate::packer::PACKS_PER_SEGMENT;
 use crate::repo::{RepoError, Repository, WriteError, WriteSession};
 use crate::snapshot::Snapshot;
@@ -115,7 +114,7 @@ impl Available<'_> {
         let ok = match self.repo.index().get(id) {
             None => false,
             Some(loc) => {
-                let end = u64::from(loc.offset) + (FRAME_HEADER_LEN as u64) + u64::from(loc.stored_len);
+                let end = loc.frame_end();
                 let in_pack = self.pack_sizes.get(&loc.pack).is_some_and(|&size| end <= size);
                 in_pack && (!self.read_data || self.repo.read_blob(id).is_ok())
             }
@@ -227,7 +226,7 @@ fn rewrite_tree(
                     dropped.push(child);
                 }
             }
-            NodeKind::Symlink { .. } => nodes.push(node.clone()),
+            NodeKind::Symlink { .. } | NodeKind::Special { .. } => nodes.push(node.clone()),
         }
     }
     if dropped.len() == before {

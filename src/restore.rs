@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -131,6 +131,11 @@ pub struct RestoreReport {
     pub dirs: u64,
     /// Symlinks written.
     pub symlinks: u64,
+    /// Of `files`, those made hard links to another file of the restore,
+    /// as they were when backed up.
+    pub hardlinks: u64,
+    /// Fifos and devices created.
+    pub specials: u64,
     /// Bytes written.
     pub bytes: u64,
     /// Entries left alone because of [`Overwrite`].
@@ -142,6 +147,9 @@ pub struct RestoreReport {
     pub failed: Vec<DamagedFile>,
     /// Metadata that could not be applied (e.g. ownership when not root).
     pub warnings: Vec<String>,
+    /// Entries of the snapshot not restored because they cannot be here
+    /// (a socket; a device when not root), with why.
+    pub left_out: Vec<DamagedFile>,
 }
 
 /// One entry of a plan: a path relative to the target and its node.
@@ -162,6 +170,8 @@ pub struct RestorePlan {
     pub files: Vec<PlanEntry>,
     /// Symlinks.
     pub symlinks: Vec<PlanEntry>,
+    /// Fifos, sockets and devices (a device client's plan has none).
+    pub specials: Vec<PlanEntry>,
 }
 
 impl RestorePlan {
@@ -179,6 +189,7 @@ impl RestorePlan {
             NodeKind::Dir { .. } => self.dirs.push(entry),
             NodeKind::File { .. } => self.files.push(entry),
             NodeKind::Symlink { .. } => self.symlinks.push(entry),
+            NodeKind::Special { .. } => self.specials.push(entry),
         }
         Ok(())
     }
@@ -312,6 +323,7 @@ pub fn plan(repo: &Repository, snapshot: &Snapshot, include: &[String]) -> Resul
             NodeKind::Dir { .. } => plan.dirs.push(entry),
             NodeKind::File { .. } if selected => plan.files.push(entry),
             NodeKind::Symlink { .. } if selected => plan.symlinks.push(entry),
+            NodeKind::Special { .. } if selected => plan.specials.push(entry),
             _ => {}
         }
     }
@@ -357,10 +369,23 @@ pub fn restore_plan(
     }
 
     // Files: decide what to write, then write each into a temporary file.
+    // A file that shares its inode with an earlier file of the plan (a hard
+    // link when backed up) is not written: it becomes a link to that one
+    // once that one is in place.
     let mut writing = Vec::new();
+    let mut links: Vec<(usize, usize)> = Vec::new();
+    let mut first_of_inode: HashMap<(u64, u64), usize> = HashMap::new();
     for (i, e) in plan.files.iter().enumerate() {
         match decide(&target.join(&e.rel), &e.node, opts.overwrite) {
-            Decision::Write => writing.push(i),
+            Decision::Write => match link_key(&e.node) {
+                Some(key) if first_of_inode.contains_key(&key) => links.push((i, first_of_inode[&key])),
+                key => {
+                    if let Some(key) = key {
+                        first_of_inode.insert(key, i);
+                    }
+                    writing.push(i);
+                }
+            },
             Decision::Skip => report.skipped += 1,
             Decision::Fail(error) => report.failed.push(failure(&e.rel, error)),
         }
@@ -429,11 +454,13 @@ pub fn restore_plan(
             Ok(plan.files[*i].node.size)
         })
         .collect();
+    let mut placed = std::collections::HashSet::new();
     for ((i, tmp), r) in complete.iter().zip(renamed) {
         match r {
             Ok(bytes) => {
                 report.files += 1;
                 report.bytes += bytes;
+                placed.insert(*i);
             }
             Err(error) => {
                 temps.remove(tmp);
@@ -442,20 +469,41 @@ pub fn restore_plan(
         }
     }
 
+    // Hard links to the files just put in place, under a temporary name and
+    // renamed over, like the files.
+    for (i, first) in links {
+        let e = &plan.files[i];
+        if !placed.contains(&first) {
+            let why = format!("{} (a hard link to it) was not restored", plan.files[first].rel.display());
+            report.failed.push(failure(&e.rel, why));
+            continue;
+        }
+        let path = target.join(&e.rel);
+        let node = &e.node;
+        record(&[Created::File {
+            path: path.clone(),
+            size: node.size,
+            mtime: node.mtime.sec,
+            mtime_nsec: node.mtime.nsec,
+        }])?;
+        let tmp = temp_sibling(&path);
+        if let Err(err) = std::fs::hard_link(target.join(&plan.files[first].rel), &tmp) {
+            report.failed.push(failure(&e.rel, format!("creating the hard link: {err}")));
+            continue;
+        }
+        temps.add(tmp.clone());
+        if put_in_place(&tmp, &path, &e.rel, &temps, &mut report) {
+            report.files += 1;
+            report.hardlinks += 1;
+        }
+    }
+
     // Symlinks, the same way: made under a temporary name, renamed over.
     for e in &plan.symlinks {
         let path = target.join(&e.rel);
         let NodeKind::Symlink { target: link } = &e.node.kind else { continue };
-        match decide(&path, &e.node, opts.overwrite) {
-            Decision::Write => {}
-            Decision::Skip => {
-                report.skipped += 1;
-                continue;
-            }
-            Decision::Fail(error) => {
-                report.failed.push(failure(&e.rel, error));
-                continue;
-            }
+        if !wants_write(&path, e, opts.overwrite, &mut report) {
+            continue;
         }
         record(&[Created::Symlink { path: path.clone(), target: String::from_utf8_lossy(link).into_owned() }])?;
         let tmp = temp_sibling(&path);
@@ -465,22 +513,99 @@ pub fn restore_plan(
         }
         temps.add(tmp.clone());
         report.warnings.extend(apply_metadata(&tmp, &e.node, true, opts));
-        match std::fs::rename(&tmp, &path) {
-            Ok(()) => {
-                temps.done(&tmp);
-                report.symlinks += 1;
-            }
-            Err(err) => {
-                temps.remove(&tmp);
-                report.failed.push(failure(&e.rel, format!("putting it in place: {err}")));
-            }
+        if put_in_place(&tmp, &path, &e.rel, &temps, &mut report) {
+            report.symlinks += 1;
         }
     }
+    restore_specials(plan, target, opts, &record, &temps, &mut report)?;
     for e in plan.dirs.iter().rev() {
         report.dirs += 1;
         report.warnings.extend(apply_metadata(&target.join(&e.rel), &e.node, false, opts));
     }
     Ok(report)
+}
+
+/// Whether to write the entry at `path` (`--overwrite`); otherwise counts
+/// the skip or records the failure.
+fn wants_write(path: &Path, e: &PlanEntry, overwrite: Overwrite, report: &mut RestoreReport) -> bool {
+    match decide(path, &e.node, overwrite) {
+        Decision::Write => true,
+        Decision::Skip => {
+            report.skipped += 1;
+            false
+        }
+        Decision::Fail(error) => {
+            report.failed.push(failure(&e.rel, error));
+            false
+        }
+    }
+}
+
+/// Renames the finished temporary entry `tmp` over `path`; when that fails,
+/// removes it and records why.
+fn put_in_place(tmp: &Path, path: &Path, rel: &Path, temps: &TempFiles, report: &mut RestoreReport) -> bool {
+    match std::fs::rename(tmp, path) {
+        Ok(()) => {
+            temps.done(tmp);
+            true
+        }
+        Err(err) => {
+            temps.remove(tmp);
+            report.failed.push(failure(rel, format!("putting it in place: {err}")));
+            false
+        }
+    }
+}
+
+/// The identity of a file that had hard links when backed up.
+fn link_key(node: &Node) -> Option<(u64, u64)> {
+    (node.extra.links > 1).then_some((node.extra.device, node.inode))
+}
+
+/// Fifos and devices, made with `mknod` under a temporary name and renamed
+/// over. Sockets, and devices when not root, are left out with why.
+fn restore_specials(
+    plan: &RestorePlan,
+    target: &Path,
+    opts: &RestoreOptions,
+    record: &dyn Fn(&[Created]) -> Result<(), RestoreError>,
+    temps: &TempFiles,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
+    use nix::sys::stat::{mknod, Mode, SFlag};
+    for e in &plan.specials {
+        let NodeKind::Special { rdev } = e.node.kind else { continue };
+        let kind = SFlag::from_bits_truncate(e.node.mode & libc::S_IFMT);
+        let why_not = match kind {
+            SFlag::S_IFIFO => None,
+            SFlag::S_IFCHR | SFlag::S_IFBLK if nix::unistd::geteuid().is_root() => None,
+            SFlag::S_IFCHR | SFlag::S_IFBLK => Some("a device: only root can create one"),
+            SFlag::S_IFSOCK => Some("a socket: it belongs to the program that listened on it"),
+            _ => Some("an unknown file type"),
+        };
+        if let Some(why) = why_not {
+            report.left_out.push(failure(&e.rel, why.into()));
+            continue;
+        }
+        let path = target.join(&e.rel);
+        if !wants_write(&path, e, opts.overwrite, report) {
+            continue;
+        }
+        let node = &e.node;
+        record(&[Created::File { path: path.clone(), size: 0, mtime: node.mtime.sec, mtime_nsec: node.mtime.nsec }])?;
+        let tmp = temp_sibling(&path);
+        // Owner-only until apply_metadata sets the snapshot's mode.
+        if let Err(err) = mknod(&tmp, kind, Mode::S_IRUSR | Mode::S_IWUSR, rdev as libc::dev_t) {
+            report.failed.push(failure(&e.rel, format!("creating it: {err}")));
+            continue;
+        }
+        temps.add(tmp.clone());
+        report.warnings.extend(apply_metadata(&tmp, node, false, opts));
+        if put_in_place(&tmp, &path, &e.rel, temps, report) {
+            report.specials += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Creates the target (and missing parents), recording them first.
@@ -530,7 +655,7 @@ fn decide(path: &Path, node: &Node, overwrite: Overwrite) -> Decision {
             existing.file_type().is_symlink()
                 && std::fs::read_link(path).is_ok_and(|t| t.as_os_str().as_bytes() == target.as_slice())
         }
-        NodeKind::Dir { .. } => false,
+        NodeKind::Dir { .. } | NodeKind::Special { .. } => false,
     };
     match overwrite {
         Overwrite::Always => Decision::Write,
@@ -654,15 +779,24 @@ fn apply_metadata(path: &Path, node: &Node, is_link: bool, opts: &RestoreOptions
     };
     let flags = if is_link { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
     let mode_bits = if opts.strip_special_bits { 0o777 } else { 0o7777 };
-    // SAFETY: `c` is a valid NUL-terminated path; the calls only read it.
-    unsafe {
-        // Ownership first: chown clears setuid/setgid bits, chmod then sets them.
-        if !opts.ignore_owner
-            && libc::geteuid() == 0
-            && libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) != 0
-        {
-            warnings.push(format!("{}: chown: {}", path.display(), std::io::Error::last_os_error()));
+    // Ownership first: chown clears setuid/setgid bits (chmod then sets
+    // them) and security.capability (set below).
+    // SAFETY: `c` is a valid NUL-terminated path; the call only reads it.
+    if !opts.ignore_owner
+        && unsafe { libc::geteuid() } == 0
+        && unsafe { libc::fchownat(libc::AT_FDCWD, c.as_ptr(), node.uid, node.gid, flags) } != 0
+    {
+        warnings.push(format!("{}: chown: {}", path.display(), std::io::Error::last_os_error()));
+    }
+    // Before chmod: a read-only mode would stop its owner setting user.*.
+    // Each attribute is tried: the restoring user may set user.* but not trusted.*.
+    for x in &node.extra.xattrs {
+        if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
+            warnings.push(format!("{}: extended attribute {}: {e}", path.display(), String::from_utf8_lossy(&x.name)));
         }
+    }
+    // SAFETY: as above; `times` outlives the call.
+    unsafe {
         if !is_link && libc::chmod(c.as_ptr(), (node.mode & mode_bits) as libc::mode_t) != 0 {
             warnings.push(format!("{}: chmod: {}", path.display(), std::io::Error::last_os_error()));
         }
@@ -682,27 +816,37 @@ fn to_timespec(t: Timestamp) -> libc::timespec {
 /// memory it holds: one window of plaintext).
 const CAT_WINDOW: u64 = 16 << 20;
 
-/// Writes one file of a snapshot (or the byte range `start..end` of it) to
-/// `out`, verifying every chunk. Chunks are read through the repository's
-/// one blob read path ([`Repository::read_blobs`]: pack order, nearby blobs
-/// in one ranged read), a window at a time, and written in file order; a
-/// chunk that fails ends the output right before it. Returns the bytes
-/// written.
-pub fn cat(
-    repo: &Repository,
-    node: &Node,
-    range: Option<(u64, u64)>,
-    out: &mut dyn Write,
-) -> Result<u64, RestoreError> {
-    let NodeKind::File { chunks } = &node.kind else {
-        return Err(RestoreError::NotAFile(node.name_lossy()));
-    };
-    let (start, end) = range.unwrap_or((0, node.size));
-    let end = end.min(node.size);
-    // The chunks overlapping start..end, each with its offset in the file.
-    let mut wanted: Vec<(BlobId, u64)> = Vec::new();
-    let mut pos = 0u64;
-    {
+/// One file of a snapshot (or the byte range `start..end` of it) as a
+/// stream of verified bytes. Chunks are read through the repository's one
+/// blob read path ([`Repository::read_blobs`]: pack order, nearby blobs in
+/// one ranged read), [`CAT_WINDOW`] of the file at a time, so memory is
+/// bounded whatever the file's size. Used by `cat`, `dump` and the storage
+/// node's file route.
+pub struct FileReader<'r> {
+    repo: &'r Repository,
+    /// The chunks overlapping the range, each with its offset in the file.
+    wanted: Vec<(BlobId, u64)>,
+    /// The first of `wanted` not read yet.
+    next: usize,
+    start: u64,
+    end: u64,
+    /// The window read last, trimmed to the range, and how much of it was taken.
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<'r> FileReader<'r> {
+    /// A reader of `node`'s content, or of `range` (`start..end`, clamped to
+    /// the file's size) of it. Fails if `node` is not a file or names a
+    /// chunk the index lacks.
+    pub fn new(repo: &'r Repository, node: &Node, range: Option<(u64, u64)>) -> Result<FileReader<'r>, RestoreError> {
+        let NodeKind::File { chunks } = &node.kind else {
+            return Err(RestoreError::NotAFile(node.name_lossy()));
+        };
+        let (start, end) = range.unwrap_or((0, node.size));
+        let end = end.min(node.size);
+        let mut wanted = Vec::new();
+        let mut pos = 0u64;
         let index = repo.index();
         for c in chunks {
             if pos >= end {
@@ -714,34 +858,82 @@ pub fn cat(
             }
             pos += len;
         }
+        Ok(FileReader { repo, wanted, next: 0, start, end, buf: Vec::new(), pos: 0 })
     }
-    let mut written = 0u64;
-    let mut rest = wanted.as_slice();
-    while let Some(&(_, first)) = rest.first() {
-        let n = rest.iter().take_while(|(_, at)| *at - first < CAT_WINDOW).count();
-        let (window, next) = rest.split_at(n);
-        rest = next;
-        let (packs, missing) = repo.plan_blob_reads(window.iter().map(|(c, _)| *c));
+
+    /// Reads the next window into `buf`; `false` at the end of the range.
+    fn fill(&mut self) -> Result<bool, RepoError> {
+        let rest = &self.wanted[self.next..];
+        let Some(&(_, first)) = rest.first() else { return Ok(false) };
+        let window = &rest[..rest.iter().take_while(|(_, at)| *at - first < CAT_WINDOW).count()];
+        self.next += window.len();
+        let (packs, missing) = self.repo.plan_blob_reads(window.iter().map(|(c, _)| *c));
         if let Some(c) = missing.first() {
-            return Err(RepoError::MissingBlob(*c).into());
+            return Err(RepoError::MissingBlob(*c));
         }
         let read: Mutex<HashMap<BlobId, Result<Vec<u8>, RepoError>>> = Mutex::default();
-        repo.read_blobs(&packs, &|id, r| {
+        self.repo.read_blobs(&packs, &|id, r| {
             read.lock().expect("read lock").insert(*id, r.map(<[u8]>::to_vec));
         });
         let mut read = read.into_inner().expect("read lock");
+        self.buf.clear();
+        self.pos = 0;
         for (c, at) in window {
-            let data = match read.get(c) {
+            let data = match read.remove(c) {
                 Some(Ok(data)) => data,
-                _ => return Err(read.remove(c).map_or(RepoError::MissingBlob(*c), |r| r.unwrap_err()).into()),
+                Some(Err(e)) => return Err(e),
+                None => return Err(RepoError::MissingBlob(*c)),
             };
-            let from = start.saturating_sub(*at) as usize;
-            let to = ((end - at) as usize).min(data.len());
-            out.write_all(&data[from..to]).map_err(RestoreError::Output)?;
-            written += (to - from) as u64;
+            let from = self.start.saturating_sub(*at) as usize;
+            let to = ((self.end - at) as usize).min(data.len());
+            self.buf.extend_from_slice(&data[from..to]);
         }
+        Ok(true)
     }
-    Ok(written)
+
+    /// The unread part of the current window, reading the next one when it
+    /// is used up; empty at the end of the range.
+    fn window(&mut self) -> Result<&[u8], RepoError> {
+        while self.pos == self.buf.len() {
+            if !self.fill()? {
+                return Ok(&[]);
+            }
+        }
+        Ok(&self.buf[self.pos..])
+    }
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let window = self.window().map_err(std::io::Error::other)?;
+        let n = out.len().min(window.len());
+        out[..n].copy_from_slice(&window[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Writes one file of a snapshot (or the byte range `start..end` of it) to
+/// `out` through a [`FileReader`]; a chunk that fails ends the output at the
+/// window before it. Returns the bytes written.
+pub fn cat(
+    repo: &Repository,
+    node: &Node,
+    range: Option<(u64, u64)>,
+    out: &mut dyn Write,
+) -> Result<u64, RestoreError> {
+    let mut reader = FileReader::new(repo, node, range)?;
+    let mut written = 0u64;
+    loop {
+        let window = reader.window()?;
+        if window.is_empty() {
+            return Ok(written);
+        }
+        let n = window.len();
+        out.write_all(window).map_err(RestoreError::Output)?;
+        reader.pos += n;
+        written += n as u64;
+    }
 }
 
 #[cfg(test)]

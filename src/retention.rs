@@ -1,6 +1,7 @@
 //! Retention policies: which snapshots `forget` keeps (a pure function).
 //!
-//! Snapshots are grouped by host and paths (like restic). Within a group,
+//! Snapshots are grouped by host and paths (like restic; by tags too on
+//! request, see [`GroupBy`]). Within a group,
 //! newest first, a snapshot is kept when any rule wants it:
 //! - `last N`: it is among the N newest;
 //! - `hourly/daily/weekly/monthly/yearly N`: it is the newest of its hour
@@ -47,12 +48,14 @@ impl Policy {
 pub struct GroupBy {
     pub host: bool,
     pub paths: bool,
+    /// Snapshots with the same set of tags form a group.
+    pub tags: bool,
 }
 
 impl Default for GroupBy {
     /// By host and paths, like restic.
     fn default() -> Self {
-        GroupBy { host: true, paths: true }
+        GroupBy { host: true, paths: true, tags: false }
     }
 }
 
@@ -68,6 +71,8 @@ pub struct Kept {
 pub struct GroupDecision {
     pub hostname: String,
     pub paths: Vec<String>,
+    /// The group's tags (sorted; empty when not grouped by tags).
+    pub tags: Vec<String>,
     /// Newest first.
     pub keep: Vec<Kept>,
     /// Newest first.
@@ -102,21 +107,24 @@ fn year(t: &DateTime<FixedOffset>) -> i64 {
 /// Applies `policy` to each group of `snapshots`; groups come out ordered
 /// by host and paths (empty when not grouped by them).
 pub fn apply(policy: &Policy, group_by: GroupBy, snapshots: &[(SnapshotId, Snapshot)]) -> Vec<GroupDecision> {
-    type Key = (String, Vec<String>);
+    type Key = (String, Vec<String>, Vec<String>);
     let mut groups: BTreeMap<Key, Vec<&(SnapshotId, Snapshot)>> = BTreeMap::new();
     for s in snapshots {
         let mut paths = if group_by.paths { s.1.paths.clone() } else { Vec::new() };
         paths.sort();
         let host = if group_by.host { s.1.hostname.clone() } else { String::new() };
-        groups.entry((host, paths)).or_default().push(s);
+        let mut tags = if group_by.tags { s.1.tags.clone() } else { Vec::new() };
+        tags.sort();
+        tags.dedup();
+        groups.entry((host, paths, tags)).or_default().push(s);
     }
     groups
         .into_iter()
-        .map(|((hostname, paths), mut group)| {
+        .map(|((hostname, paths, tags), mut group)| {
             // Newest first; equal times by id so the result is deterministic.
             group.sort_by(|a, b| b.1.time.cmp(&a.1.time).then(b.0.cmp(&a.0)));
             let (keep, remove) = decide(policy, &group);
-            GroupDecision { hostname, paths, keep, remove }
+            GroupDecision { hostname, paths, tags, keep, remove }
         })
         .collect()
 }
@@ -270,6 +278,24 @@ mod tests {
     }
 
     #[test]
+    fn grouping_by_tags_applies_the_policy_per_tag_set() {
+        let snaps = vec![
+            (SnapshotId([0; 32]), snap("2026-03-01T10:00:00Z", "a", &["db"])),
+            (SnapshotId([1; 32]), snap("2026-03-02T10:00:00Z", "a", &["db"])),
+            (SnapshotId([2; 32]), snap("2026-03-03T10:00:00Z", "a", &["web"])),
+        ];
+        let policy = Policy { last: 1, ..Policy::default() };
+        let by_tags = apply(&policy, GroupBy { host: true, paths: true, tags: true }, &snaps);
+        assert_eq!(by_tags.len(), 2);
+        assert_eq!(by_tags[0].tags, vec!["db".to_string()]);
+        assert_eq!(by_tags[0].remove, vec![SnapshotId([0; 32])]);
+        assert!(by_tags[1].remove.is_empty(), "the newest web snapshot is its group's last");
+        let together = apply(&policy, GroupBy::default(), &snaps);
+        assert_eq!(together.len(), 1);
+        assert_eq!(together[0].remove.len(), 2);
+    }
+
+    #[test]
     fn tags_keep_regardless_and_groups_are_separate() {
         let snaps = vec![
             (SnapshotId([0; 32]), snap("2026-03-01T10:00:00Z", "a", &["keep"])),
@@ -291,7 +317,7 @@ mod tests {
         assert_eq!(d[0].remove, vec![SnapshotId([1; 32])]);
         assert_eq!(d[1].keep.len(), 1, "host b's only snapshot is its last");
         // Not grouped by host: one group, one "last".
-        let d = apply(&policy, GroupBy { host: false, paths: true }, &snaps);
+        let d = apply(&policy, GroupBy { host: false, paths: true, tags: false }, &snaps);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].keep.len(), 2);
         assert_eq!(d[0].remove, vec![SnapshotId([1; 32]), SnapshotId([3; 32])]);

@@ -68,6 +68,22 @@ pub struct Summary {
     pub duration_secs: f64,
 }
 
+/// The name of the user this process runs as, from its effective uid
+/// (getpwuid), not from `$USER`, which cron and service managers leave
+/// unset or wrong; the uid as a number when it has no name.
+pub fn current_user() -> String {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
+}
+
+/// The machine's host name (gethostname), or "unknown".
+pub fn current_host() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+}
+
 impl Snapshot {
     /// JSON for sealing.
     pub fn encode(&self) -> Vec<u8> {

@@ -41,13 +41,17 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 /// Walks every distinct tree once (shared subtrees are counted, and read, once).
 pub fn stats(repo: &Repository) -> Result<Stats, RepoError> {
-    let snapshots = repo.list_snapshots()?;
+    stats_of(repo, &repo.list_snapshots()?)
+}
+
+/// [`stats`] of some snapshots only (the packs are the whole repository's).
+pub fn stats_of(repo: &Repository, snapshots: &[(crate::id::SnapshotId, Snapshot)]) -> Result<Stats, RepoError> {
     let mut s = Stats { snapshots: snapshots.len() as u64, ..Stats::default() };
     // Per distinct tree: the bytes of its own files and its subtrees, so that
     // each snapshot's logical size is summed without reading a tree twice.
     let mut trees: HashMap<BlobId, (u64, Vec<BlobId>)> = HashMap::new();
     let mut seen_chunks = HashSet::new();
-    for (_, snap) in &snapshots {
+    for (_, snap) in snapshots {
         if trees.contains_key(&snap.tree) {
             continue;
         }
@@ -76,13 +80,13 @@ pub fn stats(repo: &Repository) -> Result<Stats, RepoError> {
                         }
                     }
                 }
-                NodeKind::Symlink { .. } => {}
+                NodeKind::Symlink { .. } | NodeKind::Special { .. } => {}
             }
         }
     }
     s.trees = trees.len() as u64;
     let mut totals = HashMap::with_capacity(trees.len());
-    for (_, snap) in &snapshots {
+    for (_, snap) in snapshots {
         s.logical_bytes += logical_size(&snap.tree, &trees, &mut totals);
     }
     let packs = repo.pack_sizes()?;

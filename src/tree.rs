@@ -13,14 +13,14 @@
 //! | field      | size | meaning                            |
 //! |------------|------|------------------------------------|
 //! | magic      | 4    | `b"CVTR"`                          |
-//! | version    | 1    | `1`                                |
+//! | version    | 1    | `1`, or `2` (see below)            |
 //! | node_count | 4    | u32, number of nodes that follow   |
 //!
 //! followed by `node_count` nodes, each:
 //!
 //! | field      | size     | meaning                                   |
 //! |------------|----------|-------------------------------------------|
-//! | kind       | 1        | `1` file, `2` directory, `3` symlink      |
+//! | kind       | 1        | `1` file, `2` directory, `3` symlink, `4` special (version 2) |
 //! | name_len   | 2        | u16                                       |
 //! | name       | name_len | one path component (see [`validate_name`])|
 //! | mode       | 4        | u32, `st_mode`                            |
@@ -37,7 +37,28 @@
 //!
 //! * file: `chunk_count` u32, then `chunk_count` 32-byte chunk blob ids;
 //! * directory: the 32-byte blob id of the subdirectory's tree;
-//! * symlink: `target_len` u16, then the target bytes.
+//! * symlink: `target_len` u16, then the target bytes;
+//! * special (a fifo, socket or device; which one is `mode`'s file type):
+//!   `rdev` u64, the device number.
+//!
+//! In version 2 every node then carries its [`NodeExtra`]:
+//!
+//! | field        | size      | meaning                                        |
+//! |--------------|-----------|------------------------------------------------|
+//! | user_len     | 2         | u16, at most 4096                              |
+//! | user         | user_len  | owner's user name (UTF-8, empty if unknown)    |
+//! | group_len    | 2         | u16, at most 4096                              |
+//! | group        | group_len | owner's group name (UTF-8, empty if unknown)   |
+//! | device       | 8         | u64, `st_dev` of a file with hard links, else 0|
+//! | links        | 8         | u64, `st_nlink` of a file with hard links, else 0 |
+//! | xattr_count  | 2         | u16                                            |
+//!
+//! and `xattr_count` extended attributes, strictly increasing by name, each
+//! `name_len` u8 (1 to 255), the name, `value_len` u32 (at most 65 536) and
+//! the value. A tree is written as version 1 when no node has extra metadata
+//! and none is special, so trees of older backups keep their encoding (and
+//! their ids, so they still deduplicate), and version 2 otherwise; a version 2
+//! tree that could have been version 1 is refused, which keeps one encoding.
 //!
 //! Nodes appear in strictly increasing order of their name bytes, so names
 //! are unique, a lookup is a binary search, and every tree has exactly one
@@ -64,11 +85,24 @@ const MAX_NAME_LEN: usize = 4096;
 const MAX_TARGET_LEN: usize = 4096;
 
 const MAGIC: &[u8; 4] = b"CVTR";
-const VERSION: u8 = 1;
+/// The format without [`NodeExtra`] and special nodes.
+const VERSION_1: u8 = 1;
+/// The format with [`NodeExtra`] on every node and special nodes.
+const VERSION_2: u8 = 2;
 
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
+const KIND_SPECIAL: u8 = 4;
+
+/// Longest user or group name, in bytes.
+const MAX_OWNER_NAME_LEN: usize = 4096;
+/// Longest extended attribute name (Linux's `XATTR_NAME_MAX`).
+const MAX_XATTR_NAME_LEN: usize = 255;
+/// Largest extended attribute value (Linux's `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE_LEN: usize = 65536;
+/// user_len, group_len, device, links, xattr_count.
+const EXTRA_FIXED_LEN: usize = 2 + 2 + 8 + 8 + 2;
 
 /// magic, version, node_count.
 const HEADER_LEN: usize = 4 + 1 + 4;
@@ -103,6 +137,119 @@ pub enum NodeKind {
     Dir { subtree: BlobId },
     /// A symbolic link to `target` (raw bytes, never followed on restore).
     Symlink { target: Vec<u8> },
+    /// A fifo, socket, or character or block device (`mode` says which);
+    /// `rdev` is the device number of a device, 0 otherwise.
+    Special { rdev: u64 },
+}
+
+/// One extended attribute: its full name (`user.comment`) and raw value.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    /// The name with its namespace, 1 to 255 bytes without NUL.
+    pub name: Vec<u8>,
+    /// The value, at most [`MAX_XATTR_VALUE_LEN`] bytes.
+    pub value: Vec<u8>,
+}
+
+/// Metadata beyond `stat`'s numbers, all optional: trees written before it
+/// existed decode with the default (empty) value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeExtra {
+    /// The owner's user name at backup time (empty when unknown).
+    pub user: String,
+    /// The owner's group name at backup time (empty when unknown).
+    pub group: String,
+    /// `st_dev` of a regular file with more than one link (0 otherwise):
+    /// with the inode it tells which files of a snapshot are one file.
+    pub device: u64,
+    /// `st_nlink` of a regular file with more than one link (0 otherwise).
+    pub links: u64,
+    /// Extended attributes, sorted by name ([`Tree::new`] sorts them).
+    pub xattrs: Vec<Xattr>,
+}
+
+impl NodeExtra {
+    fn is_empty(&self) -> bool {
+        *self == NodeExtra::default()
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.xattrs.iter().fold(EXTRA_FIXED_LEN + self.user.len() + self.group.len(), |acc, x| {
+            acc.saturating_add(1 + x.name.len() + 4 + x.value.len())
+        })
+    }
+
+    /// Checks lengths, and that attribute names are sorted and unique.
+    fn validate(&self, node: &[u8]) -> Result<(), TreeError> {
+        if self.user.len() > MAX_OWNER_NAME_LEN || self.group.len() > MAX_OWNER_NAME_LEN {
+            return Err(TreeError::BadExtra(escape(node), "user or group name longer than 4096 bytes"));
+        }
+        if self.xattrs.len() > usize::from(u16::MAX) {
+            return Err(TreeError::BadExtra(escape(node), "more than 65535 extended attributes"));
+        }
+        for x in &self.xattrs {
+            if x.name.is_empty() || x.name.len() > MAX_XATTR_NAME_LEN || x.name.contains(&0) {
+                return Err(TreeError::BadExtra(
+                    escape(node),
+                    "extended attribute name not 1 to 255 bytes without NUL",
+                ));
+            }
+            if x.value.len() > MAX_XATTR_VALUE_LEN {
+                return Err(TreeError::BadExtra(escape(node), "extended attribute value over 64 KiB"));
+            }
+        }
+        if self.xattrs.windows(2).any(|w| w[0].name >= w[1].name) {
+            return Err(TreeError::BadExtra(escape(node), "extended attributes not sorted and unique"));
+        }
+        Ok(())
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        for s in [&self.user, &self.group] {
+            put_u16_len(out, s.len());
+            out.extend_from_slice(s.as_bytes());
+        }
+        out.extend_from_slice(&self.device.to_le_bytes());
+        out.extend_from_slice(&self.links.to_le_bytes());
+        put_u16_len(out, self.xattrs.len());
+        for x in &self.xattrs {
+            out.push(u8::try_from(x.name.len()).expect("validated to at most 255 bytes"));
+            out.extend_from_slice(&x.name);
+            put_u32_len(out, x.value.len());
+            out.extend_from_slice(&x.value);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>, node: &[u8]) -> Result<NodeExtra, TreeError> {
+        let mut owner = || -> Result<String, TreeError> {
+            let len = r.u16()?;
+            let bytes = r.take(usize::from(len))?;
+            String::from_utf8(bytes.to_vec()).map_err(|_| TreeError::BadExtra(escape(node), "owner name not UTF-8"))
+        };
+        let user = owner()?;
+        let group = owner()?;
+        let device = r.u64()?;
+        let links = r.u64()?;
+        let count = r.u16()?;
+        // Each attribute takes at least 6 bytes: bound the allocation by what remains.
+        if usize::from(count) > r.remaining() / 6 {
+            return Err(TreeError::BadExtra(escape(node), "more extended attributes than bytes"));
+        }
+        let mut xattrs = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let name_len = r.u8()?;
+            let name = r.take(usize::from(name_len))?.to_vec();
+            let value_len = r.u32()? as usize;
+            if value_len > MAX_XATTR_VALUE_LEN {
+                return Err(TreeError::BadExtra(escape(node), "extended attribute value over 64 KiB"));
+            }
+            let value = r.take(value_len)?.to_vec();
+            xattrs.push(Xattr { name, value });
+        }
+        let extra = NodeExtra { user, group, device, links, xattrs };
+        extra.validate(node)?;
+        Ok(extra)
+    }
 }
 
 /// One entry of a directory with the metadata restore needs.
@@ -121,6 +268,8 @@ pub struct Node {
     pub inode: u64,
     /// Content length in bytes (0 for directories and symlinks by convention).
     pub size: u64,
+    /// Owner names, hard link identity and extended attributes.
+    pub extra: NodeExtra,
 }
 
 impl Node {
@@ -134,20 +283,44 @@ impl Node {
         matches!(self.kind, NodeKind::File { .. })
     }
 
+    /// What this node is, as `ls` and `find` print it: `file`, `dir`,
+    /// `symlink`, `fifo`, `socket`, `chardev` or `blockdev`.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            NodeKind::File { .. } => "file",
+            NodeKind::Dir { .. } => "dir",
+            NodeKind::Symlink { .. } => "symlink",
+            NodeKind::Special { .. } => match self.mode & libc::S_IFMT {
+                libc::S_IFIFO => "fifo",
+                libc::S_IFSOCK => "socket",
+                libc::S_IFCHR => "chardev",
+                libc::S_IFBLK => "blockdev",
+                _ => "special",
+            },
+        }
+    }
+
     /// The name as text, invalid UTF-8 replaced by U+FFFD (for display and
     /// for building display paths, never for touching the filesystem).
     pub fn name_lossy(&self) -> String {
         String::from_utf8_lossy(&self.name).into_owned()
     }
 
-    /// Bytes this node takes in the encoding.
-    fn encoded_len(&self) -> usize {
+    /// Whether this node needs format version 2.
+    fn needs_v2(&self) -> bool {
+        matches!(self.kind, NodeKind::Special { .. }) || !self.extra.is_empty()
+    }
+
+    /// Bytes this node takes in the encoding of `version`.
+    fn encoded_len(&self, version: u8) -> usize {
         let payload = match &self.kind {
             NodeKind::File { chunks } => 4 + ID_LEN.saturating_mul(chunks.len()),
             NodeKind::Dir { .. } => ID_LEN,
             NodeKind::Symlink { target } => 2 + target.len(),
+            NodeKind::Special { .. } => 8,
         };
-        NODE_FIXED_LEN.saturating_add(self.name.len()).saturating_add(payload)
+        let extra = if version == VERSION_2 { self.extra.encoded_len() } else { 0 };
+        NODE_FIXED_LEN.saturating_add(self.name.len()).saturating_add(payload).saturating_add(extra)
     }
 
     /// Checks what the format requires of one node on its own.
@@ -159,7 +332,7 @@ impl Node {
         if let NodeKind::Symlink { target } = &self.kind {
             validate_target(target)?;
         }
-        Ok(())
+        self.extra.validate(&self.name)
     }
 }
 
@@ -192,6 +365,10 @@ pub enum TreeError {
     TooManyNodes { count: u32, remaining: usize },
     #[error("file claims {count} chunks but only {remaining} bytes follow")]
     TooManyChunks { count: u32, remaining: usize },
+    #[error("node \"{0}\": {1}")]
+    BadExtra(String, &'static str),
+    #[error("a version 2 tree without anything that needs version 2 (not canonical)")]
+    NotCanonical,
 }
 
 /// A name is one path component: non-empty, at most 4096 bytes, not "." or
@@ -248,7 +425,8 @@ impl Tree {
     /// invalid or duplicate names, invalid timestamps or symlink targets, and
     /// trees whose encoding would exceed [`MAX_TREE_SIZE`].
     pub fn new(mut nodes: Vec<Node>) -> Result<Tree, TreeError> {
-        for node in &nodes {
+        for node in &mut nodes {
+            node.extra.xattrs.sort_unstable_by(|a, b| a.name.cmp(&b.name));
             node.validate()?;
         }
         nodes.sort_unstable_by(|a, b| a.name.cmp(&b.name));
@@ -273,21 +451,33 @@ impl Tree {
         self.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| &self.nodes[i])
     }
 
+    /// The format version this tree is written in: the oldest that holds it.
+    fn version(&self) -> u8 {
+        if self.nodes.iter().any(Node::needs_v2) {
+            VERSION_2
+        } else {
+            VERSION_1
+        }
+    }
+
     fn encoded_len(&self) -> usize {
-        self.nodes.iter().fold(HEADER_LEN, |acc, n| acc.saturating_add(n.encoded_len()))
+        let version = self.version();
+        self.nodes.iter().fold(HEADER_LEN, |acc, n| acc.saturating_add(n.encoded_len(version)))
     }
 
     /// The canonical encoding (see the module documentation).
     pub fn encode(&self) -> Vec<u8> {
+        let version = self.version();
         let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(MAGIC);
-        out.push(VERSION);
+        out.push(version);
         put_u32_len(&mut out, self.nodes.len());
         for n in &self.nodes {
             out.push(match n.kind {
                 NodeKind::File { .. } => KIND_FILE,
                 NodeKind::Dir { .. } => KIND_DIR,
                 NodeKind::Symlink { .. } => KIND_SYMLINK,
+                NodeKind::Special { .. } => KIND_SPECIAL,
             });
             put_u16_len(&mut out, n.name.len());
             out.extend_from_slice(&n.name);
@@ -312,6 +502,10 @@ impl Tree {
                     put_u16_len(&mut out, target.len());
                     out.extend_from_slice(target);
                 }
+                NodeKind::Special { rdev } => out.extend_from_slice(&rdev.to_le_bytes()),
+            }
+            if version == VERSION_2 {
+                n.extra.encode(&mut out);
             }
         }
         out
@@ -328,7 +522,7 @@ impl Tree {
             return Err(TreeError::BadMagic);
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != VERSION_1 && version != VERSION_2 {
             return Err(TreeError::UnsupportedVersion(version));
         }
         let count = r.u32()?;
@@ -337,7 +531,7 @@ impl Tree {
         }
         let mut nodes: Vec<Node> = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let node = read_node(&mut r)?;
+            let node = read_node(&mut r, version)?;
             if let Some(prev) = nodes.last() {
                 match prev.name.cmp(&node.name) {
                     std::cmp::Ordering::Less => {}
@@ -350,14 +544,19 @@ impl Tree {
         if r.remaining() != 0 {
             return Err(TreeError::TrailingBytes(r.remaining()));
         }
-        Ok(Tree { nodes })
+        let tree = Tree { nodes };
+        if version != tree.version() {
+            return Err(TreeError::NotCanonical);
+        }
+        Ok(tree)
     }
 }
 
-/// Reads and validates one node.
-fn read_node(r: &mut Reader<'_>) -> Result<Node, TreeError> {
+/// Reads and validates one node of a tree of format `version`.
+fn read_node(r: &mut Reader<'_>, version: u8) -> Result<Node, TreeError> {
     let kind = r.u8()?;
-    if !matches!(kind, KIND_FILE | KIND_DIR | KIND_SYMLINK) {
+    let special_ok = version == VERSION_2 && kind == KIND_SPECIAL;
+    if !matches!(kind, KIND_FILE | KIND_DIR | KIND_SYMLINK) && !special_ok {
         return Err(TreeError::BadKind(kind));
     }
     let name_len = r.u16()?;
@@ -387,14 +586,16 @@ fn read_node(r: &mut Reader<'_>) -> Result<Node, TreeError> {
             NodeKind::File { chunks }
         }
         KIND_DIR => NodeKind::Dir { subtree: BlobId(r.array::<ID_LEN>()?) },
-        _ => {
+        KIND_SYMLINK => {
             let len = r.u16()?;
             let target = r.take(usize::from(len))?;
             validate_target(target)?;
             NodeKind::Symlink { target: target.to_vec() }
         }
+        _ => NodeKind::Special { rdev: r.u64()? },
     };
-    Ok(Node { name, kind, mode, uid, gid, mtime, ctime, inode, size })
+    let extra = if version == VERSION_2 { NodeExtra::decode(r, &name)? } else { NodeExtra::default() };
+    Ok(Node { name, kind, mode, uid, gid, mtime, ctime, inode, size, extra })
 }
 
 /// Appends a count that [`Tree::new`] has bounded (names and targets are at
@@ -496,6 +697,7 @@ mod tests {
             ctime: Timestamp { sec: -3, nsec: 999_999_999 },
             inode: 42,
             size: 7,
+            extra: NodeExtra::default(),
         }
     }
 
@@ -583,6 +785,24 @@ mod tests {
             prop::collection::vec(id_strategy(), 0..8).prop_map(|chunks| NodeKind::File { chunks }),
             id_strategy().prop_map(|subtree| NodeKind::Dir { subtree }),
             prop::collection::vec(1u8..=255, 0..64).prop_map(|target| NodeKind::Symlink { target }),
+            any::<u64>().prop_map(|rdev| NodeKind::Special { rdev }),
+        ]
+    }
+
+    fn xattr_strategy() -> impl Strategy<Value = Xattr> {
+        (prop::collection::vec(1u8..=255, 1..20), prop::collection::vec(any::<u8>(), 0..40))
+            .prop_map(|(name, value)| Xattr { name, value })
+    }
+
+    fn extra_strategy() -> impl Strategy<Value = NodeExtra> {
+        prop_oneof![
+            2 => Just(NodeExtra::default()),
+            1 => ("[a-z]{0,8}", "[a-z]{0,8}", any::<(u64, u64)>(), prop::collection::vec(xattr_strategy(), 0..4))
+                .prop_map(|(user, group, (device, links), mut xattrs)| {
+                    xattrs.sort();
+                    xattrs.dedup_by(|a, b| a.name == b.name);
+                    NodeExtra { user, group, device, links, xattrs }
+                }),
         ]
     }
 
@@ -594,8 +814,9 @@ mod tests {
             mtime in timestamp_strategy(),
             ctime in timestamp_strategy(),
             (inode, size) in any::<(u64, u64)>(),
+            extra in extra_strategy(),
         ) -> Node {
-            Node { name, kind, mode, uid, gid, mtime, ctime, inode, size }
+            Node { name, kind, mode, uid, gid, mtime, ctime, inode, size, extra }
         }
     }
 
@@ -740,8 +961,8 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(Tree::decode(&b), Err(TreeError::BadMagic)));
         let mut b = bytes.clone();
-        b[4] = 2;
-        assert!(matches!(Tree::decode(&b), Err(TreeError::UnsupportedVersion(2))));
+        b[4] = 3;
+        assert!(matches!(Tree::decode(&b), Err(TreeError::UnsupportedVersion(3))));
         let mut b = bytes.clone();
         b[HEADER_LEN] = 7;
         assert!(matches!(Tree::decode(&b), Err(TreeError::BadKind(7))));
@@ -771,6 +992,79 @@ mod tests {
         let chunks = vec![BlobId([0; 32]); MAX_TREE_SIZE / 32];
         let n = node(b"big", NodeKind::File { chunks });
         assert!(matches!(Tree::new(vec![n]), Err(TreeError::TooLarge(_))));
+    }
+
+    fn with_extra() -> Node {
+        let mut n = file(b"linked");
+        n.extra = NodeExtra {
+            user: "alice".into(),
+            group: "staff".into(),
+            device: 2049,
+            links: 2,
+            xattrs: vec![
+                Xattr { name: b"user.z".to_vec(), value: b"last".to_vec() },
+                Xattr { name: b"user.a".to_vec(), value: vec![0, 1, 2] },
+            ],
+        };
+        n
+    }
+
+    #[test]
+    fn trees_without_extra_metadata_keep_the_version_1_encoding() {
+        // The encoding of this tree as written before version 2 existed.
+        let old = sample().encode();
+        assert_eq!(old[4], VERSION_1);
+        assert_eq!(Tree::decode(&old).unwrap(), sample());
+        let mut nodes = sample().nodes().to_vec();
+        nodes.push(with_extra());
+        let new = Tree::new(nodes).unwrap();
+        let bytes = new.encode();
+        assert_eq!(bytes[4], VERSION_2);
+        let back = Tree::decode(&bytes).unwrap();
+        assert_eq!(back, new);
+        let xattrs = &back.find(b"linked").unwrap().extra.xattrs;
+        assert_eq!(xattrs[0].name, b"user.a", "Tree::new sorts attributes by name");
+    }
+
+    #[test]
+    fn special_nodes_need_version_2_and_version_1_refuses_them() {
+        let fifo = Node { mode: 0o010644, ..node(b"fifo", NodeKind::Special { rdev: 0 }) };
+        let bytes = Tree::new(vec![fifo.clone()]).unwrap().encode();
+        assert_eq!(bytes[4], VERSION_2);
+        assert_eq!(Tree::decode(&bytes).unwrap().nodes(), &[fifo]);
+        let mut v1 = bytes.clone();
+        v1[4] = VERSION_1;
+        assert!(Tree::decode(&v1).is_err());
+    }
+
+    #[test]
+    fn version_2_without_need_is_not_canonical() {
+        let mut bytes = Tree::new(vec![file(b"a")]).unwrap().encode();
+        bytes[4] = VERSION_2;
+        let mut empty_extra = Vec::new();
+        NodeExtra::default().encode(&mut empty_extra);
+        bytes.extend_from_slice(&empty_extra);
+        assert!(matches!(Tree::decode(&bytes), Err(TreeError::NotCanonical)));
+    }
+
+    #[test]
+    fn bad_extended_attributes_are_refused() {
+        let mut n = with_extra();
+        n.extra.xattrs[0].value = vec![0; MAX_XATTR_VALUE_LEN + 1];
+        assert!(matches!(Tree::new(vec![n]), Err(TreeError::BadExtra(..))));
+        let mut n = with_extra();
+        n.extra.xattrs[1].name = n.extra.xattrs[0].name.clone();
+        assert!(matches!(Tree::new(vec![n]), Err(TreeError::BadExtra(..))));
+        let mut n = with_extra();
+        n.extra.xattrs[0].name = b"user\0x".to_vec();
+        assert!(matches!(Tree::new(vec![n]), Err(TreeError::BadExtra(..))));
+        // A huge attribute count with no bytes behind it is refused before allocating.
+        let mut bytes = Tree::new(vec![with_extra()]).unwrap().encode();
+        let tail = (1 + 6 + 4 + 3) + (1 + 6 + 4 + 4);
+        let at = bytes.len() - tail;
+        bytes.truncate(at);
+        bytes[at - 2..].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(matches!(Tree::decode(&bytes), Err(TreeError::BadExtra(..))));
     }
 
     #[test]

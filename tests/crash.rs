@@ -17,7 +17,7 @@ use chunkvault::backend::LocalBackend;
 use chunkvault::id::SnapshotId;
 use chunkvault::repo::Repository;
 use common::{assert_repository_intact, Env, PASSWORD};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 fn make_gen(base: &Path, i: u64) -> PathBuf {
     common::make_gen(base, i, 300_000, 200_000)
@@ -89,7 +89,7 @@ fn sigkill_at_random_moments_of_backup_and_prune_loses_nothing_committed() {
             (vec!["prune", "--max-unused-percent", "5"], prune_time)
         };
         let mut child = spawn(&env, &args);
-        let delay = Duration::from_micros(rng.gen_range(0..budget.as_micros() as u64 + 1));
+        let delay = Duration::from_micros(rng.random_range(0..budget.as_micros() as u64 + 1));
         std::thread::sleep(delay);
         let was_running = child.try_wait().unwrap().is_none();
         child.kill().unwrap();

@@ -63,7 +63,13 @@ impl Fixture {
         for i in 0..5 {
             backup_gen(&repo, &dir.path().join("data"), i).unwrap();
         }
-        forget(&repo, &Policy { last: 2, ..Policy::default() }, GroupBy { host: true, paths: false }, false).unwrap();
+        forget(
+            &repo,
+            &Policy { last: 2, ..Policy::default() },
+            GroupBy { host: true, paths: false, tags: false },
+            false,
+        )
+        .unwrap();
         let snapshots = repo.list_snapshots().unwrap().into_iter().map(|(id, _)| id).collect();
         Fixture { dir, template, snapshots }
     }

@@ -1,6 +1,8 @@
 //! Device authorization: token formats ([`token`]) and the device registry
-//! ([`registry`], SQLite). ARCHITECTURE.md explains the flow and threat model.
+//! ([`registry`], SQLite), and administrators' roles and scopes ([`admin`]).
+//! ARCHITECTURE.md explains the flow and threat model.
 
+pub mod admin;
 #[cfg(feature = "server")]
 pub mod registry;
 pub mod token;

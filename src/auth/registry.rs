@@ -9,9 +9,13 @@ use std::sync::Mutex;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::admin::{AdminIdentity, AdminRole};
 use super::token::{self, SecretKind};
 use super::DeviceState;
-use crate::api::{DeviceChange, DeviceInfo, Policies, UserInfo};
+use crate::api::{
+    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, Policies, TenantInfo, TenantQuota,
+    TenantUsage, UserInfo,
+};
 
 /// Migrations, applied in order; `PRAGMA user_version` counts those applied.
 /// Never edit one that shipped: registries in the field have run it.
@@ -48,7 +52,28 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE users (
         tenant TEXT NOT NULL, email TEXT NOT NULL, added_at INTEGER NOT NULL, PRIMARY KEY (tenant, email));
 "#,
+    // 3: scoped admin tokens (hashed like the others), revocable deployment
+    // tokens, the audit log, and per-tenant quotas and reported usage. The
+    // index on the feed finds a deleted device id's last generation.
+    r#"
+    CREATE TABLE admin_tokens (
+        token_id TEXT PRIMARY KEY, hash BLOB NOT NULL, role TEXT NOT NULL, tenant TEXT, label TEXT,
+        created_at INTEGER NOT NULL, revoked_at INTEGER);
+    CREATE UNIQUE INDEX admin_tokens_hash ON admin_tokens (hash);
+    ALTER TABLE deployment_tokens ADD COLUMN revoked_at INTEGER;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, tenant TEXT, detail TEXT NOT NULL DEFAULT '');
+    CREATE INDEX audit_tenant ON audit (tenant, seq);
+    CREATE TABLE tenants (
+        tenant TEXT PRIMARY KEY, quota_bytes INTEGER NOT NULL DEFAULT 0,
+        stored_bytes INTEGER, snapshots INTEGER, reported_at INTEGER);
+    CREATE INDEX changes_device ON changes (device_id);
+"#,
 ];
+
+/// Most audit entries one listing returns.
+pub const MAX_AUDIT_ENTRIES: u32 = 10_000;
 
 /// Why a registry operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +98,13 @@ pub enum RegistryError {
     UserNotProvisioned,
     #[error("no such device")]
     NoSuchDevice,
+    #[error("this token was revoked")]
+    Revoked,
+    #[error("no such token")]
+    NoSuchToken,
+    /// Only a retired or wiped device may be deleted.
+    #[error("device is {0}: retire or wipe it before deleting it")]
+    NotRetired(DeviceState),
 }
 
 /// What a new deployment token allows.
@@ -113,6 +145,7 @@ struct DeploymentRow {
     token_id: String,
     provisioned_only: bool,
     policies: Policies,
+    revoked: bool,
 }
 
 /// Who a device token belongs to.
@@ -218,7 +251,7 @@ impl Registry {
         let row: Option<DeploymentRow> = tx
             .query_row(
                 "SELECT hash, tenant, expires_at, max_activations, activations, token_id, provisioned_only,
-                        allow_restore_to_other_device, allow_open_in
+                        allow_restore_to_other_device, allow_open_in, revoked_at IS NOT NULL
                  FROM deployment_tokens WHERE hash = ?1",
                 params![&hash[..]],
                 |r| {
@@ -231,6 +264,7 @@ impl Registry {
                         token_id: r.get(5)?,
                         provisioned_only: r.get(6)?,
                         policies: Policies { allow_restore_to_other_device: r.get(7)?, allow_open_in: r.get(8)? },
+                        revoked: r.get(9)?,
                     })
                 },
             )
@@ -240,6 +274,9 @@ impl Registry {
         };
         if !token::hashes_equal(&dt.hash, &hash) {
             return Err(RegistryError::UnknownToken);
+        }
+        if dt.revoked {
+            return Err(RegistryError::Revoked);
         }
         if dt.expires_at <= now.timestamp() {
             return Err(RegistryError::Expired);
@@ -266,10 +303,17 @@ impl Registry {
         let p = dt.policies;
         let change = match existing {
             None => {
+                // An id the admin deleted starts in the generation its
+                // deletion began, so the storage nodes' floor lets it in.
+                let generation: Option<u32> = tx.query_row(
+                    "SELECT MAX(generation) FROM changes WHERE device_id = ?1",
+                    params![device_id],
+                    |r| r.get(0),
+                )?;
                 tx.execute(
                     "INSERT INTO devices (device_id, tenant, email, token_hash, state, activated_at,
                          deployment_token_id, generation, allow_restore_to_other_device, allow_open_in)
-                     VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, 1, ?7, ?8)",
+                     VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?9, ?7, ?8)",
                     params![
                         device_id,
                         dt.tenant,
@@ -278,7 +322,8 @@ impl Registry {
                         now.timestamp(),
                         dt.token_id,
                         p.allow_restore_to_other_device,
-                        p.allow_open_in
+                        p.allow_open_in,
+                        generation.unwrap_or(1).max(1),
                     ],
                 )?;
                 None
@@ -314,6 +359,8 @@ impl Registry {
             }
         };
         tx.execute("UPDATE deployment_tokens SET activations = activations + 1 WHERE hash = ?1", params![&hash[..]])?;
+        let detail = format!("{email} with deployment token {}", dt.token_id);
+        insert_audit(&tx, now, "device", "activate", device_id, Some(&dt.tenant), &detail)?;
         tx.commit()?;
         Ok(Activation { tenant: dt.tenant, device_token: device.text, deployment_token_id: dt.token_id, change })
     }
@@ -403,23 +450,8 @@ impl Registry {
     /// Every device, by tenant and id.
     pub fn devices(&self) -> Result<Vec<DeviceInfo>, RegistryError> {
         let conn = self.conn.lock().expect("registry lock");
-        let mut stmt = conn.prepare(
-            "SELECT device_id, tenant, email, state, activated_at, last_seen, deployment_token_id,
-                    allow_restore_to_other_device, allow_open_in
-             FROM devices ORDER BY tenant, device_id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(DeviceInfo {
-                device_id: r.get(0)?,
-                tenant: r.get(1)?,
-                email: r.get(2)?,
-                state: r.get(3)?,
-                activated_at: unix(r.get(4)?),
-                last_seen: r.get::<_, Option<i64>>(5)?.map(unix),
-                deployment_token_id: r.get(6)?,
-                policies: Policies { allow_restore_to_other_device: r.get(7)?, allow_open_in: r.get(8)? },
-            })
-        })?;
+        let mut stmt = conn.prepare(&format!("{DEVICE_COLUMNS} ORDER BY tenant, device_id"))?;
+        let rows = stmt.query_map([], device_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -485,6 +517,308 @@ impl Registry {
         let rows = stmt.query_map(params![tenant], |r| Ok(UserInfo { email: r.get(0)?, added_at: unix(r.get(1)?) }))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    /// One device's row.
+    pub fn device(&self, device_id: &str) -> Result<DeviceInfo, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let sql = format!("{DEVICE_COLUMNS} WHERE device_id = ?1");
+        conn.query_row(&sql, params![device_id], device_row).optional()?.ok_or(RegistryError::NoSuchDevice)
+    }
+
+    /// Deletes a retired or wiped device from the registry. Its snapshots
+    /// stay. The feed gets a reset in a new generation, so storage nodes
+    /// forget its state and keep its old sessions void; the id may then
+    /// activate again as a new device.
+    pub fn delete_device(&self, device_id: &str) -> Result<DeviceChange, RegistryError> {
+        let mut conn = self.conn.lock().expect("registry lock");
+        let tx = conn.transaction()?;
+        let (tenant, state, generation): (String, String, u32) = tx
+            .query_row("SELECT tenant, state, generation FROM devices WHERE device_id = ?1", params![device_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?
+            .ok_or(RegistryError::NoSuchDevice)?;
+        let state: DeviceState = state.parse().map_err(|_| RegistryError::NoSuchDevice)?;
+        if !matches!(state, DeviceState::Retired | DeviceState::Wiped) {
+            return Err(RegistryError::NotRetired(state));
+        }
+        tx.execute("DELETE FROM devices WHERE device_id = ?1", params![device_id])?;
+        let change = append_change(&tx, device_id, &tenant, DeviceState::Reset, Some(generation.saturating_add(1)))?;
+        tx.commit()?;
+        Ok(change)
+    }
+
+    /// Makes a scoped admin token; returns its text (shown once) and row.
+    pub fn create_admin_token(
+        &self,
+        role: AdminRole,
+        tenant: Option<&str>,
+        label: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(String, AdminTokenInfo), RegistryError> {
+        let secret = token::new_secret(SecretKind::Admin);
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        self.conn.lock().expect("registry lock").execute(
+            "INSERT INTO admin_tokens (token_id, hash, role, tenant, label, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, &secret.hash[..], role.as_str(), tenant, label, now.timestamp()],
+        )?;
+        let info = AdminTokenInfo {
+            id,
+            role,
+            tenant: tenant.map(Into::into),
+            label: label.map(Into::into),
+            created_at: unix(now.timestamp()),
+            revoked_at: None,
+        };
+        Ok((secret.text, info))
+    }
+
+    /// Who an admin token belongs to: unknown and malformed tokens are
+    /// `UnknownToken`, revoked ones `Revoked`.
+    pub fn authenticate_admin(&self, text: &str) -> Result<AdminIdentity, RegistryError> {
+        let hash = token::secret_hash(SecretKind::Admin, text).map_err(|_| RegistryError::UnknownToken)?;
+        let conn = self.conn.lock().expect("registry lock");
+        // hash, id, role, tenant, revoked at
+        type Row = (Vec<u8>, String, String, Option<String>, Option<i64>);
+        let row: Option<Row> = conn
+            .query_row(
+                "SELECT hash, token_id, role, tenant, revoked_at FROM admin_tokens WHERE hash = ?1",
+                params![&hash[..]],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        let Some((stored, id, role, tenant, revoked)) = row else {
+            return Err(RegistryError::UnknownToken);
+        };
+        if !token::hashes_equal(&stored, &hash) {
+            return Err(RegistryError::UnknownToken);
+        }
+        if revoked.is_some() {
+            return Err(RegistryError::Revoked);
+        }
+        let role = role.parse().map_err(|_| RegistryError::UnknownToken)?;
+        Ok(AdminIdentity { id, role, tenant })
+    }
+
+    /// Every admin token, oldest first (never a secret or hash).
+    pub fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let mut stmt = conn.prepare(&format!("{ADMIN_TOKEN_COLUMNS} ORDER BY created_at, token_id"))?;
+        let rows = stmt.query_map([], admin_token_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One admin token's row.
+    pub fn admin_token(&self, id: &str) -> Result<AdminTokenInfo, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let sql = format!("{ADMIN_TOKEN_COLUMNS} WHERE token_id = ?1");
+        conn.query_row(&sql, params![id], admin_token_row).optional()?.ok_or(RegistryError::NoSuchToken)
+    }
+
+    /// Revokes an admin token (at once: every request looks it up).
+    pub fn revoke_admin_token(&self, id: &str, now: DateTime<Utc>) -> Result<(), RegistryError> {
+        self.revoke("admin_tokens", id, now)
+    }
+
+    /// Marks a token of `table` (a constant, never input) revoked; the
+    /// first revocation's time stays.
+    fn revoke(&self, table: &'static str, id: &str, now: DateTime<Utc>) -> Result<(), RegistryError> {
+        let sql = format!("UPDATE {table} SET revoked_at = COALESCE(revoked_at, ?2) WHERE token_id = ?1");
+        if self.conn.lock().expect("registry lock").execute(&sql, params![id, now.timestamp()])? == 0 {
+            return Err(RegistryError::NoSuchToken);
+        }
+        Ok(())
+    }
+
+    /// Every deployment token, by tenant and creation (never a secret).
+    pub fn deployment_tokens(&self) -> Result<Vec<DeploymentTokenInfo>, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let mut stmt = conn.prepare(&format!("{DEPLOYMENT_TOKEN_COLUMNS} ORDER BY tenant, created_at, token_id"))?;
+        let rows = stmt.query_map([], deployment_token_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One deployment token's row.
+    pub fn deployment_token(&self, id: &str) -> Result<DeploymentTokenInfo, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let sql = format!("{DEPLOYMENT_TOKEN_COLUMNS} WHERE token_id = ?1");
+        conn.query_row(&sql, params![id], deployment_token_row).optional()?.ok_or(RegistryError::NoSuchToken)
+    }
+
+    /// Revokes a deployment token: it activates nothing from now on (the
+    /// devices it activated keep working).
+    pub fn revoke_deployment_token(&self, id: &str, now: DateTime<Utc>) -> Result<(), RegistryError> {
+        self.revoke("deployment_tokens", id, now)
+    }
+
+    /// Sets a tenant's quota in bytes (0: none).
+    pub fn set_quota(&self, tenant: &str, quota_bytes: u64) -> Result<(), RegistryError> {
+        let quota = i64::try_from(quota_bytes).unwrap_or(i64::MAX);
+        self.conn.lock().expect("registry lock").execute(
+            "INSERT INTO tenants (tenant, quota_bytes) VALUES (?1, ?2)
+             ON CONFLICT (tenant) DO UPDATE SET quota_bytes = ?2",
+            params![tenant, quota],
+        )?;
+        Ok(())
+    }
+
+    /// Every tenant with a quota.
+    pub fn quotas(&self) -> Result<Vec<TenantQuota>, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let mut stmt = conn.prepare("SELECT tenant, quota_bytes FROM tenants WHERE quota_bytes > 0 ORDER BY tenant")?;
+        let rows =
+            stmt.query_map([], |r| Ok(TenantQuota { tenant: r.get(0)?, quota_bytes: r.get::<_, i64>(1)? as u64 }))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records what a storage node reported its tenants store (the latest
+    /// report wins: nodes sharing a store report the same repositories).
+    pub fn record_usage(&self, usage: &[TenantUsage], now: DateTime<Utc>) -> Result<(), RegistryError> {
+        let mut conn = self.conn.lock().expect("registry lock");
+        let tx = conn.transaction()?;
+        for u in usage {
+            tx.execute(
+                "INSERT INTO tenants (tenant, stored_bytes, snapshots, reported_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant) DO UPDATE SET stored_bytes = ?2, snapshots = ?3, reported_at = ?4",
+                params![
+                    u.tenant,
+                    i64::try_from(u.stored_bytes).unwrap_or(i64::MAX),
+                    i64::try_from(u.snapshots).unwrap_or(i64::MAX),
+                    now.timestamp()
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every tenant the registry knows (from deployment tokens, devices,
+    /// quotas or usage reports), with its device count, last reported
+    /// usage and quota.
+    pub fn tenants(&self) -> Result<Vec<TenantInfo>, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let mut stmt = conn.prepare(
+            "WITH names AS (SELECT tenant FROM deployment_tokens UNION SELECT tenant FROM devices
+                            UNION SELECT tenant FROM tenants)
+             SELECT n.tenant, (SELECT COUNT(*) FROM devices d WHERE d.tenant = n.tenant),
+                    t.snapshots, t.stored_bytes, COALESCE(t.quota_bytes, 0), t.reported_at
+             FROM names n LEFT JOIN tenants t ON t.tenant = n.tenant ORDER BY n.tenant",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TenantInfo {
+                tenant: r.get(0)?,
+                devices: r.get::<_, i64>(1)? as u64,
+                snapshots: r.get::<_, Option<i64>>(2)?.map(|n| n as u64),
+                stored_bytes: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
+                quota_bytes: r.get::<_, i64>(4)? as u64,
+                reported_at: r.get::<_, Option<i64>>(5)?.map(unix),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Appends an entry to the audit log.
+    pub fn record_audit(&self, entry: &AuditEntry) -> Result<(), RegistryError> {
+        let mut conn = self.conn.lock().expect("registry lock");
+        let tx = conn.transaction()?;
+        let e = entry;
+        insert_audit(&tx, e.at, &e.actor, &e.action, &e.target, e.tenant.as_deref(), &e.detail)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The audit log, newest first: of one tenant (entries without a
+    /// tenant are left out then), at or after `since`, at most `limit`.
+    pub fn audit_log(
+        &self,
+        tenant: Option<&str>,
+        since: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, RegistryError> {
+        let conn = self.conn.lock().expect("registry lock");
+        let mut stmt = conn.prepare(
+            "SELECT at, actor, action, target, tenant, detail FROM audit
+             WHERE (?1 IS NULL OR tenant = ?1) AND at >= ?2 ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let since = since.map_or(i64::MIN, |t| t.timestamp());
+        let rows = stmt.query_map(params![tenant, since, limit.min(MAX_AUDIT_ENTRIES)], |r| {
+            Ok(AuditEntry {
+                at: unix(r.get(0)?),
+                actor: r.get(1)?,
+                action: r.get(2)?,
+                target: r.get(3)?,
+                tenant: r.get(4)?,
+                detail: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+const DEVICE_COLUMNS: &str = "SELECT device_id, tenant, email, state, activated_at, last_seen, deployment_token_id,
+        allow_restore_to_other_device, allow_open_in FROM devices";
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceInfo> {
+    Ok(DeviceInfo {
+        device_id: r.get(0)?,
+        tenant: r.get(1)?,
+        email: r.get(2)?,
+        state: r.get(3)?,
+        activated_at: unix(r.get(4)?),
+        last_seen: r.get::<_, Option<i64>>(5)?.map(unix),
+        deployment_token_id: r.get(6)?,
+        policies: Policies { allow_restore_to_other_device: r.get(7)?, allow_open_in: r.get(8)? },
+    })
+}
+
+const ADMIN_TOKEN_COLUMNS: &str = "SELECT token_id, role, tenant, label, created_at, revoked_at FROM admin_tokens";
+
+fn admin_token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdminTokenInfo> {
+    let role: String = r.get(1)?;
+    Ok(AdminTokenInfo {
+        id: r.get(0)?,
+        role: role
+            .parse()
+            .map_err(|e: String| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into()))?,
+        tenant: r.get(2)?,
+        label: r.get(3)?,
+        created_at: unix(r.get(4)?),
+        revoked_at: r.get::<_, Option<i64>>(5)?.map(unix),
+    })
+}
+
+const DEPLOYMENT_TOKEN_COLUMNS: &str = "SELECT token_id, tenant, created_at, expires_at, activations, max_activations,
+        allow_restore_to_other_device, allow_open_in, provisioned_only, revoked_at IS NOT NULL FROM deployment_tokens";
+
+fn deployment_token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentTokenInfo> {
+    Ok(DeploymentTokenInfo {
+        token_id: r.get(0)?,
+        tenant: r.get(1)?,
+        created_at: unix(r.get(2)?),
+        expires_at: unix(r.get(3)?),
+        activations: r.get(4)?,
+        max_activations: r.get(5)?,
+        policies: Policies { allow_restore_to_other_device: r.get(6)?, allow_open_in: r.get(7)? },
+        provisioned_only: r.get(8)?,
+        revoked: r.get(9)?,
+    })
+}
+
+/// Appends an audit entry inside a transaction.
+fn insert_audit(
+    tx: &rusqlite::Transaction<'_>,
+    at: DateTime<Utc>,
+    actor: &str,
+    action: &str,
+    target: &str,
+    tenant: Option<&str>,
+    detail: &str,
+) -> Result<(), RegistryError> {
+    tx.execute(
+        "INSERT INTO audit (at, actor, action, target, tenant, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![at.timestamp(), actor, action, target, tenant, detail],
+    )?;
+    Ok(())
 }
 
 /// Appends a state change to the check-in feed.
@@ -709,6 +1043,125 @@ mod tests {
         drop(r);
         // Opening it again applies nothing twice.
         Registry::open(&path).unwrap();
+    }
+
+    #[test]
+    fn admin_tokens_are_stored_hashed_and_revoked_ones_refused() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let (text, info) = r.create_admin_token(AdminRole::TenantAdmin, Some("acme"), Some("helpdesk"), now).unwrap();
+        assert!(text.starts_with("cvad_"));
+        let who = r.authenticate_admin(&text).unwrap();
+        assert_eq!(
+            (who.id.as_str(), who.role, who.tenant.as_deref()),
+            (info.id.as_str(), AdminRole::TenantAdmin, Some("acme"))
+        );
+        // The secret is nowhere in the registry, only its hash.
+        let stored: Vec<u8> = r
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT hash FROM admin_tokens WHERE token_id = ?1", params![info.id], |row| row.get(0))
+            .unwrap();
+        assert_eq!(stored, token::secret_hash(SecretKind::Admin, &text).unwrap());
+        assert_eq!(r.admin_tokens().unwrap(), vec![info.clone()]);
+        // Forged, malformed and other kinds of tokens are unknown.
+        let forged = token::new_secret(SecretKind::Admin).text;
+        let device_kind = token::new_secret(SecretKind::Device).text;
+        for bad in [forged.as_str(), device_kind.as_str(), "cvad_", "garbage", &text[..text.len() - 1]] {
+            assert!(matches!(r.authenticate_admin(bad), Err(RegistryError::UnknownToken)), "{bad}");
+        }
+        r.revoke_admin_token(&info.id, now).unwrap();
+        assert!(matches!(r.authenticate_admin(&text), Err(RegistryError::Revoked)));
+        assert!(r.admin_token(&info.id).unwrap().revoked_at.is_some());
+        assert!(matches!(r.revoke_admin_token("nope", now), Err(RegistryError::NoSuchToken)));
+    }
+
+    #[test]
+    fn deployment_tokens_list_without_secrets_and_revoked_ones_activate_nothing() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let dt = r.create_deployment_token(&spec("acme", hour(now), Some(5)), now).unwrap();
+        r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+        let listed = r.deployment_tokens().unwrap();
+        assert_eq!(listed.len(), 1);
+        let t = &listed[0];
+        assert_eq!(
+            (t.token_id.as_str(), t.activations, t.max_activations, t.revoked),
+            (dt.id.as_str(), 1, Some(5), false)
+        );
+        assert!(!serde_json::to_string(&listed).unwrap().contains(&dt.text[5..]));
+        r.revoke_deployment_token(&dt.id, now).unwrap();
+        assert!(r.deployment_token(&dt.id).unwrap().revoked);
+        assert!(matches!(r.activate(&dt.text, "b@acme.com", "tablet", now), Err(RegistryError::Revoked)));
+        // The device it activated keeps working.
+        assert_eq!(r.devices().unwrap()[0].state, "active");
+        assert!(matches!(r.revoke_deployment_token("nope", now), Err(RegistryError::NoSuchToken)));
+    }
+
+    #[test]
+    fn only_retired_or_wiped_devices_are_deleted_and_the_id_comes_back_in_a_new_generation() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let dt = r.create_deployment_token(&spec("acme", hour(now), None), now).unwrap();
+        let first = r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+        let g = r.authenticate_device(&first.device_token, "a@acme.com", "phone", now).unwrap().generation;
+        assert!(matches!(r.delete_device("phone"), Err(RegistryError::NotRetired(DeviceState::Active))));
+        r.set_state("phone", DeviceState::Blocked).unwrap();
+        assert!(matches!(r.delete_device("phone"), Err(RegistryError::NotRetired(DeviceState::Blocked))));
+        r.set_state("phone", DeviceState::Retired).unwrap();
+        let change = r.delete_device("phone").unwrap();
+        assert_eq!((change.state.as_str(), change.generation), ("reset", Some(g + 1)));
+        assert!(r.devices().unwrap().is_empty());
+        assert!(matches!(r.device("phone"), Err(RegistryError::NoSuchDevice)));
+        assert!(matches!(r.delete_device("phone"), Err(RegistryError::NoSuchDevice)));
+        let again = r.activate(&dt.text, "b@acme.com", "phone", now).unwrap();
+        let id = r.authenticate_device(&again.device_token, "b@acme.com", "phone", now).unwrap();
+        assert_eq!(id.generation, g + 1, "sessions of the deleted device stay void");
+    }
+
+    #[test]
+    fn tenants_show_devices_usage_and_quotas_and_the_audit_log_filters() {
+        let (_d, r) = registry();
+        let now = Utc::now();
+        let dt = r.create_deployment_token(&spec("acme", hour(now), None), now).unwrap();
+        r.create_deployment_token(&spec("globex", hour(now), None), now).unwrap();
+        r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+        r.set_quota("acme", 1000).unwrap();
+        r.set_quota("initech", 0).unwrap();
+        r.record_usage(&[TenantUsage { tenant: "acme".into(), stored_bytes: 600, snapshots: 2 }], now).unwrap();
+        let t = r.tenants().unwrap();
+        let names: Vec<_> = t.iter().map(|t| t.tenant.as_str()).collect();
+        assert_eq!(names, ["acme", "globex", "initech"]);
+        assert_eq!((t[0].devices, t[0].snapshots, t[0].stored_bytes, t[0].quota_bytes), (1, Some(2), Some(600), 1000));
+        assert_eq!((t[1].devices, t[1].stored_bytes, t[1].quota_bytes), (0, None, 0));
+        // A usage report keeps the quota; a quota change keeps the usage.
+        r.set_quota("acme", 2000).unwrap();
+        assert_eq!(r.tenants().unwrap()[0].stored_bytes, Some(600));
+        assert_eq!(r.quotas().unwrap(), vec![TenantQuota { tenant: "acme".into(), quota_bytes: 2000 }]);
+
+        let entry = |tenant: Option<&str>, at: DateTime<Utc>| AuditEntry {
+            at,
+            actor: "bootstrap".into(),
+            action: "retire".into(),
+            target: "x".into(),
+            tenant: tenant.map(Into::into),
+            detail: String::new(),
+        };
+        let earlier = now - chrono::Duration::hours(2);
+        r.record_audit(&entry(Some("globex"), earlier)).unwrap();
+        r.record_audit(&entry(None, now)).unwrap();
+        let all = r.audit_log(None, None, 100).unwrap();
+        // Newest first: the two above, then the activation (by the device).
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].tenant, None);
+        assert_eq!(
+            (all[2].actor.as_str(), all[2].action.as_str(), all[2].target.as_str()),
+            ("device", "activate", "phone")
+        );
+        assert_eq!(r.audit_log(Some("globex"), None, 100).unwrap().len(), 1);
+        assert_eq!(r.audit_log(None, Some(now - chrono::Duration::hours(1)), 100).unwrap().len(), 2);
+        assert_eq!(r.audit_log(None, None, 1).unwrap().len(), 1);
     }
 
     #[test]

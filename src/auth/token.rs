@@ -1,6 +1,6 @@
 //! Token formats, sans I/O.
 //!
-//! Two kinds of secret tokens (deployment and device) are 32 random bytes
+//! Three kinds of secret tokens (deployment, device, admin) are 32 random bytes
 //! behind a kind prefix; the registry stores only their keyed hash. Session
 //! tokens are claims signed with Ed25519, so a storage node can verify them
 //! with the auth role's public key alone:
@@ -45,6 +45,8 @@ pub enum TokenError {
 pub enum SecretKind {
     Deployment,
     Device,
+    /// A scoped administrator's token (`admin token create`).
+    Admin,
 }
 
 impl SecretKind {
@@ -52,6 +54,7 @@ impl SecretKind {
         match self {
             SecretKind::Deployment => "cvdt_",
             SecretKind::Device => "cvdv_",
+            SecretKind::Admin => "cvad_",
         }
     }
 }

@@ -44,7 +44,8 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::limit::LimitStore;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
 };
 
 use super::{Backend, BackendError, FileType, ObjectKey};

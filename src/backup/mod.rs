@@ -20,6 +20,7 @@ use std::time::Instant;
 
 pub use filter::{parse_size, patterns_from_file, ExcludeError, ExcludeOptions, PatternList, CACHEDIR_TAG};
 pub use stream::{backup_stream, stream_node, FileTree, NamedFile, StreamOrigin};
+pub use walk::{scan, ScanProgress};
 
 use crate::id::{BlobKind, SnapshotId};
 use crate::lock::{LockError, LockKind, LockOptions};
@@ -187,8 +188,8 @@ fn run<P: AsRef<Path>>(
     // The shared lock is held from before the index is trusted (dedup,
     // parent reuse) until the snapshot is written.
     let mut session = if dry { WriteSession::dry_run(repo) } else { begin_session(repo, opts)? };
-    let (username, machine) = crate::repo::keys::whoami();
-    let hostname = opts.hostname.clone().unwrap_or(machine);
+    let username = crate::snapshot::current_user();
+    let hostname = opts.hostname.clone().unwrap_or_else(crate::snapshot::current_host);
 
     let parent = match &opts.parent {
         ParentChoice::None => None,

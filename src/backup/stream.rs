@@ -104,9 +104,9 @@ pub fn backup_stream<R: Read>(
     summary.bytes_new = stats.bytes_new.load(std::sync::atomic::Ordering::Relaxed);
     summary.bytes_stored = stats.bytes_stored.load(std::sync::atomic::Ordering::Relaxed);
     summary.duration_secs = started.elapsed().as_secs_f64();
-    let (username, machine) = crate::repo::keys::whoami();
+    let username = crate::snapshot::current_user();
     let origin = StreamOrigin {
-        hostname: opts.hostname.clone().unwrap_or(machine),
+        hostname: opts.hostname.clone().unwrap_or_else(crate::snapshot::current_host),
         username,
         tenant: opts.tenant.clone(),
         user: opts.user.clone(),
@@ -128,6 +128,8 @@ pub fn stream_node(kind: NodeKind, mode: u32, mtime: Timestamp, size: u64) -> No
         NodeKind::File { .. } => 0o100000,
         NodeKind::Dir { .. } => 0o040000,
         NodeKind::Symlink { .. } => 0o120000,
+        // A stream names no fifo or device; should one come, `mode` says which.
+        NodeKind::Special { .. } => mode & 0o170000,
     };
     Node {
         name: Vec::new(),
@@ -139,6 +141,7 @@ pub fn stream_node(kind: NodeKind, mode: u32, mtime: Timestamp, size: u64) -> No
         ctime: mtime,
         inode: 0,
         size,
+        extra: crate::tree::NodeExtra::default(),
     }
 }
 

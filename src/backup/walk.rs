@@ -1,14 +1,14 @@
 //! The filesystem side of a backup: metadata, file contents, directories.
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 
@@ -17,7 +17,7 @@ use super::{save_tree, BackupError, BackupProgress, Counters};
 use crate::id::{BlobId, BlobKind};
 use crate::repo::Repository;
 use crate::repo::WriteSession;
-use crate::tree::{Node, NodeKind, Timestamp, Tree};
+use crate::tree::{Node, NodeExtra, NodeKind, Timestamp, Tree, Xattr, MAX_XATTR_VALUE_LEN};
 
 /// Files at least this large are memory-mapped instead of read.
 const MMAP_THRESHOLD: u64 = 1 << 20;
@@ -98,7 +98,7 @@ impl<'r> Walker<'_, 'r> {
                         .map_err(|source| BackupError::Source { path: path.clone(), source })?;
                     let parent_sub = self.parent_subtree(parent_node);
                     let subtree = self.backup_virtual(&path, child, parent_sub.as_ref())?;
-                    Some(node_from_meta(name.as_bytes(), &meta, NodeKind::Dir { subtree }))
+                    Some(self.node(&path, name.as_bytes(), &meta, NodeKind::Dir { subtree }))
                 }
             };
             nodes.extend(node);
@@ -138,7 +138,7 @@ impl<'r> Walker<'_, 'r> {
                 let subtree = save_tree(self.session, Vec::new())?;
                 self.counters.dirs.fetch_add(1, Ordering::Relaxed);
                 self.progress.dirs.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(node_from_meta(name, meta, NodeKind::Dir { subtree })))
+                Ok(Some(self.node(path, name, meta, NodeKind::Dir { subtree })))
             }
         }
     }
@@ -155,7 +155,7 @@ impl<'r> Walker<'_, 'r> {
         if ft.is_file() {
             match self.backup_file(path, meta, parent) {
                 Ok((chunks, size)) => {
-                    let mut node = node_from_meta(name, meta, NodeKind::File { chunks });
+                    let mut node = self.node(path, name, meta, NodeKind::File { chunks });
                     node.size = size;
                     Ok(Some(node))
                 }
@@ -173,7 +173,7 @@ impl<'r> Walker<'_, 'r> {
                 Ok(subtree) => {
                     self.counters.dirs.fetch_add(1, Ordering::Relaxed);
                     self.progress.dirs.fetch_add(1, Ordering::Relaxed);
-                    Ok(Some(node_from_meta(name, meta, NodeKind::Dir { subtree })))
+                    Ok(Some(self.node(path, name, meta, NodeKind::Dir { subtree })))
                 }
                 Err(BackupError::Source { path, source }) => {
                     self.warn(&path, source);
@@ -186,7 +186,7 @@ impl<'r> Walker<'_, 'r> {
                 Ok(target) => {
                     self.counters.symlinks.fetch_add(1, Ordering::Relaxed);
                     let target = target.into_os_string().into_vec();
-                    Ok(Some(node_from_meta(name, meta, NodeKind::Symlink { target })))
+                    Ok(Some(self.node(path, name, meta, NodeKind::Symlink { target })))
                 }
                 Err(e) => {
                     self.warn(path, e);
@@ -194,16 +194,20 @@ impl<'r> Walker<'_, 'r> {
                 }
             }
         } else {
-            let what = if ft.is_fifo() {
-                "fifo"
-            } else if ft.is_socket() {
-                "socket"
-            } else {
-                "device"
-            };
-            tracing::info!("{}: skipping {what}", path.display());
-            Ok(None)
+            // A fifo, socket or device: its metadata is all there is.
+            Ok(Some(self.node(path, name, meta, NodeKind::Special { rdev: meta.rdev() })))
         }
+    }
+
+    /// A tree node with the metadata of `meta` and the extended attributes
+    /// of `path` (a failure to read those is a warning; the node is kept).
+    fn node(&self, path: &Path, name: &[u8], meta: &Metadata, kind: NodeKind) -> Node {
+        let mut node = node_from_meta(name, meta, kind);
+        match read_xattrs(path) {
+            Ok(xattrs) => node.extra.xattrs = xattrs,
+            Err(e) => self.warn(path, format_args!("reading extended attributes: {e}")),
+        }
+        node
     }
 
     fn backup_dir(&self, path: &Path, parent: Option<&Tree>) -> Result<BlobId, BackupError> {
@@ -338,11 +342,71 @@ impl<'r> Walker<'_, 'r> {
     }
 }
 
-/// A tree node with the metadata of `meta`.
-pub(super) fn node_from_meta(name: &[u8], meta: &Metadata, kind: NodeKind) -> Node {
+/// Extended attribute namespaces a backup keeps: what restic keeps, and
+/// POSIX ACLs (stored by Linux as `system.posix_acl_*` attributes).
+const XATTR_PREFIXES: [&[u8]; 4] = [b"user.", b"security.", b"trusted.", b"system.posix_acl_"];
+
+/// The extended attributes of `path` itself (a symlink's own, never its
+/// target's) in the kept namespaces; none where the filesystem has none.
+fn read_xattrs(path: &Path) -> std::io::Result<Vec<Xattr>> {
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.into_vec();
+        if !XATTR_PREFIXES.iter().any(|p| name.starts_with(p)) || name.len() > 255 {
+            continue;
+        }
+        // Gone since the listing (ENODATA): nothing to keep.
+        let Some(value) = xattr::get(path, OsStr::from_bytes(&name))? else { continue };
+        if value.len() > MAX_XATTR_VALUE_LEN {
+            return Err(std::io::Error::other(format!("attribute {} is over 64 KiB", String::from_utf8_lossy(&name))));
+        }
+        out.push(Xattr { name, value });
+    }
+    Ok(out)
+}
+
+/// The user or group name of an id, looked up once per backup process
+/// (getpwuid/getgrgid read /etc/passwd or NSS each time); empty when the
+/// id has no name.
+fn owner_name(id: u32, group: bool) -> String {
+    type Names = Mutex<HashMap<(bool, u32), String>>;
+    static NAMES: OnceLock<Names> = OnceLock::new();
+    let names = NAMES.get_or_init(Names::default);
+    if let Some(n) = names.lock().expect("owner names lock").get(&(group, id)) {
+        return n.clone();
+    }
+    let name = if group {
+        nix::unistd::Group::from_gid(id.into()).ok().flatten().map(|g| g.name)
+    } else {
+        nix::unistd::User::from_uid(id.into()).ok().flatten().map(|u| u.name)
+    };
+    let name = name.unwrap_or_default();
+    names.lock().expect("owner names lock").insert((group, id), name.clone());
+    name
+}
+
+/// A tree node with the metadata of `meta` (owner names, and the link count
+/// and device of a file with hard links; no extended attributes).
+fn node_from_meta(name: &[u8], meta: &Metadata, kind: NodeKind) -> Node {
+    let is_file = matches!(kind, NodeKind::File { .. });
+    // Only files: a directory's link count changes with its subdirectories,
+    // which would make every parent tree differ from the last backup's.
+    let hard_linked = is_file && meta.nlink() > 1;
     Node {
         name: name.to_vec(),
-        size: if matches!(kind, NodeKind::File { .. }) { meta.size() } else { 0 },
+        size: if is_file { meta.size() } else { 0 },
+        extra: NodeExtra {
+            user: owner_name(meta.uid(), false),
+            group: owner_name(meta.gid(), true),
+            device: if hard_linked { meta.dev() } else { 0 },
+            links: if hard_linked { meta.nlink() } else { 0 },
+            xattrs: Vec::new(),
+        },
         kind,
         mode: meta.mode(),
         uid: meta.uid(),
@@ -351,4 +415,52 @@ pub(super) fn node_from_meta(name: &[u8], meta: &Metadata, kind: NodeKind) -> No
         ctime: Timestamp { sec: meta.ctime(), nsec: meta.ctime_nsec() as u32 },
         inode: meta.ino(),
     }
+}
+
+/// What [`scan`] has counted so far: the size of a backup, for a progress
+/// display's total and ETA while the backup runs.
+#[derive(Debug, Default)]
+pub struct ScanProgress {
+    /// Regular files found.
+    pub files: std::sync::atomic::AtomicU64,
+    /// Their bytes.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// Set when the scan has seen everything (the counts are final).
+    pub done: std::sync::atomic::AtomicBool,
+}
+
+/// Counts the files and bytes a backup of `paths` with `exclude` would read,
+/// leaving out what the backup leaves out; run it on a thread of its own
+/// beside the backup (as restic does). Unreadable entries are skipped: the
+/// backup reports them.
+pub fn scan<P: AsRef<Path>>(
+    paths: &[P],
+    exclude: &super::ExcludeOptions,
+    progress: &ScanProgress,
+) -> Result<(), BackupError> {
+    let mut roots = Vec::new();
+    for p in paths {
+        let p = p.as_ref();
+        roots.push(std::path::absolute(p).map_err(|source| BackupError::Source { path: p.into(), source })?);
+    }
+    let filter = Filter::new(exclude, &roots)?;
+    let mut stack: Vec<PathBuf> = roots;
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !matches!(filter.verdict(&path, &meta), Verdict::Keep) {
+            continue;
+        }
+        if meta.is_file() {
+            progress.files.fetch_add(1, Ordering::Relaxed);
+            progress.bytes.fetch_add(meta.size(), Ordering::Relaxed);
+        } else if meta.is_dir() {
+            let Ok(dir) = std::fs::read_dir(&path) else { continue };
+            let names: Vec<OsString> = dir.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+            let keep = filter.tagged(&path, names.iter().map(OsString::as_os_str));
+            let kept = |n: &OsString| keep.as_ref().map_or(true, |k| is_one_of(n, k));
+            stack.extend(names.into_iter().filter(kept).map(|n| path.join(n)));
+        }
+    }
+    progress.done.store(true, Ordering::Relaxed);
+    Ok(())
 }

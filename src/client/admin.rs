@@ -1,10 +1,15 @@
-//! The administrator's client: deployment tokens, device states and
-//! provisioned users.
+//! The administrator's client: admin and deployment tokens, device states,
+//! provisioned users, tenants and their quotas, the audit log.
 
-use super::{segment_escape, ClientError, Http};
+use chrono::{DateTime, Utc};
+
+use super::{query_escape, segment_escape, ClientError, Http};
 use crate::api::{
-    AddUsers, CreateDeploymentToken, DeploymentTokenCreated, DeviceChange, DeviceInfo, UserInfo, UsersChanged,
+    AddUsers, AdminTokenCreated, AdminTokenInfo, AuditEntry, CreateAdminToken, CreateDeploymentToken,
+    DeploymentTokenCreated, DeploymentTokenInfo, DeviceChange, DeviceInfo, SetQuota, TenantInfo, TenantQuota, UserInfo,
+    UsersChanged,
 };
+use crate::auth::admin::AdminIdentity;
 
 /// Talks to the admin routes with the admin token.
 pub struct AdminClient {
@@ -55,10 +60,75 @@ impl AdminClient {
         self.http.get(&format!("/v1/admin/tenants/{tenant}/users"), Some(&self.token))
     }
 
+    /// Who the server takes this client's token for.
+    pub fn whoami(&self) -> Result<AdminIdentity, ClientError> {
+        self.http.get("/v1/admin/whoami", Some(&self.token))
+    }
+
+    /// A scoped admin token (its secret is in the answer, once).
+    pub fn create_admin_token(&self, req: &CreateAdminToken) -> Result<AdminTokenCreated, ClientError> {
+        self.http.post("/v1/admin/tokens", Some(&self.token), req)
+    }
+
+    pub fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, ClientError> {
+        self.http.get("/v1/admin/tokens", Some(&self.token))
+    }
+
+    pub fn revoke_admin_token(&self, id: &str) -> Result<AdminTokenInfo, ClientError> {
+        self.http.post(
+            &format!("/v1/admin/tokens/{}/revoke", segment_escape(id)),
+            Some(&self.token),
+            &serde_json::json!({}),
+        )
+    }
+
+    /// Deployment tokens, of one tenant or of every tenant the token covers.
+    pub fn deployment_tokens(&self, tenant: Option<&str>) -> Result<Vec<DeploymentTokenInfo>, ClientError> {
+        self.http.get(&format!("/v1/admin/deployment-tokens{}", query(&[("tenant", tenant)])), Some(&self.token))
+    }
+
+    pub fn revoke_deployment_token(&self, id: &str) -> Result<DeploymentTokenInfo, ClientError> {
+        let path = format!("/v1/admin/deployment-tokens/{}/revoke", segment_escape(id));
+        self.http.post(&path, Some(&self.token), &serde_json::json!({}))
+    }
+
+    /// Deletes a retired or wiped device from the registry.
+    pub fn delete_device(&self, device_id: &str) -> Result<DeviceChange, ClientError> {
+        crate::api::check_device_id(device_id).map_err(ClientError::Local)?;
+        self.http.delete(&format!("/v1/admin/devices/{device_id}"), Some(&self.token))
+    }
+
+    pub fn tenants(&self) -> Result<Vec<TenantInfo>, ClientError> {
+        self.http.get("/v1/admin/tenants", Some(&self.token))
+    }
+
+    /// Sets a tenant's quota in bytes (0: none).
+    pub fn set_quota(&self, tenant: &str, quota_bytes: u64) -> Result<TenantQuota, ClientError> {
+        crate::api::check_tenant(tenant).map_err(ClientError::Local)?;
+        self.http.put(&format!("/v1/admin/tenants/{tenant}/quota"), Some(&self.token), &SetQuota { quota_bytes })
+    }
+
+    /// The audit log, newest first.
+    pub fn audit(&self, tenant: Option<&str>, since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>, ClientError> {
+        let since = since.map(|t| t.to_rfc3339());
+        let q = query(&[("tenant", tenant), ("since", since.as_deref())]);
+        self.http.get(&format!("/v1/admin/audit{q}"), Some(&self.token))
+    }
+
     /// Removes a provisioned user; `changed` is empty if it was not listed.
     pub fn remove_user(&self, tenant: &str, email: &str) -> Result<UsersChanged, ClientError> {
         crate::api::check_tenant(tenant).map_err(ClientError::Local)?;
         crate::api::check_email(email).map_err(ClientError::Local)?;
         self.http.delete(&format!("/v1/admin/tenants/{tenant}/users/{}", segment_escape(email)), Some(&self.token))
+    }
+}
+
+/// A query string of the pairs that have a value (`""` when none do).
+fn query(pairs: &[(&str, Option<&str>)]) -> String {
+    let set: Vec<String> = pairs.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", query_escape(v)))).collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", set.join("&"))
     }
 }

@@ -421,7 +421,7 @@ impl Device {
         let sent = self.guard(sent)?;
         let chunks = hashed?;
         let bytes = files.iter().map(|f: &ManifestFile| f.size).sum();
-        let req = CommitRequest { hostname: crate::repo::keys::hostname(), paths: abs_paths, tags: Vec::new(), files };
+        let req = CommitRequest { hostname: crate::snapshot::current_host(), paths: abs_paths, tags: Vec::new(), files };
         let done: CommitResponse = self.post("/v1/snapshots", &req)?;
         Ok(BackupSummary {
             id: done.id.to_hex(),
@@ -598,6 +598,7 @@ pub fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::
             ctime: mtime,
             inode: 0,
             size: e.size,
+            extra: crate::tree::NodeExtra::default(),
         };
         plan.push(&e.path, node)?;
     }

@@ -112,7 +112,25 @@ impl Http {
         token: Option<&str>,
         body: &B,
     ) -> Result<T, ClientError> {
-        let mut req = self.agent.post(self.url(path));
+        self.send_json(self.agent.post(self.url(path)), token, body)
+    }
+
+    /// `PUT path` with a JSON body, JSON answer.
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send_json(self.agent.put(self.url(path)), token, body)
+    }
+
+    fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        mut req: ureq::RequestBuilder<ureq::typestate::WithBody>,
+        token: Option<&str>,
+        body: &B,
+    ) -> Result<T, ClientError> {
         if let Some(t) = token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }

@@ -36,6 +36,13 @@ pub struct BlobLocation {
     pub raw_len: u32,
 }
 
+impl BlobLocation {
+    /// The byte offset just past the blob's frame in its pack.
+    pub fn frame_end(&self) -> u64 {
+        u64::from(self.offset) + crate::pack::frame_len(self.stored_len)
+    }
+}
+
 /// A blob's location as stored in the table: the pack is a position in
 /// [`Index::packs`], so a location is 16 bytes instead of 45.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -77,6 +77,12 @@ impl Job {
 }
 
 impl Tenant {
+    /// Plaintext bytes of the chunks the writer accepted and has not yet
+    /// committed (for quota accounting: some may already be in packs).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.lock().expect("pending lock").values().map(|&n| u64::from(n)).sum()
+    }
+
     /// The ids among `ids` that neither the repository nor the writer has.
     pub fn missing(&self, ids: &[BlobId]) -> Vec<BlobId> {
         let index = self.repo.index();

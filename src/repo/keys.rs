@@ -26,20 +26,8 @@ impl KeyFile {
     }
 }
 
-/// The user name and host name recorded in key files and snapshots.
+/// The user name (from the effective uid, not `$USER`, so cron and sudo
+/// record who really ran it) and host name recorded in key files and locks.
 pub fn whoami() -> (String, String) {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
-    (user, hostname())
-}
-
-/// The machine's host name.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    (crate::snapshot::current_user(), crate::snapshot::current_host())
 }

@@ -10,7 +10,7 @@ mod objects;
 mod read;
 mod session;
 
-pub use read::{DeliverBlob, PackBlobs};
+pub use read::{DeliverBlob, DeliverSealed, PackBlobs};
 pub use session::{WriteError, WriteSession};
 
 use std::collections::HashSet;
@@ -504,7 +504,7 @@ impl Repository {
     /// Reads a blob, verifying crc, authenticity and that it hashes to `id`.
     pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>, RepoError> {
         let loc = self.index().get(id).ok_or(RepoError::MissingBlob(*id))?;
-        let frame_len = pack::FRAME_HEADER_LEN as u64 + u64::from(loc.stored_len);
+        let frame_len = pack::frame_len(loc.stored_len);
         let (offset, key) = (u64::from(loc.offset), ObjectKey::Pack(loc.pack));
         let open = |frame: &[u8]| self.open_frame(id, loc.kind, frame, offset, loc.stored_len, loc.raw_len);
         if let (Some(cache), BlobKind::Tree) = (&self.cache, loc.kind) {

@@ -1,6 +1,7 @@
 //! The blob read path for many blobs at once: group by pack, read each pack
 //! in offset order with nearby blobs coalesced into one ranged read, verify
-//! and open every blob. Restore and the storage node's chunk stream use it.
+//! and open every blob. Restore, `cat`, `dump`, the storage node's chunk
+//! stream and file route, and prune's repack use it.
 
 use std::collections::HashMap;
 
@@ -24,6 +25,11 @@ thread_local! {
 
 /// Receives each blob read: its verified plaintext, or why it could not be read.
 pub type DeliverBlob<'a> = dyn Fn(&BlobId, Result<&[u8], RepoError>) + Sync + 'a;
+
+/// Receives each blob read with its sealed payload (as stored: the frame
+/// without its header) after the frame was fully verified, or why it could
+/// not be read (prune's repack, which copies sealed blobs as they are).
+pub type DeliverSealed<'a> = dyn FnMut(&BlobId, Result<&[u8], RepoError>) + 'a;
 
 /// The blobs of one pack to read, sorted by offset.
 pub type PackBlobs = (PackId, Vec<(BlobId, BlobLocation)>);
@@ -64,10 +70,30 @@ impl Repository {
 
     /// [`Repository::read_blobs`] for one pack, on the calling thread.
     pub fn read_pack_blobs(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &DeliverBlob<'_>) {
+        self.read_frames(pack, blobs, &mut |id, r| match r {
+            Ok((_, plain)) => deliver(id, Ok(&plain)),
+            Err(e) => deliver(id, Err(e)),
+        });
+    }
+
+    /// Reads the blobs of one pack like [`Repository::read_pack_blobs`], but
+    /// hands over each one's sealed payload, once its frame opened (crc,
+    /// tag, id): damage is never passed on as good.
+    pub fn read_pack_sealed(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &mut DeliverSealed<'_>) {
+        self.read_frames(pack, blobs, &mut |id, r| deliver(id, r.map(|(frame, _)| &frame[FRAME_HEADER_LEN..])));
+    }
+
+    /// The one loop under both: coalesced ranged reads, each frame opened.
+    fn read_frames(
+        &self,
+        pack: &PackId,
+        blobs: &[(BlobId, BlobLocation)],
+        deliver: &mut dyn FnMut(&BlobId, Result<(&[u8], Vec<u8>), RepoError>),
+    ) {
         for group in coalesce(blobs) {
             let start = u64::from(group[0].1.offset);
             let last = group.last().expect("non-empty group").1;
-            let end = u64::from(last.offset) + FRAME_HEADER_LEN as u64 + u64::from(last.stored_len);
+            let end = last.frame_end();
             // One read buffer per thread, reused from group to group.
             let mut bytes = READ_BUFFER.take();
             if let Err(e) = self.backend.get_range_into(&ObjectKey::Pack(*pack), start, end - start, &mut bytes) {
@@ -86,7 +112,7 @@ impl Repository {
                     continue;
                 };
                 match self.open_frame(id, loc.kind, frame, u64::from(loc.offset), loc.stored_len, loc.raw_len) {
-                    Ok(plain) => deliver(id, Ok(&plain)),
+                    Ok(plain) => deliver(id, Ok((frame, plain))),
                     Err(e) => deliver(id, Err(e)),
                 }
             }
@@ -102,9 +128,9 @@ fn coalesce(blobs: &[(BlobId, BlobLocation)]) -> Vec<&[(BlobId, BlobLocation)]> 
     for i in 1..=blobs.len() {
         let split = i == blobs.len() || {
             let prev = &blobs[i - 1].1;
-            let prev_end = u64::from(prev.offset) + FRAME_HEADER_LEN as u64 + u64::from(prev.stored_len);
+            let prev_end = prev.frame_end();
             let next = &blobs[i].1;
-            let next_end = u64::from(next.offset) + FRAME_HEADER_LEN as u64 + u64::from(next.stored_len);
+            let next_end = next.frame_end();
             u64::from(next.offset).saturating_sub(prev_end) > COALESCE_GAP
                 || next_end - u64::from(blobs[start].1.offset) > MAX_READ
         };

@@ -41,6 +41,12 @@ pub struct ServerConfig {
     /// The SQLite registry; default `ROOT/registry.db`.
     pub registry: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
+    /// A file whose first line is the password that wraps the tenant
+    /// repositories' keys (else `CHUNKVAULT_PASSWORD`).
+    pub password_file: Option<PathBuf>,
+    /// A file whose first line is the bearer token `/metrics` asks for;
+    /// without it `/metrics` is open (bind it to a private address).
+    pub metrics_token_file: Option<PathBuf>,
     pub session_ttl_secs: u64,
     pub checkin_interval_secs: u64,
     pub auth_unreachable: AuthUnreachable,
@@ -89,6 +95,8 @@ impl Default for ServerConfig {
             root: None,
             registry: None,
             admin_token_file: None,
+            password_file: None,
+            metrics_token_file: None,
             session_ttl_secs: 900,
             checkin_interval_secs: 30,
             auth_unreachable: AuthUnreachable::FailClosed,
@@ -196,6 +204,9 @@ mod tests {
         )
         .unwrap();
         tls.validate().unwrap();
+        let secrets: ServerConfig =
+            toml::from_str("root = \"/r\"\npassword_file = \"/p\"\nmetrics_token_file = \"/m\"").unwrap();
+        assert_eq!(secrets.metrics_token_file.as_deref(), Some(std::path::Path::new("/m")));
         let zero: ServerConfig = toml::from_str("root = \"/r\"\nmax_concurrent_uploads = 0").unwrap();
         assert!(zero.validate().is_err());
     }

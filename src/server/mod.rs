@@ -3,11 +3,15 @@
 //! library (blocking calls on the blocking pool), and map errors in one place
 //! ([`error`]). Roles pick which routes a process serves.
 
+mod access;
+mod admin;
 pub mod config;
 pub mod error;
 mod linger;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
+pub mod quota;
 mod revocation;
 mod routes;
 pub mod tls;
@@ -59,6 +63,8 @@ struct StorageSide {
     states: DeviceStates,
     /// Chunk upload slots per tenant (`max_concurrent_uploads_per_tenant`).
     upload_slots: UploadSlots,
+    /// Tenant quotas and stored bytes.
+    quotas: quota::Quotas,
 }
 
 /// Chunk upload slots per tenant. The total is bounded by a tower layer on
@@ -97,6 +103,8 @@ pub struct App {
     auth: Option<AuthSide>,
     storage: Option<StorageSide>,
     admin_token: Option<Vec<u8>>,
+    /// The bearer token `/metrics` asks for (`metrics_token_file`), if any.
+    metrics_token: Option<Vec<u8>>,
     metrics: Metrics,
     /// The agent of calls to `upstream` (session key, check-in, relay):
     /// platform roots plus `upstream_ca_cert`.
@@ -154,20 +162,33 @@ impl App {
                 };
                 let interval = Duration::from_secs(config.checkin_interval_secs);
                 let states = DeviceStates::new(auth.is_some(), config.auth_unreachable, interval);
+                let quotas = quota::Quotas::new(interval);
                 if let Some(a) = &auth {
                     // Sessions issued before a restart must still meet earlier retires.
                     states.apply(&a.registry.changes_since(0, u32::MAX)?.1);
+                    quotas.set_all(&a.registry.quotas()?);
                 }
                 let upload_slots = UploadSlots {
                     per_tenant: config.max_concurrent_uploads_per_tenant,
                     wait: Duration::from_millis(config.upload_slot_wait_ms),
                     tenants: Mutex::default(),
                 };
-                Some(StorageSide { tenants: Tenants::new(&root, password, init), verifier, states, upload_slots })
+                Some(StorageSide {
+                    tenants: Tenants::new(&root, password, init),
+                    verifier,
+                    states,
+                    upload_slots,
+                    quotas,
+                })
             }
             _ => None,
         };
-        Ok(App { config, auth, storage, admin_token, metrics: Metrics::default(), upstream })
+        let metrics_token = match &config.metrics_token_file {
+            Some(path) => Some(read_secret(path, "metrics_token_file")?),
+            None => None,
+        };
+        let metrics = Metrics::new(storage.as_ref().map(|s| s.tenants.stats().clone()));
+        Ok(App { config, auth, storage, admin_token, metrics_token, metrics, upstream })
     }
 
     fn auth(&self) -> Result<&AuthSide, HttpError> {
@@ -178,16 +199,11 @@ impl App {
         self.storage.as_ref().ok_or_else(|| HttpError::not_found("this server does not run the storage role"))
     }
 
-    /// Checks `Authorization: Bearer` against the admin token, in constant time.
-    fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), HttpError> {
-        let Some(expected) = &self.admin_token else {
-            return Err(HttpError::unauthorized("no admin token is configured on this server"));
-        };
-        let given = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
-        if bool::from(given.as_bytes().ct_eq(expected)) {
-            Ok(())
-        } else {
-            Err(HttpError::unauthorized("wrong admin token"))
+    /// With `metrics_token_file` set, `/metrics` wants that bearer token.
+    fn require_metrics_token(&self, headers: &axum::http::HeaderMap) -> Result<(), HttpError> {
+        match &self.metrics_token {
+            Some(expected) => check_bearer(headers, expected, "wrong metrics token"),
+            None => Ok(()),
         }
     }
 
@@ -199,7 +215,8 @@ impl App {
         let now = Utc::now().timestamp();
         let claims = storage.verifier.verify(token, now)?;
         storage.states.check(&claims.device, claims.generation)?;
-        self.metrics.session_seen(claims.token_id, claims.expires, now);
+        self.metrics.session_seen(&claims.tenant, claims.token_id, claims.expires, now);
+        access::note(Some(&claims.tenant), Some(&claims.device));
         let tenant = crate::ingest::TenantName::new(&claims.tenant)?;
         storage.tenants.session_seen(&tenant, claims.token_id, claims.expires, now);
         Ok(Owner { tenant, user: claims.user, device: claims.device, policies: claims.policies })
@@ -212,6 +229,28 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
+}
+
+/// Compares a request's bearer token with `expected` in constant time.
+fn check_bearer(headers: &axum::http::HeaderMap, expected: &[u8], wrong: &str) -> Result<(), HttpError> {
+    let given = bearer(headers).ok_or_else(|| HttpError::unauthorized("missing bearer token"))?;
+    if bool::from(given.as_bytes().ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(HttpError::unauthorized(wrong))
+    }
+}
+
+/// The first line of a secret file, refused when empty: an empty token
+/// would let an empty `Bearer` in.
+fn read_secret(path: &std::path::Path, key: &str) -> Result<Vec<u8>, ServerError> {
+    let text = std::fs::read(path).map_err(|e| ServerError::Setup(format!("{key} {}: {e}", path.display())))?;
+    let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Err(ServerError::Setup(format!("{key} {}: the file is empty", path.display())));
+    }
+    Ok(line.to_vec())
 }
 
 /// The agent of calls to `upstream`: the platform's roots plus the CA in

@@ -1,7 +1,9 @@
 //! What a storage node knows of device states, so already-issued session
 //! tokens stop working when a device is retired, blocked or wiped. In the
 //! `all` role the auth side updates it directly; a storage node polls the auth
-//! role's `GET /v1/checkin` feed and applies `auth_unreachable` when it can't.
+//! role's check-in feed (`POST /v1/checkin`, which also carries its tenants'
+//! stored bytes up and every tenant's quota down) and applies
+//! `auth_unreachable` when it can't.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -9,11 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 
 use super::error::HttpError;
 use super::{App, AuthUnreachable};
-use crate::api::{CheckinResponse, DeviceChange};
+use crate::api::{CheckinRequest, CheckinResponse, DeviceChange};
 use crate::auth::DeviceState;
 
 pub struct DeviceStates {
@@ -77,20 +78,18 @@ impl DeviceStates {
     /// and the policy is fail-closed.
     pub fn check(&self, device: &str, generation: u32) -> Result<(), HttpError> {
         if let Some(state) = self.states.read().expect("states lock").get(device) {
-            let code = state.error_code().unwrap_or("forbidden");
-            return Err(HttpError::new(StatusCode::FORBIDDEN, code, format!("device is {state}")));
+            return Err(HttpError::device_refused(*state, format!("device is {state}")));
         }
         if self.generations.read().expect("generations lock").get(device).is_some_and(|&min| generation < min) {
-            let code = DeviceState::Reset.error_code().unwrap_or("forbidden");
-            return Err(HttpError::forbidden(code, "this session belongs to an activation the admin reset"));
+            return Err(HttpError::device_refused(
+                DeviceState::Reset,
+                "this session belongs to an activation the admin reset",
+            ));
         }
         if let Some(last_ok) = &self.last_ok {
             let stale = last_ok.lock().expect("checkin lock").elapsed() > 2 * self.interval;
             if stale && self.policy == AuthUnreachable::FailClosed {
-                return Err(HttpError::unavailable(
-                    "auth_unreachable",
-                    "the auth server is unreachable and this node fails closed",
-                ));
+                return Err(HttpError::auth_unreachable());
             }
         }
         Ok(())
@@ -112,19 +111,19 @@ pub async fn poll_upstream(app: Arc<App>) {
     let mut ticker = tokio::time::interval(storage.states.interval);
     loop {
         ticker.tick().await;
-        let url = format!(
-            "{}/v1/checkin?since={}",
-            upstream.trim_end_matches('/'),
-            storage.states.cursor.load(Ordering::Relaxed)
-        );
+        let url = format!("{}/v1/checkin", upstream.trim_end_matches('/'));
         let token = token.clone();
-        let agent = app.upstream.clone();
+        let app2 = app.clone();
         let fetched = tokio::task::spawn_blocking(move || -> Result<CheckinResponse, String> {
-            let mut req = agent.get(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
+            let storage = app2.storage.as_ref().ok_or("no storage role")?;
+            // What this node's tenants store goes up with the request.
+            let body =
+                CheckinRequest { since: storage.states.cursor.load(Ordering::Relaxed), usage: storage.quotas.report() };
+            let mut req = app2.upstream.post(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
             if let Some(t) = &token {
                 req = req.header("Authorization", &format!("Bearer {t}"));
             }
-            let mut resp = req.call().map_err(|e| crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM))?;
+            let mut resp = req.send_json(&body).map_err(|e| crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM))?;
             if resp.status().as_u16() >= 400 {
                 return Err(format!("the auth server answered {}", resp.status()));
             }
@@ -136,10 +135,11 @@ pub async fn poll_upstream(app: Arc<App>) {
         match fetched {
             Ok(feed) => {
                 storage.states.apply(&feed.changes);
+                storage.quotas.set_all(&feed.quotas);
                 storage.states.checked_in(feed.cursor);
             }
             Err(e) => {
-                app.metrics.checkin_failures.fetch_add(1, Ordering::Relaxed);
+                app.metrics.checkin_failures.inc();
                 tracing::warn!("check-in with {upstream} failed: {e}");
             }
         }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::error_handling::HandleErrorLayer;
@@ -23,22 +23,18 @@ use tower::load_shed::LoadShedLayer;
 use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use super::error::HttpError;
-use super::{App, Role};
+use super::error::{ErrorCode, HttpError};
+use super::{admin, App, Role};
 use crate::api::{self, *};
-use crate::auth::registry::DeploymentTokenSpec;
 use crate::auth::token::SessionClaims;
-use crate::auth::DeviceState;
 use crate::id::{BlobId, SnapshotId};
-use crate::ingest::{IngestError, Owner, ReadPlan, TenantName};
+use crate::ingest::{IngestError, Owner, ReadPlan};
 use crate::snapshot::Snapshot;
 use crate::tree::{Node, NodeKind};
 
-type AppState = State<Arc<App>>;
-type Reply<T> = Result<T, HttpError>;
+pub(super) type AppState = State<Arc<App>>;
+pub(super) type Reply<T> = Result<T, HttpError>;
 
-/// Default deployment token lifetime: 30 days.
-const DEFAULT_DEPLOYMENT_TTL: u64 = 30 * 86_400;
 /// Bytes per message of a streamed file read.
 const STREAM_PIECE: usize = 256 * 1024;
 /// Longest request target (path and query) the app accepts: a 4096-byte
@@ -76,19 +72,30 @@ pub fn router(app: Arc<App>) -> Router {
         manifest_slot,
     );
     let body_timeout = Duration::from_secs(config.body_read_timeout_secs);
-    let mut r = Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(metrics));
+    let mut r = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi_json));
     let role = app.config.role;
     if matches!(role, Role::All | Role::Auth) {
         r = r
             .route("/v1/activate", post(activate))
             .route("/v1/session", post(session))
             .route("/v1/session-key", get(session_key))
-            .route("/v1/checkin", get(checkin))
-            .route("/v1/admin/deployment-tokens", post(create_deployment_token))
-            .route("/v1/admin/devices", get(devices))
-            .route("/v1/admin/devices/{id}/{action}", post(device_action))
-            .route("/v1/admin/tenants/{tenant}/users", post(add_users).get(users))
-            .route("/v1/admin/tenants/{tenant}/users/{email}", delete(remove_user));
+            .route("/v1/checkin", get(admin::checkin).post(admin::checkin_report))
+            .route("/v1/admin/whoami", get(admin::whoami))
+            .route("/v1/admin/tokens", post(admin::create_admin_token).get(admin::admin_tokens))
+            .route("/v1/admin/tokens/{id}/revoke", post(admin::revoke_admin_token))
+            .route("/v1/admin/deployment-tokens", post(admin::create_deployment_token).get(admin::deployment_tokens))
+            .route("/v1/admin/deployment-tokens/{id}/revoke", post(admin::revoke_deployment_token))
+            .route("/v1/admin/devices", get(admin::devices))
+            .route("/v1/admin/devices/{id}", delete(admin::delete_device))
+            .route("/v1/admin/devices/{id}/{action}", post(admin::device_action))
+            .route("/v1/admin/tenants", get(admin::tenants))
+            .route("/v1/admin/tenants/{tenant}/quota", put(admin::set_quota))
+            .route("/v1/admin/tenants/{tenant}/users", post(admin::add_users).get(admin::users))
+            .route("/v1/admin/tenants/{tenant}/users/{email}", delete(admin::remove_user))
+            .route("/v1/admin/audit", get(admin::audit_log));
     }
     // An edge relays device authentication to the auth role; so does a
     // storage node, so that a device needs one URL in either deployment.
@@ -124,7 +131,7 @@ pub fn router(app: Arc<App>) -> Router {
         // Innermost of the rest, so that it sees every error response:
         // axum's 405, extractor rejections, the layers' refusals.
         .layer(middleware::map_response(super::error::json_error_body))
-        .layer(middleware::from_fn_with_state(app.clone(), measure))
+        .layer(middleware::from_fn_with_state(app.clone(), super::access::observe))
         // Inside the body timeout, so that draining a refused body stops
         // when the client does.
         .layer(middleware::map_request(super::linger::linger))
@@ -148,17 +155,6 @@ async fn bound_head(req: Request, next: Next) -> Response {
         return HttpError::headers_too_large(MAX_HEADER_BYTES).into_response();
     }
     next.run(req).await
-}
-
-/// Records each request's route, status, sizes and latency.
-async fn measure(State(app): AppState, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
-    let bytes_in = content_length(req.headers());
-    let resp = next.run(req).await;
-    let bytes_out = content_length(resp.headers());
-    app.metrics.record(&route, resp.status().as_u16(), bytes_in, bytes_out, started.elapsed().as_secs_f64());
-    resp
 }
 
 fn content_length(h: &HeaderMap) -> u64 {
@@ -218,7 +214,7 @@ fn body_error(e: axum::Error) -> HttpError {
 /// Reads a bounded JSON body and parses it on the blocking pool: a large
 /// manifest takes a good part of a second to parse, which on an async
 /// worker would stall every other request it serves (`/healthz` too).
-async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
+pub(super) async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
@@ -228,18 +224,56 @@ async fn parse<T: serde::de::DeserializeOwned + Validate + Send + 'static>(
 }
 
 /// Runs blocking library work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + Send + 'static) -> Reply<T> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Reply<T> + Send + 'static) -> Reply<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| HttpError::internal("worker", e))?
 }
 
-async fn metrics(State(app): AppState) -> impl IntoResponse {
-    let ingest = app.storage.as_ref().map(|s| s.tenants.stats().as_ref());
-    let text = app.metrics.render(ingest, Utc::now().timestamp());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+#[utoipa::path(get, path = "/metrics", tag = "operator", security((), ("metrics_token" = [])),
+    responses((status = 200, description = "Prometheus text format (version 0.0.4)", content_type = "text/plain", body = String)))]
+async fn metrics(State(app): AppState, headers: HeaderMap) -> Reply<Response> {
+    app.require_metrics_token(&headers)?;
+    let text = blocking(move || {
+        if let Some(storage) = &app.storage {
+            for tenant in app.metrics.tenants() {
+                match crate::ingest::TenantName::new(&tenant).and_then(|name| storage.tenants.get(&name)) {
+                    Ok(t) => app.metrics.set_tenant_usage(&tenant, super::metrics::usage(t.repo())),
+                    Err(e) => tracing::warn!("metrics: tenant {tenant}: {e}"),
+                }
+            }
+        }
+        Ok(app.metrics.render(Utc::now().timestamp()))
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// Liveness: answers while the process serves requests.
+#[utoipa::path(get, path = "/healthz", tag = "operator",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// This API's OpenAPI 3.1 description (also `docs/openapi.json`).
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operator",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOC.get_or_init(super::openapi::json).as_str();
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
 }
 
 // ---- auth role ----
 
+#[utoipa::path(post, path = "/v1/activate", tag = "device", request_body = ActivateRequest,
+    responses(
+        (status = 200, description = "The device's long-lived device token", body = ActivateResponse),
+        (status = 401, description = "`invalid_token`, `token_expired`: an unknown, revoked or expired deployment token", body = ErrorBody),
+        (status = 403, description = "`activations_exhausted`, `user_not_provisioned`, `device_retired`, `device_blocked`, `device_wiped`: the token may not activate this device", body = ErrorBody),
+        (status = 409, description = "`device_conflict`, `device_exists`: the device id is taken by another user or tenant", body = ErrorBody),
+        (status = 429, description = "`too_many_attempts`: too many failed activations from this address; see Retry-After", body = ErrorBody),
+        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role", body = ErrorBody),
+    ))]
 async fn activate(
     State(app): AppState,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -255,6 +289,7 @@ async fn activate(
             return Err(e);
         }
     };
+    super::access::note(None, Some(&req.device_id));
     let app2 = app.clone();
     let result = blocking(move || {
         let auth = app2.auth()?;
@@ -264,10 +299,11 @@ async fn activate(
         if let (Some(change), Some(storage)) = (&a.change, &app2.storage) {
             storage.states.apply(std::slice::from_ref(change));
         }
+        // The user's email stays out of the log: it is personal data, and
+        // the registry (devices, audit) already ties it to the device.
         tracing::info!(
-            "device {} of {} activated in tenant {} with deployment token {}",
+            "device {} activated in tenant {} with deployment token {}",
             req.device_id,
-            req.email,
             a.tenant,
             a.deployment_token_id
         );
@@ -280,8 +316,16 @@ async fn activate(
     result.map(Json)
 }
 
+#[utoipa::path(post, path = "/v1/session", tag = "device", request_body = SessionRequest,
+    responses(
+        (status = 200, description = "A signed, short-lived session token and the device's policies", body = SessionResponse),
+        (status = 401, description = "`invalid_token`, `token_expired`: the device token is unknown or does not match the email and device id", body = ErrorBody),
+        (status = 403, description = "`device_retired`, `device_blocked`, `device_wiped`: the device may not start sessions", body = ErrorBody),
+        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role", body = ErrorBody),
+    ))]
 async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<SessionResponse>> {
     let req: SessionRequest = parse(&headers, body, MAX_JSON_BODY).await?;
+    super::access::note(None, Some(&req.device_id));
     blocking(move || {
         let auth = app.auth()?;
         let now = Utc::now();
@@ -301,134 +345,13 @@ async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
     .await
 }
 
+#[utoipa::path(get, path = "/v1/session-key", tag = "device",
+    responses(
+        (status = 200, description = "The auth role's Ed25519 public key, which storage nodes verify sessions with", body = SessionKey),
+        (status = 404, description = "`not_found`: this server does not run the auth role", body = ErrorBody),
+    ))]
 async fn session_key(State(app): AppState) -> Reply<Json<SessionKey>> {
     Ok(Json(SessionKey { public_key: app.auth()?.signer.verifier().public_hex() }))
-}
-
-async fn checkin(
-    State(app): AppState,
-    headers: HeaderMap,
-    query: Query<HashMap<String, String>>,
-) -> Reply<Json<CheckinResponse>> {
-    app.require_admin(&headers)?;
-    let since = match query.get("since") {
-        Some(s) => s.parse::<u64>().map_err(|_| HttpError::bad_request("since: a number"))?,
-        None => 0,
-    };
-    blocking(move || {
-        let (cursor, changes) = app.auth()?.registry.changes_since(since, 10_000)?;
-        Ok(Json(CheckinResponse { cursor, changes }))
-    })
-    .await
-}
-
-async fn create_deployment_token(
-    State(app): AppState,
-    headers: HeaderMap,
-    body: Body,
-) -> Reply<Json<DeploymentTokenCreated>> {
-    app.require_admin(&headers)?;
-    let req: CreateDeploymentToken = parse(&headers, body, MAX_JSON_BODY).await?;
-    blocking(move || {
-        // The tenant's repository is created with its first deployment token.
-        if let Some(storage) = &app.storage {
-            storage.tenants.get(&TenantName::new(&req.tenant)?)?;
-        }
-        let now = Utc::now();
-        let spec = DeploymentTokenSpec {
-            tenant: req.tenant,
-            expires_at: now + Duration::from_secs(req.expires_in_secs.unwrap_or(DEFAULT_DEPLOYMENT_TTL)),
-            max_activations: req.max_activations,
-            policies: req.policies.unwrap_or_default(),
-            provisioned_only: req.provisioned_only,
-        };
-        let created = app.auth()?.registry.create_deployment_token(&spec, now)?;
-        tracing::info!("deployment token {} created for tenant {}", created.id, spec.tenant);
-        Ok(Json(DeploymentTokenCreated {
-            token: created.text,
-            token_id: created.id,
-            tenant: spec.tenant,
-            expires_at: spec.expires_at,
-            policies: spec.policies,
-            provisioned_only: spec.provisioned_only,
-        }))
-    })
-    .await
-}
-
-async fn devices(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<DeviceInfo>>> {
-    app.require_admin(&headers)?;
-    blocking(move || Ok(Json(app.auth()?.registry.devices()?))).await
-}
-
-async fn device_action(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path((id, action)): Path<(String, String)>,
-) -> Reply<Json<DeviceChange>> {
-    app.require_admin(&headers)?;
-    api::check_device_id(&id).map_err(HttpError::bad_request)?;
-    let state = match action.as_str() {
-        "retire" => DeviceState::Retired,
-        "block" => DeviceState::Blocked,
-        "allow" => DeviceState::Active,
-        "wipe" => DeviceState::Wiped,
-        "reset" => DeviceState::Reset,
-        _ => return Err(HttpError::not_found("actions: retire, block, allow, wipe, reset")),
-    };
-    blocking(move || {
-        let registry = &app.auth()?.registry;
-        let change = if state == DeviceState::Reset { registry.reset(&id)? } else { registry.set_state(&id, state)? };
-        // In the `all` role the storage side learns at once.
-        if let Some(storage) = &app.storage {
-            storage.states.apply(std::slice::from_ref(&change));
-        }
-        tracing::info!("device {id} is now {state}");
-        Ok(Json(change))
-    })
-    .await
-}
-
-/// `POST /v1/admin/tenants/{tenant}/users`: provisions users.
-async fn add_users(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path(tenant): Path<String>,
-    body: Body,
-) -> Reply<Json<UsersChanged>> {
-    app.require_admin(&headers)?;
-    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    let req: AddUsers = parse(&headers, body, MAX_JSON_BODY).await?;
-    blocking(move || {
-        let changed = app.auth()?.registry.add_users(&tenant, &req.emails, Utc::now())?;
-        tracing::info!("{} users provisioned in tenant {tenant}", changed.len());
-        Ok(Json(UsersChanged { tenant, changed }))
-    })
-    .await
-}
-
-/// `GET /v1/admin/tenants/{tenant}/users`
-async fn users(State(app): AppState, headers: HeaderMap, Path(tenant): Path<String>) -> Reply<Json<Vec<UserInfo>>> {
-    app.require_admin(&headers)?;
-    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    blocking(move || Ok(Json(app.auth()?.registry.users(&tenant)?))).await
-}
-
-/// `DELETE /v1/admin/tenants/{tenant}/users/{email}` (the email percent-encoded).
-async fn remove_user(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path((tenant, email)): Path<(String, String)>,
-) -> Reply<Json<UsersChanged>> {
-    app.require_admin(&headers)?;
-    api::check_tenant(&tenant).map_err(HttpError::bad_request)?;
-    api::check_email(&email).map_err(HttpError::bad_request)?;
-    blocking(move || {
-        let changed = app.auth()?.registry.remove_users(&tenant, std::slice::from_ref(&email))?;
-        tracing::info!("{} users removed from tenant {tenant}", changed.len());
-        Ok(Json(UsersChanged { tenant, changed }))
-    })
-    .await
 }
 
 // ---- edge role ----
@@ -449,7 +372,7 @@ async fn relay(State(app): AppState, path: MatchedPath, headers: HeaderMap, body
             .send(&bytes[..])
             .map_err(|e| {
                 let e = crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM);
-                HttpError::unavailable("upstream_unreachable", format!("auth server: {e}"))
+                HttpError::upstream_unreachable(e)
             })?;
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let body = resp
@@ -457,7 +380,7 @@ async fn relay(State(app): AppState, path: MatchedPath, headers: HeaderMap, body
             .with_config()
             .limit(MAX_JSON_BODY as u64)
             .read_to_vec()
-            .map_err(|e| HttpError::unavailable("upstream_unreachable", format!("auth server: {e}")))?;
+            .map_err(|e| HttpError::upstream_unreachable(e))?;
         Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
     })
     .await
@@ -469,6 +392,8 @@ fn snapshot_id(s: &str) -> Reply<SnapshotId> {
     s.parse().map_err(|e| HttpError::bad_id("snapshot", e))
 }
 
+#[utoipa::path(get, path = "/v1/chunking", tag = "storage", security(("session_token" = [])),
+    responses((status = 200, description = "How the tenant's repository cuts and names chunks", body = Chunking)))]
 async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunking>> {
     let owner = app.session(&headers)?;
     blocking(move || {
@@ -486,12 +411,17 @@ async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunki
     .await
 }
 
+#[utoipa::path(post, path = "/v1/chunks/missing", tag = "storage", security(("session_token" = [])),
+    request_body = MissingRequest,
+    responses((status = 200, description = "The chunk ids the tenant's repository lacks", body = MissingResponse)))]
 async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<MissingResponse>> {
     let owner = app.session(&headers)?;
     let req: MissingRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
         let tenant = app.storage()?.tenants.get(&owner.tenant)?;
-        Ok(Json(MissingResponse { missing: tenant.missing(&req.chunks) }))
+        let missing = tenant.missing(&req.chunks);
+        app.metrics.chunks_offered(owner.tenant.as_str(), req.chunks.len(), missing.len());
+        Ok(Json(MissingResponse { missing }))
     })
     .await
 }
@@ -525,12 +455,25 @@ async fn upload_slot(State(app): AppState, mut req: Request, next: Next) -> Resp
     match taken.await {
         Ok((owner, _slot)) => {
             req.extensions_mut().insert(owner);
+            let _in_flight = app.metrics.upload_started();
             next.run(req).await
         }
         Err(e) => e.into_response(),
     }
 }
 
+#[utoipa::path(put, path = "/v1/chunks/{id}", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The chunk id: its keyed BLAKE3, 64 lowercase hex digits", pattern = "^[0-9a-f]{64}$")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The chunk's plaintext"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 200, description = "Already stored"),
+        (status = 400, description = "`bad_id`, `chunk_mismatch`, `bad_body`: a malformed id, or bytes that do not hash to it", body = ErrorBody),
+        (status = 507, description = "`quota_exceeded`: storing this would pass the tenant's quota", body = ErrorBody),
+        (status = 413, description = "`chunk_too_large`: larger than the repository's maximum chunk size", body = ErrorBody),
+        (status = 429, description = "`too_many_uploads`: the tenant's upload slots are taken; see Retry-After", body = ErrorBody),
+        (status = 503, description = "`server_busy`, `repository_locked`, `auth_unreachable`, `unavailable`: retry later; see Retry-After", body = ErrorBody),
+    ))]
 async fn put_chunk(
     State(app): AppState,
     Extension(owner): Extension<Owner>,
@@ -539,47 +482,80 @@ async fn put_chunk(
     body: Body,
 ) -> Reply<StatusCode> {
     let id: BlobId = id.parse().map_err(|e| HttpError::bad_id("chunk", e))?;
-    let app2 = app.clone();
+    let (app2, name) = (app.clone(), owner.tenant.clone());
     let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
     let max = tenant.repo().config().chunker.max_size as usize;
-    let too_large = || HttpError::too_large("chunk_too_large", format!("chunks are at most {max} bytes"));
+    let too_large = || HttpError::too_large(ErrorCode::ChunkTooLarge, format!("chunks are at most {max} bytes"));
     let data = read_bounded(&headers, body, max, too_large).await?;
-    let new = blocking(move || Ok(tenant.put_chunk(id, data)?)).await?;
+    let new = blocking(move || {
+        let admitted = app.storage()?.quotas.admit(name.as_str(), &tenant, &[(id, data.len())])?;
+        let new = tenant.put_chunk(id, data)?;
+        admitted.settle(new);
+        Ok(new)
+    })
+    .await?;
     Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
 }
 
 /// `POST /v1/chunks/bundle`: many chunks in one framed body
 /// (`api::parse_bundle`), each verified against its id before any is
 /// stored; only the ones the tenant lacks are stored.
+#[utoipa::path(post, path = "/v1/chunks/bundle", tag = "storage", security(("session_token" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "Chunks framed `id (32 bytes) | length (u32 LE) | plaintext`, back to back"),
+    responses(
+        (status = 200, description = "How many chunks were stored and how many were already there", body = BundleResponse),
+        (status = 400, description = "`bad_bundle`, `chunk_mismatch`, `bad_body`: broken framing, or a chunk that does not hash to its id", body = ErrorBody),
+        (status = 507, description = "`quota_exceeded`: storing this would pass the tenant's quota", body = ErrorBody),
+        (status = 413, description = "`bundle_too_large`: the body is over the bundle limit", body = ErrorBody),
+        (status = 429, description = "`too_many_uploads`: the tenant's upload slots are taken; see Retry-After", body = ErrorBody),
+        (status = 503, description = "`server_busy`, `repository_locked`, `auth_unreachable`, `unavailable`: retry later; see Retry-After", body = ErrorBody),
+    ))]
 async fn put_bundle(
     State(app): AppState,
     Extension(owner): Extension<Owner>,
     headers: HeaderMap,
     body: Body,
 ) -> Reply<Json<BundleResponse>> {
-    let app2 = app.clone();
+    let (app2, name) = (app.clone(), owner.tenant.clone());
     let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
     let max_chunk = tenant.repo().config().chunker.max_size as usize;
     let limit = MAX_BUNDLE_BODY.max(max_chunk + BUNDLE_FRAME_HEADER);
-    let too_large = || HttpError::too_large("bundle_too_large", format!("bundles are at most {limit} bytes"));
+    let too_large = || HttpError::too_large(ErrorCode::BundleTooLarge, format!("bundles are at most {limit} bytes"));
     let data = read_bounded(&headers, body, limit, too_large).await?;
     blocking(move || {
         let chunks = api::parse_bundle(&data, max_chunk).map_err(HttpError::bad_bundle)?;
-        Ok(Json(tenant.put_bundle(data, chunks)?))
+        let sizes: Vec<_> = chunks.iter().map(|(id, r)| (*id, r.len())).collect();
+        let admitted = app.storage()?.quotas.admit(name.as_str(), &tenant, &sizes)?;
+        let stored = tenant.put_bundle(data, chunks)?;
+        admitted.settle(stored.stored > 0);
+        Ok(Json(stored))
     })
     .await
 }
 
+#[utoipa::path(post, path = "/v1/snapshots", tag = "storage", security(("session_token" = [])),
+    request_body = CommitRequest,
+    responses(
+        (status = 200, description = "The committed snapshot", body = CommitResponse),
+        (status = 409, description = "`missing_chunks`: the manifest names chunks the repository lacks", body = ErrorBody),
+        (status = 413, description = "`too_large`, `manifest_too_large`: the manifest is over a limit", body = ErrorBody),
+    ))]
 async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<CommitResponse>> {
     let owner = app.session(&headers)?;
     let req: CommitRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
-        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let storage = app.storage()?;
+        let tenant = storage.tenants.get(&owner.tenant)?;
+        // The next usage report counts the new snapshot.
+        storage.quotas.touch(owner.tenant.as_str(), &tenant);
         Ok(Json(tenant.commit(owner, req)?))
     })
     .await
 }
 
+#[utoipa::path(get, path = "/v1/snapshots", tag = "storage", security(("session_token" = [])),
+    responses((status = 200, description = "The user's snapshots", body = Vec<SnapshotInfo>)))]
 async fn snapshots(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<SnapshotInfo>>> {
     let owner = app.session(&headers)?;
     blocking(move || {
@@ -589,6 +565,10 @@ async fn snapshots(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<S
     .await
 }
 
+#[utoipa::path(get, path = "/v1/snapshots/{id}/tree", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)", pattern = "^[0-9a-f]{64}$"),
+        ("path" = Option<String>, Query, description = "A directory in the snapshot (default: its root)")),
+    responses((status = 200, description = "The directory's entries", body = Vec<TreeEntry>)))]
 async fn tree(
     State(app): AppState,
     headers: HeaderMap,
@@ -607,6 +587,10 @@ async fn tree(
 
 /// What a restore of a snapshot (or of some paths of it) creates, and the
 /// chunks it needs in the order they are read fastest.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/restore-plan", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)", pattern = "^[0-9a-f]{64}$")),
+    request_body = RestorePlanRequest,
+    responses((status = 200, description = "Every entry to create, and the chunks needed in the order they read fastest", body = RestorePlanResponse)))]
 async fn restore_plan(
     State(app): AppState,
     headers: HeaderMap,
@@ -641,12 +625,7 @@ fn snapshot_info((id, s): (SnapshotId, Snapshot)) -> SnapshotInfo {
 fn tree_entry(n: &Node) -> TreeEntry {
     TreeEntry {
         name: n.name_lossy(),
-        kind: match n.kind {
-            NodeKind::File { .. } => "file",
-            NodeKind::Dir { .. } => "dir",
-            NodeKind::Symlink { .. } => "symlink",
-        }
-        .into(),
+        kind: n.type_name().into(),
         size: n.size,
         mode: n.mode,
         mtime: n.mtime.sec,
@@ -665,6 +644,9 @@ fn restore_plan_response(read: ReadPlan) -> RestorePlanResponse {
             NodeKind::Symlink { target } => {
                 (EntryKind::Symlink, Vec::new(), Some(String::from_utf8_lossy(target).into_owned()))
             }
+            // Not reached: fifos and devices are in `plan.specials`, which
+            // a device is not sent.
+            NodeKind::Special { .. } => (EntryKind::File, Vec::new(), None),
         };
         PlanEntry {
             path: e.rel.to_string_lossy().into_owned(),
@@ -687,6 +669,11 @@ fn restore_plan_response(read: ReadPlan) -> RestorePlanResponse {
 
 /// Chunks of a snapshot, streamed as frames (`api::ChunkReadRequest`) as
 /// they are read and verified, in pack order.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/chunks", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)", pattern = "^[0-9a-f]{64}$")),
+    request_body = ChunkReadRequest,
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
+        description = "Frames `id (32 bytes) | status (u8: 0 ok, 1 failed) | length (u32 LE) | plaintext or error text`, in pack order")))]
 async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<Response> {
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
@@ -732,6 +719,15 @@ async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<St
 /// bounded channel as chunks are read and verified. The status is sent
 /// with the first piece: a failure before it (a damaged first chunk) is a
 /// JSON error, one after it cuts the response short.
+#[utoipa::path(get, path = "/v1/snapshots/{id}/file", tag = "storage", security(("session_token" = [])),
+    params(("id" = String, Path, description = "The snapshot id (64 hex digits)", pattern = "^[0-9a-f]{64}$"),
+        ("path" = String, Query, description = "A file in the snapshot"),
+        ("Range" = Option<String>, Header, description = "One `bytes=` range")),
+    responses(
+        (status = 200, description = "The file's bytes, each verified against its chunk id", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 416, description = "`bad_range`: the range selects nothing of the file; Content-Range says its size", body = ErrorBody),
+    ))]
 async fn file(
     State(app): AppState,
     headers: HeaderMap,
@@ -791,26 +787,15 @@ async fn file(
     Ok(resp)
 }
 
-/// Parses one `bytes=` range into `start..end` (end exclusive) within `size`.
+/// Parses a `Range:` header into one `start..end` (end exclusive) within
+/// `size`. Several ranges (a multipart answer) are refused as unsatisfiable.
 fn parse_range(value: &str, size: u64) -> Reply<(u64, u64)> {
     let bad = || HttpError::range_not_satisfiable(size);
-    let spec = value.strip_prefix("bytes=").ok_or_else(bad)?;
-    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().map_err(|_| bad())?;
-            (size.saturating_sub(n), size)
-        }
-        (a, "") => (a.parse().map_err(|_| bad())?, size),
-        (a, b) => {
-            let last: u64 = b.parse().map_err(|_| bad())?;
-            (a.parse().map_err(|_| bad())?, last.saturating_add(1).min(size))
-        }
-    };
-    if start >= end {
-        return Err(bad());
+    let ranges = http_range_header::parse_range_header(value).and_then(|r| r.validate(size)).map_err(|_| bad())?;
+    match ranges.as_slice() {
+        [one] => Ok((*one.start(), one.end() + 1)),
+        _ => Err(bad()),
     }
-    Ok((start, end))
 }
 
 /// A `Write` that sends pieces of a bounded size into the response channel.

@@ -155,8 +155,8 @@ pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -
     let a = agent();
     let auth = token.map(|t| format!("Bearer {t}"));
     let resp = match (method, body) {
-        ("GET", _) => {
-            let mut r = a.get(url);
+        ("GET" | "DELETE", _) => {
+            let mut r = if method == "GET" { a.get(url) } else { a.delete(url) };
             if let Some(h) = &auth {
                 r = r.header("Authorization", h);
             }

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use chunkvault::api::{CreateDeploymentToken, Policies, UsersChanged};
+use chunkvault::api::{CreateAdminToken, CreateDeploymentToken, Policies, UsersChanged};
 use chunkvault::client::admin::AdminClient;
 
-use crate::ctx::{password_from, CliError, Ctx};
+use crate::ctx::{human_bytes, password_from, CliError, Ctx};
 use crate::CmdResult;
 
 #[derive(clap::Args, Debug)]
@@ -30,18 +30,62 @@ pub enum AdminCommand {
     /// Mass deployment tokens.
     #[command(name = "deployment-token", subcommand)]
     DeploymentToken(TokenCommand),
+    /// Scoped admin tokens (admin, tenant-admin, read-only).
+    #[command(subcommand)]
+    Token(AdminTokenCommand),
+    /// Who the server takes this admin token for: id, role, tenant.
+    Whoami,
     /// List devices, their state and when they were last seen.
     Devices,
     /// Change a device's state; `reset` voids its tokens and lets the device
-    /// id activate again.
+    /// id activate again; `delete` removes a retired or wiped device from
+    /// the registry (its snapshots stay).
     Device {
-        #[arg(value_parser = ["retire", "block", "allow", "wipe", "reset"])]
+        #[arg(value_parser = ["retire", "block", "allow", "wipe", "reset", "delete"])]
         action: String,
         device_id: String,
+    },
+    /// Tenants with their devices, snapshots, stored bytes and quota.
+    Tenants,
+    /// A tenant's settings.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// The audit log of admin actions and device state changes, newest first.
+    Audit {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only entries at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// The users a tenant's `--provisioned-only` deployment tokens activate.
     #[command(subcommand)]
     User(UserCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AdminTokenCommand {
+    /// Create an admin token; it is printed once.
+    Create {
+        #[arg(long, value_parser = ["admin", "tenant-admin", "read-only"])]
+        role: String,
+        /// The one tenant the token covers (required for tenant-admin).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// What the token is for, shown by `token list`.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List admin tokens (never their secrets).
+    List,
+    /// Revoke an admin token by id; it stops working at once.
+    Revoke { id: String },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum TenantCommand {
+    /// Cap what the tenant may store, in bytes of packs (0: no quota).
+    SetQuota { tenant: String, bytes: u64 },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -86,6 +130,14 @@ pub enum TokenCommand {
         #[arg(long)]
         provisioned_only: bool,
     },
+    /// List deployment tokens (never their secrets).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a deployment token by id: it activates no more devices (those
+    /// it activated keep working).
+    Revoke { id: String },
 }
 
 /// Reads `--ca-cert`, refusing a file larger than a CA PEM can be.
@@ -104,6 +156,13 @@ pub(crate) fn read_ca_cert(path: &std::path::Path) -> Result<Vec<u8>, CliError> 
         )));
     }
     Ok(pem)
+}
+
+/// An RFC 3339 time.
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("{s:?}: not an RFC 3339 time ({e})"))
 }
 
 /// `NAME=true|false`, with a known policy name.
@@ -175,12 +234,156 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
                 }
             }
         }
+        AdminCommand::Device { action, device_id } if action == "delete" => {
+            let change = client.delete_device(&device_id).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&change);
+            } else {
+                println!("device {} deleted", change.device_id);
+            }
+        }
         AdminCommand::Device { action, device_id } => {
             let change = client.device_action(&device_id, &action).map_err(failed)?;
             if ctx.args.json {
                 ctx.print_json(&change);
             } else {
                 println!("device {} is now {}", change.device_id, change.state);
+            }
+        }
+        AdminCommand::DeploymentToken(TokenCommand::List { tenant }) => {
+            let tokens = client.deployment_tokens(tenant.as_deref()).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&tokens);
+            } else {
+                println!(
+                    "{:<16}  {:<12}  {:<25}  {:<25}  {:<11}  {:<8}  flags",
+                    "id", "tenant", "created", "expires", "activations", "revoked"
+                );
+                for t in &tokens {
+                    let max = t.max_activations.map_or("-".into(), |m| m.to_string());
+                    let p = t.policies;
+                    let mut flags = Vec::new();
+                    if !p.allow_restore_to_other_device {
+                        flags.push("allowRestoreToOtherDevice=false");
+                    }
+                    if !p.allow_open_in {
+                        flags.push("allowOpenIn=false");
+                    }
+                    if t.provisioned_only {
+                        flags.push("provisioned-only");
+                    }
+                    println!(
+                        "{:<16}  {:<12}  {:<25}  {:<25}  {:<11}  {:<8}  {}",
+                        t.token_id,
+                        t.tenant,
+                        t.created_at.to_rfc3339(),
+                        t.expires_at.to_rfc3339(),
+                        format!("{}/{max}", t.activations),
+                        if t.revoked { "yes" } else { "no" },
+                        flags.join(",")
+                    );
+                }
+            }
+        }
+        AdminCommand::DeploymentToken(TokenCommand::Revoke { id }) => {
+            let t = client.revoke_deployment_token(&id).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&t);
+            } else {
+                println!("deployment token {} of tenant {} revoked", t.token_id, t.tenant);
+            }
+        }
+        AdminCommand::Token(AdminTokenCommand::Create { role, tenant, label }) => {
+            let role = role.parse().map_err(CliError::Usage)?;
+            chunkvault::auth::admin::check_scope(role, tenant.as_deref()).map_err(CliError::Usage)?;
+            let created = client.create_admin_token(&CreateAdminToken { role, tenant, label }).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&created);
+            } else {
+                println!("{}", created.token);
+                let scope = created.info.tenant.as_deref().unwrap_or("every tenant");
+                ctx.info(format!(
+                    "admin token id {}, role {}, {scope}; shown this once",
+                    created.info.id, created.info.role
+                ));
+            }
+        }
+        AdminCommand::Token(AdminTokenCommand::List) => {
+            let tokens = client.admin_tokens().map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&tokens);
+            } else {
+                println!("{:<16}  {:<12}  {:<12}  {:<25}  {:<25}  label", "id", "role", "tenant", "created", "revoked");
+                for t in &tokens {
+                    let revoked = t.revoked_at.map_or("-".into(), |r| r.to_rfc3339());
+                    println!(
+                        "{:<16}  {:<12}  {:<12}  {:<25}  {revoked:<25}  {}",
+                        t.id,
+                        t.role.as_str(),
+                        t.tenant.as_deref().unwrap_or("*"),
+                        t.created_at.to_rfc3339(),
+                        t.label.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        AdminCommand::Token(AdminTokenCommand::Revoke { id }) => {
+            let t = client.revoke_admin_token(&id).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&t);
+            } else {
+                println!("admin token {} revoked", t.id);
+            }
+        }
+        AdminCommand::Whoami => {
+            let who = client.whoami().map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&who);
+            } else {
+                println!("{} {} {}", who.id, who.role, who.tenant.as_deref().unwrap_or("*"));
+            }
+        }
+        AdminCommand::Tenants => {
+            let tenants = client.tenants().map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&tenants);
+            } else {
+                println!("{:<16}  {:>7}  {:>9}  {:>12}  {:>12}", "tenant", "devices", "snapshots", "stored", "quota");
+                for t in &tenants {
+                    let snapshots = t.snapshots.map_or("-".into(), |n| n.to_string());
+                    let stored = t.stored_bytes.map_or("-".into(), human_bytes);
+                    let quota = if t.quota_bytes == 0 { "none".into() } else { human_bytes(t.quota_bytes) };
+                    println!("{:<16}  {:>7}  {snapshots:>9}  {stored:>12}  {quota:>12}", t.tenant, t.devices);
+                }
+            }
+        }
+        AdminCommand::Tenant(TenantCommand::SetQuota { tenant, bytes }) => {
+            chunkvault::api::check_tenant(&tenant).map_err(CliError::Usage)?;
+            let q = client.set_quota(&tenant, bytes).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&q);
+            } else if q.quota_bytes == 0 {
+                println!("tenant {} has no quota", q.tenant);
+            } else {
+                println!("tenant {} quota: {} bytes ({})", q.tenant, q.quota_bytes, human_bytes(q.quota_bytes));
+            }
+        }
+        AdminCommand::Audit { tenant, since } => {
+            let entries = client.audit(tenant.as_deref(), since).map_err(failed)?;
+            if ctx.args.json {
+                ctx.print_json(&entries);
+            } else {
+                for e in &entries {
+                    println!(
+                        "{}  {:<16}  {:<24}  {:<24}  {:<12}  {}",
+                        e.at.to_rfc3339(),
+                        e.actor,
+                        e.action,
+                        e.target,
+                        e.tenant.as_deref().unwrap_or("-"),
+                        e.detail
+                    );
+                }
             }
         }
         AdminCommand::User(UserCommand::Add { tenant, emails }) => {

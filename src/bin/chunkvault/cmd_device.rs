@@ -14,11 +14,13 @@ use crate::CmdResult;
 pub enum DeviceCommand {
     /// Activate silently from a managed app configuration (JSON).
     Activate {
+        /// The managed app configuration the MDM pushed (serverURL, userEmail, deploymentToken, ...).
         #[arg(long)]
         managed_config: PathBuf,
     },
     /// Back up files and directories; prints the snapshot id.
     Backup {
+        /// Files and directories to back up.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -43,7 +45,14 @@ pub enum DeviceCommand {
 }
 
 fn failed(e: ClientError) -> CliError {
-    CliError::Other(e.to_string())
+    match e {
+        // Said plainly: the backup is refused as a whole, nothing is lost.
+        ClientError::Api { code, message, .. } if code == "quota_exceeded" => CliError::Other(format!(
+            "the server refused this backup: your organisation's storage quota is full ({message}). \
+             This backup was not saved; earlier backups are intact and can still be restored."
+        )),
+        e => CliError::Other(e.to_string()),
+    }
 }
 
 pub fn run(ctx: &Ctx, cmd: DeviceCommand) -> CmdResult {

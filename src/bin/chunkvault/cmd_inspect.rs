@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-use chunkvault::stats::{diff, stats, Change};
+use chunkvault::select;
+use chunkvault::stats::{diff, stats_of, Change};
 
-use crate::ctx::{human_bytes, Ctx};
+use crate::ctx::{human_bytes, Ctx, FilterArgs};
 use crate::CmdResult;
 
 #[derive(clap::Args, Debug)]
@@ -13,11 +14,23 @@ pub struct DiffArgs {
     pub from: String,
     /// The newer snapshot.
     pub to: String,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
-pub fn stats_cmd(ctx: &Ctx) -> CmdResult {
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    /// Only these snapshots (ids, prefixes or `latest`; default: all that pass the filters).
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+pub fn stats_cmd(ctx: &Ctx, a: StatsArgs) -> CmdResult {
     let repo = ctx.open()?;
-    let s = stats(&repo)?;
+    let snapshots = select::find_all(&repo, &a.snapshots, &a.filter.filter())?;
+    let s = stats_of(&repo, &snapshots)?;
     if ctx.args.json {
         ctx.print_json(&s);
     } else {
@@ -35,8 +48,9 @@ pub fn stats_cmd(ctx: &Ctx) -> CmdResult {
 
 pub fn diff_cmd(ctx: &Ctx, a: DiffArgs) -> CmdResult {
     let repo = ctx.open()?;
-    let (from_id, from) = repo.find_snapshot(&a.from)?;
-    let (to_id, to) = repo.find_snapshot(&a.to)?;
+    let filter = a.filter.filter();
+    let (from_id, from) = select::find(&repo, &a.from, &filter)?;
+    let (to_id, to) = select::find(&repo, &a.to, &filter)?;
     let changes = diff(&repo, &from, &to)?;
     if ctx.args.json {
         ctx.print_json(&serde_json::json!({ "from": from_id, "to": to_id, "changes": changes }));

@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use chunkvault::id::SnapshotId;
 use chunkvault::lock::remove_locks;
-use chunkvault::prune::{forget, forget_ids, prune, PruneOptions, PruneProgress, PruneReport};
+use chunkvault::prune::{forget_ids, prune, PruneOptions, PruneProgress, PruneReport};
 use chunkvault::repair::{repair_index, repair_snapshots};
-use chunkvault::retention::{GroupBy, Policy};
+use chunkvault::retention::{self, GroupBy, Policy};
+use chunkvault::select::{self, TagChange};
 
-use crate::ctx::{human_bytes, CliError, Ctx};
+use crate::ctx::{human_bytes, CliError, Ctx, FilterArgs};
 use crate::CmdResult;
 
 #[derive(clap::Args, Debug)]
@@ -53,7 +53,8 @@ pub struct ForgetArgs {
     #[arg(long = "keep-tag", value_name = "TAG")]
     pub keep_tags: Vec<String>,
     /// Apply the policy separately to each group of snapshots with the same
-    /// of these: `host,paths` (default), `host`, `paths`, or `` (one group).
+    /// of these, comma-separated: `host`, `paths`, `tags` (default
+    /// `host,paths`; `` makes one group).
     #[arg(long, value_name = "FIELDS", default_value = "host,paths", value_parser = parse_group_by)]
     pub group_by: GroupBy,
     /// Show what would be removed; change nothing.
@@ -65,6 +66,27 @@ pub struct ForgetArgs {
     /// With --prune: repack a pack when more than this percentage of it is unused.
     #[arg(long, default_value_t = 10.0, value_parser = parse_percent)]
     pub max_unused_percent: f64,
+    /// The policy considers only snapshots passing these filters.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TagArgs {
+    /// Snapshots to change (ids, prefixes or `latest`; default: all that pass the filters).
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
+    /// Add this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub add: Vec<String>,
+    /// Remove this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub remove: Vec<String>,
+    /// Replace all tags with these (repeatable; `--set ''` clears them).
+    #[arg(long, value_name = "TAG")]
+    pub set: Vec<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -153,12 +175,13 @@ fn repair_err(e: chunkvault::repair::RepairError) -> CliError {
 }
 
 fn parse_group_by(s: &str) -> Result<GroupBy, String> {
-    let mut g = GroupBy { host: false, paths: false };
+    let mut g = GroupBy { host: false, paths: false, tags: false };
     for field in s.split(',').filter(|f| !f.is_empty()) {
         match field {
             "host" => g.host = true,
             "paths" => g.paths = true,
-            other => return Err(format!("cannot group by {other:?} (host, paths)")),
+            "tags" => g.tags = true,
+            other => return Err(format!("cannot group by {other:?} (host, paths, tags)")),
         }
     }
     Ok(g)
@@ -208,9 +231,10 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
     }
     let repo = ctx.open()?;
     let (decisions, removed) = if a.snapshots.is_empty() {
-        let decisions = forget(&repo, &policy, a.group_by, a.dry_run)?;
-        let removed: Vec<SnapshotId> = decisions.iter().flat_map(|d| d.remove.iter().copied()).collect();
-        (decisions, removed)
+        let candidates = select::list(&repo, &a.filter.filter())?;
+        let decisions = retention::apply(&policy, a.group_by, &candidates);
+        let ids: Vec<String> = decisions.iter().flat_map(|d| d.remove.iter().map(|id| id.to_hex())).collect();
+        (decisions, forget_ids(&repo, &ids, a.dry_run)?)
     } else {
         (Vec::new(), forget_ids(&repo, &a.snapshots, a.dry_run)?)
     };
@@ -234,9 +258,10 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
     } else {
         for d in &decisions {
             println!(
-                "host {} paths [{}]: keep {}, remove {}",
+                "host {} paths [{}] tags [{}]: keep {}, remove {}",
                 d.hostname,
                 d.paths.join(", "),
+                d.tags.join(", "),
                 d.keep.len(),
                 d.remove.len()
             );
@@ -257,6 +282,30 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
         if let Some(r) = &pruned {
             print_prune(r);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn tag_cmd(ctx: &Ctx, a: TagArgs) -> CmdResult {
+    if a.add.is_empty() && a.remove.is_empty() && a.set.is_empty() {
+        return Err(CliError::Usage("nothing to do: give --add, --remove or --set".into()));
+    }
+    let change = TagChange {
+        set: (!a.set.is_empty()).then(|| a.set.iter().filter(|t| !t.is_empty()).cloned().collect()),
+        add: a.add,
+        remove: a.remove,
+    };
+    let repo = ctx.open()?;
+    let chosen = select::find_all(&repo, &a.snapshots, &a.filter.filter())?;
+    let changed = select::retag(&repo, &chosen, &change, ctx.lock_options())?;
+    if ctx.args.json {
+        let v: Vec<_> = changed.iter().map(|(old, new)| serde_json::json!({"old": old, "new": new})).collect();
+        ctx.print_json(&serde_json::json!({ "changed": v }));
+    } else {
+        for (old, new) in &changed {
+            println!("snapshot {} -> {}", old.short(), new.short());
+        }
+        println!("changed the tags of {} of {} snapshots", changed.len(), chosen.len());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@ use chunkvault::crypto::KdfParams;
 use chunkvault::id::KeyId;
 use chunkvault::repo::{self, InitOptions, Repository};
 
-use crate::ctx::{human_bytes, password_from, CliError, Ctx};
+use crate::ctx::{human_bytes, password_from, CliError, Ctx, FilterArgs};
 use crate::CmdResult;
 
 #[derive(clap::Args, Debug)]
@@ -59,9 +59,15 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn snapshots(ctx: &Ctx) -> CmdResult {
+#[derive(clap::Args, Debug)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+pub fn snapshots(ctx: &Ctx, a: SnapshotsArgs) -> CmdResult {
     let r = ctx.open()?;
-    let list = r.list_snapshots()?;
+    let list = chunkvault::select::list(&r, &a.filter.filter())?;
     if ctx.args.json {
         let v: Vec<_> = list
             .iter()
@@ -95,13 +101,17 @@ pub fn snapshots(ctx: &Ctx) -> CmdResult {
 pub enum KeyCommand {
     /// Add a password. The new one comes from --new-password-file or $CHUNKVAULT_NEW_PASSWORD.
     Add {
+        /// Read the new password from this file (first line).
         #[arg(long)]
         new_password_file: Option<PathBuf>,
     },
     /// List key files.
     List,
     /// Remove a key file (not the one in use).
-    Remove { id: String },
+    Remove {
+        /// The key's id or a unique prefix of it (see `key list`).
+        id: String,
+    },
 }
 
 pub fn key(ctx: &Ctx, cmd: KeyCommand) -> CmdResult {

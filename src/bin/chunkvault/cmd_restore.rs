@@ -9,9 +9,10 @@ use std::sync::Arc;
 use chunkvault::id::BlobId;
 use chunkvault::repo::Repository;
 use chunkvault::restore::{self, Overwrite, RestoreOptions, RestoreProgress};
+use chunkvault::select;
 use chunkvault::tree::{Node, NodeKind};
 
-use crate::ctx::{human_bytes, CliError, Ctx};
+use crate::ctx::{human_bytes, CliError, Ctx, FilterArgs};
 use crate::{exit, CmdResult};
 
 #[derive(clap::Args, Debug)]
@@ -29,6 +30,12 @@ pub struct RestoreArgs {
     /// (`never`). A file is only ever replaced by a complete, verified copy.
     #[arg(long, value_enum, default_value_t = OverwriteArg::Always)]
     pub overwrite: OverwriteArg,
+    /// With --json: print a `{"message_type":"status",...}` line on stdout
+    /// every second, then the result as one `"message_type":"summary"` line.
+    #[arg(long, requires = "json")]
+    pub status_lines: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 /// `--overwrite` values (restic's names).
@@ -51,16 +58,26 @@ impl From<OverwriteArg> for Overwrite {
 
 pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     let repo = ctx.open()?;
-    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (id, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let progress = Arc::new(RestoreProgress::default());
     let shown = progress.clone();
-    let bar = ctx.progress(None, move |bar| {
-        let total = shown.total_bytes.load(Ordering::Relaxed);
-        bar.set_message(format!(
-            "{} / {} restored",
-            human_bytes(shown.bytes.load(Ordering::Relaxed)),
-            human_bytes(total)
-        ));
+    let bar = ctx.progress(Some(0), move |bar| {
+        bar.set_length(shown.total_bytes.load(Ordering::Relaxed));
+        bar.set_position(shown.bytes.load(Ordering::Relaxed));
+        bar.set_message("restored");
+    });
+    let (shown, started) = (progress.clone(), std::time::Instant::now());
+    let status = ctx.status_lines(a.status_lines, move || {
+        let (done, all) = (shown.bytes.load(Ordering::Relaxed), shown.total_bytes.load(Ordering::Relaxed));
+        let fraction = if all == 0 { 0.0 } else { (done as f64 / all as f64).min(1.0) };
+        let elapsed = started.elapsed().as_secs_f64();
+        serde_json::json!({
+            "percent_done": fraction,
+            "total_bytes": all,
+            "bytes_restored": done,
+            "seconds_elapsed": elapsed.round() as u64,
+            "seconds_remaining": (fraction > 0.0).then(|| (elapsed / fraction - elapsed).round() as u64),
+        })
     });
     let opts = RestoreOptions {
         include: a.include,
@@ -69,10 +86,13 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
         ignore_owner: false,
     };
     let result = restore::restore(&repo, &snap, &a.target, &opts, &progress);
-    drop(bar);
+    drop((bar, status));
     let report = result?;
     for w in &report.warnings {
         ctx.info(format!("warning: {w}"));
+    }
+    for l in &report.left_out {
+        eprintln!("not restored: {}: {}", l.path, l.error);
     }
     for d in &report.damaged {
         eprintln!("damaged: {}: {} (not restored)", d.path, d.error);
@@ -84,17 +104,19 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
         let mut v = serde_json::to_value(&report).expect("serializable");
         v["snapshot"] = serde_json::json!(id);
         v["target"] = serde_json::json!(a.target);
-        ctx.print_json(&v);
+        ctx.print_result(v, a.status_lines);
     } else {
         let skipped =
             if report.skipped > 0 { format!(", {} left as they were", report.skipped) } else { String::new() };
         println!(
-            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}{skipped}",
+            "restored snapshot {} to {}: {} files ({} hard links), {} dirs, {} symlinks, {} fifos/devices, {}{skipped}",
             id.short(),
             a.target.display(),
             report.files,
+            report.hardlinks,
             report.dirs,
             report.symlinks,
+            report.specials,
             human_bytes(report.bytes)
         );
     }
@@ -121,6 +143,8 @@ pub struct LsArgs {
     /// Do not descend into subdirectories.
     #[arg(long)]
     pub no_recurse: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -133,23 +157,48 @@ struct Entry {
     mtime: String,
     uid: u32,
     gid: u32,
+    /// Owner names at backup time (empty when unknown or not recorded).
+    user: String,
+    group: String,
+    /// Hard links of the file when backed up (0: not recorded or one).
+    #[serde(skip_serializing_if = "is_zero")]
+    links: u64,
+    /// Names of its extended attributes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    xattrs: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn entry(path: String, n: &Node) -> Entry {
-    let (kind, target) = match &n.kind {
-        NodeKind::File { .. } => ("file", None),
-        NodeKind::Dir { .. } => ("dir", None),
-        NodeKind::Symlink { target } => ("symlink", Some(String::from_utf8_lossy(target).into_owned())),
+    let target = match &n.kind {
+        NodeKind::Symlink { target } => Some(String::from_utf8_lossy(target).into_owned()),
+        _ => None,
     };
     let mtime = chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec).map(|t| t.to_rfc3339()).unwrap_or_default();
-    Entry { path, kind, mode: format!("{:o}", n.mode & 0o7777), size: n.size, mtime, uid: n.uid, gid: n.gid, target }
+    Entry {
+        path,
+        kind: n.type_name(),
+        mode: format!("{:o}", n.mode & 0o7777),
+        size: n.size,
+        mtime,
+        uid: n.uid,
+        gid: n.gid,
+        user: n.extra.user.clone(),
+        group: n.extra.group.clone(),
+        links: n.extra.links,
+        xattrs: n.extra.xattrs.iter().map(|x| String::from_utf8_lossy(&x.name).into_owned()).collect(),
+        target,
+    }
 }
 
 pub fn ls(ctx: &Ctx, a: LsArgs) -> CmdResult {
     let repo = ctx.open()?;
-    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (_, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let base = a.path.clone().unwrap_or_default();
     let base = base.trim_matches('/');
     let mut out = Vec::new();
@@ -182,12 +231,15 @@ fn list_tree(
     recurse: bool,
     out: &mut Vec<Entry>,
 ) -> Result<(), CliError> {
-    for n in repo.load_tree(tree)?.nodes() {
-        let path = format!("{prefix}/{}", n.name_lossy());
-        out.push(entry(path.clone(), n));
-        if let (true, NodeKind::Dir { subtree }) = (recurse, &n.kind) {
-            list_tree(repo, subtree, &path, recurse, out)?;
+    if !recurse {
+        for n in repo.load_tree(tree)?.nodes() {
+            out.push(entry(format!("{prefix}/{}", n.name_lossy()), n));
         }
+        return Ok(());
+    }
+    for e in chunkvault::tree::walk(repo, tree) {
+        let (rel, n) = e.map_err(|e| e.source)?;
+        out.push(entry(format!("{prefix}/{}", rel.to_string_lossy()), &n));
     }
     Ok(())
 }
@@ -201,6 +253,8 @@ pub struct CatArgs {
     /// Only bytes START-END (END exclusive; either may be omitted).
     #[arg(long)]
     pub range: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), CliError> {
@@ -217,7 +271,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), CliError> {
 pub fn cat(ctx: &Ctx, a: CatArgs) -> CmdResult {
     let range = a.range.as_deref().map(parse_range).transpose()?;
     let repo = ctx.open()?;
-    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (_, snap) = select::find(&repo, &a.snapshot, &a.filter.filter())?;
     let node =
         repo.find_node(&snap.tree, &a.path)?.ok_or_else(|| CliError::Other(format!("{}: not a file", a.path)))?;
     let mut stdout = std::io::stdout().lock();

@@ -8,8 +8,22 @@ use chunkvault::server::{self, AuthUnreachable, Role, ServerConfig};
 use crate::ctx::{password_from, CliError, Ctx};
 use crate::CmdResult;
 
+/// How the server writes its log (stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event, with a timestamp.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target and the fields).
+    Json,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// Log format on stderr: text or json. Every line has a timestamp; the
+    /// level is set by $CHUNKVAULT_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Address to listen on (port 0 picks one); printed as the first stdout line.
     #[arg(long)]
     pub listen: Option<String>,
@@ -69,9 +83,28 @@ pub struct ServeArgs {
     /// Milliseconds an upload waits for a tenant slot before a 429 (default 5000).
     #[arg(long)]
     pub upload_slot_wait_ms: Option<u64>,
+    /// File holding the bearer token that /metrics asks for (default: none, open).
+    #[arg(long)]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
-pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
+/// A secret from its file (first line), else its environment variable;
+/// none without either (the server never prompts).
+fn secret(file: Option<&PathBuf>, env: &str) -> Result<Option<Vec<u8>>, CliError> {
+    if file.is_none() && std::env::var_os(env).is_none() {
+        return Ok(None);
+    }
+    password_from(file, env, "").map(Some)
+}
+
+/// A secret systemd handed the unit with `LoadCredential=NAME:...`: the
+/// file `$CREDENTIALS_DIRECTORY/NAME`, if it is there.
+fn credential(name: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    path.is_file().then_some(path)
+}
+
+pub fn run(ctx: &Ctx, a: ServeArgs) -> CmdResult {
     let mut c = match &a.config {
         Some(path) => ServerConfig::load(path).map_err(|e| CliError::Usage(e.to_string()))?,
         None => ServerConfig::default(),
@@ -107,13 +140,18 @@ pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
     c.max_concurrent_uploads_per_tenant =
         a.max_concurrent_uploads_per_tenant.unwrap_or(c.max_concurrent_uploads_per_tenant);
     c.upload_slot_wait_ms = a.upload_slot_wait_ms.unwrap_or(c.upload_slot_wait_ms);
-    let admin_token = match (&c.admin_token_file, std::env::var_os("CHUNKVAULT_ADMIN_TOKEN")) {
-        (Some(_), _) | (None, Some(_)) => {
-            Some(password_from(c.admin_token_file.as_ref(), "CHUNKVAULT_ADMIN_TOKEN", "admin token: ")?)
-        }
-        (None, None) => None,
-    };
-    let password = std::env::var_os("CHUNKVAULT_PASSWORD").map(std::os::unix::ffi::OsStringExt::into_vec);
+    c.metrics_token_file = a.metrics_token_file.or(c.metrics_token_file).or_else(|| credential("metrics_token"));
+    // Each secret from, in order: the flag or config key naming its file,
+    // its environment variable, the systemd credential of its name.
+    c.password_file = ctx.args.password_file.clone().or(c.password_file);
+    if c.password_file.is_none() && std::env::var_os("CHUNKVAULT_PASSWORD").is_none() {
+        c.password_file = credential("password");
+    }
+    if c.admin_token_file.is_none() && std::env::var_os("CHUNKVAULT_ADMIN_TOKEN").is_none() {
+        c.admin_token_file = credential("admin_token");
+    }
+    let admin_token = secret(c.admin_token_file.as_ref(), "CHUNKVAULT_ADMIN_TOKEN")?;
+    let password = secret(c.password_file.as_ref(), "CHUNKVAULT_PASSWORD")?;
     server::run(c, password, admin_token).map_err(|e| CliError::Other(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,7 @@ use chunkvault::lock::{LockError, LockOptions};
 use chunkvault::prune::PruneError;
 use chunkvault::repo::{self, RepoError, Repository};
 use chunkvault::restore::RestoreError;
+use chunkvault::select::{SelectError, SnapshotFilter};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::exit;
@@ -24,6 +25,26 @@ pub struct GlobalArgs {
     /// Read the password from this file (first line). Default: $CHUNKVAULT_PASSWORD, else a prompt.
     #[arg(long, env = "CHUNKVAULT_PASSWORD_FILE", global = true)]
     pub password_file: Option<PathBuf>,
+    /// Run CMD with `sh -c` and use the first line it prints as the password
+    /// (e.g. `pass show backup`); a failing command is an error.
+    #[arg(
+        long,
+        env = "CHUNKVAULT_PASSWORD_COMMAND",
+        value_name = "CMD",
+        global = true,
+        conflicts_with = "password_file"
+    )]
+    pub password_command: Option<String>,
+    /// Keep the local cache of remote repositories' objects in DIR
+    /// (default: $XDG_CACHE_HOME/chunkvault or ~/.cache/chunkvault).
+    #[arg(long, env = "CHUNKVAULT_CACHE_DIR", value_name = "DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// Use no local cache (every object is read from the repository).
+    #[arg(long, global = true, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+    /// More detail on stderr: -v informational log lines, -vv debug, -vvv trace.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -36,6 +57,37 @@ pub struct GlobalArgs {
     /// When the repository is locked (a prune running), retry for up to this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 0, global = true)]
     pub retry_lock: u64,
+}
+
+/// `--host`, `--tag` and `--path`: which snapshots a command considers,
+/// and which one `latest` is.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct FilterArgs {
+    /// Only snapshots of this host (repeatable: any of them).
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Only snapshots carrying these tags (comma-separated: all of them;
+    /// repeatable: any one of the sets).
+    #[arg(long = "tag", value_name = "TAG[,TAG...]")]
+    pub tags: Vec<String>,
+    /// Only snapshots whose paths include this absolute path (repeatable: all of them).
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
+}
+
+impl FilterArgs {
+    /// The library's filter of these flags.
+    pub fn filter(&self) -> SnapshotFilter {
+        SnapshotFilter {
+            hosts: self.hosts.clone(),
+            tags: self
+                .tags
+                .iter()
+                .map(|set| set.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect())
+                .collect(),
+            paths: self.paths.clone(),
+        }
+    }
 }
 
 /// A command's failure, classified for the exit code.
@@ -53,6 +105,8 @@ pub enum CliError {
     Prune(#[from] PruneError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Select(#[from] SelectError),
     #[error("{0}")]
     Other(String),
 }
@@ -67,10 +121,12 @@ impl CliError {
             CliError::Repo(e)
             | CliError::Backup(BackupError::Repo(e))
             | CliError::Restore(RestoreError::Repo(e))
-            | CliError::Prune(PruneError::Repo(e)) => (Some(e), None),
-            CliError::Lock(e) | CliError::Backup(BackupError::Lock(e)) | CliError::Prune(PruneError::Lock(e)) => {
-                (None, Some(e))
-            }
+            | CliError::Prune(PruneError::Repo(e))
+            | CliError::Select(SelectError::Repo(e)) => (Some(e), None),
+            CliError::Lock(e)
+            | CliError::Backup(BackupError::Lock(e))
+            | CliError::Prune(PruneError::Lock(e))
+            | CliError::Select(SelectError::Lock(e)) => (None, Some(e)),
             _ => (None, None),
         };
         match (repo_err, lock_err) {
@@ -102,14 +158,6 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(args: GlobalArgs) -> Ctx {
-        let filter = if args.quiet { "error" } else { "warn" };
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| filter.into()),
-            )
-            .with_writer(std::io::stderr)
-            .without_time()
-            .init();
         if let Some(n) = args.threads {
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
         }
@@ -124,8 +172,12 @@ impl Ctx {
             .ok_or_else(|| CliError::Usage("no repository given: use --repo or set CHUNKVAULT_REPO".into()))
     }
 
-    /// The password from --password-file, $CHUNKVAULT_PASSWORD, or a prompt.
+    /// The password from --password-file, --password-command,
+    /// $CHUNKVAULT_PASSWORD, or a prompt.
     pub fn password(&self, prompt: &str) -> Result<Vec<u8>, CliError> {
+        if let (None, Some(cmd)) = (&self.args.password_file, &self.args.password_command) {
+            return password_from_command(cmd);
+        }
         password_from(self.args.password_file.as_ref(), "CHUNKVAULT_PASSWORD", prompt)
     }
 
@@ -169,7 +221,7 @@ impl Ctx {
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
                 ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {percent}% ETA {eta} {bytes_per_sec} {msg}",
                 )
                 .expect("template"),
             ),
@@ -186,6 +238,43 @@ impl Ctx {
             }
         });
         Progress { bar: Some(bar), stop, thread: Some(thread) }
+    }
+}
+
+impl Ctx {
+    /// With `enabled` (`--json --status-lines`): a `{"message_type":
+    /// "status", ...}` line on stdout from `status` every second until the
+    /// guard drops, for front ends that read stdout line by line.
+    pub fn status_lines(&self, enabled: bool, status: impl Fn() -> serde_json::Value + Send + 'static) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        if !enabled || !self.args.json {
+            return Progress { bar: None, stop, thread: None };
+        }
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || loop {
+            let mut line = status();
+            line["message_type"] = "status".into();
+            println!("{line}");
+            // A second in small steps, so dropping the guard returns at once.
+            for _ in 0..10 {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Progress { bar: None, stop, thread: Some(thread) }
+    }
+
+    /// The result document: pretty, or with status lines one compact
+    /// `"message_type": "summary"` line after them.
+    pub fn print_result(&self, mut value: serde_json::Value, status_lines: bool) {
+        if status_lines {
+            value["message_type"] = "summary".into();
+            println!("{value}");
+        } else {
+            self.print_json(&value);
+        }
     }
 }
 
@@ -208,13 +297,31 @@ impl Drop for Progress {
     }
 }
 
+/// The first line a command prints (its stderr goes to ours, so it may prompt).
+fn password_from_command(cmd: &str) -> Result<Vec<u8>, CliError> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| CliError::Other(format!("running --password-command: {e}")))?;
+    if !out.status.success() {
+        return Err(CliError::Other(format!("--password-command failed ({})", out.status)));
+    }
+    Ok(first_line(&out.stdout).to_vec())
+}
+
+/// The bytes before the first newline, without a trailing carriage return.
+fn first_line(text: &[u8]) -> &[u8] {
+    let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
 /// Reads a password from a file, an environment variable, or the terminal.
 pub fn password_from(file: Option<&PathBuf>, env: &str, prompt: &str) -> Result<Vec<u8>, CliError> {
     if let Some(f) = file {
         let text =
             std::fs::read(f).map_err(|e| CliError::Other(format!("reading password file {}: {e}", f.display())))?;
-        let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
-        return Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
+        return Ok(first_line(&text).to_vec());
     }
     if let Some(p) = std::env::var_os(env) {
         return Ok(std::os::unix::ffi::OsStringExt::into_vec(p));

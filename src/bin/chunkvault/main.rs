@@ -4,6 +4,7 @@ mod cmd_admin;
 mod cmd_backup;
 mod cmd_check;
 mod cmd_device;
+mod cmd_find;
 mod cmd_inspect;
 mod cmd_maint;
 mod cmd_repo;
@@ -13,7 +14,7 @@ mod ctx;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ctx::{CliError, Ctx, GlobalArgs};
 
@@ -34,7 +35,7 @@ enum Command {
     /// Back up files and directories into a new snapshot; prints its id.
     Backup(cmd_backup::BackupArgs),
     /// List snapshots.
-    Snapshots,
+    Snapshots(cmd_repo::SnapshotsArgs),
     /// List the entries of a snapshot below PATH.
     Ls(cmd_restore::LsArgs),
     /// Restore a snapshot (or parts of it) into a directory.
@@ -56,9 +57,15 @@ enum Command {
     #[command(subcommand)]
     Repair(cmd_maint::RepairCommand),
     /// Sizes, counts, and deduplication and compression ratios.
-    Stats,
+    Stats(cmd_inspect::StatsArgs),
+    /// Add, remove or set tags of snapshots (rewrites their manifests).
+    Tag(cmd_maint::TagArgs),
     /// What changed between two snapshots.
     Diff(cmd_inspect::DiffArgs),
+    /// Which snapshots hold paths matching patterns, with size and mtime.
+    Find(cmd_find::FindArgs),
+    /// Write a file of a snapshot to stdout, or a directory as a tar or zip stream.
+    Dump(cmd_find::DumpArgs),
     /// Run the HTTP server (device registry, tokens, storage). Boxed: its
     /// many flags would make every other command carry their size.
     Serve(Box<cmd_serve::ServeArgs>),
@@ -67,6 +74,18 @@ enum Command {
     /// The device-side client of a server.
     #[command(subcommand)]
     Device(cmd_device::DeviceCommand),
+    /// Print a shell completion script (e.g. `chunkvault completion bash > /etc/bash_completion.d/chunkvault`).
+    Completion {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (chunkvault.1 and one per command) into DIR.
+    #[command(hide = true)]
+    GenerateMan {
+        /// Directory to write the pages into (created if missing), e.g. target/man.
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,11 +96,24 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // Flags that reach the library through its environment variables:
+    // set before any thread starts.
+    if let Some(dir) = &cli.global.cache_dir {
+        std::env::set_var("CHUNKVAULT_CACHE_DIR", dir);
+    }
+    if cli.global.no_cache {
+        std::env::set_var(chunkvault::cache::NO_CACHE_ENV, "1");
+    }
+    if cli.global.verbose > 0 && std::env::var_os("CHUNKVAULT_LOG").is_none() {
+        let level = ["info", "debug", "trace"][usize::from(cli.global.verbose.min(3)) - 1];
+        std::env::set_var("CHUNKVAULT_LOG", format!("chunkvault={level}"));
+    }
+    init_logging(&cli);
     let ctx = Ctx::new(cli.global);
     let result = match cli.command {
         Command::Init(a) => cmd_repo::init(&ctx, a),
         Command::Backup(a) => cmd_backup::run(&ctx, a),
-        Command::Snapshots => cmd_repo::snapshots(&ctx),
+        Command::Snapshots(a) => cmd_repo::snapshots(&ctx, a),
         Command::Ls(a) => cmd_restore::ls(&ctx, a),
         Command::Restore(a) => cmd_restore::restore(&ctx, a),
         Command::Cat(a) => cmd_restore::cat(&ctx, a),
@@ -91,11 +123,19 @@ fn main() -> ExitCode {
         Command::Prune(a) => cmd_maint::prune_cmd(&ctx, a),
         Command::Unlock(a) => cmd_maint::unlock_cmd(&ctx, a),
         Command::Repair(c) => cmd_maint::repair_cmd(&ctx, c),
-        Command::Stats => cmd_inspect::stats_cmd(&ctx),
+        Command::Stats(a) => cmd_inspect::stats_cmd(&ctx, a),
+        Command::Tag(a) => cmd_maint::tag_cmd(&ctx, a),
         Command::Diff(a) => cmd_inspect::diff_cmd(&ctx, a),
+        Command::Find(a) => cmd_find::find_cmd(&ctx, a),
+        Command::Dump(a) => cmd_find::dump_cmd(&ctx, a),
         Command::Serve(a) => cmd_serve::run(&ctx, *a),
         Command::Admin(a) => cmd_admin::run(&ctx, a),
         Command::Device(d) => cmd_device::run(&ctx, d),
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "chunkvault", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateMan { dir } => generate_man(&dir),
     };
     match result {
         Ok(code) => code,
@@ -104,6 +144,44 @@ fn main() -> ExitCode {
             ctx.print_error(&e);
             ExitCode::from(code)
         }
+    }
+}
+
+/// Writes `chunkvault.1` and `chunkvault-COMMAND.1` for every visible
+/// command (and nested ones, e.g. `chunkvault-key-add.1`) into `dir`.
+fn generate_man(dir: &std::path::Path) -> CmdResult {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+        .map_err(|e| CliError::Other(format!("{}: {e}", dir.display())))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs go to stderr, filtered by `CHUNKVAULT_LOG` (an `EnvFilter`), in
+/// colour only on a terminal. A command's log is terse: warnings (errors
+/// with --quiet), no timestamps. The server's is an operator's record:
+/// `info` and up (one access line per request), always with timestamps,
+/// as text or one JSON object a line (`serve --log-format`).
+fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let serve = match &cli.command {
+        Command::Serve(a) => Some(a.log_format),
+        _ => None,
+    };
+    let default = match serve {
+        Some(_) => "info",
+        None if cli.global.quiet => "error",
+        None => "warn",
+    };
+    let filter = EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| default.into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match serve {
+        None => fmt.without_time().init(),
+        Some(cmd_serve::LogFormat::Text) => fmt.init(),
+        Some(cmd_serve::LogFormat::Json) => fmt.json().flatten_event(true).init(),
     }
 }
 
@@ -131,3 +209,35 @@ pub mod exit {
 }
 
 pub(crate) type CmdResult = Result<ExitCode, CliError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command says what it is for (`--help` and
+    /// the man pages show it).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn visit(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            // Left out: `serve` and `admin` (cmd_serve.rs, cmd_admin.rs),
+            // some of whose flags have no help text yet.
+            for sub in cmd.get_subcommands().filter(|s| !matches!(s.get_name(), "serve" | "admin")) {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                visit(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        visit(&cmd, "chunkvault", &mut missing);
+        assert!(missing.is_empty(), "arguments without help text:\n{}", missing.join("\n"));
+    }
+}
