@@ -833,6 +833,9 @@ pub struct FileReader<'r> {
     /// The window read last, trimmed to the range, and how much of it was taken.
     buf: Vec<u8>,
     pos: usize,
+    /// A chunk of the window that failed: reported once the good bytes
+    /// before it are taken, so output stops right before it.
+    failed: Option<RepoError>,
 }
 
 impl<'r> FileReader<'r> {
@@ -858,7 +861,7 @@ impl<'r> FileReader<'r> {
             }
             pos += len;
         }
-        Ok(FileReader { repo, wanted, next: 0, start, end, buf: Vec::new(), pos: 0 })
+        Ok(FileReader { repo, wanted, next: 0, start, end, buf: Vec::new(), pos: 0, failed: None })
     }
 
     /// Reads the next window into `buf`; `false` at the end of the range.
@@ -881,8 +884,16 @@ impl<'r> FileReader<'r> {
         for (c, at) in window {
             let data = match read.remove(c) {
                 Some(Ok(data)) => data,
-                Some(Err(e)) => return Err(e),
-                None => return Err(RepoError::MissingBlob(*c)),
+                Some(Err(e)) => {
+                    self.failed = Some(e);
+                    self.next = self.wanted.len();
+                    break;
+                }
+                None => {
+                    self.failed = Some(RepoError::MissingBlob(*c));
+                    self.next = self.wanted.len();
+                    break;
+                }
             };
             let from = self.start.saturating_sub(*at) as usize;
             let to = ((self.end - at) as usize).min(data.len());
@@ -895,6 +906,9 @@ impl<'r> FileReader<'r> {
     /// is used up; empty at the end of the range.
     fn window(&mut self) -> Result<&[u8], RepoError> {
         while self.pos == self.buf.len() {
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
             if !self.fill()? {
                 return Ok(&[]);
             }

@@ -222,7 +222,9 @@ fn access_log_has_one_json_line_per_request_and_no_secret() {
     let log = server.stop();
 
     // Secrets, a path inside a snapshot, and the user's email (personal data).
-    for secret in [ADMIN, token.as_str(), session.as_str(), "querysecret", "forged.session.token", "notes.txt", "a@acme.com"] {
+    for secret in
+        [ADMIN, token.as_str(), session.as_str(), "querysecret", "forged.session.token", "notes.txt", "a@acme.com"]
+    {
         assert!(!log.contains(secret), "the log holds {secret:?}:\n{log}");
     }
     if !device_token.is_empty() {

@@ -421,7 +421,8 @@ impl Device {
         let sent = self.guard(sent)?;
         let chunks = hashed?;
         let bytes = files.iter().map(|f: &ManifestFile| f.size).sum();
-        let req = CommitRequest { hostname: crate::snapshot::current_host(), paths: abs_paths, tags: Vec::new(), files };
+        let req =
+            CommitRequest { hostname: crate::snapshot::current_host(), paths: abs_paths, tags: Vec::new(), files };
         let done: CommitResponse = self.post("/v1/snapshots", &req)?;
         Ok(BackupSummary {
             id: done.id.to_hex(),

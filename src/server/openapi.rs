@@ -181,7 +181,7 @@ fn add_common_errors(op: &mut Operation) {
     if has(SESSION) {
         errors.push((
             "403",
-            "`device_retired`, `device_blocked`, `device_wiped`, `forbidden`: the token is valid but the device \
+            "`device_retired`, `device_blocked`, `device_wiped`, `device_reset`, `restore_to_other_device_denied`, `forbidden`: the token is valid but the device \
              or user may not do this"
                 .into(),
         ));
@@ -277,8 +277,13 @@ mod tests {
         }
         // Made only outside the handlers, for requests no route documents
         // (a wrong method, a layer's refusal), or not by this server's layers.
-        let outside = ["method_not_allowed", "request_timeout", "unsupported_media_type", "unprocessable_entity",
-            "too_many_requests"];
+        let outside = [
+            "method_not_allowed",
+            "request_timeout",
+            "unsupported_media_type",
+            "unprocessable_entity",
+            "too_many_requests",
+        ];
         for code in ErrorCode::ALL {
             let name = code.as_str();
             assert!(seen.contains(name) || outside.contains(&name), "`{name}` is documented on no route");
@@ -314,7 +319,9 @@ mod tests {
         for (at, pattern) in found {
             let re = regex::Regex::new(&pattern).unwrap_or_else(|e| panic!("{at}: {e}"));
             let check: fn(&str) -> bool = match pattern.as_str() {
-                "^[0-9a-f]{64}$" => |s| s.parse::<crate::id::BlobId>().is_ok() && !s.bytes().any(|b| b.is_ascii_uppercase()),
+                "^[0-9a-f]{64}$" => {
+                    |s| s.parse::<crate::id::BlobId>().is_ok() && !s.bytes().any(|b| b.is_ascii_uppercase())
+                }
                 "^[a-z0-9_][a-z0-9_-]{0,63}$" => |s| crate::api::check_tenant(s).is_ok(),
                 "^[A-Za-z0-9_.:-]{1,128}$" => |s| crate::api::check_device_id(s).is_ok(),
                 "^[^@\\s]+@[^@\\s]+$" => |s| crate::api::check_email(s).is_ok(),

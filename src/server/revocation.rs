@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-
 use super::error::HttpError;
 use super::{App, AuthUnreachable};
 use crate::api::{CheckinRequest, CheckinResponse, DeviceChange};

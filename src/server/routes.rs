@@ -268,7 +268,7 @@ async fn openapi_json() -> Response {
 #[utoipa::path(post, path = "/v1/activate", tag = "device", request_body = ActivateRequest,
     responses(
         (status = 200, description = "The device's long-lived device token", body = ActivateResponse),
-        (status = 401, description = "`invalid_token`, `token_expired`: an unknown, revoked or expired deployment token", body = ErrorBody),
+        (status = 401, description = "`invalid_token`, `token_expired`, `token_revoked`: an unknown, expired or revoked deployment token", body = ErrorBody),
         (status = 403, description = "`activations_exhausted`, `user_not_provisioned`, `device_retired`, `device_blocked`, `device_wiped`: the token may not activate this device", body = ErrorBody),
         (status = 409, description = "`device_conflict`, `device_exists`: the device id is taken by another user or tenant", body = ErrorBody),
         (status = 429, description = "`too_many_attempts`: too many failed activations from this address; see Retry-After", body = ErrorBody),
