@@ -31,6 +31,10 @@ pub type DeliverBlob<'a> = dyn Fn(&BlobId, Result<&[u8], RepoError>) + Sync + 'a
 /// not be read (prune's repack, which copies sealed blobs as they are).
 pub type DeliverSealed<'a> = dyn FnMut(&BlobId, Result<&[u8], RepoError>) + 'a;
 
+/// Receives each blob's verified frame and its plaintext (the one loop
+/// under [`DeliverBlob`] and [`DeliverSealed`]).
+type DeliverFrame<'a> = dyn FnMut(&BlobId, Result<(&[u8], Vec<u8>), RepoError>) + 'a;
+
 /// The blobs of one pack to read, sorted by offset.
 pub type PackBlobs = (PackId, Vec<(BlobId, BlobLocation)>);
 
@@ -84,12 +88,7 @@ impl Repository {
     }
 
     /// The one loop under both: coalesced ranged reads, each frame opened.
-    fn read_frames(
-        &self,
-        pack: &PackId,
-        blobs: &[(BlobId, BlobLocation)],
-        deliver: &mut dyn FnMut(&BlobId, Result<(&[u8], Vec<u8>), RepoError>),
-    ) {
+    fn read_frames(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &mut DeliverFrame<'_>) {
         for group in coalesce(blobs) {
             let start = u64::from(group[0].1.offset);
             let last = group.last().expect("non-empty group").1;

@@ -380,7 +380,7 @@ async fn relay(State(app): AppState, path: MatchedPath, headers: HeaderMap, body
             .with_config()
             .limit(MAX_JSON_BODY as u64)
             .read_to_vec()
-            .map_err(|e| HttpError::upstream_unreachable(e))?;
+            .map_err(HttpError::upstream_unreachable)?;
         Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
     })
     .await
