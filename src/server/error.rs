@@ -228,6 +228,11 @@ impl From<RegistryError> for HttpError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::Db(_) | RegistryError::Io(_) => HttpError::internal("registry", e),
+            RegistryError::Unavailable(_) => {
+                tracing::error!("{e}");
+                HttpError::unavailable("registry_unavailable", "the registry is unreachable; retry shortly")
+                    .retry_after(BUSY_RETRY_AFTER_SECS)
+            }
             RegistryError::UnknownToken => HttpError::unauthorized(e.to_string()),
             RegistryError::Expired => HttpError::new(StatusCode::UNAUTHORIZED, "token_expired", e.to_string()),
             RegistryError::Exhausted => HttpError::new(StatusCode::FORBIDDEN, "activations_exhausted", e.to_string()),
