@@ -179,3 +179,30 @@ fn a_deployment_tokens_max_activations_holds_under_concurrent_activations_across
         assert_eq!(tokens[0]["activations"], max);
     }
 }
+
+#[test]
+fn an_all_in_one_node_on_the_shared_registry_follows_retires_made_on_another_node() {
+    let Some(db) = TestDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // An `all` node (auth and storage in one process) has no check-in: it
+    // follows the shared registry's feed itself.
+    let all = Server::start(&dir.path().join("all"), &["--registry", &db.url, "--checkin-interval-secs", "1"]);
+    let auth = auth_node(dir.path(), "auth", &db, &[]);
+    let token = deployment_token(&auth.url, "acme");
+    let device_token = activate(&all.url, &token, "u@acme.com", "phone");
+    let (status, body) = session(&all.url, &device_token, "u@acme.com", "phone");
+    assert_eq!(status, 200, "{body}");
+    let session_token = body["session_token"].as_str().unwrap().to_owned();
+    let chunking = format!("{}/v1/chunking", all.url);
+    assert_eq!(http("GET", &chunking, Some(&session_token), None).0, 200);
+
+    ok(run(&mut admin(&auth.url, &["device", "block", "phone"])));
+    eventually(30, "the all-in-one node to refuse the device blocked elsewhere", || {
+        let (status, body) = http("GET", &chunking, Some(&session_token), None);
+        status == 403 && code(&body) == "device_blocked"
+    });
+    ok(run(&mut admin(&auth.url, &["device", "allow", "phone"])));
+    eventually(30, "the all-in-one node to take the device back", || {
+        http("GET", &chunking, Some(&session_token), None).0 == 200
+    });
+}

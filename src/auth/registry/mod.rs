@@ -359,7 +359,7 @@ impl Registry {
     /// `UnknownToken`, revoked ones `Revoked`.
     pub fn authenticate_admin(&self, text: &str) -> Result<AdminIdentity, RegistryError> {
         let hash = token::secret_hash(SecretKind::Admin, text).map_err(|_| RegistryError::UnknownToken)?;
-        self.store.admin_by_hash(&hash)?.check(&hash)
+        AdminRow::check(self.store.admin_by_hash(&hash)?, &hash)
     }
 
     /// Every admin token, oldest first (never a secret or hash).
@@ -491,7 +491,7 @@ trait Store: Send + Sync {
     fn delete_device(&self, device_id: &str) -> Result<DeviceChange, RegistryError>;
     fn create_admin_token(&self, hash: &[u8; 32], info: &AdminTokenInfo) -> Result<(), RegistryError>;
     /// The admin token stored under `hash`, unchecked ([`AdminRow::check`]).
-    fn admin_by_hash(&self, hash: &[u8; 32]) -> Result<AdminRow, RegistryError>;
+    fn admin_by_hash(&self, hash: &[u8; 32]) -> Result<Option<AdminRow>, RegistryError>;
     fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, RegistryError>;
     fn admin_token(&self, id: &str) -> Result<AdminTokenInfo, RegistryError>;
     /// Marks a token revoked; the first revocation's time stays.
@@ -662,23 +662,28 @@ fn check_deletable(state: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// An admin token's row, as authentication reads it; `None`: no such hash.
-struct AdminRow(Option<(Vec<u8>, String, String, Option<String>, bool)>);
+/// An admin token's row, as authentication reads it.
+struct AdminRow {
+    hash: Vec<u8>,
+    id: String,
+    role: String,
+    tenant: Option<String>,
+    revoked: bool,
+}
 
 impl AdminRow {
-    /// The token's identity, if the hash matches and it is not revoked.
-    fn check(self, hash: &[u8; 32]) -> Result<AdminIdentity, RegistryError> {
-        let Some((stored, id, role, tenant, revoked)) = self.0 else {
-            return Err(RegistryError::UnknownToken);
-        };
-        if !token::hashes_equal(&stored, hash) {
+    /// The identity of the token stored under `hash` (`None`: no such
+    /// token), if the hash matches and it is not revoked.
+    fn check(row: Option<AdminRow>, hash: &[u8; 32]) -> Result<AdminIdentity, RegistryError> {
+        let row = row.ok_or(RegistryError::UnknownToken)?;
+        if !token::hashes_equal(&row.hash, hash) {
             return Err(RegistryError::UnknownToken);
         }
-        if revoked {
+        if row.revoked {
             return Err(RegistryError::Revoked);
         }
-        let role = role.parse().map_err(|_| RegistryError::UnknownToken)?;
-        Ok(AdminIdentity { id, role, tenant })
+        let role = row.role.parse().map_err(|_| RegistryError::UnknownToken)?;
+        Ok(AdminIdentity { id: row.id, role, tenant: row.tenant })
     }
 }
 

@@ -529,7 +529,7 @@ impl Store for PgStore {
         })
     }
 
-    fn admin_by_hash(&self, hash: &[u8; 32]) -> Result<AdminRow, RegistryError> {
+    fn admin_by_hash(&self, hash: &[u8; 32]) -> Result<Option<AdminRow>, RegistryError> {
         self.run(async {
             let c = self.pool.get().await?;
             let found = row(
@@ -538,10 +538,16 @@ impl Store for PgStore {
                 &[&&hash[..]],
             )
             .await?;
-            Ok(AdminRow(match found {
-                Some(r) => Some((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?)),
-                None => None,
-            }))
+            match found {
+                Some(r) => Ok(Some(AdminRow {
+                    hash: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    role: r.try_get(2)?,
+                    tenant: r.try_get(3)?,
+                    revoked: r.try_get(4)?,
+                })),
+                None => Ok(None),
+            }
         })
     }
 

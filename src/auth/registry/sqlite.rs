@@ -406,16 +406,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn admin_by_hash(&self, hash: &[u8; 32]) -> Result<AdminRow, RegistryError> {
-        let row = self
+    fn admin_by_hash(&self, hash: &[u8; 32]) -> Result<Option<AdminRow>, RegistryError> {
+        Ok(self
             .conn()
             .query_row(
                 "SELECT hash, token_id, role, tenant, revoked_at IS NOT NULL FROM admin_tokens WHERE hash = ?1",
                 params![&hash[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| {
+                    Ok(AdminRow {
+                        hash: r.get(0)?,
+                        id: r.get(1)?,
+                        role: r.get(2)?,
+                        tenant: r.get(3)?,
+                        revoked: r.get(4)?,
+                    })
+                },
             )
-            .optional()?;
-        Ok(AdminRow(row))
+            .optional()?)
     }
 
     fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, RegistryError> {
