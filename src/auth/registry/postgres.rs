@@ -72,7 +72,7 @@ pub(super) struct PgStore {
 impl From<tokio_postgres::Error> for RegistryError {
     fn from(e: tokio_postgres::Error) -> Self {
         if e.is_closed() {
-            RegistryError::Unavailable(e.to_string())
+            RegistryError::Unavailable(with_causes(&e))
         } else {
             RegistryError::Db(DbError::Postgres(e))
         }
@@ -81,8 +81,24 @@ impl From<tokio_postgres::Error> for RegistryError {
 
 impl From<deadpool_postgres::PoolError> for RegistryError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        RegistryError::Unavailable(e.to_string())
+        RegistryError::Unavailable(with_causes(&e))
     }
+}
+
+/// An error and what caused it ("error connecting to server: Connection
+/// refused"), each said once. Causes are I/O and protocol errors: no URL.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl PgStore {
