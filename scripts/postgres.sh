@@ -43,10 +43,11 @@ bindir() {
     echo "$dir"
 }
 
-# Runs a command as the cluster's owner.
+# Runs a command as the cluster's owner (from /, which it can read
+# whatever directory the caller is in).
 as_owner() {
     if [[ $(id -u) -eq 0 ]]; then
-        runuser -u postgres -- "$@"
+        (cd / && runuser -u postgres -- "$@")
     else
         "$@"
     fi
