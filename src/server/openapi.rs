@@ -177,6 +177,7 @@ fn add_common_errors(op: &mut Operation) {
              a read-only token changing something)"
                 .into(),
         ));
+        errors.push(("503", "`registry_unavailable`: the auth role could not reach its registry; retry later".into()));
     }
     if has(SESSION) {
         errors.push((
@@ -187,7 +188,7 @@ fn add_common_errors(op: &mut Operation) {
         ));
         errors.push((
             "503",
-            "`auth_unreachable`, `repository_locked`, `unavailable`: the node cannot serve this now; retry later"
+            "`auth_unreachable`, `registry_unavailable`, `repository_locked`, `unavailable`: the node cannot serve this now; retry later"
                 .into(),
         ));
     }

@@ -94,7 +94,8 @@ impl DeviceStates {
         Ok(())
     }
 
-    fn checked_in(&self, cursor: u64) {
+    /// Records a successful check-in (or registry poll) up to `cursor`.
+    pub(super) fn checked_in(&self, cursor: u64) {
         self.cursor.store(cursor, Ordering::Relaxed);
         if let Some(last_ok) = &self.last_ok {
             *last_ok.lock().expect("checkin lock") = Instant::now();
@@ -141,6 +142,35 @@ pub async fn poll_upstream(app: Arc<App>) {
                 app.metrics.checkin_failures.inc();
                 tracing::warn!("check-in with {upstream} failed: {e}");
             }
+        }
+    }
+}
+
+/// In the `all` role on a registry that other auth nodes share
+/// (PostgreSQL), follows the registry's feed every interval, as a storage
+/// node's check-in does: a device retired through another node is refused
+/// here too, and quotas set there apply.
+pub async fn poll_registry(app: Arc<App>) {
+    let Some(storage) = app.storage.as_ref() else { return };
+    let mut ticker = tokio::time::interval(storage.states.interval);
+    loop {
+        ticker.tick().await;
+        let app2 = app.clone();
+        let polled = tokio::task::spawn_blocking(move || {
+            let (auth, storage) = (app2.auth()?, app2.storage()?);
+            let (cursor, changes) =
+                auth.registry.changes_since(storage.states.cursor.load(Ordering::Relaxed), 10_000)?;
+            Ok::<_, HttpError>((cursor, changes, auth.registry.quotas()?))
+        })
+        .await;
+        match polled {
+            Ok(Ok((cursor, changes, quotas))) => {
+                storage.states.apply(&changes);
+                storage.quotas.set_all(&quotas);
+                storage.states.checked_in(cursor);
+            }
+            Ok(Err(e)) => tracing::warn!("following the registry's feed failed: {}", e.message),
+            Err(e) => tracing::warn!("following the registry's feed failed: {e}"),
         }
     }
 }
