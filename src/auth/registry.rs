@@ -17,6 +17,9 @@ use crate::api::{
     TenantUsage, UserInfo,
 };
 
+mod fleet;
+pub use fleet::{MAX_DEVICE_SNAPSHOTS, MAX_HISTORY_DAYS};
+
 /// Migrations, applied in order; `PRAGMA user_version` counts those applied.
 /// Never edit one that shipped: registries in the field have run it.
 const MIGRATIONS: &[&str] = &[
@@ -69,6 +72,21 @@ const MIGRATIONS: &[&str] = &[
         tenant TEXT PRIMARY KEY, quota_bytes INTEGER NOT NULL DEFAULT 0,
         stored_bytes INTEGER, snapshots INTEGER, reported_at INTEGER);
     CREATE INDEX changes_device ON changes (device_id);
+"#,
+    // 4: what the console charts and lists (`registry::fleet`): snapshots
+    // as storage nodes report them, each tenant's stored bytes per day,
+    // and the storage nodes' check-ins.
+    r#"
+    CREATE TABLE snapshots (
+        tenant TEXT NOT NULL, snapshot_id TEXT NOT NULL, device_id TEXT, user TEXT, time INTEGER NOT NULL,
+        files INTEGER NOT NULL, bytes INTEGER NOT NULL, removed_at INTEGER, stale INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, snapshot_id));
+    CREATE INDEX snapshots_device ON snapshots (tenant, device_id, time);
+    CREATE INDEX snapshots_time ON snapshots (tenant, time);
+    CREATE TABLE usage_days (
+        tenant TEXT NOT NULL, day INTEGER NOT NULL, stored_bytes INTEGER NOT NULL, PRIMARY KEY (tenant, day));
+    CREATE TABLE storage_nodes (
+        name TEXT PRIMARY KEY, auth_unreachable TEXT NOT NULL, checkin_interval_secs INTEGER NOT NULL,
+        version TEXT NOT NULL, cursor INTEGER NOT NULL, checked_in_at INTEGER NOT NULL);
 "#,
 ];
 
@@ -687,6 +705,7 @@ impl Registry {
                     now.timestamp()
                 ],
             )?;
+            fleet::record_day(&tx, u, now)?;
         }
         tx.commit()?;
         Ok(())
@@ -712,6 +731,7 @@ impl Registry {
                 stored_bytes: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
                 quota_bytes: r.get::<_, i64>(4)? as u64,
                 reported_at: r.get::<_, Option<i64>>(5)?.map(unix),
+                logical_bytes: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -768,6 +788,8 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceInfo> {
         last_seen: r.get::<_, Option<i64>>(5)?.map(unix),
         deployment_token_id: r.get(6)?,
         policies: Policies { allow_restore_to_other_device: r.get(7)?, allow_open_in: r.get(8)? },
+        snapshots: 0,
+        last_backup: None,
     })
 }
 
