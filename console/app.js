@@ -437,6 +437,7 @@
     section.append(placeholder);
     const data = await run(label, null, fn);
     placeholder.remove();
+    if (data !== undefined && $('status').textContent === `${label}: done.`) setStatus('');
     if (data === undefined) {
       section.append(h('p', { class: 'muted', text: 'Could not load this page; see the message above.' }), h('button', { type: 'button', class: 'secondary', on: { click: route } }, 'Try again'));
     }
@@ -1132,23 +1133,21 @@
       const shown = entries.filter((e) => (!action.value || e.action === action.value) && (!q || [e.actor, e.action, e.target, e.detail, e.tenant || ''].some((f) => f.toLowerCase().includes(q))));
       count.textContent = `${shown.length} entr${shown.length === 1 ? 'y' : 'ies'}, newest first${shown.length > limit ? `; showing ${limit}` : ''}.`;
       const more = shown.length > limit ? h('button', { type: 'button', class: 'secondary', on: { click: () => { limit += AUDIT_PAGE; draw(); } } }, 'Show more') : null;
-      list.replaceChildren(
-        shown.length
-          ? table(
-              [
-                { label: 'When', cell: (e) => when(e.at) },
-                { label: 'Actor', id: true, cell: (e) => e.actor },
-                { label: 'Action', cell: (e) => e.action },
-                { label: 'Target', id: true, cell: (e) => e.target },
-                { label: 'Tenant', cell: (e) => e.tenant || '—' },
-                { label: 'Detail', id: true, cell: (e) => e.detail },
-              ],
-              shown.slice(0, limit),
-              'Audit log'
-            )
-          : h('p', { class: 'muted', text: 'No entries.' }),
-        more
-      );
+      const rows = shown.length
+        ? table(
+            [
+              { label: 'When', cell: (e) => when(e.at) },
+              { label: 'Actor', cell: (e) => e.actor },
+              { label: 'Action', cell: (e) => e.action },
+              { label: 'Target', id: true, cell: (e) => e.target },
+              { label: 'Tenant', cell: (e) => e.tenant || '—' },
+              { label: 'Detail', id: true, cell: (e) => e.detail },
+            ],
+            shown.slice(0, limit),
+            'Audit log'
+          )
+        : h('p', { class: 'muted', text: 'No entries.' });
+      list.replaceChildren(...[rows, more].filter(Boolean));
     };
     const fetchEntries = async () => {
       const q = new URLSearchParams();
@@ -1167,7 +1166,7 @@
       entries = got;
       limit = AUDIT_PAGE;
       const chosen = action.value;
-      action.replaceChildren(h('option', { value: '', text: 'Any action' }), [...new Set(entries.map((e) => e.action))].sort().map((a) => h('option', { value: a, text: a })));
+      action.replaceChildren(h('option', { value: '', text: 'Any action' }), ...[...new Set(entries.map((e) => e.action))].sort().map((a) => h('option', { value: a, text: a })));
       action.value = chosen;
       draw();
     };

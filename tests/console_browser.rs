@@ -11,6 +11,9 @@
 //! chromium-driver`; `CHUNKVAULT_CHROMIUM` and `CHUNKVAULT_CHROMEDRIVER`
 //! point elsewhere). Without them the test says so and passes, unless
 //! `CHUNKVAULT_REQUIRE_BROWSER=1` (set by `.ci/run`), when it fails.
+//! `CHUNKVAULT_BROWSER=firefox` runs it in Firefox instead, through
+//! geckodriver (`cargo install geckodriver`; `CHUNKVAULT_GECKODRIVER`),
+//! with screenshots under `target/console-screenshots/firefox/`.
 
 mod common;
 
@@ -43,10 +46,15 @@ struct Driver {
 }
 
 impl Driver {
-    fn start(exe: &Path) -> Driver {
+    fn start(exe: &Path, gecko: bool) -> Driver {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let args = if gecko {
+            vec!["--host".to_owned(), "127.0.0.1".into(), "--port".into(), port.to_string()]
+        } else {
+            vec![format!("--port={port}"), "--allowed-ips=127.0.0.1".into()]
+        };
         let child = Command::new(exe)
-            .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,6 +81,7 @@ struct Console {
     base: String,
     shots: PathBuf,
     driver: String,
+    firefox: bool,
 }
 
 impl Console {
@@ -175,8 +184,10 @@ impl Console {
         {
             self.click("#sign-out").await;
         }
-        self.fill("#token", token).await;
-        self.click("#sign-in-button").await;
+        // By keyboard: the token field has the focus, Enter signs in.
+        self.find("#token").await;
+        self.until("the focus on the token field", "document.activeElement.id === 'token'").await;
+        self.c.active_element().await.unwrap().send_keys(&format!("{token}\u{E007}")).await.unwrap();
         self.until(
             "signed in",
             &format!(
@@ -196,14 +207,34 @@ impl Console {
     }
 }
 
-fn browser_or_skip() -> Option<(PathBuf, PathBuf)> {
-    let chromium =
-        program("CHUNKVAULT_CHROMIUM", &["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]);
-    let driver = program("CHUNKVAULT_CHROMEDRIVER", &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
-    match (chromium, driver) {
-        (Some(c), Some(d)) => Some((c, d)),
+/// The browser the test drives: Chromium (the default, and CI's), or
+/// Firefox with `CHUNKVAULT_BROWSER=firefox` (through geckodriver).
+struct Browser {
+    firefox: bool,
+    binary: PathBuf,
+    driver: PathBuf,
+}
+
+fn browser_or_skip() -> Option<Browser> {
+    let firefox = std::env::var("CHUNKVAULT_BROWSER").as_deref() == Ok("firefox");
+    let (binary, driver) = if firefox {
+        (
+            program("CHUNKVAULT_FIREFOX", &["/usr/bin/firefox-esr", "/usr/bin/firefox"]),
+            program("CHUNKVAULT_GECKODRIVER", &["/usr/bin/geckodriver", "/usr/local/bin/geckodriver"]),
+        )
+    } else {
+        (
+            program(
+                "CHUNKVAULT_CHROMIUM",
+                &["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"],
+            ),
+            program("CHUNKVAULT_CHROMEDRIVER", &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]),
+        )
+    };
+    match (binary, driver) {
+        (Some(binary), Some(driver)) => Some(Browser { firefox, binary, driver }),
         _ if std::env::var("CHUNKVAULT_REQUIRE_BROWSER").as_deref() == Ok("1") => {
-            panic!("CHUNKVAULT_REQUIRE_BROWSER=1 but chromium or chromedriver is missing (apt-get install chromium chromium-driver)")
+            panic!("CHUNKVAULT_REQUIRE_BROWSER=1 but the browser or its WebDriver is missing (apt-get install chromium chromium-driver)")
         }
         _ => {
             eprintln!("skipped: no chromium and chromedriver (apt-get install chromium chromium-driver); CI sets CHUNKVAULT_REQUIRE_BROWSER=1");
@@ -214,33 +245,43 @@ fn browser_or_skip() -> Option<(PathBuf, PathBuf)> {
 
 #[test]
 fn the_console_runs_a_fleet_in_a_real_browser() {
-    let Some((chromium, chromedriver)) = browser_or_skip() else { return };
+    let Some(browser) = browser_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("root"), &[]);
-    let driver = Driver::start(&chromedriver);
-    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("console-screenshots");
+    let driver = Driver::start(&browser.driver, browser.firefox);
+    let mut shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("console-screenshots");
+    if browser.firefox {
+        shots.push("firefox");
+    }
     std::fs::create_dir_all(&shots).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": chromium,
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         "--window-size=1280,900", "--force-device-scale-factor=1", "--lang=en-US",
-                         "--no-first-run", "--no-default-browser-check"],
-            }),
-        );
+        if browser.firefox {
+            caps.insert(
+                "moz:firefoxOptions".into(),
+                json!({"binary": browser.binary, "args": ["-headless", "-width=1280", "-height=900"]}),
+            );
+        } else {
+            caps.insert(
+                "goog:chromeOptions".into(),
+                json!({
+                    "binary": browser.binary,
+                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             "--window-size=1280,900", "--force-device-scale-factor=1", "--lang=en-US",
+                             "--no-first-run", "--no-default-browser-check"],
+                }),
+            );
+        }
         let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
             .connect(&driver.url)
             .await
-            .expect("a chromedriver session");
-        let console = Console { c, base: server.url.clone(), shots, driver: driver.url.clone() };
-        let result = scenario(&console, &server.url, dir.path()).await;
+            .expect("a WebDriver session");
+        let console =
+            Console { c, base: server.url.clone(), shots, driver: driver.url.clone(), firefox: browser.firefox };
+        scenario(&console, &server.url, dir.path()).await;
         console.c.close().await.unwrap();
-        result
     });
 }
 
@@ -273,18 +314,20 @@ async fn scenario(b: &Console, url: &str, dir: &Path) {
     assert!(created.starts_with("cvdt_"), "{created}");
     let shown_json = b.text("#created-json").await;
     let plist = b.text("#created-plist").await;
-    // Copy it as an administrator would, and take it from the clipboard.
-    b.cdp("Browser.grantPermissions", json!({"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})).await;
+    // Copy it as an administrator would, and take it from the clipboard
+    // (Firefox lets no page read the clipboard: there, what was shown).
+    if !b.firefox {
+        b.cdp("Browser.grantPermissions", json!({"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}))
+            .await;
+    }
     b.click("[data-copy=json]").await;
     b.until("the copy", "document.querySelector('[data-copy=json]').textContent === 'Copied'").await;
-    let copied =
-        b.c.execute_async(
-            "const done = arguments[0]; navigator.clipboard.readText().then(done, e => done('refused: ' + e));",
-            vec![],
-        )
-        .await
-        .unwrap();
-    let copied = copied.as_str().unwrap().to_owned();
+    let copied = if b.firefox {
+        shown_json.clone()
+    } else {
+        let read = "const done = arguments[0]; navigator.clipboard.readText().then(done, e => done('refused: ' + e));";
+        b.c.execute_async(read, vec![]).await.unwrap().as_str().unwrap().to_owned()
+    };
     assert_eq!(copied, shown_json, "the clipboard holds the managed configuration");
     b.shoot("token-created").await;
     let mut config: Value = serde_json::from_str(&copied).unwrap();
@@ -366,6 +409,12 @@ async fn scenario(b: &Console, url: &str, dir: &Path) {
         "document.getElementById('user-count') && document.getElementById('user-count').textContent === '3 users'",
     )
     .await;
+    // Escape cancels a confirmation, and nothing happens.
+    b.click("[data-action=remove-user][data-email='carol@acme.com']").await;
+    b.until("the confirmation", "document.getElementById('confirm').open").await;
+    b.c.active_element().await.unwrap().send_keys("\u{E00C}").await.unwrap();
+    b.until("the dialog to close", "!document.getElementById('confirm').open").await;
+    assert_eq!(b.text("#user-count").await, "3 users");
     b.shoot("users").await;
 
     b.open("#/nodes", "main table").await;
@@ -399,6 +448,8 @@ async fn scenario(b: &Console, url: &str, dir: &Path) {
         "newest first: {audit}"
     );
     b.shoot("audit").await;
+    b.find("main select[name=action]").await.select_by_value("retire").await.unwrap();
+    b.until("the action filter", "document.getElementById('audit-count').textContent.startsWith('1 entry')").await;
 
     // A tenant admin sees its tenant only.
     let globex = deployment_token(url, "globex");

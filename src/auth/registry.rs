@@ -18,7 +18,7 @@ use crate::api::{
 };
 
 mod fleet;
-pub use fleet::{MAX_DEVICE_SNAPSHOTS, MAX_HISTORY_DAYS};
+pub use fleet::{DeviceBackups, MAX_DEVICE_SNAPSHOTS, MAX_HISTORY_DAYS};
 
 /// Migrations, applied in order; `PRAGMA user_version` counts those applied.
 /// Never edit one that shipped: registries in the field have run it.

@@ -23,6 +23,9 @@ pub const MAX_DEVICE_SNAPSHOTS: u32 = 10_000;
 /// Most days one history covers.
 pub const MAX_HISTORY_DAYS: u32 = 366;
 
+/// Per (tenant, device id): its snapshots that exist, and when the newest was taken.
+pub type DeviceBackups = HashMap<(String, String), (u64, DateTime<Utc>)>;
+
 /// A count as SQLite's signed 64-bit integer.
 fn int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -114,7 +117,7 @@ impl Registry {
 
     /// Per tenant and device id: how many of its snapshots exist, and when
     /// the newest was taken.
-    pub fn device_backups(&self) -> Result<HashMap<(String, String), (u64, DateTime<Utc>)>, RegistryError> {
+    pub fn device_backups(&self) -> Result<DeviceBackups, RegistryError> {
         let conn = self.conn.lock().expect("registry lock");
         let mut stmt = conn.prepare(
             "SELECT tenant, device_id, COUNT(*), MAX(time) FROM snapshots
