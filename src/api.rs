@@ -649,7 +649,8 @@ pub const MAX_CHECKIN_BODY: usize = 4 << 20;
 pub const MAX_NODE_NAME: usize = 320;
 
 /// `POST /v1/checkin`: a storage node asks for the changes after `since`
-/// and reports what the tenants it has open store.
+/// and reports what the tenants it has open store, and, for the console,
+/// itself and what changed in its tenants' snapshots.
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckinRequest {

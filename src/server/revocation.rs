@@ -1,9 +1,10 @@
 //! What a storage node knows of device states, so already-issued session
 //! tokens stop working when a device is retired, blocked or wiped. In the
 //! `all` role the auth side updates it directly; a storage node polls the auth
-//! role's check-in feed (`POST /v1/checkin`, which also carries its tenants'
-//! stored bytes up and every tenant's quota down) and applies
-//! `auth_unreachable` when it can't.
+//! role's check-in feed (`POST /v1/checkin`, which also carries up its
+//! tenants' stored bytes, the node itself and what changed in its tenants'
+//! snapshots ([`super::catalog`]), and every tenant's quota down) and
+//! applies `auth_unreachable` when it can't.
 
 use std::collections::HashMap;
 use std::str::FromStr;
