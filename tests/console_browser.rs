@@ -161,6 +161,11 @@ impl Console {
 
     /// Screenshots of the current page at each width, the whole page high.
     async fn shoot(&self, name: &str) {
+        // A wide screen: the page keeps to its width, nothing overflows.
+        self.c.set_window_size(1920, 1000).await.unwrap();
+        let (wide, inner) =
+            (self.js("return document.documentElement.scrollWidth").await, self.js("return window.innerWidth").await);
+        assert!(wide.as_u64() <= inner.as_u64(), "{name} at 1920 px: {wide} wide in {inner}");
         for width in WIDTHS {
             self.c.set_window_size(width, 900).await.unwrap();
             let inner = self.js("return window.innerWidth").await.as_u64().unwrap();
@@ -353,6 +358,18 @@ async fn scenario(b: &Console, url: &str, dir: &Path) {
     let data = dir.join("data");
     make_data(&data, 1);
     dev.backup(&data);
+    // Its work done, the token is revoked in the console: it activates no more.
+    b.open("#/tokens", "#token-list table").await;
+    let id = b.find("[data-action=revoke]").await.attr("data-token").await.unwrap().unwrap();
+    b.click("[data-action=revoke]").await;
+    b.confirm(&id).await;
+    b.until("the revoke", "document.querySelector('#token-list td[data-label=State]').textContent === 'revoked'").await;
+    let again = dir.join("again.json");
+    config["deviceId"] = json!("another-phone");
+    std::fs::write(&again, config.to_string()).unwrap();
+    let other = Dev { state: dir.join("another-state") };
+    let out = run(&mut other.cmd(&["activate", "--managed-config", again.to_str().unwrap()]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token_revoked"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The device and its snapshot in the console.
     b.open("#/devices", "#device-list table").await;
