@@ -5,8 +5,11 @@
 
 mod access;
 mod admin;
+mod catalog;
 pub mod config;
+mod console;
 pub mod error;
+mod fleet;
 mod linger;
 pub mod listen;
 pub mod metrics;
@@ -68,6 +71,8 @@ struct StorageSide {
     upload_slots: UploadSlots,
     /// Tenant quotas and stored bytes.
     quotas: quota::Quotas,
+    /// The tenants' snapshots as reported to the auth role (for the console).
+    catalog: catalog::Catalog,
 }
 
 /// Chunk upload slots per tenant. The total is bounded by a tower layer on
@@ -186,6 +191,7 @@ impl App {
                     states,
                     upload_slots,
                     quotas,
+                    catalog: catalog::Catalog::default(),
                 })
             }
             _ => None,
@@ -377,6 +383,10 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         let shared_registry = matches!(app.config.registry_location(), Some(RegistryLocation::Postgres(_)));
         if app.auth.is_some() && app.storage.is_some() && shared_registry {
             tokio::spawn(revocation::poll_registry(app.clone()));
+        }
+        if app.storage.is_some() && app.auth.is_some() {
+            // What a storage node's check-in would report, recorded locally.
+            tokio::spawn(fleet::sync_local_every(app.clone()));
         }
         let limits =
             listen::ConnLimits { header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs) };

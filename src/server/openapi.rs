@@ -12,7 +12,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, OpenApi as Document, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, routes};
+use super::{admin, fleet, routes};
 use crate::api;
 
 /// Security scheme of the admin routes: the bootstrap admin token.
@@ -56,6 +56,9 @@ pub const METRICS: &str = "metrics_token";
         admin::tenants,
         admin::set_quota,
         admin::audit_log,
+        fleet::storage_nodes,
+        fleet::tenant_history,
+        fleet::device_snapshots,
         admin::checkin,
         admin::checkin_report,
         routes::chunking,

@@ -95,7 +95,9 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/admin/tenants/{tenant}/quota", put(admin::set_quota))
             .route("/v1/admin/tenants/{tenant}/users", post(admin::add_users).get(admin::users))
             .route("/v1/admin/tenants/{tenant}/users/{email}", delete(admin::remove_user))
-            .route("/v1/admin/audit", get(admin::audit_log));
+            .route("/v1/admin/audit", get(admin::audit_log))
+            .merge(super::fleet::routes())
+            .merge(super::console::routes());
     }
     // An edge relays device authentication to the auth role; so does a
     // storage node, so that a device needs one URL in either deployment.

@@ -10,6 +10,7 @@
 //! transactions, with the same outcome for the same calls: one test suite
 //! runs against both.
 
+mod fleet;
 mod postgres;
 mod sqlite;
 
@@ -22,9 +23,11 @@ use super::admin::{AdminIdentity, AdminRole};
 use super::token::{self, SecretKind};
 use super::DeviceState;
 use crate::api::{
-    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, Policies, TenantInfo, TenantQuota,
-    TenantUsage, UserInfo,
+    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, NodeReport, Policies, SnapshotRecord,
+    TenantInfo, TenantQuota, TenantSnapshots, TenantUsage, UserInfo,
 };
+
+pub use fleet::{DeviceBackups, MAX_DEVICE_SNAPSHOTS, MAX_HISTORY_DAYS};
 
 /// Most audit entries one listing returns.
 pub const MAX_AUDIT_ENTRIES: u32 = 10_000;
@@ -506,6 +509,19 @@ trait Store: Send + Sync {
     fn record_audit(&self, entry: &AuditEntry) -> Result<(), RegistryError>;
     /// `since` in unix seconds (`i64::MIN`: all); `limit` already bounded.
     fn audit_log(&self, tenant: Option<&str>, since: i64, limit: u32) -> Result<Vec<AuditEntry>, RegistryError>;
+    /// Applies the reports in one transaction; `now` in unix seconds.
+    fn record_snapshots(&self, reports: &[TenantSnapshots], now: i64) -> Result<(), RegistryError>;
+    fn device_snapshots(&self, tenant: &str, device_id: &str, limit: u32)
+        -> Result<Vec<SnapshotRecord>, RegistryError>;
+    fn device_backups(&self) -> Result<DeviceBackups, RegistryError>;
+    fn logical_bytes(&self) -> Result<std::collections::HashMap<String, u64>, RegistryError>;
+    /// The tenant's usage rows for days `first..=last` (day numbers).
+    fn usage_rows(&self, tenant: &str, first: i64, last: i64) -> Result<fleet::UsageRows, RegistryError>;
+    /// Upserts the node's row and forgets silent ones; `now` in unix seconds.
+    fn record_node(&self, node: &NodeReport, cursor: i64, now: i64) -> Result<(), RegistryError>;
+    /// Every node's row, by name.
+    fn storage_nodes(&self) -> Result<Vec<fleet::NodeRow>, RegistryError>;
+    fn latest_change(&self) -> Result<u64, RegistryError>;
     #[cfg(test)]
     fn admin_token_hash(&self, id: &str) -> Result<Vec<u8>, RegistryError>;
 }

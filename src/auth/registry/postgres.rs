@@ -22,6 +22,7 @@
 
 #![cfg(feature = "postgres")]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -31,22 +32,25 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::fleet::{self, NodeRow, UsageRows};
 use super::{
     activation_audit, change, check_deletable, check_state_change, count, first_generation, plan_activation, unix,
-    Activated, ActivationPlan, AdminRow, DbError, DeploymentRow, DeploymentTokenSpec, DeviceIdentity, DeviceRow,
-    ExistingDevice, RegistryError, Store, TokenTable,
+    Activated, ActivationPlan, AdminRow, DbError, DeploymentRow, DeploymentTokenSpec, DeviceBackups, DeviceIdentity,
+    DeviceRow, ExistingDevice, RegistryError, Store, TokenTable,
 };
 use crate::api::{
-    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, Policies, TenantInfo, TenantQuota,
-    TenantUsage, UserInfo,
+    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, NodeReport, Policies, SnapshotRecord,
+    TenantInfo, TenantQuota, TenantSnapshots, TenantUsage, UserInfo,
 };
 use crate::auth::DeviceState;
 
 /// The schema's migrations, in order: version, file name, SQL. Never edit
 /// one that shipped; a new one goes last (and its SQLite twin in
 /// `sqlite::MIGRATIONS`).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "0001_registry.sql", include_str!("../../../migrations/postgres/0001_registry.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "0001_registry.sql", include_str!("../../../migrations/postgres/0001_registry.sql")),
+    (2, "0002_fleet.sql", include_str!("../../../migrations/postgres/0002_fleet.sql")),
+];
 
 /// Advisory lock keys (per database): migrating the schema, and appending
 /// to the check-in feed. ASCII "cvmigrat" and "cvfeed".
@@ -653,6 +657,20 @@ impl Store for PgStore {
                     ],
                 )
                 .await?;
+                let day = fleet::day_of(now);
+                exec(
+                    &tx,
+                    "INSERT INTO usage_days (tenant, day, stored_bytes) VALUES ($1, $2, $3)
+                     ON CONFLICT (tenant, day) DO UPDATE SET stored_bytes = EXCLUDED.stored_bytes",
+                    &[&u.tenant, &day, &fleet::int(u.stored_bytes)],
+                )
+                .await?;
+                exec(
+                    &tx,
+                    "DELETE FROM usage_days WHERE tenant = $1 AND day < $2",
+                    &[&u.tenant, &(day - fleet::KEEP_DAYS)],
+                )
+                .await?;
             }
             tx.commit().await?;
             Ok(())
@@ -681,6 +699,7 @@ impl Store for PgStore {
                     stored_bytes: r.try_get::<_, Option<i64>>(3)?.map(|n| n as u64),
                     quota_bytes: r.try_get::<_, i64>(4)? as u64,
                     reported_at: r.try_get::<_, Option<i64>>(5)?.map(unix),
+                    logical_bytes: None,
                 })
             })
             .collect()
@@ -716,6 +735,218 @@ impl Store for PgStore {
                 })
             })
             .collect()
+        })
+    }
+
+    fn record_snapshots(&self, reports: &[TenantSnapshots], now: i64) -> Result<(), RegistryError> {
+        self.run(async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            for r in reports {
+                if r.rescan {
+                    exec(
+                        &tx,
+                        "UPDATE snapshots SET stale = TRUE WHERE tenant = $1 AND removed_at IS NULL",
+                        &[&r.tenant],
+                    )
+                    .await?;
+                }
+                for s in &r.added {
+                    exec(
+                        &tx,
+                        "INSERT INTO snapshots (tenant, snapshot_id, device_id, user_name, time, files, bytes)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT (tenant, snapshot_id) DO UPDATE SET removed_at = NULL, stale = FALSE",
+                        &[
+                            &r.tenant,
+                            &s.id.to_hex(),
+                            &s.device,
+                            &s.user,
+                            &s.time.timestamp(),
+                            &fleet::int(s.files),
+                            &fleet::int(s.bytes),
+                        ],
+                    )
+                    .await?;
+                }
+                for id in &r.removed {
+                    exec(
+                        &tx,
+                        "UPDATE snapshots SET removed_at = $3, stale = FALSE
+                         WHERE tenant = $1 AND snapshot_id = $2 AND removed_at IS NULL",
+                        &[&r.tenant, &id.to_hex(), &now],
+                    )
+                    .await?;
+                }
+                if r.complete {
+                    exec(
+                        &tx,
+                        "UPDATE snapshots SET removed_at = $2, stale = FALSE WHERE tenant = $1 AND stale",
+                        &[&r.tenant, &now],
+                    )
+                    .await?;
+                }
+            }
+            exec(&tx, "DELETE FROM snapshots WHERE removed_at < $1", &[&(now - fleet::KEEP_REMOVED_SECS)]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn device_snapshots(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        limit: u32,
+    ) -> Result<Vec<SnapshotRecord>, RegistryError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            rows(
+                &c,
+                "SELECT snapshot_id, time, device_id, user_name, files, bytes FROM snapshots
+                 WHERE tenant = $1 AND device_id = $2 AND removed_at IS NULL
+                 ORDER BY time DESC, snapshot_id DESC LIMIT $3",
+                &[&tenant, &device_id, &i64::from(limit)],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let id: String = r.try_get(0)?;
+                Ok(SnapshotRecord {
+                    id: fleet::snapshot_id(&id).map_err(|e| DbError::Setup(format!("snapshots.snapshot_id: {e}")))?,
+                    time: unix(r.try_get(1)?),
+                    device: r.try_get(2)?,
+                    user: r.try_get(3)?,
+                    files: fleet::uint(r.try_get(4)?),
+                    bytes: fleet::uint(r.try_get(5)?),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn device_backups(&self) -> Result<DeviceBackups, RegistryError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            rows(
+                &c,
+                "SELECT tenant, device_id, COUNT(*), MAX(time) FROM snapshots
+                 WHERE removed_at IS NULL AND device_id IS NOT NULL GROUP BY tenant, device_id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), (fleet::uint(r.try_get(2)?), unix(r.try_get(3)?)))))
+            .collect()
+        })
+    }
+
+    fn logical_bytes(&self) -> Result<HashMap<String, u64>, RegistryError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            // SUM of BIGINT is NUMERIC in PostgreSQL; the cast keeps it an integer.
+            rows(&c, "SELECT tenant, SUM(bytes)::BIGINT FROM snapshots WHERE removed_at IS NULL GROUP BY tenant", &[])
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, fleet::uint(r.try_get(1)?))))
+                .collect()
+        })
+    }
+
+    fn usage_rows(&self, tenant: &str, first: i64, last: i64) -> Result<UsageRows, RegistryError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            let before = row(
+                &c,
+                "SELECT stored_bytes FROM usage_days WHERE tenant = $1 AND day < $2 ORDER BY day DESC LIMIT 1",
+                &[&tenant, &first],
+            )
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+            let stored = rows(
+                &c,
+                "SELECT day, stored_bytes FROM usage_days WHERE tenant = $1 AND day BETWEEN $2 AND $3",
+                &[&tenant, &first, &last],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, RegistryError>>()?;
+            let backups = rows(
+                &c,
+                "SELECT time / 86400, COUNT(*) FROM snapshots WHERE tenant = $1 AND time >= $2 AND time < $3
+                 GROUP BY time / 86400",
+                &[&tenant, &(first * fleet::DAY), &((last + 1) * fleet::DAY)],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, RegistryError>>()?;
+            Ok(UsageRows { before, stored, backups })
+        })
+    }
+
+    fn record_node(&self, node: &NodeReport, cursor: i64, now: i64) -> Result<(), RegistryError> {
+        self.run(async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            exec(
+                &tx,
+                "INSERT INTO storage_nodes (name, auth_unreachable, checkin_interval_secs, version, cursor, checked_in_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (name) DO UPDATE SET auth_unreachable = EXCLUDED.auth_unreachable,
+                     checkin_interval_secs = EXCLUDED.checkin_interval_secs, version = EXCLUDED.version,
+                     cursor = EXCLUDED.cursor, checked_in_at = EXCLUDED.checked_in_at",
+                &[
+                    &node.name,
+                    &node.auth_unreachable,
+                    &fleet::int(node.checkin_interval_secs),
+                    &node.version,
+                    &cursor,
+                    &now,
+                ],
+            )
+            .await?;
+            exec(&tx, "DELETE FROM storage_nodes WHERE checked_in_at < $1", &[&(now - fleet::FORGET_NODE_SECS)]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn storage_nodes(&self) -> Result<Vec<NodeRow>, RegistryError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            rows(
+                &c,
+                "SELECT name, auth_unreachable, checkin_interval_secs, version, cursor, checked_in_at,
+                        (SELECT COUNT(*) FROM changes c WHERE c.seq > n.cursor)
+                 FROM storage_nodes n ORDER BY name",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(NodeRow {
+                    name: r.try_get(0)?,
+                    auth_unreachable: r.try_get(1)?,
+                    checkin_interval_secs: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    cursor: r.try_get(4)?,
+                    checked_in_at: r.try_get(5)?,
+                    pending: r.try_get(6)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn latest_change(&self) -> Result<u64, RegistryError> {
+        self.run(async {
+            let c = self.pool.get().await?;
+            let seq: Option<i64> =
+                row(&c, "SELECT MAX(seq) FROM changes", &[]).await?.map_or(Ok(None), |r| r.try_get(0))?;
+            Ok(fleet::uint(seq.unwrap_or(0)))
         })
     }
 
@@ -755,6 +986,8 @@ fn device_row(r: &Row) -> Result<DeviceInfo, RegistryError> {
         last_seen: r.try_get::<_, Option<i64>>(5)?.map(unix),
         deployment_token_id: r.try_get(6)?,
         policies: Policies { allow_restore_to_other_device: r.try_get(7)?, allow_open_in: r.try_get(8)? },
+        snapshots: 0,
+        last_backup: None,
     })
 }
 

@@ -2,6 +2,7 @@
 //! embedded default, for one auth node. One connection behind a mutex
 //! (SQLite serializes writes anyway), so a transaction is never raced.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -9,14 +10,15 @@ use std::sync::{Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use super::fleet::{self, NodeRow, UsageRows};
 use super::{
     activation_audit, change, check_deletable, check_state_change, count, first_generation, plan_activation, unix,
-    Activated, ActivationPlan, AdminRow, DeploymentRow, DeploymentTokenSpec, DeviceIdentity, DeviceRow, ExistingDevice,
-    RegistryError, Store, TokenTable,
+    Activated, ActivationPlan, AdminRow, DeploymentRow, DeploymentTokenSpec, DeviceBackups, DeviceIdentity, DeviceRow,
+    ExistingDevice, RegistryError, Store, TokenTable,
 };
 use crate::api::{
-    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, Policies, TenantInfo, TenantQuota,
-    TenantUsage, UserInfo,
+    AdminTokenInfo, AuditEntry, DeploymentTokenInfo, DeviceChange, DeviceInfo, NodeReport, Policies, SnapshotRecord,
+    TenantInfo, TenantQuota, TenantSnapshots, TenantUsage, UserInfo,
 };
 use crate::auth::DeviceState;
 
@@ -73,6 +75,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
         tenant TEXT PRIMARY KEY, quota_bytes INTEGER NOT NULL DEFAULT 0,
         stored_bytes INTEGER, snapshots INTEGER, reported_at INTEGER);
     CREATE INDEX changes_device ON changes (device_id);
+"#,
+    // 4: what the console charts and lists (`registry::fleet`): snapshots
+    // as storage nodes report them, each tenant's stored bytes per day,
+    // and the storage nodes' check-ins.
+    r#"
+    CREATE TABLE snapshots (
+        tenant TEXT NOT NULL, snapshot_id TEXT NOT NULL, device_id TEXT, user TEXT, time INTEGER NOT NULL,
+        files INTEGER NOT NULL, bytes INTEGER NOT NULL, removed_at INTEGER, stale INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, snapshot_id));
+    CREATE INDEX snapshots_device ON snapshots (tenant, device_id, time);
+    CREATE INDEX snapshots_time ON snapshots (tenant, time);
+    CREATE TABLE usage_days (
+        tenant TEXT NOT NULL, day INTEGER NOT NULL, stored_bytes INTEGER NOT NULL, PRIMARY KEY (tenant, day));
+    CREATE TABLE storage_nodes (
+        name TEXT PRIMARY KEY, auth_unreachable TEXT NOT NULL, checkin_interval_secs INTEGER NOT NULL,
+        version TEXT NOT NULL, cursor INTEGER NOT NULL, checked_in_at INTEGER NOT NULL);
 "#,
 ];
 
@@ -488,6 +506,16 @@ impl Store for SqliteStore {
                     now.timestamp()
                 ],
             )?;
+            let day = fleet::day_of(now);
+            tx.execute(
+                "INSERT INTO usage_days (tenant, day, stored_bytes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tenant, day) DO UPDATE SET stored_bytes = ?3",
+                params![u.tenant, day, fleet::int(u.stored_bytes)],
+            )?;
+            tx.execute(
+                "DELETE FROM usage_days WHERE tenant = ?1 AND day < ?2",
+                params![u.tenant, day - fleet::KEEP_DAYS],
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -510,6 +538,7 @@ impl Store for SqliteStore {
                 stored_bytes: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
                 quota_bytes: r.get::<_, i64>(4)? as u64,
                 reported_at: r.get::<_, Option<i64>>(5)?.map(unix),
+                logical_bytes: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -542,6 +571,167 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn record_snapshots(&self, reports: &[TenantSnapshots], now: i64) -> Result<(), RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for r in reports {
+            if r.rescan {
+                tx.execute(
+                    "UPDATE snapshots SET stale = 1 WHERE tenant = ?1 AND removed_at IS NULL",
+                    params![r.tenant],
+                )?;
+            }
+            for s in &r.added {
+                tx.execute(
+                    "INSERT INTO snapshots (tenant, snapshot_id, device_id, user, time, files, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (tenant, snapshot_id) DO UPDATE SET removed_at = NULL, stale = 0",
+                    params![
+                        r.tenant,
+                        s.id.to_hex(),
+                        s.device,
+                        s.user,
+                        s.time.timestamp(),
+                        fleet::int(s.files),
+                        fleet::int(s.bytes)
+                    ],
+                )?;
+            }
+            for id in &r.removed {
+                tx.execute(
+                    "UPDATE snapshots SET removed_at = ?3, stale = 0
+                     WHERE tenant = ?1 AND snapshot_id = ?2 AND removed_at IS NULL",
+                    params![r.tenant, id.to_hex(), now],
+                )?;
+            }
+            if r.complete {
+                tx.execute(
+                    "UPDATE snapshots SET removed_at = ?2, stale = 0 WHERE tenant = ?1 AND stale = 1",
+                    params![r.tenant, now],
+                )?;
+            }
+        }
+        tx.execute("DELETE FROM snapshots WHERE removed_at < ?1", params![now - fleet::KEEP_REMOVED_SECS])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn device_snapshots(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        limit: u32,
+    ) -> Result<Vec<SnapshotRecord>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT snapshot_id, time, device_id, user, files, bytes FROM snapshots
+             WHERE tenant = ?1 AND device_id = ?2 AND removed_at IS NULL
+             ORDER BY time DESC, snapshot_id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![tenant, device_id, limit], |r| {
+            let id: String = r.get(0)?;
+            Ok(SnapshotRecord {
+                id: fleet::snapshot_id(&id)
+                    .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))?,
+                time: unix(r.get(1)?),
+                device: r.get(2)?,
+                user: r.get(3)?,
+                files: fleet::uint(r.get(4)?),
+                bytes: fleet::uint(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn device_backups(&self) -> Result<DeviceBackups, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT tenant, device_id, COUNT(*), MAX(time) FROM snapshots
+             WHERE removed_at IS NULL AND device_id IS NOT NULL GROUP BY tenant, device_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (fleet::uint(r.get(2)?), unix(r.get(3)?)))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn logical_bytes(&self) -> Result<HashMap<String, u64>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT tenant, SUM(bytes) FROM snapshots WHERE removed_at IS NULL GROUP BY tenant")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, fleet::uint(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn usage_rows(&self, tenant: &str, first: i64, last: i64) -> Result<UsageRows, RegistryError> {
+        let conn = self.conn();
+        let before = conn
+            .query_row(
+                "SELECT stored_bytes FROM usage_days WHERE tenant = ?1 AND day < ?2 ORDER BY day DESC LIMIT 1",
+                params![tenant, first],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut stmt =
+            conn.prepare("SELECT day, stored_bytes FROM usage_days WHERE tenant = ?1 AND day BETWEEN ?2 AND ?3")?;
+        let stored =
+            stmt.query_map(params![tenant, first, last], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let mut stmt = conn.prepare(
+            "SELECT time / 86400, COUNT(*) FROM snapshots WHERE tenant = ?1 AND time >= ?2 AND time < ?3
+             GROUP BY time / 86400",
+        )?;
+        let backups = stmt
+            .query_map(params![tenant, first * fleet::DAY, (last + 1) * fleet::DAY], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(UsageRows { before, stored, backups })
+    }
+
+    fn record_node(&self, node: &NodeReport, cursor: i64, now: i64) -> Result<(), RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO storage_nodes (name, auth_unreachable, checkin_interval_secs, version, cursor, checked_in_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET auth_unreachable = ?2, checkin_interval_secs = ?3, version = ?4,
+                 cursor = ?5, checked_in_at = ?6",
+            params![
+                node.name,
+                node.auth_unreachable,
+                fleet::int(node.checkin_interval_secs),
+                node.version,
+                cursor,
+                now
+            ],
+        )?;
+        tx.execute("DELETE FROM storage_nodes WHERE checked_in_at < ?1", params![now - fleet::FORGET_NODE_SECS])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn storage_nodes(&self) -> Result<Vec<NodeRow>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, auth_unreachable, checkin_interval_secs, version, cursor, checked_in_at,
+                    (SELECT COUNT(*) FROM changes c WHERE c.seq > n.cursor)
+             FROM storage_nodes n ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(NodeRow {
+                name: r.get(0)?,
+                auth_unreachable: r.get(1)?,
+                checkin_interval_secs: r.get(2)?,
+                version: r.get(3)?,
+                cursor: r.get(4)?,
+                checked_in_at: r.get(5)?,
+                pending: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn latest_change(&self) -> Result<u64, RegistryError> {
+        let seq: Option<i64> = self.conn().query_row("SELECT MAX(seq) FROM changes", [], |r| r.get(0))?;
+        Ok(fleet::uint(seq.unwrap_or(0)))
+    }
+
     #[cfg(test)]
     fn admin_token_hash(&self, id: &str) -> Result<Vec<u8>, RegistryError> {
         Ok(self.conn().query_row("SELECT hash FROM admin_tokens WHERE token_id = ?1", params![id], |r| r.get(0))?)
@@ -561,6 +751,8 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceInfo> {
         last_seen: r.get::<_, Option<i64>>(5)?.map(unix),
         deployment_token_id: r.get(6)?,
         policies: Policies { allow_restore_to_other_device: r.get(7)?, allow_open_in: r.get(8)? },
+        snapshots: 0,
+        last_backup: None,
     })
 }
 

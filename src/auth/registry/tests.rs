@@ -82,6 +82,9 @@ on_every_backend!(
         tenants_show_devices_usage_and_quotas_and_the_audit_log_filters,
         expired_and_unknown_deployment_tokens_are_refused,
         usage_reports_keep_the_last_figure_of_a_tenant_named_twice,
+        reported_snapshots_list_per_device_and_a_completed_rescan_drops_those_not_seen_again,
+        history_carries_stored_bytes_forward_and_counts_backups_per_day_forgotten_ones_included,
+        a_node_with_changes_waiting_past_its_interval_is_behind_and_one_silent_for_two_is_stale,
     ],
     two: [
         nodes_of_one_registry_share_the_session_signing_secret,
@@ -332,6 +335,113 @@ fn usage_reports_keep_the_last_figure_of_a_tenant_named_twice(r: &Registry) {
         t.iter().map(|t| (t.tenant.as_str(), t.stored_bytes)).collect::<Vec<_>>(),
         [("a", Some(2)), ("b", Some(3))]
     );
+}
+
+fn record(n: u8, device: &str, time: DateTime<Utc>, bytes: u64) -> SnapshotRecord {
+    SnapshotRecord {
+        id: crate::id::SnapshotId([n; 32]),
+        time,
+        device: Some(device.into()),
+        user: Some("a@acme.com".into()),
+        files: u64::from(n),
+        bytes,
+    }
+}
+
+fn report(rescan: bool, complete: bool, added: Vec<SnapshotRecord>, removed: Vec<u8>) -> TenantSnapshots {
+    TenantSnapshots {
+        tenant: "acme".into(),
+        rescan,
+        complete,
+        added,
+        removed: removed.into_iter().map(|n| crate::id::SnapshotId([n; 32])).collect(),
+    }
+}
+
+fn snapshot_ids(r: &Registry, device: &str) -> Vec<u8> {
+    r.device_snapshots("acme", device).unwrap().iter().map(|s| s.id.0[0]).collect()
+}
+
+fn reported_snapshots_list_per_device_and_a_completed_rescan_drops_those_not_seen_again(r: &Registry) {
+    let now = Utc::now();
+    let hour = chrono::Duration::hours(1);
+    r.record_snapshots(
+        &[report(
+            true,
+            false,
+            vec![record(1, "phone", now - hour * 3, 100), record(2, "phone", now - hour, 50)],
+            vec![],
+        )],
+        now,
+    )
+    .unwrap();
+    r.record_snapshots(&[report(false, true, vec![record(3, "tablet", now, 10)], vec![])], now).unwrap();
+    assert_eq!(snapshot_ids(r, "phone"), [2, 1], "newest first");
+    let backups = r.device_backups().unwrap();
+    assert_eq!(backups[&("acme".to_string(), "phone".to_string())], (2, unix((now - hour).timestamp())));
+    assert_eq!(r.logical_bytes().unwrap()["acme"], 160);
+    // A delta removes one; a record sent twice stays one.
+    r.record_snapshots(&[report(false, false, vec![record(2, "phone", now - hour, 50)], vec![1])], now).unwrap();
+    assert_eq!(snapshot_ids(r, "phone"), [2]);
+    // A rescan (a node restarted) that finds only snapshot 3: 2 is gone
+    // once the rescan completes, not before.
+    r.record_snapshots(&[report(true, false, vec![], vec![])], now).unwrap();
+    assert_eq!(snapshot_ids(r, "phone"), [2], "in doubt, still listed");
+    r.record_snapshots(&[report(false, true, vec![record(3, "tablet", now, 10)], vec![])], now).unwrap();
+    assert!(snapshot_ids(r, "phone").is_empty());
+    assert_eq!(snapshot_ids(r, "tablet"), [3]);
+    assert_eq!(r.logical_bytes().unwrap()["acme"], 10);
+    // Other tenants are untouched by acme's reports.
+    assert!(r.device_snapshots("globex", "tablet").unwrap().is_empty());
+}
+
+fn history_carries_stored_bytes_forward_and_counts_backups_per_day_forgotten_ones_included(r: &Registry) {
+    let now = Utc::now();
+    let day = chrono::Duration::days(1);
+    let usage = |bytes| [TenantUsage { tenant: "acme".into(), stored_bytes: bytes, snapshots: 0 }];
+    r.record_usage(&usage(1000), now - day * 40).unwrap();
+    r.record_usage(&usage(5000), now - day * 3).unwrap();
+    r.record_usage(&usage(7000), now - day * 3).unwrap();
+    r.record_usage(&usage(9000), now).unwrap();
+    let added =
+        vec![record(1, "phone", now - day * 3, 1), record(2, "phone", now - day * 3, 1), record(3, "phone", now, 1)];
+    r.record_snapshots(&[report(false, false, added, vec![])], now).unwrap();
+    r.record_snapshots(&[report(false, false, vec![], vec![2])], now).unwrap();
+    let h = r.tenant_history("acme", 30, now).unwrap();
+    assert_eq!(h.len(), 30);
+    assert_eq!(h[29].day, now.date_naive());
+    assert_eq!(h[0].stored_bytes, Some(1000), "carried from before the window");
+    assert_eq!((h[26].stored_bytes, h[26].backups), (Some(7000), 2), "the day's last report");
+    assert_eq!((h[27].stored_bytes, h[28].stored_bytes), (Some(7000), Some(7000)));
+    assert_eq!((h[29].stored_bytes, h[29].backups), (Some(9000), 1));
+    assert_eq!(h.iter().map(|d| d.backups).sum::<u64>(), 3);
+    assert!(r.tenant_history("globex", 7, now).unwrap().iter().all(|d| d.stored_bytes.is_none() && d.backups == 0));
+}
+
+fn a_node_with_changes_waiting_past_its_interval_is_behind_and_one_silent_for_two_is_stale(r: &Registry) {
+    let now = Utc::now();
+    let node = |name: &str| NodeReport {
+        name: name.into(),
+        auth_unreachable: "fail_open".into(),
+        checkin_interval_secs: 30,
+        version: "0.1.0".into(),
+    };
+    let dt = r.create_deployment_token(&spec("acme", hour(now), None), now).unwrap();
+    r.activate(&dt.text, "a@acme.com", "phone", now).unwrap();
+    let latest = r.latest_change().unwrap();
+    r.record_node(&node("current"), latest, now - chrono::Duration::seconds(50)).unwrap();
+    r.record_node(&node("silent"), latest, now - chrono::Duration::seconds(61)).unwrap();
+    r.set_state("phone", DeviceState::Retired).unwrap();
+    r.record_node(&node("fresh"), latest, now - chrono::Duration::seconds(5)).unwrap();
+    let nodes = r.storage_nodes(now).unwrap();
+    let by = |n: &str| nodes.iter().find(|x| x.name == n).unwrap().clone();
+    assert_eq!((by("fresh").pending_changes, by("fresh").behind, by("fresh").stale), (1, false, false));
+    assert_eq!((by("current").behind, by("current").stale), (true, false));
+    assert_eq!((by("silent").behind, by("silent").stale), (true, true));
+    assert_eq!(r.latest_change().unwrap(), latest + 1);
+    // Nodes gone for a month leave the list.
+    r.record_node(&node("fresh"), latest + 1, now + chrono::Duration::days(31)).unwrap();
+    assert_eq!(r.storage_nodes(now).unwrap().len(), 1);
 }
 
 fn nodes_of_one_registry_share_the_session_signing_secret(a: &Registry, b: &Registry) {
