@@ -819,8 +819,9 @@ const CAT_WINDOW: u64 = 16 << 20;
 /// One file of a snapshot (or the byte range `start..end` of it) as a
 /// stream of verified bytes. Chunks are read through the repository's one
 /// blob read path ([`Repository::read_blobs`]: pack order, nearby blobs in
-/// one ranged read), [`CAT_WINDOW`] of the file at a time, so memory is
-/// bounded whatever the file's size. Used by `cat`, `dump` and the storage
+/// one ranged read), a window of the chunks starting within 16 MiB at a
+/// time, so memory is bounded (16 MiB plus one chunk) whatever the file's
+/// size. Used by `cat`, `dump` and the storage
 /// node's file route.
 pub struct FileReader<'r> {
     repo: &'r Repository,

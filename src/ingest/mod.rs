@@ -3,7 +3,8 @@
 //! long-lived writer per tenant that takes verified chunks from many
 //! concurrent uploads, and reads filtered by the owning user.
 //!
-//! The writer is one thread per tenant owning a [`Packer`]: uploads hand it
+//! The writer is one thread per tenant owning a
+//! [`WriteSession`](crate::repo::WriteSession): uploads hand it
 //! chunks over a channel; a snapshot commit flushes the packer (every pack and
 //! index segment durable) and only then writes the snapshot, so a crash loses
 //! at most chunks not yet named by a committed snapshot.
@@ -34,38 +35,64 @@ pub use writer::WriterTiming;
 
 /// Why a storage operation failed or was refused.
 #[derive(Debug, thiserror::Error)]
+///
+/// The server maps these to HTTP statuses in `server/error.rs`; the
+/// variants from `ChunkTooLarge` to `ManifestTooLarge` are the client's
+/// fault and nothing was stored for them.
 pub enum IngestError {
+    /// The tenant repository failed (storage, damage, lock): see [`RepoError`].
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A commit's file list cannot be made into trees (an empty or invalid
+    /// path component), or saving the trees failed.
     #[error(transparent)]
     Backup(#[from] BackupError),
+    /// An uploaded chunk's length in bytes (first) is over the repository's
+    /// chunker `max_size` (second).
     #[error("chunk is {0} bytes, larger than the repository's maximum of {1}")]
     ChunkTooLarge(usize, u32),
+    /// An uploaded chunk does not hash (keyed BLAKE3) to the id it was sent under.
     #[error("chunk content does not hash to its id")]
     ChunkMismatch,
+    /// A chunk (id given) of a bundle upload does not hash to its id; the
+    /// whole bundle was refused.
     #[error("chunk {0} of the bundle does not hash to its id; nothing of the bundle was stored")]
     BundleMismatch(BlobId),
+    /// A commit names chunks (listed, sorted and unique) the tenant has not
+    /// stored; nothing was committed.
     #[error("{} chunks are not stored; upload them first", .0.len())]
     MissingChunks(Vec<BlobId>),
+    /// A committed file's (path given) size is not the sum of its chunks' lengths.
     #[error("{0}: size does not match its chunks")]
     SizeMismatch(String),
+    /// No such snapshot, path in it, or chunk in it; the message says which.
     #[error("{0}")]
     NotFound(String),
+    /// The snapshot belongs to another user of the tenant (the server
+    /// answers as for a missing snapshot so as not to reveal it).
     #[error("this snapshot belongs to another user")]
     NotOwner,
+    /// The snapshot was taken by another device of the user and the
+    /// device's policy allows restoring only its own.
     #[error("this snapshot was made by another device, and this device's policy forbids restoring it")]
     OtherDevice,
+    /// The commit's manifest would encode to the first count of bytes; the
+    /// second is the most allowed (under [`MAX_SNAPSHOT_SIZE`]).
     #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
     ManifestTooLarge(usize, usize),
     /// Reading a snapshot for a device failed (the repository's own
     /// failures are [`IngestError::Repo`]).
     #[error("reading: {0}")]
     Read(#[source] RestoreError),
+    /// The tenant's writer thread is gone (it panicked or the node is
+    /// shutting down); the request was not served.
     #[error("the tenant's writer stopped")]
     WriterStopped,
     /// The flush of a commit group failed: nothing of the group was committed.
     #[error("making uploads durable: {0}")]
     Flush(#[source] Arc<RepoError>),
+    /// The writer could not take the repository's shared lock in time (a
+    /// prune holds it), or its lock lapsed before a commit.
     #[error(transparent)]
     Lock(#[from] LockError),
     /// A tenant name that cannot name a repository under the root.
@@ -92,8 +119,12 @@ impl From<WriteError> for IngestError {
 /// Who a request acts for (from a verified session token).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
+    /// The tenant whose repository the request uses.
     pub tenant: TenantName,
+    /// The user id; snapshots are read only by the user that made them.
     pub user: String,
+    /// The device id; recorded in snapshots, and checked against the
+    /// device's restore policy.
     pub device: String,
     /// The device's policies, as signed into the session token.
     pub policies: Policies,
@@ -103,11 +134,15 @@ pub struct Owner {
 /// (summary counts, duration, tree id): a few hundred bytes at most.
 const MANIFEST_MARGIN: usize = 4096;
 
-/// Counters for the server's metrics.
+/// Counters for the server's metrics, over all tenants since start; only
+/// ever increased (relaxed atomics, read them with any ordering).
 #[derive(Debug, Default)]
 pub struct IngestStats {
+    /// Chunks uploaded that were new and written to a pack.
     pub chunks_stored: AtomicU64,
+    /// Chunks uploaded that the tenant already had (not written again).
     pub chunks_deduplicated: AtomicU64,
+    /// Snapshots committed.
     pub snapshots_committed: AtomicU64,
 }
 
