@@ -278,6 +278,13 @@ fn include_parts(s: &str) -> Vec<&[u8]> {
 
 /// Restores `snapshot` (or the parts `opts.include` names) under `target`,
 /// from the repository's packs.
+///
+/// Blocks until done; files are created, written and given their metadata
+/// on the rayon pool. A file whose chunks are missing or damaged, or that
+/// cannot be written, is listed in [`RestoreReport`] (the target keeps what
+/// it had) rather than failing the restore; [`RestoreError`] is for what
+/// stops it as a whole (an unsafe name, something in a directory's way, an
+/// unreadable tree, an include path not in the snapshot). Takes no lock.
 pub fn restore(
     repo: &Repository,
     snapshot: &Snapshot,
