@@ -968,12 +968,7 @@ mod tests {
     #[test]
     fn cat_reads_any_range_across_windows() {
         let dir = tempfile::tempdir().unwrap();
-        let init = crate::repo::InitOptions {
-            kdf: crate::crypto::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            ..Default::default()
-        };
-        let backend = std::sync::Arc::new(crate::backend::LocalBackend::create(dir.path()).unwrap());
-        let repo = Repository::init(backend, b"pw", &init).unwrap();
+        let repo = crate::test_support::local_repo(dir.path());
         let mut x = 1u64;
         let data: Vec<u8> = (0..(CAT_WINDOW * 2 + 12345))
             .map(|_| {

@@ -192,23 +192,9 @@ fn decide(policy: &Policy, group: &[&(SnapshotId, Snapshot)]) -> (Vec<Kept>, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::BlobId;
 
     fn snap(time: &str, host: &str, tags: &[&str]) -> Snapshot {
-        Snapshot {
-            time: DateTime::parse_from_rfc3339(time).unwrap(),
-            hostname: host.into(),
-            username: "u".into(),
-            tenant: None,
-            user: None,
-            device: None,
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            paths: vec!["/data".into()],
-            tree: BlobId([0; 32]),
-            parent: None,
-            summary: Default::default(),
-            program_version: "test".into(),
-        }
+        crate::test_support::snapshot(time, host, tags, &["/data"])
     }
 
     /// Snapshots named by their index in `times`.

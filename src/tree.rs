@@ -758,12 +758,7 @@ mod tests {
     fn walk_is_depth_first_in_name_order_and_can_skip_and_survive_a_lost_subtree() {
         use crate::id::BlobKind;
         let dir = tempfile::tempdir().unwrap();
-        let init = crate::repo::InitOptions {
-            kdf: crate::crypto::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            ..Default::default()
-        };
-        let backend = std::sync::Arc::new(crate::backend::LocalBackend::create(dir.path()).unwrap());
-        let repo = crate::repo::Repository::init(backend, b"pw", &init).unwrap();
+        let repo = crate::test_support::local_repo(dir.path());
         let packer = crate::packer::Packer::new(&repo, 1);
         let save = |nodes: Vec<Node>| packer.save(BlobKind::Tree, &Tree::new(nodes).unwrap().encode()).unwrap().0;
         let file = |name: &[u8]| node(name, NodeKind::File { chunks: vec![] });

@@ -181,14 +181,30 @@ fn owns(owner: &Owner, s: &Snapshot) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ManifestFile;
-    use crate::crypto::KdfParams;
-    use crate::repo::InitOptions;
+    use crate::api::{EntryKind, ManifestFile};
+    use crate::test_support::{cheap_init, PASSWORD};
+
+    /// A regular file of a device's manifest: mode 0644, mtime 5.
+    pub(super) fn file_entry(path: &str, size: u64, chunks: Vec<BlobId>) -> ManifestFile {
+        ManifestFile {
+            kind: EntryKind::File,
+            target: None,
+            path: path.into(),
+            mode: 0o644,
+            mtime: 5,
+            mtime_nsec: 0,
+            size,
+            chunks,
+        }
+    }
+
+    /// A commit of `files` from host `h` with no tags.
+    pub(super) fn commit_of(files: Vec<ManifestFile>) -> CommitRequest {
+        CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files }
+    }
 
     fn tenants(dir: &std::path::Path) -> Tenants {
-        let init =
-            InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
-        Tenants::new(dir.to_str().unwrap(), b"pw".to_vec(), init)
+        Tenants::new(dir.to_str().unwrap(), PASSWORD.to_vec(), cheap_init())
     }
 
     pub(super) fn acme() -> TenantName {
@@ -210,17 +226,8 @@ mod tests {
         assert!(t.put_chunk(id, data.clone()).unwrap());
         assert!(!t.put_chunk(id, data.clone()).unwrap());
         assert!(t.missing(&[id]).is_empty());
-        let file = |path: &str, size| ManifestFile {
-            kind: crate::api::EntryKind::File,
-            target: None,
-            path: path.into(),
-            mode: 0o644,
-            mtime: 5,
-            mtime_nsec: 0,
-            size,
-            chunks: vec![id],
-        };
-        let req = |files| CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files };
+        let file = |path: &str, size| file_entry(path, size, vec![id]);
+        let req = commit_of;
         assert!(matches!(t.commit(owner("a"), req(vec![file("x", 3)])), Err(IngestError::SizeMismatch(_))));
         let done = t.commit(owner("a"), req(vec![file("dir/x", data.len() as u64)])).unwrap();
         assert!(t.repo().index().contains(&id), "a commit makes its chunks durable and indexed");
@@ -259,17 +266,7 @@ mod tests {
                     let data = vec![i; 1000 + usize::from(i)];
                     let id = t.repo().blob_id(&data);
                     t.put_chunk(id, data.clone()).unwrap();
-                    let file = ManifestFile {
-                        kind: crate::api::EntryKind::File,
-                        target: None,
-                        path: "f".into(),
-                        mode: 0o600,
-                        mtime: 1,
-                        mtime_nsec: 0,
-                        size: data.len() as u64,
-                        chunks: vec![id],
-                    };
-                    let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+                    let req = commit_of(vec![file_entry("f", data.len() as u64, vec![id])]);
                     t.commit(owner(&format!("u{i}")), req).unwrap();
                 });
             }
@@ -292,17 +289,7 @@ mod tests {
         let data = b"phone data".to_vec();
         let id = t.repo().blob_id(&data);
         t.put_chunk(id, data.clone()).unwrap();
-        let file = ManifestFile {
-            kind: crate::api::EntryKind::File,
-            target: None,
-            path: "f".into(),
-            mode: 0o600,
-            mtime: 1,
-            mtime_nsec: 0,
-            size: 10,
-            chunks: vec![id],
-        };
-        let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+        let req = commit_of(vec![file_entry("f", 10, vec![id])]);
         let phone = Owner { device: "phone".into(), ..owner("a") };
         let done = t.commit(phone.clone(), req).unwrap();
         let strict = Policies { allow_restore_to_other_device: false, allow_open_in: true };
@@ -323,7 +310,7 @@ mod tests {
         // six bytes of JSON: 24 MiB of manifest.
         let path = "\u{1}".repeat(crate::api::MAX_MANIFEST_PATH);
         let paths = vec![path; crate::api::MAX_MANIFEST_PATHS];
-        let req = CommitRequest { hostname: "h".into(), paths, tags: vec![], files: vec![] };
+        let req = CommitRequest { paths, ..commit_of(vec![]) };
         assert!(matches!(t.commit(owner("a"), req), Err(IngestError::ManifestTooLarge(..))));
         assert!(t.repo().list_snapshots().unwrap().is_empty());
         assert!(t.repo().index().is_empty(), "no tree was written");

@@ -200,19 +200,15 @@ impl<'r> WriteSession<'r> {
 mod tests {
     use super::*;
     use crate::backend::{Fault, FaultyBackend, FileType, LocalBackend};
-    use crate::crypto::KdfParams;
     use crate::packer::UploadError;
     use crate::repo::InitOptions;
+    use crate::test_support::PASSWORD;
 
     fn faulty_repo(dir: &std::path::Path) -> (Arc<FaultyBackend>, Repository) {
-        let init = InitOptions {
-            kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            pack_size: 1 << 20,
-            ..Default::default()
-        };
-        Repository::init(Arc::new(LocalBackend::create(dir).unwrap()), b"pw", &init).unwrap();
+        let init = InitOptions { pack_size: 1 << 20, ..crate::test_support::cheap_init() };
+        Repository::init(Arc::new(LocalBackend::create(dir).unwrap()), PASSWORD, &init).unwrap();
         let faulty = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::open(dir).unwrap())));
-        let repo = Repository::open(faulty.clone(), b"pw").unwrap();
+        let repo = Repository::open(faulty.clone(), PASSWORD).unwrap();
         (faulty, repo)
     }
 
