@@ -26,6 +26,8 @@ pub enum AdminRole {
 }
 
 impl AdminRole {
+    /// The kebab-case name the API and the registry use (`admin`,
+    /// `tenant-admin`, `read-only`); [`FromStr`] parses it back.
     pub fn as_str(self) -> &'static str {
         match self {
             AdminRole::Admin => "admin",
@@ -91,6 +93,7 @@ pub enum ScopeError {
 pub struct AdminIdentity {
     /// The token's id, or [`BOOTSTRAP_ID`].
     pub id: String,
+    /// What the token may do; with `tenant`, where.
     pub role: AdminRole,
     /// The one tenant the token covers; `None`: every tenant.
     pub tenant: Option<String>,

@@ -13,6 +13,7 @@ use std::str::FromStr;
 /// Where a device stands with its tenant's administrator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceState {
+    /// In good standing: may open sessions and back up.
     Active,
     /// Non-compliant: no new sessions; storage refuses it after check-in.
     Blocked,
@@ -26,6 +27,8 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
+    /// The lowercase name the registry stores and the API sends
+    /// (`active`, `blocked`, `retired`, `wiped`, `reset`); [`FromStr`] parses it back.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceState::Active => "active",

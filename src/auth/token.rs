@@ -32,10 +32,16 @@ const HASH_CONTEXT: &str = "chunkvault 2026-11 secret token hash";
 /// Why a token was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// Not a token of the expected kind and shape: a wrong prefix, bad
+    /// base64url, a wrong length, a session token over 1024 bytes, or claims
+    /// that do not decode.
     #[error("malformed token")]
     Malformed,
+    /// A session token whose signature does not verify with this key: forged,
+    /// altered, or signed by another auth role's key.
     #[error("token signature does not verify")]
     BadSignature,
+    /// A session token at or past its expiry.
     #[error("token expired")]
     Expired,
 }
@@ -43,7 +49,9 @@ pub enum TokenError {
 /// Which secret a random token is; the prefix stops one kind being used as another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretKind {
+    /// A mass deployment token (`cvdt_`), which activates devices.
     Deployment,
+    /// A device's own token (`cvdv_`), which starts sessions.
     Device,
     /// A scoped administrator's token (`admin token create`).
     Admin,
@@ -61,7 +69,11 @@ impl SecretKind {
 
 /// A freshly generated secret token: give `text` out once, store `hash`.
 pub struct NewSecret {
+    /// The token to hand out once: the kind's prefix and 43 base64url
+    /// characters (32 random bytes).
     pub text: String,
+    /// The keyed BLAKE3 hash of the random bytes, which is all the registry
+    /// stores.
     pub hash: [u8; 32],
 }
 
@@ -94,11 +106,17 @@ pub fn hashes_equal(a: &[u8], b: &[u8]) -> bool {
 /// What a session token asserts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionClaims {
+    /// The device's tenant.
     pub tenant: String,
+    /// The email the device activated with.
     pub user: String,
+    /// The device id.
     pub device: String,
     /// Unix seconds.
     pub expires: i64,
+    /// A random id for this session: storage nodes tell sessions apart by it
+    /// (the first request of a new one refreshes the tenant's index; the
+    /// metrics count active sessions). Not checked against anything.
     pub token_id: [u8; 16],
     /// Which activation of the device id the session belongs to: a reset
     /// voids the sessions of earlier ones.
@@ -165,14 +183,20 @@ pub struct SessionSigner {
 }
 
 impl SessionSigner {
+    /// A signer from the 32-byte Ed25519 secret key (the registry's
+    /// `signing_secret`).
     pub fn new(secret: [u8; 32]) -> Self {
         SessionSigner { key: SigningKey::from_bytes(&secret) }
     }
 
+    /// The verifier of this signer's tokens (its public key).
     pub fn verifier(&self) -> SessionVerifier {
         SessionVerifier { key: self.key.verifying_key() }
     }
 
+    /// Signs `claims` into a `cvs2.` token. Never fails: `tenant`, `user` and
+    /// `device` must each be at most 255 bytes (the API's checks keep them
+    /// shorter), or they are cut.
     pub fn sign(&self, claims: &SessionClaims) -> String {
         let payload = URL_SAFE_NO_PAD.encode(claims.encode());
         let signed = format!("{SESSION_PREFIX}{payload}");
@@ -188,11 +212,15 @@ pub struct SessionVerifier {
 }
 
 impl SessionVerifier {
+    /// A verifier from the auth role's public key as 64 hex digits
+    /// ([`public_hex`](Self::public_hex), served at `GET /v1/session-key`);
+    /// `Malformed` if it is not a valid Ed25519 key.
     pub fn from_public_hex(hex_key: &str) -> Result<Self, TokenError> {
         let bytes = crate::id::parse_hex32(hex_key).map_err(|_| TokenError::Malformed)?;
         VerifyingKey::from_bytes(&bytes).map(|key| SessionVerifier { key }).map_err(|_| TokenError::Malformed)
     }
 
+    /// The public key as 64 lowercase hex digits.
     pub fn public_hex(&self) -> String {
         hex::encode(self.key.as_bytes())
     }

@@ -35,32 +35,52 @@ pub const MAX_AUDIT_ENTRIES: u32 = 10_000;
 /// Why a registry operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// The database refused or failed the work (a SQL or schema error, a
+    /// constraint, a busy SQLite file after 5 s): retrying as is may not help.
     #[error("registry database: {0}")]
     Db(#[from] DbError),
+    /// The SQLite file's directory could not be created, or its permissions
+    /// set to owner-only.
     #[error("registry file: {0}")]
     Io(#[from] std::io::Error),
     /// The registry's database cannot be reached (PostgreSQL down, no
     /// connection free in time): the request may be retried.
     #[error("the registry database is unreachable: {0}")]
     Unavailable(String),
+    /// A token that is malformed, of another kind, unknown, or that does not
+    /// match the email and device id it was activated with.
     #[error("unknown or malformed token")]
     UnknownToken,
+    /// The deployment token is past its `expires_at`.
     #[error("deployment token expired")]
     Expired,
+    /// The deployment token has activated its `max_activations` devices.
     #[error("deployment token has no activations left")]
     Exhausted,
+    /// The device is in this state, which refuses the request (a session of a
+    /// device that is not active; an activation of a device id that is blocked,
+    /// retired or wiped; a state change to or out of `reset` other than by
+    /// [`Registry::reset`] and activation).
     #[error("device is {0}")]
     State(DeviceState),
+    /// The device id is registered in another tenant (and was not reset).
     #[error("device id is registered to another tenant")]
     Conflict,
+    /// The device id is active: an activation would take its place. The admin
+    /// resets it first.
     #[error("this device id is already active; the admin must reset it before it activates again")]
     DeviceExists,
+    /// The deployment token is `provisioned_only` and the email is not among
+    /// the tenant's users.
     #[error("this deployment token activates only users the admin provisioned")]
     UserNotProvisioned,
+    /// No device has this id.
     #[error("no such device")]
     NoSuchDevice,
+    /// The token was revoked by an administrator.
     #[error("this token was revoked")]
     Revoked,
+    /// No admin or deployment token has this id.
     #[error("no such token")]
     NoSuchToken,
     /// Only a retired or wiped device may be deleted.
@@ -71,8 +91,11 @@ pub enum RegistryError {
 /// A failure of the database under the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// SQLite's error.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL's error on a live connection (a closed connection or an
+    /// exhausted pool is [`RegistryError::Unavailable`] instead).
     #[cfg(feature = "postgres")]
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
@@ -93,7 +116,10 @@ impl From<rusqlite::Error> for RegistryError {
 /// socket, `sslmode`, `options`, ...); anything else is a SQLite file.
 #[derive(Clone, PartialEq, Eq)]
 pub enum RegistryLocation {
+    /// A SQLite file (created owner-only if missing).
     Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://` or `postgresql://`). It may hold a
+    /// password: `Display` and `Debug` show it as `***`.
     Postgres(String),
 }
 
@@ -158,15 +184,24 @@ fn redact_password(url: &str) -> String {
 /// What a new deployment token allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeploymentTokenSpec {
+    /// The tenant its devices join. The registry does not check the name:
+    /// the caller does ([`crate::api::check_tenant`]).
     pub tenant: String,
+    /// When it stops activating devices (existing devices keep working).
     pub expires_at: DateTime<Utc>,
+    /// How many devices it may activate in all; `None`: no limit.
     pub max_activations: Option<u32>,
+    /// What the devices it activates may do (kept with each device).
     pub policies: Policies,
+    /// Activate only emails provisioned in the tenant
+    /// ([`Registry::add_users`]).
     pub provisioned_only: bool,
 }
 
 /// A deployment token just made: `text` is shown once and never stored.
 pub struct NewDeploymentToken {
+    /// The secret (`cvdt_` and 43 base64url characters), stored only as a keyed
+    /// hash.
     pub text: String,
     /// Public name of the token (random, unrelated to the secret).
     pub id: String,
@@ -174,7 +209,10 @@ pub struct NewDeploymentToken {
 
 /// A successful activation.
 pub struct Activation {
+    /// The tenant the device joined (the deployment token's).
     pub tenant: String,
+    /// The device's secret (`cvdv_...`), shown once and stored only as a keyed
+    /// hash.
     pub device_token: String,
     /// The id of the deployment token used.
     pub deployment_token_id: String,
@@ -186,11 +224,15 @@ pub struct Activation {
 /// Who a device token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceIdentity {
+    /// The device's tenant.
     pub tenant: String,
+    /// The email the device activated with (a session must name the same one).
     pub email: String,
+    /// The device's id.
     pub device_id: String,
     /// Which activation of the device id this is (see [`Registry::reset`]).
     pub generation: u32,
+    /// What the device may do, from the deployment token it activated with.
     pub policies: Policies,
 }
 
