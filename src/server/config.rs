@@ -36,13 +36,19 @@ pub enum AuthUnreachable {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// Which routes this process serves (default `all`).
     pub role: Role,
+    /// The address to bind, `HOST:PORT` (default `127.0.0.1:8080`; a host name
+    /// is resolved).
     pub listen: String,
     /// The tenants' repositories' root (a path).
     pub root: Option<String>,
     /// The device registry: a SQLite file (default `ROOT/registry.db`), or
     /// a PostgreSQL URL (`postgres://...`) that several auth nodes share.
     pub registry: Option<String>,
+    /// A file whose first line is the bootstrap admin token
+    /// (`CHUNKVAULT_ADMIN_TOKEN` when unset). Without a bootstrap token only
+    /// the registry's admin tokens are accepted; an empty one refuses to start.
     pub admin_token_file: Option<PathBuf>,
     /// A file whose first line is the password that wraps the tenant
     /// repositories' keys (else `CHUNKVAULT_PASSWORD`).
@@ -50,8 +56,16 @@ pub struct ServerConfig {
     /// A file whose first line is the bearer token `/metrics` asks for;
     /// without it `/metrics` is open (bind it to a private address).
     pub metrics_token_file: Option<PathBuf>,
+    /// Seconds a session token stays valid (default 900, more than 0). A retire
+    /// or block reaches storage nodes sooner, at their next check-in.
     pub session_ttl_secs: u64,
+    /// Seconds between a storage node's check-ins with the auth role (default
+    /// 30, more than 0); also how often an auth node sharing a PostgreSQL
+    /// registry follows its feed. Storage nodes apply `auth_unreachable` after
+    /// two missed intervals.
     pub checkin_interval_secs: u64,
+    /// What a storage node does when its check-ins fail for two intervals
+    /// (default `fail_closed`).
     pub auth_unreachable: AuthUnreachable,
     /// The auth role's URL (edge and storage roles).
     pub upstream: Option<String>,
@@ -63,8 +77,10 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM file: PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// Argon2id memory (KiB) and passes for keys of tenants created here.
+    /// Argon2id memory in KiB for keys of tenants created here (default
+    /// 65536: 64 MiB); existing tenants keep the cost they were made with.
     pub tenant_kdf_memory_kib: u32,
+    /// Argon2id passes for keys of tenants created here (default 3).
     pub tenant_kdf_iterations: u32,
     /// Failed activations allowed per client address per minute.
     pub activation_failures_per_minute: u32,
@@ -129,10 +145,15 @@ impl Default for ServerConfig {
 /// Why a config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read (the path, and why).
     #[error("reading {0}: {1}")]
     Io(PathBuf, std::io::Error),
+    /// The file is not TOML of this shape: a syntax error, a wrong type, or an
+    /// unknown key.
     #[error("config: {0}")]
     Toml(#[from] toml::de::Error),
+    /// The values do not fit together: the text says what the role lacks or
+    /// which value must be positive.
     #[error("config: {0}")]
     Invalid(String),
 }

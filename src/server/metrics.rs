@@ -239,7 +239,9 @@ impl Drop for InFlight {
 /// A tenant repository's data chunks and their stored bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Data chunks in the index (tree blobs are left out).
     pub chunks: u64,
+    /// Bytes those chunks take in packs (compressed and sealed).
     pub stored_bytes: u64,
 }
 

@@ -40,17 +40,33 @@ use revocation::DeviceStates;
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The config does not suit its role ([`ServerConfig::validate`]).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The registry failed after it opened: making the signing key, or
+    /// reading the device states and quotas a storage side starts from.
     #[error(transparent)]
     Registry(#[from] crate::auth::registry::RegistryError),
     /// The registry could not be opened (shown without a URL's password).
     #[error("the registry at {location}: {source}")]
-    OpenRegistry { location: RegistryLocation, source: crate::auth::registry::RegistryError },
+    OpenRegistry {
+        /// Where the registry was looked for.
+        location: RegistryLocation,
+        /// Why it could not be opened or migrated.
+        source: crate::auth::registry::RegistryError,
+    },
+    /// Binding the listen address, or setting up the signal handlers or the
+    /// async runtime, failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The storage role could not fetch the session key from `upstream` at
+    /// start (unreachable, an untrusted certificate, a bad answer): the text
+    /// says which, and how to trust a private CA.
     #[error("fetching the session key from upstream: {0}")]
     Upstream(String),
+    /// Something the role needs is missing or unusable: a secret (the
+    /// password, an admin or metrics token file that is empty or unreadable),
+    /// `upstream_ca_cert`, or the TLS certificate and key.
     #[error("{0}")]
     Setup(String),
 }

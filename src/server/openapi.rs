@@ -5,7 +5,8 @@
 //!
 //! Each operation lists its own error statuses; the ones every operation
 //! of a kind shares (a bad body, a bad or missing token, a busy or broken
-//! server) are added here by [`CommonErrors`], so they are written once.
+//! server) are added here by one `utoipa::Modify` (`CommonErrors`), so
+//! they are written once.
 
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};

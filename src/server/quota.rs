@@ -23,11 +23,23 @@ use crate::repo::RepoError;
 /// Why an upload was refused, or the count failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
+    /// The upload would take the tenant past its quota; nothing of it was
+    /// stored.
     #[error(
         "tenant {tenant} has a storage quota of {quota} bytes and stores {stored}; these chunks need {incoming} more. \
          Nothing was committed; the administrator can raise the quota (admin tenant set-quota) or old snapshots can be forgotten"
     )]
-    Exceeded { tenant: String, quota: u64, stored: u64, incoming: u64 },
+    Exceeded {
+        /// The tenant whose upload was refused.
+        tenant: String,
+        /// Its quota in bytes.
+        quota: u64,
+        /// Bytes it stores by this node's count (which errs high, never low).
+        stored: u64,
+        /// Plaintext bytes of the upload's chunks that the repository lacks.
+        incoming: u64,
+    },
+    /// Listing the tenant's packs or snapshots to count what it stores failed.
     #[error("counting the tenant's stored bytes: {0}")]
     Count(#[from] RepoError),
 }
@@ -184,7 +196,8 @@ impl Quotas {
     }
 
     /// The tenants touched (an upload or a commit) within `within`: those
-    /// whose snapshots may have changed ([`super::catalog`]).
+    /// whose snapshots may have changed, for the snapshot catalog the
+    /// node reports at check-in.
     pub fn recently_touched(&self, within: Duration) -> Vec<(String, Arc<Tenant>)> {
         let tenants = self.tenants.lock().expect("quota lock");
         tenants
