@@ -33,10 +33,16 @@ pub const MAX_USERS_PER_REQUEST: usize = 1000;
 /// Why a request body was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The body is longer than the route's limit (the number, in bytes).
+    /// Answered 413 `too_large`.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// The body is not JSON of the route's shape (a missing field, a wrong
+    /// type, an id that is not 64 hex digits). Answered 400 `malformed_json`.
     #[error("malformed JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A field fails [`Validate::validate`]; the text names the field and the
+    /// rule. Answered 400 `invalid_request`.
     #[error("{0}")]
     Invalid(String),
     /// A snapshot manifest that would be too large to read back.
@@ -102,8 +108,14 @@ pub struct CreateDeploymentToken {
     /// The tenant whose devices activate with it (created with its first token).
     #[cfg_attr(feature = "server", schema(pattern = "^[a-z0-9_][a-z0-9_-]{0,63}$"))]
     pub tenant: String,
+    /// Seconds from now until the token stops activating devices: 1 to ten
+    /// years (315,360,000 s). Absent: 30 days. Devices it activated keep
+    /// working after it expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_in_secs: Option<u64>,
+    /// How many devices the token may activate in all (absent: no limit; 0
+    /// makes a token that activates none). Several auth nodes sharing a
+    /// registry never exceed it together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_activations: Option<u32>,
     /// What devices activated with this token may do (default: everything).
@@ -129,13 +141,22 @@ impl Validate for CreateDeploymentToken {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeploymentTokenCreated {
+    /// The secret (`cvdt_` and 43 base64url characters): shown this once,
+    /// stored only as a hash. Devices send it to `POST /v1/activate`.
     pub token: String,
+    /// The token's public id (16 hex digits, unrelated to the secret), which
+    /// names it in listings, the audit log and `revoke`. Empty from servers
+    /// older than token ids.
     #[serde(default)]
     pub token_id: String,
+    /// The tenant its devices join.
     pub tenant: String,
+    /// When it stops activating devices (RFC 3339, UTC).
     pub expires_at: DateTime<Utc>,
+    /// What devices activated with it may do.
     #[serde(default)]
     pub policies: Policies,
+    /// Whether it activates only emails the admin provisioned in the tenant.
     #[serde(default)]
     pub provisioned_only: bool,
 }
@@ -144,6 +165,8 @@ pub struct DeploymentTokenCreated {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ActivateRequest {
+    /// The deployment token's secret (`cvdt_...`), as the administrator handed
+    /// it out.
     pub deployment_token: String,
     /// The user's email (checked against the provisioned users when the token says so).
     #[cfg_attr(feature = "server", schema(pattern = "^[^@\\s]+@[^@\\s]+$", max_length = 254))]
@@ -160,9 +183,14 @@ impl Validate for ActivateRequest {
     }
 }
 
+/// The answer to `POST /v1/activate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ActivateResponse {
+    /// The device's own secret (`cvdv_` and 43 base64url characters), shown
+    /// this once: the device keeps it and sends it to `POST /v1/session`.
+    /// Sessions are refused while the device is blocked, and for good once
+    /// it is retired, wiped or reset.
     pub device_token: String,
 }
 
@@ -170,6 +198,9 @@ pub struct ActivateResponse {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionRequest {
+    /// The device token that activation returned (`cvdv_...`). Refused with
+    /// `invalid_token` unless `email` and `device_id` are the ones it was
+    /// activated with.
     pub device_token: String,
     /// The user's email (checked against the provisioned users when the token says so).
     #[cfg_attr(feature = "server", schema(pattern = "^[^@\\s]+@[^@\\s]+$", max_length = 254))]
@@ -227,11 +258,20 @@ impl Policies {
     }
 }
 
+/// The answer to `POST /v1/session`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionResponse {
+    /// A signed session token (`cvs2.` ...), sent as `Authorization: Bearer` to
+    /// the storage routes. Storage nodes verify it offline; it stays valid
+    /// until `expires_at` unless the device is retired, blocked, wiped or reset
+    /// first.
     pub session_token: String,
+    /// When the session token stops working (RFC 3339, UTC): issued plus the
+    /// auth role's `session_ttl_secs` (default 900 s). Ask for a new session
+    /// before then.
     pub expires_at: DateTime<Utc>,
+    /// The device's policies, as signed into the token.
     pub policies: Policies,
 }
 
@@ -240,6 +280,7 @@ pub struct SessionResponse {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SessionKey {
+    /// The Ed25519 public key: 64 lowercase hex digits (32 bytes).
     pub public_key: String,
 }
 
@@ -248,9 +289,14 @@ pub struct SessionKey {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Chunking {
+    /// No cut before this many bytes (a file's last chunk may be shorter).
     pub min_size: u32,
+    /// The chunk size FastCDC (2020 variant) aims for, in bytes.
     pub avg_size: u32,
+    /// A cut is forced at this many bytes; no chunk is longer.
     pub max_size: u32,
+    /// The seed of the FastCDC gear tables (`get_gear_with_seed`): cut points
+    /// depend on it, so they differ between repositories.
     pub seed: u64,
     /// The tenant repository's id key, hex (see ARCHITECTURE.md for the trade-off).
     pub id_key: String,
@@ -260,6 +306,8 @@ pub struct Chunking {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct MissingRequest {
+    /// Chunk ids (64 lowercase hex digits each) to look up; at most 100,000 per
+    /// query.
     pub chunks: Vec<BlobId>,
 }
 
@@ -278,13 +326,20 @@ impl Validate for MissingRequest {
 pub struct PlanEntry {
     /// Slash-separated path relative to the restore target.
     pub path: String,
+    /// File, directory or symlink.
     pub kind: EntryKind,
     /// Permission bits (the device decides which it applies).
     pub mode: u32,
+    /// Numeric owner at backup time (0 for snapshots a device committed).
     pub uid: u32,
+    /// Numeric group at backup time (0 for snapshots a device committed).
     pub gid: u32,
+    /// Modification time, unix seconds.
     pub mtime: i64,
+    /// Nanoseconds past `mtime` (0 to 999,999,999).
     pub mtime_nsec: u32,
+    /// A file's content length in bytes: the sum of its chunks' lengths (0 for
+    /// directories and symlinks).
     pub size: u64,
     /// A file's chunks, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -299,6 +354,10 @@ pub struct PlanEntry {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RestorePlanRequest {
+    /// Slash-separated paths inside the snapshot, each selecting itself and
+    /// everything below it (the directories on the way are restored too).
+    /// Empty: the whole snapshot. At most 1024 paths of at most 4096 bytes
+    /// each.
     #[serde(default)]
     pub include: Vec<String>,
 }
@@ -319,7 +378,10 @@ impl Validate for RestorePlanRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct PlanChunk {
+    /// The chunk's id, the keyed BLAKE3 of its plaintext: check the bytes
+    /// the chunk stream sends against it.
     pub id: BlobId,
+    /// Its plaintext length in bytes.
     pub len: u32,
 }
 
@@ -329,7 +391,11 @@ pub struct PlanChunk {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RestorePlanResponse {
+    /// Every entry to create: the directories first, then the files, then the
+    /// symlinks.
     pub entries: Vec<PlanEntry>,
+    /// Every chunk the files use, once each, in the order to fetch them (by
+    /// pack, then offset).
     pub chunks: Vec<PlanChunk>,
 }
 
@@ -341,6 +407,8 @@ pub struct RestorePlanResponse {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ChunkReadRequest {
+    /// The chunks to send, from the snapshot's files: 1 to 4096 ids. A chunk
+    /// the snapshot does not use is refused (404 `not_found`).
     pub chunks: Vec<BlobId>,
 }
 
@@ -358,9 +426,12 @@ impl Validate for ChunkReadRequest {
     }
 }
 
+/// The answer to `POST /v1/chunks/missing`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct MissingResponse {
+    /// The queried ids the tenant's repository lacks (each once): upload these,
+    /// then commit.
     pub missing: Vec<BlobId>,
 }
 
@@ -450,12 +521,21 @@ pub struct ManifestFile {
     pub target: Option<String>,
     /// Slash-separated path inside the snapshot.
     pub path: String,
-    /// Permission bits.
+    /// Permission bits: `mode & 0o7777` is kept, the file type comes from
+    /// `kind`.
     pub mode: u32,
+    /// Modification time, unix seconds.
     pub mtime: i64,
+    /// Nanoseconds past `mtime` (0 to 999,999,999; absent: 0).
     #[serde(default)]
     pub mtime_nsec: u32,
+    /// A file's content length in bytes, which must equal the sum of its
+    /// chunks' lengths (else the commit is refused); 0 for directories and
+    /// symlinks.
     pub size: u64,
+    /// A file's chunks, in order; each must be in the repository already
+    /// (uploaded, or there before), else the commit is refused with 409
+    /// `missing_chunks`. Empty for directories and symlinks.
     pub chunks: Vec<BlobId>,
 }
 
@@ -463,10 +543,16 @@ pub struct ManifestFile {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CommitRequest {
+    /// The device's name, shown in listings and the console: at most 255 bytes.
     pub hostname: String,
+    /// The paths the device backed up, as it names them (shown, not used to
+    /// place files): at most 1024, each at most 4096 bytes.
     pub paths: Vec<String>,
+    /// Labels, in order: at most 64, each at most 256 bytes (absent: none).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Every entry of the snapshot; directories that hold listed entries are
+    /// created if not listed themselves.
     pub files: Vec<ManifestFile>,
 }
 
@@ -525,11 +611,15 @@ pub fn check_manifest_path(path: &str) -> Result<(), String> {
     any.then_some(()).ok_or_else(|| "empty path".into())
 }
 
+/// The answer to `POST /v1/snapshots`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CommitResponse {
+    /// The new snapshot's id, which names it in `/v1/snapshots/{id}/...`.
     pub id: SnapshotId,
+    /// Regular files in the manifest.
     pub files: u64,
+    /// Bytes of file content in the manifest (the files' `size`, added up).
     pub bytes: u64,
 }
 
@@ -537,13 +627,22 @@ pub struct CommitResponse {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct SnapshotInfo {
+    /// The snapshot's id, which names it in `/v1/snapshots/{id}/...`.
     pub id: SnapshotId,
+    /// When the snapshot was taken (RFC 3339, UTC).
     pub time: DateTime<Utc>,
+    /// The device id that committed it; `null` for a local backup (one not
+    /// committed through this API).
     pub device: Option<String>,
+    /// The host name the backup reported.
     pub hostname: String,
+    /// The paths the backup was given.
     pub paths: Vec<String>,
+    /// Its labels, in the order given.
     pub tags: Vec<String>,
+    /// Regular files in the snapshot (new, changed and unchanged ones).
     pub files: u64,
+    /// Bytes of file content in the snapshot.
     pub bytes: u64,
 }
 
@@ -551,12 +650,18 @@ pub struct SnapshotInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct TreeEntry {
+    /// One path component; bytes that are not UTF-8 are shown as U+FFFD.
     pub name: String,
-    /// `file`, `dir` or `symlink`.
+    /// `file`, `dir` or `symlink`; special files of a local backup are
+    /// `fifo`, `socket`, `chardev`, `blockdev` or `special`.
     pub kind: String,
+    /// Content length in bytes (0 for directories and symlinks).
     pub size: u64,
+    /// `st_mode`: file type and permission bits.
     pub mode: u32,
+    /// Modification time, unix seconds.
     pub mtime: i64,
+    /// Nanoseconds past `mtime`.
     pub mtime_nsec: u32,
 }
 
@@ -564,16 +669,24 @@ pub struct TreeEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeviceInfo {
+    /// The device's id (1 to 128 of `A-Z a-z 0-9 - _ . :`).
     pub device_id: String,
+    /// The tenant it belongs to.
     pub tenant: String,
+    /// The email it activated with.
     pub email: String,
+    /// `active`, `blocked`, `retired`, `wiped` or `reset`.
     pub state: String,
+    /// When the device id last activated (RFC 3339, UTC).
     pub activated_at: DateTime<Utc>,
+    /// When it last started a session (`null`: none since its last activation).
     pub last_seen: Option<DateTime<Utc>>,
     /// The id of the deployment token that activated it (none for devices
     /// activated before tokens had ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment_token_id: Option<String>,
+    /// What it may do, as its deployment token set (absent from older servers:
+    /// everything allowed).
     #[serde(default)]
     pub policies: Policies,
     /// Snapshots of this device that the storage nodes reported and that
@@ -589,8 +702,13 @@ pub struct DeviceInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeviceChange {
+    /// The device whose state changed.
     pub device_id: String,
+    /// The tenant it belongs (or belonged) to.
     pub tenant: String,
+    /// Its new state: `active`, `blocked`, `retired`, `wiped` or `reset` (a
+    /// reset, or the device's deletion: its sessions are void and the id may
+    /// activate again).
     pub state: String,
     /// Set by a reset and by the activation after it: sessions of an earlier
     /// activation of this device id (a lower generation) are void.
@@ -603,6 +721,7 @@ pub struct DeviceChange {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AddUsers {
+    /// 1 to 1000 emails, each at most 254 characters with one `@`.
     pub emails: Vec<String>,
 }
 
@@ -619,7 +738,9 @@ impl Validate for AddUsers {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UserInfo {
+    /// The provisioned email.
     pub email: String,
+    /// When it was added (RFC 3339, UTC).
     pub added_at: DateTime<Utc>,
 }
 
@@ -628,7 +749,9 @@ pub struct UserInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsersChanged {
+    /// The tenant whose user list changed.
     pub tenant: String,
+    /// The emails added (or removed), in the order given.
     pub changed: Vec<String>,
 }
 
@@ -638,7 +761,11 @@ pub struct UsersChanged {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CheckinResponse {
+    /// The feed position this answer brings the caller to: send it as `since`
+    /// next time.
     pub cursor: u64,
+    /// State changes after `since`, oldest first: at most 10,000 per answer
+    /// (check in again for the rest).
     pub changes: Vec<DeviceChange>,
     /// Every tenant with a quota (absent: none); the whole list each time,
     /// so a storage node replaces what it knew. Older auth roles send none.
@@ -664,8 +791,12 @@ pub const MAX_NODE_NAME: usize = 320;
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckinRequest {
+    /// The `cursor` of the node's last check-in (absent or 0: from the start of
+    /// the feed).
     #[serde(default)]
     pub since: u64,
+    /// What the repositories of the tenants touched since the node's last
+    /// report store (a tenant named twice: the last entry wins).
     #[serde(default)]
     pub usage: Vec<TenantUsage>,
     /// The node itself, for the console's storage nodes page (older nodes
@@ -729,6 +860,7 @@ impl NodeReport {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantSnapshots {
+    /// The tenant (1 to 64 of `a-z 0-9 - _`).
     pub tenant: String,
     /// This report starts a rescan: the snapshots recorded for the tenant
     /// are in doubt until the rescan is `complete`.
@@ -738,8 +870,12 @@ pub struct TenantSnapshots {
     /// again are gone.
     #[serde(default)]
     pub complete: bool,
+    /// Snapshots found since the last report (at most 2000 across all the
+    /// tenants of one check-in).
     #[serde(default)]
     pub added: Vec<SnapshotRecord>,
+    /// Ids of snapshots that are gone (at most 20,000 across all the tenants of
+    /// one check-in).
     #[serde(default)]
     pub removed: Vec<SnapshotId>,
 }
@@ -764,10 +900,16 @@ impl TenantSnapshots {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
+    /// The snapshot's id in the tenant's repository.
     pub id: SnapshotId,
+    /// When it was taken (RFC 3339, UTC).
     pub time: DateTime<Utc>,
+    /// The device id that committed it; absent for a local backup or an id the
+    /// API would refuse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// The email of the device's user; absent for a local backup or an email
+    /// the API would refuse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Files in the snapshot.
@@ -780,14 +922,18 @@ pub struct SnapshotRecord {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageNodeInfo {
+    /// Its host name and listen address, as it reported them.
     pub name: String,
     /// The storage side of this very process (role `all`): it learns every
     /// change at once and never checks in.
     pub local: bool,
     /// `fail_closed` or `fail_open`.
     pub auth_unreachable: String,
+    /// How often it checks in, in seconds.
     pub checkin_interval_secs: u64,
+    /// Its chunkvault version.
     pub version: String,
+    /// When it last checked in (RFC 3339, UTC; now for the local node).
     pub last_checkin: DateTime<Utc>,
     /// The check-in feed's cursor the node has reached.
     pub cursor: u64,
@@ -816,9 +962,11 @@ pub struct TenantDay {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantUsage {
+    /// The tenant (1 to 64 of `a-z 0-9 - _`).
     pub tenant: String,
     /// Bytes of the tenant's packs (compressed, encrypted, deduplicated).
     pub stored_bytes: u64,
+    /// Snapshots in the tenant's repository.
     pub snapshots: u64,
 }
 
@@ -826,7 +974,10 @@ pub struct TenantUsage {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantQuota {
+    /// The tenant (1 to 64 of `a-z 0-9 - _`).
     pub tenant: String,
+    /// The quota in bytes of stored (compressed, encrypted, deduplicated) data;
+    /// always more than 0 (a tenant without a quota is not listed).
     pub quota_bytes: u64,
 }
 
@@ -834,6 +985,9 @@ pub struct TenantQuota {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetQuota {
+    /// The quota in bytes of stored (compressed, encrypted, deduplicated) data,
+    /// at most 2^63 - 1; 0 removes it. Uploads that would go past it are
+    /// refused with `quota_exceeded`; what is stored already stays.
     pub quota_bytes: u64,
 }
 
@@ -848,10 +1002,14 @@ impl Validate for SetQuota {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TenantInfo {
+    /// The tenant (1 to 64 of `a-z 0-9 - _`).
     pub tenant: String,
+    /// Devices in the registry for it, in any state.
     pub devices: u64,
     /// As a storage node last reported (none yet: `null`).
     pub snapshots: Option<u64>,
+    /// Bytes its repository stores (compressed, encrypted, deduplicated), as a
+    /// storage node last reported (`null`: no report yet).
     pub stored_bytes: Option<u64>,
     /// 0: no quota.
     pub quota_bytes: u64,
@@ -870,6 +1028,8 @@ pub const MAX_LABEL: usize = 128;
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateAdminToken {
+    /// `admin`, `tenant-admin` or `read-only`; a caller grants no role above
+    /// its own.
     pub role: crate::auth::admin::AdminRole,
     /// The tenant a `tenant-admin` token is confined to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -896,11 +1056,17 @@ impl Validate for CreateAdminToken {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdminTokenInfo {
+    /// The token's public id (16 hex digits).
     pub id: String,
+    /// What it may do.
     pub role: crate::auth::admin::AdminRole,
+    /// The one tenant it covers (`null`: every tenant).
     pub tenant: Option<String>,
+    /// What it is for, as given at creation (`null`: none).
     pub label: Option<String>,
+    /// When it was made (RFC 3339, UTC).
     pub created_at: DateTime<Utc>,
+    /// When it was revoked (`null`: it still works).
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
@@ -908,7 +1074,10 @@ pub struct AdminTokenInfo {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdminTokenCreated {
+    /// The secret (`cvad_` and 43 base64url characters), shown this once: send
+    /// it as `Authorization: Bearer` to the admin routes.
     pub token: String,
+    /// The token's row; its fields sit beside `token`, not under a key.
     #[serde(flatten)]
     pub info: AdminTokenInfo,
 }
@@ -917,14 +1086,24 @@ pub struct AdminTokenCreated {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentTokenInfo {
+    /// The token's public id (16 hex digits).
     pub token_id: String,
+    /// The tenant its devices join.
     pub tenant: String,
+    /// When it was made (RFC 3339, UTC).
     pub created_at: DateTime<Utc>,
+    /// When it stops activating devices (RFC 3339, UTC).
     pub expires_at: DateTime<Utc>,
+    /// Devices activated with it so far.
     pub activations: u32,
+    /// How many it may activate in all (`null`: no limit).
     pub max_activations: Option<u32>,
+    /// What devices activated with it may do.
     pub policies: Policies,
+    /// Whether it activates only provisioned emails.
     pub provisioned_only: bool,
+    /// Whether an admin revoked it (it activates nothing more; its devices keep
+    /// working).
     pub revoked: bool,
 }
 
@@ -932,13 +1111,21 @@ pub struct DeploymentTokenInfo {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
+    /// When it happened (RFC 3339, UTC).
     pub at: DateTime<Utc>,
     /// The admin token id, `bootstrap`, or `device` (an activation).
     pub actor: String,
+    /// What was done: `activate`, `deployment-token create`, `deployment-token
+    /// revoke`, `retire`, `block`, `allow`, `wipe`, `reset`, `delete`, `user
+    /// add`, `user remove`, `token create`, `token revoke` or `set-quota`.
     pub action: String,
     /// What was acted on: a device id, a token id, a tenant, an email.
     pub target: String,
+    /// The tenant acted in (`null`: none, such as an admin token for every
+    /// tenant).
     pub tenant: Option<String>,
+    /// More about it (an expiry, a role, a new state); empty when there is
+    /// nothing more.
     #[serde(default)]
     pub detail: String,
 }
@@ -947,7 +1134,11 @@ pub struct AuditEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
+    /// A stable code for programs to match (`invalid_token`, `device_retired`,
+    /// `quota_exceeded`, ...); each comes with one HTTP status, and the
+    /// operations list theirs.
     pub error: String,
+    /// A sentence for people; its wording may change.
     pub message: String,
 }
 
