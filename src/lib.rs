@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod auth;
