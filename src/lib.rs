@@ -55,6 +55,8 @@ pub mod id;
 pub mod index;
 pub mod ingest;
 pub mod lock;
+#[cfg(feature = "mount")]
+pub mod mount;
 pub mod pack;
 pub mod packer;
 pub mod prune;

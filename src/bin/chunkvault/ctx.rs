@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chunkvault::backup::BackupError;
 use chunkvault::lock::{LockError, LockOptions};
+use chunkvault::mount::MountError;
 use chunkvault::prune::PruneError;
 use chunkvault::repo::{self, RepoError, Repository};
 use chunkvault::restore::RestoreError;
@@ -107,6 +108,8 @@ pub enum CliError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Select(#[from] SelectError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
     #[error("{0}")]
     Other(String),
 }
@@ -122,7 +125,8 @@ impl CliError {
             | CliError::Backup(BackupError::Repo(e))
             | CliError::Restore(RestoreError::Repo(e))
             | CliError::Prune(PruneError::Repo(e))
-            | CliError::Select(SelectError::Repo(e)) => (Some(e), None),
+            | CliError::Select(SelectError::Repo(e))
+            | CliError::Mount(MountError::Repo(e)) => (Some(e), None),
             CliError::Lock(e)
             | CliError::Backup(BackupError::Lock(e))
             | CliError::Prune(PruneError::Lock(e))

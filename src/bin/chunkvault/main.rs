@@ -7,6 +7,7 @@ mod cmd_device;
 mod cmd_find;
 mod cmd_inspect;
 mod cmd_maint;
+mod cmd_mount;
 mod cmd_repo;
 mod cmd_restore;
 mod cmd_serve;
@@ -66,6 +67,9 @@ enum Command {
     Find(cmd_find::FindArgs),
     /// Write a file of a snapshot to stdout, or a directory as a tar or zip stream.
     Dump(cmd_find::DumpArgs),
+    /// Serve snapshots as a read-only filesystem (FUSE) until unmounted:
+    /// snapshots/ID, hosts/HOST/ID, tags/TAG/ID, each with a `latest`.
+    Mount(cmd_mount::MountArgs),
     /// Run the HTTP server (device registry, tokens, storage). Boxed: its
     /// many flags would make every other command carry their size.
     Serve(Box<cmd_serve::ServeArgs>),
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         Command::Diff(a) => cmd_inspect::diff_cmd(&ctx, a),
         Command::Find(a) => cmd_find::find_cmd(&ctx, a),
         Command::Dump(a) => cmd_find::dump_cmd(&ctx, a),
+        Command::Mount(a) => cmd_mount::mount_cmd(&ctx, a),
         Command::Serve(a) => cmd_serve::run(&ctx, *a),
         Command::Admin(a) => cmd_admin::run(&ctx, a),
         Command::Device(d) => cmd_device::run(&ctx, d),
