@@ -48,6 +48,7 @@ pub mod check;
 pub mod chunker;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod copy;
 pub mod crypto;
 pub mod dump;
 pub mod find;

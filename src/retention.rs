@@ -186,6 +186,7 @@ mod tests {
             paths: vec!["/data".into()],
             tree: BlobId([0; 32]),
             parent: None,
+            original: None,
             summary: Default::default(),
             program_version: "test".into(),
         }

@@ -172,6 +172,7 @@ mod tests {
             paths: paths.iter().map(|p| p.to_string()).collect(),
             tree: crate::id::BlobId([0; 32]),
             parent: None,
+            original: None,
             summary: Default::default(),
             program_version: String::new(),
         }

@@ -179,10 +179,12 @@ impl Ctx {
     /// The password from --password-file, --password-command,
     /// $CHUNKVAULT_PASSWORD, or a prompt.
     pub fn password(&self, prompt: &str) -> Result<Vec<u8>, CliError> {
-        if let (None, Some(cmd)) = (&self.args.password_file, &self.args.password_command) {
-            return password_from_command(cmd);
-        }
-        password_from(self.args.password_file.as_ref(), "CHUNKVAULT_PASSWORD", prompt)
+        password_of(
+            self.args.password_file.as_ref(),
+            self.args.password_command.as_deref(),
+            "CHUNKVAULT_PASSWORD",
+            prompt,
+        )
     }
 
     pub fn open(&self) -> Result<Repository, CliError> {
@@ -298,6 +300,20 @@ impl Drop for Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+/// A password from a file, else a command, else the environment variable
+/// `env`, else a prompt.
+pub fn password_of(
+    file: Option<&PathBuf>,
+    command: Option<&str>,
+    env: &str,
+    prompt: &str,
+) -> Result<Vec<u8>, CliError> {
+    match (file, command) {
+        (None, Some(cmd)) => password_from_command(cmd),
+        _ => password_from(file, env, prompt),
     }
 }
 

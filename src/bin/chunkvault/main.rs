@@ -3,6 +3,7 @@
 mod cmd_admin;
 mod cmd_backup;
 mod cmd_check;
+mod cmd_copy;
 mod cmd_device;
 mod cmd_find;
 mod cmd_inspect;
@@ -70,6 +71,9 @@ enum Command {
     /// Serve snapshots as a read-only filesystem (FUSE) until unmounted:
     /// snapshots/ID, hosts/HOST/ID, tags/TAG/ID, each with a `latest`.
     Mount(cmd_mount::MountArgs),
+    /// Copy snapshots from another repository into this one (re-encrypted;
+    /// re-chunked when the chunker parameters differ); already copied ones are skipped.
+    Copy(cmd_copy::CopyArgs),
     /// Run the HTTP server (device registry, tokens, storage). Boxed: its
     /// many flags would make every other command carry their size.
     Serve(Box<cmd_serve::ServeArgs>),
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
         Command::Find(a) => cmd_find::find_cmd(&ctx, a),
         Command::Dump(a) => cmd_find::dump_cmd(&ctx, a),
         Command::Mount(a) => cmd_mount::mount_cmd(&ctx, a),
+        Command::Copy(a) => cmd_copy::copy_cmd(&ctx, a),
         Command::Serve(a) => cmd_serve::run(&ctx, *a),
         Command::Admin(a) => cmd_admin::run(&ctx, a),
         Command::Device(d) => cmd_device::run(&ctx, d),
