@@ -46,7 +46,7 @@ pub fn copy_cmd(ctx: &Ctx, a: CopyArgs) -> CmdResult {
         CopyError::Lock(e) => CliError::Lock(e),
         other => CliError::Other(other.to_string()),
     })?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&report);
         return Ok(ExitCode::SUCCESS);
     }
