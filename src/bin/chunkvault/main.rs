@@ -391,7 +391,8 @@ fn init_logging(quiet: bool, serve: Option<cmd_serve::LogFormat>) {
     let default = match serve {
         Some(_) => "info",
         None if quiet => "error",
-        None => "warn",
+        // fuser warns when it finds its mount already gone (`fusermount3 -u`).
+        None => "warn,fuser::session=error",
     };
     let filter = EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| default.into());
     let fmt = tracing_subscriber::fmt()
