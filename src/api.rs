@@ -576,6 +576,13 @@ pub struct DeviceInfo {
     pub deployment_token_id: Option<String>,
     #[serde(default)]
     pub policies: Policies,
+    /// Snapshots of this device that the storage nodes reported and that
+    /// still exist (0 before any report).
+    #[serde(default)]
+    pub snapshots: u64,
+    /// When the newest of them was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<DateTime<Utc>>,
 }
 
 /// One state change in the check-in feed.
@@ -641,11 +648,19 @@ pub struct CheckinResponse {
 
 /// Most tenants one check-in reports on.
 pub const MAX_CHECKIN_TENANTS: usize = 10_000;
-/// Largest check-in request body (a report of [`MAX_CHECKIN_TENANTS`] fits).
-pub const MAX_CHECKIN_BODY: usize = 2 << 20;
+/// Most new snapshots one check-in reports (the rest go with the next).
+pub const MAX_CHECKIN_SNAPSHOTS: usize = 2_000;
+/// Most removed snapshot ids one check-in reports.
+pub const MAX_CHECKIN_REMOVED: usize = 20_000;
+/// Largest check-in request body: a report of [`MAX_CHECKIN_TENANTS`],
+/// [`MAX_CHECKIN_SNAPSHOTS`] and [`MAX_CHECKIN_REMOVED`] fits.
+pub const MAX_CHECKIN_BODY: usize = 4 << 20;
+/// Longest storage node name (its host name and listen address), in bytes.
+pub const MAX_NODE_NAME: usize = 320;
 
 /// `POST /v1/checkin`: a storage node asks for the changes after `since`
-/// and reports what the tenants it has open store.
+/// and reports what the tenants it has open store, and, for the console,
+/// itself and what changed in its tenants' snapshots.
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckinRequest {
@@ -653,15 +668,148 @@ pub struct CheckinRequest {
     pub since: u64,
     #[serde(default)]
     pub usage: Vec<TenantUsage>,
+    /// The node itself, for the console's storage nodes page (older nodes
+    /// send none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeReport>,
+    /// What changed in its tenants' snapshots since its last report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<TenantSnapshots>,
 }
 
 impl Validate for CheckinRequest {
     fn validate(&self) -> Result<(), String> {
-        if self.usage.len() > MAX_CHECKIN_TENANTS {
+        if self.usage.len() > MAX_CHECKIN_TENANTS || self.snapshots.len() > MAX_CHECKIN_TENANTS {
             return Err(format!("at most {MAX_CHECKIN_TENANTS} tenants per check-in"));
         }
-        self.usage.iter().try_for_each(|u| check_tenant(&u.tenant))
+        if self.snapshots.iter().map(|t| t.added.len()).sum::<usize>() > MAX_CHECKIN_SNAPSHOTS {
+            return Err(format!("at most {MAX_CHECKIN_SNAPSHOTS} new snapshots per check-in"));
+        }
+        if self.snapshots.iter().map(|t| t.removed.len()).sum::<usize>() > MAX_CHECKIN_REMOVED {
+            return Err(format!("at most {MAX_CHECKIN_REMOVED} removed snapshots per check-in"));
+        }
+        if let Some(node) = &self.node {
+            node.validate()?;
+        }
+        self.usage.iter().try_for_each(|u| check_tenant(&u.tenant))?;
+        self.snapshots.iter().try_for_each(TenantSnapshots::validate)
     }
+}
+
+/// A storage node as it describes itself at check-in.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Its host name and listen address (`store-1 0.0.0.0:8080`).
+    pub name: String,
+    /// What it does when the auth role is unreachable: `fail_closed` or `fail_open`.
+    pub auth_unreachable: String,
+    /// How often it checks in.
+    pub checkin_interval_secs: u64,
+    /// Its chunkvault version.
+    pub version: String,
+}
+
+impl NodeReport {
+    fn validate(&self) -> Result<(), String> {
+        let text = |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
+        if !text(&self.name, MAX_NODE_NAME) || !text(&self.version, 64) {
+            return Err(format!("node: a name of 1-{MAX_NODE_NAME} and a version of 1-64 printable bytes"));
+        }
+        if !matches!(self.auth_unreachable.as_str(), "fail_closed" | "fail_open") {
+            return Err("node: auth_unreachable is fail_closed or fail_open".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a storage node saw change in one tenant's snapshots since its last
+/// report. A node reports every snapshot it finds once per process (a
+/// rescan, over as many check-ins as it takes), then only changes.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantSnapshots {
+    pub tenant: String,
+    /// This report starts a rescan: the snapshots recorded for the tenant
+    /// are in doubt until the rescan is `complete`.
+    #[serde(default)]
+    pub rescan: bool,
+    /// This report ends a rescan: recorded snapshots it did not report
+    /// again are gone.
+    #[serde(default)]
+    pub complete: bool,
+    #[serde(default)]
+    pub added: Vec<SnapshotRecord>,
+    #[serde(default)]
+    pub removed: Vec<SnapshotId>,
+}
+
+impl TenantSnapshots {
+    fn validate(&self) -> Result<(), String> {
+        check_tenant(&self.tenant)?;
+        for s in &self.added {
+            if let Some(d) = &s.device {
+                check_device_id(d)?;
+            }
+            if let Some(u) = &s.user {
+                check_email(u)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot as the auth role records it for the console: who took it,
+/// when, and its size; never its paths or contents.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Files in the snapshot.
+    pub files: u64,
+    /// Bytes of file content in the snapshot.
+    pub bytes: u64,
+}
+
+/// One entry of `GET /v1/admin/storage-nodes`.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageNodeInfo {
+    pub name: String,
+    /// The storage side of this very process (role `all`): it learns every
+    /// change at once and never checks in.
+    pub local: bool,
+    /// `fail_closed` or `fail_open`.
+    pub auth_unreachable: String,
+    pub checkin_interval_secs: u64,
+    pub version: String,
+    pub last_checkin: DateTime<Utc>,
+    /// The check-in feed's cursor the node has reached.
+    pub cursor: u64,
+    /// Device state changes after its cursor: retires and blocks it has not applied yet.
+    pub pending_changes: u64,
+    /// No check-in for two intervals: the node applies `auth_unreachable`.
+    pub stale: bool,
+    /// Stale, or changes have waited longer than an interval past its last check-in.
+    pub behind: bool,
+}
+
+/// One day of `GET /v1/admin/tenants/{tenant}/history`.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantDay {
+    /// The day (UTC).
+    pub day: chrono::NaiveDate,
+    /// What the tenant stored at the end of the day, as last reported on
+    /// or before it (none before the first report).
+    pub stored_bytes: Option<u64>,
+    /// Snapshots taken that day (forgotten ones included).
+    pub backups: u64,
 }
 
 /// What a tenant's repository holds, as a storage node counts it.
@@ -709,6 +857,10 @@ pub struct TenantInfo {
     pub quota_bytes: u64,
     /// When the storage figures were reported.
     pub reported_at: Option<DateTime<Utc>>,
+    /// Bytes of file content in the tenant's snapshots, added up (as the
+    /// storage nodes reported them): over `stored_bytes`, the dedup ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_bytes: Option<u64>,
 }
 
 /// Longest admin token label, in bytes.

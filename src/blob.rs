@@ -19,20 +19,40 @@ const FLAG_ZSTD: u8 = 1;
 
 /// Why stored bytes did not yield the expected blob.
 #[derive(Debug, thiserror::Error)]
+///
+/// Every variant means the stored bytes are damaged or were sealed under
+/// another key (or for another id or kind); none is retryable.
 pub enum BlobError {
+    /// AES-GCM refused the sealed bytes (tag, role or id do not match).
     #[error("blob {0}: {1}")]
     Crypto(BlobId, CryptoError),
+    /// The opened payload's encoding flag is neither raw (0) nor zstd (1);
+    /// 0xff when the payload is empty.
     #[error("blob {0}: unknown encoding flag {1}")]
     BadFlag(BlobId, u8),
+    /// The zstd frame is corrupt or decompresses to more than the expected
+    /// length (the output buffer is bounded by it).
     #[error("blob {0}: decompression failed: {1}")]
     Decompress(BlobId, std::io::Error),
+    /// The plaintext has another length than the index records.
     #[error("blob {id}: expected {expected} bytes, got {got}")]
-    Length { id: BlobId, expected: usize, got: usize },
+    Length {
+        /// The blob.
+        id: BlobId,
+        /// Plaintext length in bytes the caller (the index) expected.
+        expected: usize,
+        /// Plaintext length in bytes actually obtained.
+        got: usize,
+    },
+    /// The plaintext does not hash (keyed BLAKE3) to the blob's id.
     #[error("blob {0}: content does not match its id")]
     IdMismatch(BlobId),
 }
 
 /// Encodes and decodes blobs for one repository.
+///
+/// Cheap to clone and `Send + Sync`; each thread keeps its own zstd
+/// contexts, so many threads may seal and open at once.
 #[derive(Clone, Debug)]
 pub struct BlobCodec {
     key: MasterKey,

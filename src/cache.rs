@@ -38,8 +38,16 @@ pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
 /// Why the cache could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// The cache directory could not be created or read.
     #[error("cache directory {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The directory that failed.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The repository id (given) is not 1 to 64 hex characters, so it cannot
+    /// name a directory safely.
     #[error("{0:?} is not a repository id")]
     BadRepositoryId(String),
 }

@@ -36,10 +36,13 @@ fn in_subset(pack: &PackId, (n, m): (u32, u32)) -> bool {
     m > 0 && x % m == n.saturating_sub(1) % m
 }
 
-/// Live counters a progress display polls.
+/// Live counters a progress display polls (from another thread).
 #[derive(Debug, Default)]
 pub struct CheckProgress {
+    /// Packs `read_data` will read; set once the reading starts (0 without
+    /// `read_data`).
     pub packs_total: AtomicU64,
+    /// Packs read so far.
     pub packs_done: AtomicU64,
 }
 
@@ -49,6 +52,8 @@ pub struct Problem {
     /// `damage` (data lost or altered) or `warning` (harmless, e.g. an
     /// unreferenced pack that prune will remove).
     pub severity: Severity,
+    /// What is wrong and where (object ids, snapshot and path), and for
+    /// some problems the command that fixes it; one line of text.
     pub message: String,
 }
 
@@ -56,26 +61,42 @@ pub struct Problem {
 #[derive(Clone, Copy, Debug, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
+    /// Data is lost or altered: some snapshot may not restore exactly.
     Damage,
+    /// Nothing a snapshot needs is lost by it: garbage prune removes, or an
+    /// unreadable index segment (the damage it causes, if any, is reported
+    /// apart, on the files).
     Warning,
 }
 
 /// A file some snapshot cannot restore exactly.
 #[derive(Clone, Debug, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DamagedFile {
+    /// The snapshot holding the file.
     pub snapshot: SnapshotId,
+    /// Its path from the snapshot's root, `/`-separated with a leading
+    /// `/`; a directory that cannot be listed ends in `/` (`/` alone for
+    /// the root).
     pub path: String,
 }
 
-/// The result of a check.
+/// The result of a check (`check --json` prints it).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CheckReport {
+    /// Snapshot manifests listed, readable or not.
     pub snapshots: u64,
+    /// Distinct trees reached from the snapshots and read without error.
     pub trees: u64,
+    /// Pack files in storage.
     pub packs: u64,
+    /// Distinct blobs in the loaded index.
     pub blobs: u64,
+    /// Packs read whole and verified (0 without `read_data`).
     pub packs_read: u64,
+    /// Every problem found, sorted (damage first) and without duplicates.
     pub problems: Vec<Problem>,
+    /// Every file (or unlistable directory) some snapshot cannot restore
+    /// exactly, sorted and without duplicates.
     pub damaged_files: Vec<DamagedFile>,
 }
 
@@ -86,9 +107,15 @@ impl CheckReport {
     }
 }
 
-/// Checks `repo`; see the module docs. The steps: [`check_index`] (the
-/// index against the packs in storage), [`read_packs`] (with `read_data`),
-/// [`check_snapshots`] (every snapshot's trees, damage attributed to files).
+/// Checks `repo`; see the module docs. The steps: `check_index` (the
+/// index against the packs in storage), `read_packs` (with `read_data`),
+/// `check_snapshots` (every snapshot's trees, damage attributed to files).
+///
+/// Damage is reported in the [`CheckReport`], not as an error; `Err` means
+/// storage failed (listing, or a read that is not "not found"). Takes no
+/// lock: hold a shared one ([`Repository::lock`]) so that a running prune's
+/// deletions are not reported as damage. Blocks for the whole check; with
+/// `read_data` it downloads every pack (in parallel on the rayon pool).
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &CheckProgress) -> Result<CheckReport, RepoError> {
     let mut report = CheckReport::default();
     let findings = Findings::default();

@@ -14,17 +14,26 @@ use fastcdc::v2020::{self, Normalization};
 /// Invalid chunker parameters, or a read error while streaming.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkerError {
+    /// [`ChunkerParams::validate`] refused the sizes; the message gives the
+    /// accepted ranges.
     #[error("invalid chunker parameters: {0}")]
     Params(String),
+    /// The reader given to [`Chunker::stream`] failed.
     #[error("reading input: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// Chunk size bounds, kept in the repository config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+///
+/// All three are in bytes, even, and `min_size <= avg_size <= max_size`
+/// within FastCDC's ranges ([`ChunkerParams::validate`]).
 pub struct ChunkerParams {
+    /// No cut before this many bytes (the last chunk of a file may be shorter).
     pub min_size: u32,
+    /// The chunk size FastCDC aims for, in bytes.
     pub avg_size: u32,
+    /// A cut is forced at this many bytes.
     pub max_size: u32,
 }
 

@@ -36,10 +36,16 @@ const KEY_WRAP_AAD: &[u8] = b"chunkvault key file v1";
 /// a wrong key and tampered bytes look the same to an attacker.
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
+    /// The AES-GCM tag did not verify: wrong key (or password), wrong role
+    /// or id, or altered bytes.
     #[error("authentication failed: the data was altered or the key is wrong")]
     Authentication,
+    /// The sealed message (its length in bytes given) is shorter than a
+    /// nonce and a tag.
     #[error("sealed message too short ({0} bytes)")]
     TooShort(usize),
+    /// Argon2id parameters over the allowed maximum (4 GiB, 100 passes,
+    /// 64 lanes) or refused by argon2 itself.
     #[error("invalid key derivation parameters: {0}")]
     KdfParams(String),
 }
@@ -48,11 +54,17 @@ pub enum CryptoError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Role {
+    /// A data blob (file content chunk).
     Data = 1,
+    /// A tree blob.
     Tree = 2,
+    /// An index segment object.
     Index = 3,
+    /// A snapshot manifest object.
     Snapshot = 4,
+    /// The repository config object.
     Config = 5,
+    /// The blob table at the end of a pack.
     PackTable = 6,
 }
 
@@ -200,9 +212,15 @@ impl IdKey {
 
 /// Argon2id cost parameters, kept in each key file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+///
+/// Unwrapping refuses a key file over 4 GiB of memory, 100 passes or 64
+/// lanes, so a hostile key file cannot exhaust the machine.
 pub struct KdfParams {
+    /// Memory cost in KiB (argon2's `m`).
     pub memory_kib: u32,
+    /// Number of passes over the memory (argon2's `t`).
     pub iterations: u32,
+    /// Number of lanes (argon2's `p`); the lanes are filled in parallel.
     pub parallelism: u32,
 }
 
@@ -229,6 +247,7 @@ impl KdfParams {
 /// The master key as stored in a key file.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WrappedKey {
+    /// The Argon2id cost the password was stretched with.
     pub kdf: KdfParams,
     /// Argon2 salt, hex.
     pub salt: String,

@@ -10,8 +10,11 @@ use std::str::FromStr;
 /// Why a string is not an id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdError {
+    /// The string is not 64 bytes long (its length given).
     #[error("an id is 64 hex characters, got {0} characters")]
     Length(usize),
+    /// The string has a character other than `0-9a-f` (uppercase is refused);
+    /// its first 80 characters given.
     #[error("an id is lowercase hex: {0:?}")]
     NotHex(String),
 }
@@ -155,7 +158,9 @@ mod tests {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum BlobKind {
+    /// A chunk of file content (byte 1 on disk).
     Data = 1,
+    /// A tree blob: one directory listing (byte 2 on disk).
     Tree = 2,
 }
 

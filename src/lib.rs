@@ -70,6 +70,8 @@ pub mod select;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+#[cfg(test)]
+pub(crate) mod test_support;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod tree;

@@ -39,12 +39,20 @@ const MAX_NAME_LEN: usize = 256;
 /// Why a lock could not be taken or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Listing, reading, writing or removing lock objects failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A live conflicting lock (or an unreadable lock file) was still there
+    /// when [`LockOptions::wait`] ran out; the text describes each holder.
     #[error("the repository is locked: {0} (wait, or run `chunkvault unlock` if that process is gone)")]
     Locked(String),
+    /// [`LockGuard::check`]: the held lock (id given) was last written too
+    /// long ago, so others may have taken it as stale; the work relying on it
+    /// must not commit.
     #[error("lock {0} was not refreshed in time ({1}); stopping before committing anything")]
     Expired(LockId, String),
+    /// A lock file over [`MAX_LOCK_FILE_SIZE`], not JSON of a [`LockFile`],
+    /// or with a name over 256 bytes.
     #[error("lock file is not valid: {0}")]
     Invalid(String),
 }
@@ -69,11 +77,16 @@ impl LockKind {
 /// The JSON stored under `locks/<id>`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockFile {
+    /// Shared or exclusive.
     pub kind: LockKind,
     /// When this lock object was written (a refresh writes a new one).
     pub created: DateTime<Utc>,
+    /// The holder's host, at most 256 bytes; a lock of this host whose
+    /// process is gone is stale at once.
     pub hostname: String,
+    /// The holder's user (effective uid's name), at most 256 bytes; for messages.
     pub username: String,
+    /// The holder's process id on `hostname`.
     pub pid: u32,
 }
 
@@ -84,6 +97,8 @@ impl LockFile {
         LockFile { kind, created: Utc::now(), hostname, username, pid: std::process::id() }
     }
 
+    /// The JSON stored under `locks/<id>` (well under [`MAX_LOCK_FILE_SIZE`]
+    /// for names within the limit).
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a lock file always serializes")
     }
@@ -256,6 +271,10 @@ struct Held {
 /// A held lock. It refreshes itself on a thread until dropped, and dropping
 /// it removes it. Call [`check`](Self::check) before committing work that
 /// relies on it.
+///
+/// Dropping blocks: it stops and joins the refresher thread and removes the
+/// lock object (best effort; a leftover is stale since its holder is gone).
+/// `Send + Sync`; [`check`](Self::check) may be called from any thread.
 #[derive(Debug)]
 pub struct LockGuard {
     backend: Arc<dyn Backend>,
@@ -268,6 +287,10 @@ pub struct LockGuard {
 
 impl LockGuard {
     /// Takes a lock of `kind`, retrying with backoff for up to `opts.wait`.
+    ///
+    /// Blocks (sleeps between tries, at most 2 s each) while the repository
+    /// is locked; [`LockError::Locked`] when `wait` runs out, at once with a
+    /// zero `wait`. Starts the refresher thread.
     pub fn acquire(backend: Arc<dyn Backend>, kind: LockKind, opts: LockOptions) -> Result<LockGuard, LockError> {
         let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(20);
@@ -334,6 +357,7 @@ impl LockGuard {
         })
     }
 
+    /// Shared or exclusive, as taken.
     pub fn kind(&self) -> LockKind {
         self.kind
     }

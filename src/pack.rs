@@ -37,15 +37,26 @@ pub const MAX_PACK_SIZE: u64 = u32::MAX as u64;
 
 /// Why bytes are not a valid pack (or a valid part of one).
 #[derive(Debug, thiserror::Error)]
+///
+/// Every variant means damaged (or foreign) bytes; none is retryable.
 pub enum PackError {
+    /// Header, trailer or table structure is wrong; the text says what.
     #[error("not a pack: {0}")]
     Format(&'static str),
+    /// The header's version byte (given) is not one this build reads.
     #[error("unsupported pack version {0}")]
     Version(u8),
+    /// The sealed blob table did not open (damaged, or another repository's key).
     #[error("pack blob table: {0}")]
     Table(CryptoError),
+    /// A blob frame is damaged: bad length or crc32.
     #[error("blob frame at offset {offset}: {what}")]
-    Frame { offset: u64, what: &'static str },
+    Frame {
+        /// Byte offset of the frame's header in the pack.
+        offset: u64,
+        /// What is wrong with it.
+        what: &'static str,
+    },
 }
 
 /// Accumulates sealed blobs into one pack in memory.
@@ -59,8 +70,11 @@ pub struct PackBuilder {
 /// A finished pack: its name, bytes, and what it contains.
 #[derive(Debug)]
 pub struct FinishedPack {
+    /// BLAKE3 of `bytes`: the pack's name in storage.
     pub id: PackId,
+    /// The whole pack file, ready to upload.
     pub bytes: Vec<u8>,
+    /// Its blobs, in frame order, as the index will record them.
     pub entries: PackEntries,
 }
 
@@ -188,7 +202,10 @@ pub fn decode_table(key: &MasterKey, sealed: &[u8], crc: u32, pack_len: u64) -> 
 /// A pack's decoded blob table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackTable {
+    /// The kind of every blob in the pack (header and table agree on it).
     pub kind: BlobKind,
+    /// The pack's blobs in table order; every entry's frame lies inside the
+    /// pack's frame area.
     pub blobs: Vec<IndexEntry>,
 }
 

@@ -155,6 +155,11 @@ impl<'r> Packer<'r> {
     }
 
     /// Stores a blob unless it exists; returns its id and whether it was new.
+    ///
+    /// Callable from many threads at once. Blocks while the upload queue is
+    /// full (that is the backpressure that bounds memory). After any upload
+    /// of this packer failed, fails with [`RepoError::Upload`] (sticky). A
+    /// blob that is new is durable only after [`Packer::finish`].
     pub fn save(&self, kind: BlobKind, plaintext: &[u8]) -> Result<(BlobId, bool), RepoError> {
         let id = self.repo.blob_id(plaintext);
         let new = self.save_named(kind, id, plaintext)?;
@@ -165,6 +170,11 @@ impl<'r> Packer<'r> {
     /// (`id == repo.blob_id(plaintext)`: the server verifies every upload
     /// before queueing it), so the hot upload path hashes each chunk once.
     /// Returns whether it was new.
+    ///
+    /// # Panics
+    /// In debug builds, when `id` is not the id of `plaintext`. A release
+    /// build stores such a blob, and every later read of it fails
+    /// verification: the caller must check.
     pub fn save_named(&self, kind: BlobKind, id: BlobId, plaintext: &[u8]) -> Result<bool, RepoError> {
         debug_assert!(self.repo.blob_id(plaintext) == id, "save_named with a wrong id");
         if self.is_known_or_claim(&id) {

@@ -35,10 +35,19 @@ use crate::tree::{walk, NodeKind};
 /// which the write order makes harmless).
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
+    /// Storage failed (or a write through the session did). If it happens
+    /// during deletion, what is left is what a crash would leave: harmless
+    /// garbage for the next prune.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// The exclusive lock could not be taken within `lock.wait` (backups or
+    /// another prune hold the repository), or it lapsed before the first
+    /// delete; nothing was deleted then.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// The repository is damaged in a way that makes the set of live blobs
+    /// unknown (an unreadable snapshot or tree, a live blob in no pack, a
+    /// blob that fails verification while repacked); nothing was deleted.
     #[error("refusing to prune: {0} (run `chunkvault check`; `repair index` or `repair snapshots` may help)")]
     Damaged(String),
 }
@@ -60,8 +69,9 @@ impl From<crate::backend::BackendError> for PruneError {
 pub struct PruneOptions {
     /// A pack whose unused bytes exceed this percentage of it is repacked.
     pub max_unused_percent: f64,
-    /// Compute and report, change nothing.
+    /// Compute and report, change nothing (the exclusive lock is still taken).
     pub dry_run: bool,
+    /// How long to wait for the exclusive lock, and its refresh timing.
     pub lock: LockOptions,
 }
 
@@ -71,9 +81,11 @@ impl Default for PruneOptions {
     }
 }
 
-/// What prune is doing, for a progress display.
+/// What prune is doing, for a progress display; another thread may poll it.
 #[derive(Debug, Default)]
 pub struct PruneProgress {
+    /// The current step in words (`"marking used blobs"`, `"repacking 3/40"`,
+    /// ..., `"done"`); empty before prune starts.
     pub phase: Mutex<String>,
 }
 
@@ -83,31 +95,52 @@ impl PruneProgress {
     }
 }
 
-/// What prune found and did (or, with `dry_run`, would do).
+/// What prune found and did (or, with `dry_run`, would do). Sizes are in
+/// bytes of pack files as stored (compressed and sealed). `prune --json`
+/// prints it; the field names are part of that output.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PruneReport {
+    /// True when nothing was changed ([`PruneOptions::dry_run`]).
     pub dry_run: bool,
+    /// Snapshots whose trees were marked.
     pub snapshots: u64,
+    /// Distinct blobs (trees and chunks) the snapshots reach.
     pub blobs_used: u64,
+    /// Index entries of indexed packs that are not a live blob's one home:
+    /// unreachable blobs and extra copies of live ones.
     pub blobs_unused: u64,
+    /// Packs in storage, indexed or not.
     pub packs_total: u64,
+    /// Packs kept whole (garbage at or under the threshold).
     pub packs_kept: u64,
+    /// Packs whose live blobs are copied into new packs, then deleted.
     pub packs_repacked: u64,
     /// Packs holding nothing live, deleted whole.
     pub packs_unused: u64,
     /// Packs no index names (left by interrupted backups), deleted.
     pub packs_unindexed: u64,
+    /// New packs written by repacking (0 in a dry run).
     pub packs_written: u64,
+    /// Bytes of every pack in storage before prune.
     pub bytes_before: u64,
+    /// Bytes of the frames of unused blobs in indexed packs (unindexed
+    /// packs are counted in `bytes_before` only).
     pub bytes_unused_before: u64,
+    /// Bytes of the repacked packs minus their garbage: about what repacking
+    /// reads and writes again.
     pub bytes_repacked: u64,
+    /// Bytes of packs after prune: the kept packs plus the new ones (in a
+    /// dry run, plus the estimate `bytes_repacked`).
     pub bytes_after: u64,
+    /// Index segments written (0 in a dry run).
     pub index_segments_written: u64,
+    /// Old index segments deleted (0 in a dry run).
     pub index_segments_deleted: u64,
 }
 
 /// Every blob (trees and data) reachable from `snapshots`. A tree that
-/// cannot be loaded is an error: what it references is unknown.
+/// cannot be loaded is an error: what it references is unknown. Blocks on
+/// reading every tree once (a subtree shared by snapshots is read once).
 pub fn reachable_blobs(repo: &Repository, snapshots: &[(SnapshotId, Snapshot)]) -> Result<HashSet<BlobId>, RepoError> {
     let mut used: HashSet<BlobId> = HashSet::new();
     for (_, snapshot) in snapshots {
@@ -172,6 +205,10 @@ impl PrunePlan {
 
 /// Prunes `repo`: [`plan`], then (unless `opts.dry_run`) [`execute`], under
 /// one exclusive lock; see the module docs.
+///
+/// Blocks for the whole prune: it waits up to `opts.lock.wait` for running
+/// backups, reads every index segment and tree, and reads and rewrites the
+/// live part of every repacked pack.
 pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &PruneProgress) -> Result<PruneReport, PruneError> {
     let mut session = WriteSession::begin(repo, LockKind::Exclusive, opts.lock, 2)?;
     let plan = plan(&session, opts, progress)?;
@@ -200,7 +237,8 @@ pub fn plan(
     let sizes: HashMap<PackId, u64> = repo.pack_sizes()?;
     // Each existing pack's entries, from the first readable segment naming it.
     // Unreadable segments are replaced like the rest; if they held the only
-    // location of a live blob, marking below finds it missing and stops.
+    // location of a live blob, marking (a tree) or planning (a chunk) below
+    // finds it missing and stops.
     let mut packs: HashMap<PackId, PackEntries> = HashMap::new();
     let mut unreadable_segments = 0;
     // Entries naming packs that are gone (lost, or deleted by hand): the

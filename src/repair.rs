@@ -16,10 +16,17 @@ use crate::tree::{Node, NodeKind, Tree};
 /// Why a repair failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
+    /// Storage failed, or a write through the session did. Old segments
+    /// and snapshots are removed only after their replacements are durable,
+    /// so a failure leaves at most duplicates.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// The lock (exclusive for `repair index`, shared for `repair
+    /// snapshots`) could not be taken in time, or lapsed before the commit.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A rewritten directory could not be made into a tree (it cannot
+    /// happen for trees that decoded; kept for safety).
     #[error("building a tree: {0}")]
     Tree(#[from] crate::tree::TreeError),
 }
@@ -39,11 +46,15 @@ impl From<crate::backend::BackendError> for RepairError {
 /// What `repair index` did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RepairIndexReport {
+    /// Packs whose blob table was read and indexed.
     pub packs: u64,
+    /// Index entries written: the blobs of those packs.
     pub blobs: u64,
     /// Packs whose table could not be read, with why (left in place, not indexed).
     pub unreadable_packs: Vec<(PackId, String)>,
+    /// New index segments written.
     pub segments_written: u64,
+    /// Old index segments deleted (after the new ones were durable).
     pub segments_deleted: u64,
 }
 

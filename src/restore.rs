@@ -278,6 +278,13 @@ fn include_parts(s: &str) -> Vec<&[u8]> {
 
 /// Restores `snapshot` (or the parts `opts.include` names) under `target`,
 /// from the repository's packs.
+///
+/// Blocks until done; files are created, written and given their metadata
+/// on the rayon pool. A file whose chunks are missing or damaged, or that
+/// cannot be written, is listed in [`RestoreReport`] (the target keeps what
+/// it had) rather than failing the restore; [`RestoreError`] is for what
+/// stops it as a whole (an unsafe name, something in a directory's way, an
+/// unreadable tree, an include path not in the snapshot). Takes no lock.
 pub fn restore(
     repo: &Repository,
     snapshot: &Snapshot,
@@ -819,8 +826,9 @@ const CAT_WINDOW: u64 = 16 << 20;
 /// One file of a snapshot (or the byte range `start..end` of it) as a
 /// stream of verified bytes. Chunks are read through the repository's one
 /// blob read path ([`Repository::read_blobs`]: pack order, nearby blobs in
-/// one ranged read), [`CAT_WINDOW`] of the file at a time, so memory is
-/// bounded whatever the file's size. Used by `cat`, `dump` and the storage
+/// one ranged read), a window of the chunks starting within 16 MiB at a
+/// time, so memory is bounded (16 MiB plus one chunk) whatever the file's
+/// size. Used by `cat`, `dump` and the storage
 /// node's file route.
 pub struct FileReader<'r> {
     repo: &'r Repository,
@@ -952,12 +960,7 @@ mod tests {
     #[test]
     fn cat_reads_any_range_across_windows() {
         let dir = tempfile::tempdir().unwrap();
-        let init = crate::repo::InitOptions {
-            kdf: crate::crypto::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            ..Default::default()
-        };
-        let backend = std::sync::Arc::new(crate::backend::LocalBackend::create(dir.path()).unwrap());
-        let repo = Repository::init(backend, b"pw", &init).unwrap();
+        let repo = crate::test_support::local_repo(dir.path());
         let mut x = 1u64;
         let data: Vec<u8> = (0..(CAT_WINDOW * 2 + 12345))
             .map(|_| {

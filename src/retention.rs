@@ -24,14 +24,27 @@ use crate::snapshot::Snapshot;
 
 /// What to keep; all zero/empty keeps nothing (see [`Policy::is_empty`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// A snapshot is kept when any rule wants it; 0 (or `None`, or empty)
+/// turns a rule off. Counts are per group ([`GroupBy`]).
 pub struct Policy {
+    /// Keep the N newest snapshots (`--keep-last`).
     pub last: u32,
+    /// Keep the newest snapshot of each of the N newest hours that have
+    /// one (`--keep-hourly`), in the snapshot's own UTC offset.
     pub hourly: u32,
+    /// As `hourly`, for calendar days (`--keep-daily`).
     pub daily: u32,
+    /// As `hourly`, for ISO weeks (`--keep-weekly`).
     pub weekly: u32,
+    /// As `hourly`, for calendar months (`--keep-monthly`).
     pub monthly: u32,
+    /// As `hourly`, for calendar years (`--keep-yearly`).
     pub yearly: u32,
+    /// Keep every snapshot at most this much older than the group's newest
+    /// (`--keep-within`); measured from the newest snapshot, not from now.
     pub within: Option<chrono::Duration>,
+    /// Keep every snapshot carrying one of these tags (exact match, `--keep-tag`).
     pub tags: Vec<String>,
 }
 
@@ -46,7 +59,9 @@ impl Policy {
 /// Which snapshots form a group that the policy is applied to separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupBy {
+    /// Snapshots of different hosts form different groups.
     pub host: bool,
+    /// Snapshots of different path sets (compared sorted) form different groups.
     pub paths: bool,
     /// Snapshots with the same set of tags form a group.
     pub tags: bool,
@@ -62,14 +77,19 @@ impl Default for GroupBy {
 /// A snapshot kept, and the rules that kept it (e.g. `daily`, `last`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Kept {
+    /// The snapshot kept.
     pub id: SnapshotId,
+    /// Every rule that wants it, never empty: `last`, `hourly`, `daily`,
+    /// `weekly`, `monthly`, `yearly`, `within`, `tag`.
     pub reasons: Vec<&'static str>,
 }
 
 /// The decision for one group of snapshots (same host and paths).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct GroupDecision {
+    /// The group's host (empty when not grouped by host).
     pub hostname: String,
+    /// The group's paths, sorted (empty when not grouped by paths).
     pub paths: Vec<String>,
     /// The group's tags (sorted; empty when not grouped by tags).
     pub tags: Vec<String>,
@@ -172,24 +192,9 @@ fn decide(policy: &Policy, group: &[&(SnapshotId, Snapshot)]) -> (Vec<Kept>, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::BlobId;
 
     fn snap(time: &str, host: &str, tags: &[&str]) -> Snapshot {
-        Snapshot {
-            time: DateTime::parse_from_rfc3339(time).unwrap(),
-            hostname: host.into(),
-            username: "u".into(),
-            tenant: None,
-            user: None,
-            device: None,
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            paths: vec!["/data".into()],
-            tree: BlobId([0; 32]),
-            parent: None,
-            original: None,
-            summary: Default::default(),
-            program_version: "test".into(),
-        }
+        crate::test_support::snapshot(time, host, tags, &["/data"])
     }
 
     /// Snapshots named by their index in `times`.

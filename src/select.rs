@@ -161,21 +161,7 @@ mod tests {
     use super::*;
 
     fn snap(host: &str, tags: &[&str], paths: &[&str]) -> Snapshot {
-        Snapshot {
-            time: chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap(),
-            hostname: host.into(),
-            username: "u".into(),
-            tenant: None,
-            user: None,
-            device: None,
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            paths: paths.iter().map(|p| p.to_string()).collect(),
-            tree: crate::id::BlobId([0; 32]),
-            parent: None,
-            original: None,
-            summary: Default::default(),
-            program_version: String::new(),
-        }
+        crate::test_support::snapshot("2026-01-01T00:00:00Z", host, tags, paths)
     }
 
     fn strings(v: &[&str]) -> Vec<String> {

@@ -12,22 +12,25 @@ use crate::tree::{walk, Node, NodeKind};
 /// Sizes and counts of a repository.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
+    /// Snapshots counted (unreadable ones are skipped by [`stats`]).
     pub snapshots: u64,
     /// Bytes of file content over every snapshot (what restoring them all writes).
     pub logical_bytes: u64,
-    /// Distinct data chunks the snapshots use, and their plaintext bytes.
+    /// Distinct data chunks the snapshots use.
     pub chunks: u64,
+    /// Plaintext bytes of those distinct chunks.
     pub chunk_bytes: u64,
-    /// Distinct trees, and their stored bytes.
+    /// Distinct trees the snapshots reach.
     pub trees: u64,
     /// Stored (compressed, sealed) bytes of the used chunks.
     pub chunk_stored_bytes: u64,
+    /// Pack files in storage (the whole repository's, whatever the snapshots).
     pub packs: u64,
     /// Bytes of every pack on storage (including unused data prune would free).
     pub pack_bytes: u64,
-    /// logical_bytes / chunk_bytes.
+    /// logical_bytes / chunk_bytes (1.0 when there are no chunks).
     pub dedup_ratio: f64,
-    /// chunk_bytes / chunk_stored_bytes.
+    /// chunk_bytes / chunk_stored_bytes (1.0 when there are no chunks).
     pub compression_ratio: f64,
 }
 
@@ -39,7 +42,11 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-/// Walks every distinct tree once (shared subtrees are counted, and read, once).
+/// Statistics of every readable snapshot. Walks every distinct tree once
+/// (shared subtrees are counted, and read, once); blocks on those reads.
+///
+/// Fails on storage errors and on damage: an unreadable tree, or a chunk
+/// that is not in the index ([`RepoError::MissingBlob`]).
 pub fn stats(repo: &Repository) -> Result<Stats, RepoError> {
     stats_of(repo, &repo.list_snapshots()?)
 }
@@ -113,7 +120,10 @@ fn logical_size(tree: &BlobId, trees: &HashMap<BlobId, (u64, Vec<BlobId>)>, tota
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Change {
+    /// Only in the second snapshot (a new directory is listed, its
+    /// content below it too).
     Added,
+    /// Only in the first snapshot (likewise with a directory's content).
     Removed,
     /// Content (or the kind of entry, or a symlink's target) changed.
     Modified,
@@ -124,7 +134,10 @@ pub enum Change {
 /// One difference, at a slash-separated path inside the snapshots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Difference {
+    /// `/`-separated from the snapshots' root, with a leading `/`; names
+    /// that are not UTF-8 are shown lossily.
     pub path: String,
+    /// How the entry differs.
     pub change: Change,
 }
 

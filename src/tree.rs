@@ -132,14 +132,28 @@ impl Timestamp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
     /// A regular file: its content is these chunks concatenated, in order.
-    File { chunks: Vec<BlobId> },
+    File {
+        /// Data blob ids in file order; empty for an empty file. A chunk
+        /// may repeat.
+        chunks: Vec<BlobId>,
+    },
     /// A directory: its listing is the tree blob `subtree`.
-    Dir { subtree: BlobId },
+    Dir {
+        /// The tree blob listing the directory.
+        subtree: BlobId,
+    },
     /// A symbolic link to `target` (raw bytes, never followed on restore).
-    Symlink { target: Vec<u8> },
+    Symlink {
+        /// The link's target, at most 4096 bytes without NUL; may be absolute
+        /// or contain `..`.
+        target: Vec<u8>,
+    },
     /// A fifo, socket, or character or block device (`mode` says which);
     /// `rdev` is the device number of a device, 0 otherwise.
-    Special { rdev: u64 },
+    Special {
+        /// `st_rdev`: the device number of a device node, 0 for a fifo or socket.
+        rdev: u64,
+    },
 }
 
 /// One extended attribute: its full name (`user.comment`) and raw value.
@@ -257,12 +271,19 @@ impl NodeExtra {
 pub struct Node {
     /// One path component (see [`validate_name`]), raw bytes as on disk.
     pub name: Vec<u8>,
+    /// What the entry is, with its content (chunks, subtree, target, rdev).
     pub kind: NodeKind,
     /// `st_mode`: file type and permission bits.
     pub mode: u32,
+    /// Numeric owner at backup time; restore sets it when run as root
+    /// (unless told to ignore owners).
     pub uid: u32,
+    /// Numeric group at backup time; restored like `uid`.
     pub gid: u32,
+    /// Last content modification (`st_mtime`), restored on the entry.
     pub mtime: Timestamp,
+    /// Last status change (`st_ctime`); not restorable, kept so the next
+    /// backup can tell a file unchanged.
     pub ctime: Timestamp,
     /// The inode number at backup time (lets the next backup spot unchanged files).
     pub inode: u64,
@@ -338,35 +359,67 @@ impl Node {
 
 /// Why a tree cannot be built or decoded.
 #[derive(Debug, thiserror::Error)]
+///
+/// Names and values inside the variants are escaped and cut to 100 bytes:
+/// they come from hostile input and are safe to print.
 pub enum TreeError {
+    /// The bytes end inside a field.
     #[error("tree is truncated")]
     Truncated,
+    /// The first four bytes are not `CVTR`.
     #[error("not a tree (bad magic bytes)")]
     BadMagic,
+    /// The version byte (given) is neither 1 nor 2.
     #[error("unsupported tree format version {0}")]
     UnsupportedVersion(u8),
+    /// A node's kind byte (given) is not 1 to 4 (4 only in version 2).
     #[error("unknown node kind {0}")]
     BadKind(u8),
+    /// A name that is not one path component (see [`validate_name`]).
+    /// Restore relies on this to never write outside its target.
     #[error("invalid name \"{0}\": a name is one path component of 1 to 4096 bytes, not \".\" or \"..\", without '/' or NUL")]
     InvalidName(String),
+    /// A symlink target over 4096 bytes or holding a NUL.
     #[error("invalid symlink target \"{0}\": a target is at most 4096 bytes without NUL")]
     InvalidSymlinkTarget(String),
+    /// Two nodes share this name.
     #[error("the name \"{0}\" appears more than once")]
     DuplicateName(String),
+    /// Decoding: this node's name is smaller than the one before it.
     #[error("nodes are not sorted by name (\"{0}\" is out of order)")]
     NotSorted(String),
+    /// The encoding (its length in bytes given) is over [`MAX_TREE_SIZE`]:
+    /// refused by [`Tree::new`] as well as by [`Tree::decode`].
     #[error("tree of {0} bytes is larger than the limit of {MAX_TREE_SIZE} bytes")]
     TooLarge(usize),
+    /// Bytes (how many given) follow the last node.
     #[error("{0} bytes follow the last node")]
     TrailingBytes(usize),
+    /// The named node's mtime or ctime has `nsec` of one second or more.
     #[error("node \"{0}\" has a timestamp with 1 000 000 000 or more nanoseconds")]
     BadTimestamp(String),
+    /// The node count cannot fit in the bytes left (checked before allocating).
     #[error("tree claims {count} nodes but only {remaining} bytes follow")]
-    TooManyNodes { count: u32, remaining: usize },
+    TooManyNodes {
+        /// Nodes the tree claims.
+        count: u32,
+        /// Bytes left after the count.
+        remaining: usize,
+    },
+    /// A file's chunk count cannot fit in the bytes left (checked before allocating).
     #[error("file claims {count} chunks but only {remaining} bytes follow")]
-    TooManyChunks { count: u32, remaining: usize },
+    TooManyChunks {
+        /// Chunks the file node claims.
+        count: u32,
+        /// Bytes left after the count.
+        remaining: usize,
+    },
+    /// The named node's [`NodeExtra`] breaks a rule (lengths, UTF-8 owner
+    /// names, sorted unique attribute names); the text says which.
     #[error("node \"{0}\": {1}")]
     BadExtra(String, &'static str),
+    /// A version 2 tree that version 1 could hold: refused so that every
+    /// tree has exactly one encoding (and one id).
     #[error("a version 2 tree without anything that needs version 2 (not canonical)")]
     NotCanonical,
 }
@@ -705,12 +758,7 @@ mod tests {
     fn walk_is_depth_first_in_name_order_and_can_skip_and_survive_a_lost_subtree() {
         use crate::id::BlobKind;
         let dir = tempfile::tempdir().unwrap();
-        let init = crate::repo::InitOptions {
-            kdf: crate::crypto::KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            ..Default::default()
-        };
-        let backend = std::sync::Arc::new(crate::backend::LocalBackend::create(dir.path()).unwrap());
-        let repo = crate::repo::Repository::init(backend, b"pw", &init).unwrap();
+        let repo = crate::test_support::local_repo(dir.path());
         let packer = crate::packer::Packer::new(&repo, 1);
         let save = |nodes: Vec<Node>| packer.save(BlobKind::Tree, &Tree::new(nodes).unwrap().encode()).unwrap().0;
         let file = |name: &[u8]| node(name, NodeKind::File { chunks: vec![] });

@@ -21,25 +21,55 @@ pub enum Fault {
     /// The nth put (0-based, counted from when the fault is armed) of the
     /// given file type (`None` = any) fails with an I/O error (EIO) without
     /// writing.
-    FailPut { nth: usize, file_type: Option<FileType> },
+    FailPut {
+        /// Which matching put fails, 0-based.
+        nth: usize,
+        /// Only puts of this type count; `None` counts every put.
+        file_type: Option<FileType>,
+    },
     /// The nth put fails with ENOSPC without writing (a full disk).
-    NoSpace { nth: usize, file_type: Option<FileType> },
+    NoSpace {
+        /// Which matching put fails, 0-based.
+        nth: usize,
+        /// Only puts of this type count; `None` counts every put.
+        file_type: Option<FileType>,
+    },
     /// The nth put stores only the first `keep` bytes (a torn write, as a
     /// backend without atomic puts could leave) and then reports EIO. With
     /// `keep` at least the data's length the whole object is stored and the
     /// put still fails: the "it worked but the answer was lost" case.
-    TornPut { nth: usize, file_type: Option<FileType>, keep: usize },
+    TornPut {
+        /// Which matching put is torn, 0-based.
+        nth: usize,
+        /// Only puts of this type count; `None` counts every put.
+        file_type: Option<FileType>,
+        /// Bytes of the object that are stored.
+        keep: usize,
+    },
     /// Every operation after the first `ops` operations (counted from when
     /// the fault is armed) fails with [`BackendError::Injected`] without
     /// reaching the store: the "disk died" or "process crashed" model.
-    FailAfter { ops: usize },
+    FailAfter {
+        /// Operations (of any kind) that still succeed.
+        ops: usize,
+    },
     /// Reads (`get`, `get_range`) of objects of this type return their bytes
     /// with the byte at `offset` (relative to the returned buffer, modulo its
     /// length) XORed with 0x01. The stored object is untouched.
-    FlipOnRead { file_type: FileType, offset: usize },
+    FlipOnRead {
+        /// Reads of objects of this type are altered.
+        file_type: FileType,
+        /// Which byte of the returned buffer is flipped (modulo its length).
+        offset: usize,
+    },
     /// Reads (`get`, `get_range`) of objects of this type sleep for `millis`
     /// before answering, for timeout tests; use sparingly.
-    Stall { file_type: FileType, millis: u64 },
+    Stall {
+        /// Reads of objects of this type are delayed.
+        file_type: FileType,
+        /// The delay, in milliseconds.
+        millis: u64,
+    },
 }
 
 /// An armed fault and how many matching operations it has seen.

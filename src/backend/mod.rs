@@ -29,11 +29,17 @@ use crate::id::{IndexId, KeyId, LockId, PackId, SnapshotId};
 /// What a key names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FileType {
+    /// The one `config` object.
     Config,
+    /// Key files under `keys/`.
     Key,
+    /// Packfiles under `packs/<xx>/`.
     Pack,
+    /// Index segments under `index/`.
     Index,
+    /// Snapshot manifests under `snapshots/`.
     Snapshot,
+    /// Lock files under `locks/`.
     Lock,
 }
 
@@ -56,11 +62,17 @@ impl FileType {
 /// ever becomes a path or an object name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ObjectKey {
+    /// `config`.
     Config,
+    /// `keys/<id>` (a random id).
     Key(KeyId),
+    /// `packs/<xx>/<id>` (BLAKE3 of the pack file).
     Pack(PackId),
+    /// `index/<id>` (BLAKE3 of the sealed segment).
     Index(IndexId),
+    /// `snapshots/<id>` (BLAKE3 of the sealed manifest).
     Snapshot(SnapshotId),
+    /// `locks/<id>` (a random id).
     Lock(LockId),
 }
 
@@ -127,8 +139,12 @@ pub enum BackendError {
     /// The underlying storage failed; `key` names the object or path involved.
     #[error("{op} {key}: {source}")]
     Io {
+        /// The operation: `"put"`, `"get"`, `"list"`, `"remove"`, ...
         op: &'static str,
+        /// The object's path (see [`ObjectKey::path`]) or the directory involved.
         key: String,
+        /// The error from the filesystem or the S3 client (retries, if
+        /// any, already spent).
         #[source]
         source: std::io::Error,
     },

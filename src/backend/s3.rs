@@ -57,19 +57,28 @@ const MAX_RANGE: u64 = 1 << 30;
 /// Why an S3 backend could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
+    /// The location (given) is not `s3://bucket[/prefix]` with components
+    /// of ASCII letters, digits, `.`, `-` and `_`.
     #[error("bad S3 location {0:?}: expected s3://bucket or s3://bucket/prefix (letters, digits, '.', '-', '_')")]
     BadUrl(String),
+    /// A required environment variable (named) is unset or empty.
     #[error("{0} is not set: an s3:// repository needs it (see the README, \"Storing backups in S3\")")]
     MissingEnv(&'static str),
+    /// An environment variable (named first) has a value (second) it cannot take.
     #[error("{name} is not a valid value for {0}", name = .1)]
     BadEnv(&'static str, String),
+    /// The endpoint (given) is plain `http://` to another host and
+    /// `CHUNKVAULT_S3_ALLOW_HTTP=1` is not set: credentials and data would
+    /// cross the network unencrypted.
     #[error(
         "refusing plain http to {0}: use https, or set CHUNKVAULT_S3_ALLOW_HTTP=1 for a trusted network \
          (loopback endpoints are always allowed)"
     )]
     InsecureEndpoint(String),
+    /// The S3 client (object_store) refused the settings.
     #[error("S3 client setup: {0}")]
     Client(String),
+    /// The backend's private tokio runtime could not be started.
     #[error("could not start the S3 runtime: {0}")]
     Runtime(io::Error),
 }
@@ -83,15 +92,20 @@ impl From<S3Error> for BackendError {
 /// Where an S3 repository is and how to talk to it.
 #[derive(Clone)]
 pub struct S3Config {
+    /// The bucket name (ASCII letters, digits, `.`, `-`, `_`).
     pub bucket: String,
     /// Key prefix without leading or trailing slash; empty for the bucket's root.
     pub prefix: String,
     /// `http(s)://host:port` of an S3-compatible service; `None` for AWS S3.
     pub endpoint: Option<String>,
+    /// The bucket's region (`AWS_REGION`); S3-compatible services often
+    /// accept any value.
     pub region: String,
+    /// `AWS_ACCESS_KEY_ID`; printed by `Debug`, it is not secret.
     pub access_key_id: String,
     /// Never printed: [`S3Config`]'s `Debug` leaves it out.
     pub secret_access_key: String,
+    /// `AWS_SESSION_TOKEN` for temporary credentials; never printed.
     pub session_token: Option<String>,
     /// Allow an `http://` endpoint that is not on the loopback interface.
     pub allow_http: bool,
@@ -205,14 +219,20 @@ fn is_loopback_http(endpoint: &str) -> bool {
 /// request per 1000 keys (the S3 page size), rounded up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct S3Requests {
+    /// PUT requests, multipart initiations, parts and completions included.
     pub put: u64,
+    /// GET requests, ranged reads included.
     pub get: u64,
+    /// HEAD requests (`size`, `exists`).
     pub head: u64,
+    /// LIST pages (one per 1000 keys, rounded up).
     pub list: u64,
+    /// DELETE requests.
     pub delete: u64,
 }
 
 impl S3Requests {
+    /// All requests of every kind.
     pub fn total(&self) -> u64 {
         self.put + self.get + self.head + self.list + self.delete
     }

@@ -31,15 +31,34 @@ use crate::tree::{Tree, TreeError};
 
 /// Why a backup failed (a file that cannot be read is a warning, not this).
 #[derive(Debug, thiserror::Error)]
+///
+/// Whatever the error, no snapshot was written; packs already uploaded are
+/// named by no snapshot and left for prune (see ARCHITECTURE.md, "The
+/// commit protocol").
 pub enum BackupError {
+    /// The repository failed: storage, a failed upload, damage met while
+    /// reading the parent snapshot.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A path given to the backup (or a stream's reader) could not be
+    /// resolved or read. Unreadable entries *below* a given path are
+    /// warnings ([`BackupResult::warnings`]), not this error.
     #[error("{path}: {source}")]
-    Source { path: PathBuf, source: std::io::Error },
+    Source {
+        /// The path as given (or the stream file's path).
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A directory could not be made into a tree blob (a name the format
+    /// refuses, or a listing over the tree size limit).
     #[error("building a tree: {0}")]
     Tree(#[from] TreeError),
+    /// No paths were given, or a stream file has an empty path.
     #[error("nothing to back up: {0}")]
     NoPaths(String),
+    /// The shared lock could not be taken (a prune holds the repository
+    /// past `lock.wait`), or it lapsed before the snapshot was written.
     #[error(transparent)]
     Lock(#[from] LockError),
     /// The exclude options cannot be used (a bad pattern).
@@ -137,6 +156,14 @@ pub struct DryRunResult {
 }
 
 /// Backs up `paths` (files or directories) into one snapshot.
+///
+/// Blocks until the snapshot is durable (or the backup fails); it uses the
+/// rayon pool for reading and sealing and `opts.uploaders` threads for
+/// uploads. Holds a shared lock for the whole backup, so it waits up to
+/// `opts.lock.wait` for a running prune. Relative paths are made absolute
+/// against the current directory. An entry that cannot be read is left out
+/// with a warning ([`BackupResult::is_complete`] is then false); any other
+/// failure is a [`BackupError`] and writes no snapshot.
 pub fn backup<P: AsRef<Path>>(
     repo: &Repository,
     paths: &[P],

@@ -14,9 +14,12 @@ use crate::tree::{validate_name, Node, NodeKind, Timestamp};
 pub struct NamedFile<R> {
     /// Slash-separated path inside the snapshot, e.g. `photos/2026/a.jpg`.
     pub path: String,
+    /// The file's content, read to its end once; a read error fails the
+    /// whole backup ([`BackupError::Source`]).
     pub reader: R,
     /// Permission bits (e.g. 0o644).
     pub mode: u32,
+    /// Modification time recorded (and used as ctime too).
     pub mtime: Timestamp,
 }
 
@@ -73,6 +76,12 @@ impl FileTree {
 
 /// Backs up the files an iterator yields into one snapshot whose root holds
 /// them at their paths. Intermediate directories are created with mode 0755.
+///
+/// Blocks until the snapshot is durable; holds a shared lock throughout,
+/// like [`backup`](super::backup). Files are read one at a time in the
+/// iterator's order. A file given twice at one path is stored twice and
+/// refused when its tree is built ([`BackupError::Tree`]); nothing is
+/// committed on any error.
 pub fn backup_stream<R: Read>(
     repo: &Repository,
     files: impl IntoIterator<Item = NamedFile<R>>,

@@ -12,6 +12,10 @@ use crate::api::{
 use crate::auth::admin::AdminIdentity;
 
 /// Talks to the admin routes with the admin token.
+///
+/// Every call is one blocking HTTP request (10 minute timeout); an error
+/// answer is [`ClientError::Api`] with the server's code (`forbidden` when
+/// the token's role or scope does not cover the call).
 pub struct AdminClient {
     http: Http,
     token: String,
@@ -33,10 +37,12 @@ impl AdminClient {
         Ok(AdminClient { http: Http::with_ca(server, &ca), token })
     }
 
+    /// Creates a deployment token (its secret is in the answer, once).
     pub fn create_deployment_token(&self, req: &CreateDeploymentToken) -> Result<DeploymentTokenCreated, ClientError> {
         self.http.post("/v1/admin/deployment-tokens", Some(&self.token), req)
     }
 
+    /// The devices of every tenant the token covers.
     pub fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
         self.http.get("/v1/admin/devices", Some(&self.token))
     }
@@ -70,10 +76,12 @@ impl AdminClient {
         self.http.post("/v1/admin/tokens", Some(&self.token), req)
     }
 
+    /// The admin tokens the caller may see (never their secrets).
     pub fn admin_tokens(&self) -> Result<Vec<AdminTokenInfo>, ClientError> {
         self.http.get("/v1/admin/tokens", Some(&self.token))
     }
 
+    /// Revokes an admin token by id; answers it as it is now.
     pub fn revoke_admin_token(&self, id: &str) -> Result<AdminTokenInfo, ClientError> {
         self.http.post(
             &format!("/v1/admin/tokens/{}/revoke", segment_escape(id)),
@@ -87,6 +95,7 @@ impl AdminClient {
         self.http.get(&format!("/v1/admin/deployment-tokens{}", query(&[("tenant", tenant)])), Some(&self.token))
     }
 
+    /// Revokes a deployment token by id; devices enrolled with it keep working.
     pub fn revoke_deployment_token(&self, id: &str) -> Result<DeploymentTokenInfo, ClientError> {
         let path = format!("/v1/admin/deployment-tokens/{}/revoke", segment_escape(id));
         self.http.post(&path, Some(&self.token), &serde_json::json!({}))
@@ -98,6 +107,7 @@ impl AdminClient {
         self.http.delete(&format!("/v1/admin/devices/{device_id}"), Some(&self.token))
     }
 
+    /// The tenants the token covers, with their usage and quotas.
     pub fn tenants(&self) -> Result<Vec<TenantInfo>, ClientError> {
         self.http.get("/v1/admin/tenants", Some(&self.token))
     }

@@ -43,14 +43,27 @@ const SESSION_MARGIN_SECS: i64 = 60;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedConfig {
+    /// `serverURL`: the auth server, `https://` (or `http://` to loopback,
+    /// or with `allow_insecure_http`).
     #[serde(rename = "serverURL")]
     pub server_url: String,
+    /// `userEmail`: the user the device belongs to (checked like the server
+    /// checks it).
     pub user_email: String,
+    /// `deploymentToken`: the secret the device activates with; not kept
+    /// after activation.
     pub deployment_token: String,
+    /// `allowRestoreToOtherDevice` (default true): whether this device may
+    /// restore snapshots of the user's other devices. The server's policy
+    /// can narrow it; this can never widen the server's.
     #[serde(default = "yes")]
     pub allow_restore_to_other_device: bool,
+    /// `allowOpenIn` (default true): whether restored files may be handed
+    /// to other apps; narrowed by the server's policy like the one above.
     #[serde(default = "yes")]
     pub allow_open_in: bool,
+    /// `deviceId`: the id to activate under (checked like the server checks
+    /// it); a random 32-hex-character id when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
     /// A CA certificate (PEM text) trusted besides the platform's roots, for
@@ -165,8 +178,11 @@ pub struct Logout {
 /// `device status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeviceStatus {
+    /// The auth server the device activated with.
     pub server_url: String,
+    /// The user the device belongs to.
     pub email: String,
+    /// The device's id.
     pub device_id: String,
     /// `active`, or the server's refusal code.
     pub state: String,
@@ -178,7 +194,10 @@ pub struct DeviceStatus {
 /// `device restore`: the snapshot and what the restore did.
 #[derive(Clone, Debug, Serialize)]
 pub struct RestoreSummary {
+    /// The restored snapshot's id, in hex.
     pub snapshot: String,
+    /// What the restore wrote, skipped and could not restore (flattened
+    /// into this object in JSON).
     #[serde(flatten)]
     pub report: RestoreReport,
 }
@@ -186,12 +205,20 @@ pub struct RestoreSummary {
 /// `device backup`.
 #[derive(Clone, Debug, Serialize)]
 pub struct BackupSummary {
+    /// The committed snapshot's id, in hex.
     pub id: String,
+    /// Regular files in the snapshot, as the server counted them.
     pub files: u64,
+    /// Bytes of file content in the snapshot.
     pub bytes: u64,
+    /// Chunks of files read (a chunk repeated is counted each time).
     pub chunks: u64,
+    /// Chunks the server lacked, uploaded.
     pub chunks_uploaded: u64,
+    /// Plaintext bytes of those chunks.
     pub bytes_uploaded: u64,
+    /// Paths left out: not a regular file, directory or symlink, or a
+    /// name or symlink target the manifest cannot carry.
     pub skipped: Vec<String>,
 }
 
@@ -269,6 +296,7 @@ impl Device {
         self.logged_out.as_ref()
     }
 
+    /// The device's id, as activated.
     pub fn device_id(&self) -> &str {
         &self.state.device_id
     }

@@ -18,13 +18,32 @@ use crate::api::ErrorBody;
 pub enum ClientError {
     /// The server answered with an error body.
     #[error("server refused ({status} {code}): {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        /// The HTTP status, 400 or above.
+        status: u16,
+        /// The machine-readable error code of the body (`http_error` when
+        /// the body was not the server's JSON).
+        code: String,
+        /// The human-readable message (at most 200 characters of a body
+        /// that was not the server's JSON).
+        message: String,
+    },
+    /// No usable answer: connection, TLS (the text says how to trust a
+    /// private CA), timeout, or an answer that is not the JSON expected.
     #[error("talking to the server: {0}")]
     Transport(String),
+    /// Refused before any request: bad local input (managed config, CA
+    /// PEM, device id, tenant, e-mail) or local state.
     #[error("{0}")]
     Local(String),
+    /// A local file (state, journal, restore target) could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {

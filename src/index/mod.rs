@@ -7,7 +7,7 @@
 //! the index is one sorted array of 46-byte entries, bucketed by the first
 //! two bytes of the id. A table of 65,537 offsets says where each bucket
 //! starts, so an entry stores only the other 30 bytes of its id and a
-//! 16-byte [`Loc`], byte-packed with no padding, and a lookup bisects only
+//! 16-byte location, byte-packed with no padding, and a lookup bisects only
 //! its bucket. Blobs added since the last merge sit in a small hash table
 //! that is merged into the array when it grows past a fraction of it. Pack
 //! ids and kinds are stored once per pack, not once per blob, and found
@@ -26,7 +26,9 @@ use crate::id::{BlobId, BlobKind, PackId};
 /// Where a blob is: its pack, the pack's kind, and its place in the pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlobLocation {
+    /// The pack holding the blob.
     pub pack: PackId,
+    /// The blob's kind (every blob of a pack has the pack's kind).
     pub kind: BlobKind,
     /// Byte offset of the blob's frame in the pack.
     pub offset: u32,

@@ -44,6 +44,7 @@ const BLOB_LEN: usize = ID_LEN + 4 + 4 + 4;
 /// Where one blob sits inside its pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexEntry {
+    /// The blob (keyed BLAKE3 of its plaintext).
     pub id: BlobId,
     /// Byte offset of the blob's frame in the pack.
     pub offset: u32,
@@ -56,36 +57,72 @@ pub struct IndexEntry {
 /// Every blob of one pack. A pack holds blobs of a single kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackEntries {
+    /// The pack (BLAKE3 of its file).
     pub pack: PackId,
+    /// The kind of every blob in it.
     pub kind: BlobKind,
+    /// Its blobs, in frame order for packs this build wrote.
     pub blobs: Vec<IndexEntry>,
 }
 
 /// The plaintext of one index segment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IndexSegment {
+    /// The packs this segment names, each with all of its blobs. The same
+    /// blob may appear under several packs (and in several segments); the
+    /// merged index keeps the first location it meets.
     pub packs: Vec<PackEntries>,
 }
 
 /// Why bytes are not a valid index segment.
 #[derive(Debug, thiserror::Error)]
+///
+/// Every variant means damaged or foreign bytes (the segment already passed
+/// its name and AES-GCM checks when it reaches the decoder, so in practice a
+/// bug or a newer format).
 pub enum SegmentError {
+    /// The bytes end inside a field.
     #[error("index segment is truncated")]
     Truncated,
+    /// The first four bytes are not `CVIX`.
     #[error("not an index segment (bad magic bytes)")]
     BadMagic,
+    /// The version byte (given) is not one this build reads.
     #[error("unsupported index segment version {0}")]
     UnsupportedVersion(u8),
+    /// A pack's kind byte is neither data (1) nor tree (2).
     #[error("pack {pack} has unknown blob kind {kind}")]
-    BadKind { pack: PackId, kind: u8 },
+    BadKind {
+        /// The pack whose header holds the byte.
+        pack: PackId,
+        /// The byte found.
+        kind: u8,
+    },
+    /// A blob entry (id given) records 0 stored bytes, which no frame has.
     #[error("blob {0} has a stored length of 0")]
     ZeroStoredLen(BlobId),
+    /// The pack count cannot fit in the bytes left (checked before allocating).
     #[error("segment claims {count} packs but only {remaining} bytes follow")]
-    TooManyPacks { count: u32, remaining: usize },
+    TooManyPacks {
+        /// Packs the segment claims.
+        count: u32,
+        /// Bytes left after the count.
+        remaining: usize,
+    },
+    /// A pack's blob count cannot fit in the bytes left (checked before allocating).
     #[error("pack {pack} claims {count} blobs but only {remaining} bytes follow")]
-    TooManyBlobs { pack: PackId, count: u32, remaining: usize },
+    TooManyBlobs {
+        /// The pack whose header holds the count.
+        pack: PackId,
+        /// Blobs it claims.
+        count: u32,
+        /// Bytes left after the count.
+        remaining: usize,
+    },
+    /// Bytes (how many given) follow the last pack.
     #[error("{0} bytes follow the last pack")]
     TrailingBytes(usize),
+    /// The plaintext (its length in bytes given) is over [`MAX_SEGMENT_SIZE`].
     #[error("index segment of {0} bytes is larger than the limit of {MAX_SEGMENT_SIZE} bytes")]
     TooLarge(usize),
 }

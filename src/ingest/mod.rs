@@ -3,7 +3,8 @@
 //! long-lived writer per tenant that takes verified chunks from many
 //! concurrent uploads, and reads filtered by the owning user.
 //!
-//! The writer is one thread per tenant owning a [`Packer`]: uploads hand it
+//! The writer is one thread per tenant owning a
+//! [`WriteSession`](crate::repo::WriteSession): uploads hand it
 //! chunks over a channel; a snapshot commit flushes the packer (every pack and
 //! index segment durable) and only then writes the snapshot, so a crash loses
 //! at most chunks not yet named by a committed snapshot.
@@ -34,38 +35,64 @@ pub use writer::WriterTiming;
 
 /// Why a storage operation failed or was refused.
 #[derive(Debug, thiserror::Error)]
+///
+/// The server maps these to HTTP statuses in `server/error.rs`; the
+/// variants from `ChunkTooLarge` to `ManifestTooLarge` are the client's
+/// fault and nothing was stored for them.
 pub enum IngestError {
+    /// The tenant repository failed (storage, damage, lock): see [`RepoError`].
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// A commit's file list cannot be made into trees (an empty or invalid
+    /// path component), or saving the trees failed.
     #[error(transparent)]
     Backup(#[from] BackupError),
+    /// An uploaded chunk's length in bytes (first) is over the repository's
+    /// chunker `max_size` (second).
     #[error("chunk is {0} bytes, larger than the repository's maximum of {1}")]
     ChunkTooLarge(usize, u32),
+    /// An uploaded chunk does not hash (keyed BLAKE3) to the id it was sent under.
     #[error("chunk content does not hash to its id")]
     ChunkMismatch,
+    /// A chunk (id given) of a bundle upload does not hash to its id; the
+    /// whole bundle was refused.
     #[error("chunk {0} of the bundle does not hash to its id; nothing of the bundle was stored")]
     BundleMismatch(BlobId),
+    /// A commit names chunks (listed, sorted and unique) the tenant has not
+    /// stored; nothing was committed.
     #[error("{} chunks are not stored; upload them first", .0.len())]
     MissingChunks(Vec<BlobId>),
+    /// A committed file's (path given) size is not the sum of its chunks' lengths.
     #[error("{0}: size does not match its chunks")]
     SizeMismatch(String),
+    /// No such snapshot, path in it, or chunk in it; the message says which.
     #[error("{0}")]
     NotFound(String),
+    /// The snapshot belongs to another user of the tenant (the server
+    /// answers as for a missing snapshot so as not to reveal it).
     #[error("this snapshot belongs to another user")]
     NotOwner,
+    /// The snapshot was taken by another device of the user and the
+    /// device's policy allows restoring only its own.
     #[error("this snapshot was made by another device, and this device's policy forbids restoring it")]
     OtherDevice,
+    /// The commit's manifest would encode to the first count of bytes; the
+    /// second is the most allowed (under [`MAX_SNAPSHOT_SIZE`]).
     #[error("the snapshot manifest would be {0} bytes, more than the {1} a snapshot may have")]
     ManifestTooLarge(usize, usize),
     /// Reading a snapshot for a device failed (the repository's own
     /// failures are [`IngestError::Repo`]).
     #[error("reading: {0}")]
     Read(#[source] RestoreError),
+    /// The tenant's writer thread is gone (it panicked or the node is
+    /// shutting down); the request was not served.
     #[error("the tenant's writer stopped")]
     WriterStopped,
     /// The flush of a commit group failed: nothing of the group was committed.
     #[error("making uploads durable: {0}")]
     Flush(#[source] Arc<RepoError>),
+    /// The writer could not take the repository's shared lock in time (a
+    /// prune holds it), or its lock lapsed before a commit.
     #[error(transparent)]
     Lock(#[from] LockError),
     /// A tenant name that cannot name a repository under the root.
@@ -92,8 +119,12 @@ impl From<WriteError> for IngestError {
 /// Who a request acts for (from a verified session token).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
+    /// The tenant whose repository the request uses.
     pub tenant: TenantName,
+    /// The user id; snapshots are read only by the user that made them.
     pub user: String,
+    /// The device id; recorded in snapshots, and checked against the
+    /// device's restore policy.
     pub device: String,
     /// The device's policies, as signed into the session token.
     pub policies: Policies,
@@ -103,11 +134,15 @@ pub struct Owner {
 /// (summary counts, duration, tree id): a few hundred bytes at most.
 const MANIFEST_MARGIN: usize = 4096;
 
-/// Counters for the server's metrics.
+/// Counters for the server's metrics, over all tenants since start; only
+/// ever increased (relaxed atomics, read them with any ordering).
 #[derive(Debug, Default)]
 pub struct IngestStats {
+    /// Chunks uploaded that were new and written to a pack.
     pub chunks_stored: AtomicU64,
+    /// Chunks uploaded that the tenant already had (not written again).
     pub chunks_deduplicated: AtomicU64,
+    /// Snapshots committed.
     pub snapshots_committed: AtomicU64,
 }
 
@@ -146,14 +181,30 @@ fn owns(owner: &Owner, s: &Snapshot) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ManifestFile;
-    use crate::crypto::KdfParams;
-    use crate::repo::InitOptions;
+    use crate::api::{EntryKind, ManifestFile};
+    use crate::test_support::{cheap_init, PASSWORD};
+
+    /// A regular file of a device's manifest: mode 0644, mtime 5.
+    pub(super) fn file_entry(path: &str, size: u64, chunks: Vec<BlobId>) -> ManifestFile {
+        ManifestFile {
+            kind: EntryKind::File,
+            target: None,
+            path: path.into(),
+            mode: 0o644,
+            mtime: 5,
+            mtime_nsec: 0,
+            size,
+            chunks,
+        }
+    }
+
+    /// A commit of `files` from host `h` with no tags.
+    pub(super) fn commit_of(files: Vec<ManifestFile>) -> CommitRequest {
+        CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files }
+    }
 
     fn tenants(dir: &std::path::Path) -> Tenants {
-        let init =
-            InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
-        Tenants::new(dir.to_str().unwrap(), b"pw".to_vec(), init)
+        Tenants::new(dir.to_str().unwrap(), PASSWORD.to_vec(), cheap_init())
     }
 
     pub(super) fn acme() -> TenantName {
@@ -175,17 +226,8 @@ mod tests {
         assert!(t.put_chunk(id, data.clone()).unwrap());
         assert!(!t.put_chunk(id, data.clone()).unwrap());
         assert!(t.missing(&[id]).is_empty());
-        let file = |path: &str, size| ManifestFile {
-            kind: crate::api::EntryKind::File,
-            target: None,
-            path: path.into(),
-            mode: 0o644,
-            mtime: 5,
-            mtime_nsec: 0,
-            size,
-            chunks: vec![id],
-        };
-        let req = |files| CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files };
+        let file = |path: &str, size| file_entry(path, size, vec![id]);
+        let req = commit_of;
         assert!(matches!(t.commit(owner("a"), req(vec![file("x", 3)])), Err(IngestError::SizeMismatch(_))));
         let done = t.commit(owner("a"), req(vec![file("dir/x", data.len() as u64)])).unwrap();
         assert!(t.repo().index().contains(&id), "a commit makes its chunks durable and indexed");
@@ -224,17 +266,7 @@ mod tests {
                     let data = vec![i; 1000 + usize::from(i)];
                     let id = t.repo().blob_id(&data);
                     t.put_chunk(id, data.clone()).unwrap();
-                    let file = ManifestFile {
-                        kind: crate::api::EntryKind::File,
-                        target: None,
-                        path: "f".into(),
-                        mode: 0o600,
-                        mtime: 1,
-                        mtime_nsec: 0,
-                        size: data.len() as u64,
-                        chunks: vec![id],
-                    };
-                    let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+                    let req = commit_of(vec![file_entry("f", data.len() as u64, vec![id])]);
                     t.commit(owner(&format!("u{i}")), req).unwrap();
                 });
             }
@@ -257,17 +289,7 @@ mod tests {
         let data = b"phone data".to_vec();
         let id = t.repo().blob_id(&data);
         t.put_chunk(id, data.clone()).unwrap();
-        let file = ManifestFile {
-            kind: crate::api::EntryKind::File,
-            target: None,
-            path: "f".into(),
-            mode: 0o600,
-            mtime: 1,
-            mtime_nsec: 0,
-            size: 10,
-            chunks: vec![id],
-        };
-        let req = CommitRequest { hostname: "h".into(), paths: vec![], tags: vec![], files: vec![file] };
+        let req = commit_of(vec![file_entry("f", 10, vec![id])]);
         let phone = Owner { device: "phone".into(), ..owner("a") };
         let done = t.commit(phone.clone(), req).unwrap();
         let strict = Policies { allow_restore_to_other_device: false, allow_open_in: true };
@@ -288,7 +310,7 @@ mod tests {
         // six bytes of JSON: 24 MiB of manifest.
         let path = "\u{1}".repeat(crate::api::MAX_MANIFEST_PATH);
         let paths = vec![path; crate::api::MAX_MANIFEST_PATHS];
-        let req = CommitRequest { hostname: "h".into(), paths, tags: vec![], files: vec![] };
+        let req = CommitRequest { paths, ..commit_of(vec![]) };
         assert!(matches!(t.commit(owner("a"), req), Err(IngestError::ManifestTooLarge(..))));
         assert!(t.repo().list_snapshots().unwrap().is_empty());
         assert!(t.repo().index().is_empty(), "no tree was written");

@@ -102,6 +102,7 @@ impl Tenants {
         }
     }
 
+    /// The counters shared by every tenant's writer (for `/metrics`).
     pub fn stats(&self) -> &Arc<IngestStats> {
         &self.stats
     }

@@ -409,10 +409,8 @@ struct Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ManifestFile;
-    use crate::crypto::KdfParams;
-    use crate::ingest::tests::owner;
-    use crate::repo::InitOptions;
+    use crate::ingest::tests::{commit_of, file_entry, owner};
+    use crate::test_support::{cheap_init, PASSWORD};
 
     /// Uploads `files` (path, content; one chunk each) and commits them.
     fn upload_and_commit(t: &Tenant, files: &[(&str, Vec<u8>)]) -> Result<CommitResponse, IngestError> {
@@ -420,19 +418,9 @@ mod tests {
         for (path, data) in files {
             let id = t.repo().blob_id(data);
             t.put_chunk(id, data.clone())?;
-            manifest.push(ManifestFile {
-                kind: crate::api::EntryKind::File,
-                target: None,
-                path: (*path).into(),
-                mode: 0o644,
-                mtime: 7,
-                mtime_nsec: 0,
-                size: data.len() as u64,
-                chunks: vec![id],
-            });
+            manifest.push(file_entry(path, data.len() as u64, vec![id]));
         }
-        let req = CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files: manifest };
-        t.commit(owner("a"), req)
+        t.commit(owner("a"), commit_of(manifest))
     }
 
     /// For each fault kind, fails write point k = 0, 1, ... of a device's
@@ -452,17 +440,16 @@ mod tests {
         ];
         let files: Vec<(&str, Vec<u8>)> =
             vec![("a", vec![1; 3000]), ("d/b", vec![2; 5000]), ("d/e/c", (0..9000u32).map(|i| i as u8).collect())];
-        let init =
-            InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
+        let init = cheap_init();
         for (name, make) in faults {
             let mut fired = 0;
             for k in 0.. {
                 let why = format!("{name} at write point {k}");
                 let dir = tempfile::tempdir().unwrap();
                 let local = || Arc::new(LocalBackend::open(dir.path()).unwrap());
-                Repository::init(Arc::new(LocalBackend::create(dir.path()).unwrap()), b"pw", &init).unwrap();
+                Repository::init(Arc::new(LocalBackend::create(dir.path()).unwrap()), PASSWORD, &init).unwrap();
                 let faulty = Arc::new(FaultyBackend::new(local()));
-                let repo = Arc::new(Repository::open(faulty.clone(), b"pw").unwrap());
+                let repo = Arc::new(Repository::open(faulty.clone(), PASSWORD).unwrap());
                 let t = Tenant::start("acme", repo, Arc::default(), WriterTiming::default());
                 faulty.inject(make(k));
                 let first = upload_and_commit(&t, &files);
@@ -470,7 +457,7 @@ mod tests {
                 let retry = upload_and_commit(&t, &files).unwrap_or_else(|e| panic!("{why}: retry: {e}"));
                 drop(t);
 
-                let repo = Repository::open(local(), b"pw").unwrap();
+                let repo = Repository::open(local(), PASSWORD).unwrap();
                 let report = crate::check::check(
                     &repo,
                     crate::check::CheckOptions { read_data: true, ..Default::default() },

@@ -12,25 +12,35 @@ const MAX_CONFIG_SIZE: usize = 64 * 1024;
 /// Parameters every writer of a repository must agree on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
+    /// Repository format version; [`Config::decode`] accepts only
+    /// [`FORMAT_VERSION`].
     pub version: u32,
     /// Random repository id, hex.
     pub id: String,
+    /// FastCDC chunk sizes in bytes. Fixed for the repository's life: the
+    /// same parameters (and the key's gear seed) cut the same data the same
+    /// way, which is what makes deduplication across backups work.
     pub chunker: ChunkerParams,
-    /// zstd level for new blobs; 0 stores them uncompressed.
+    /// zstd level for new blobs, -7 to 22; 0 stores them uncompressed.
     pub compression_level: i32,
-    /// Target size of a packfile in bytes.
+    /// Target size of a packfile in bytes, 1 MiB to 1 GiB.
     pub pack_size: u32,
 }
 
 /// Why a config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The decrypted config is not the JSON of a [`Config`].
     #[error("config is not valid: {0}")]
     Json(#[from] serde_json::Error),
+    /// The config is over 64 KiB; refused before parsing.
     #[error("config too large")]
     TooLarge,
+    /// The repository has a format version (given) this build cannot read.
     #[error("repository format version {0} is not supported by this chunkvault (supports {FORMAT_VERSION})")]
     Version(u32),
+    /// A value is out of range (chunker sizes, compression level, pack size);
+    /// the message names it.
     #[error("config: {0}")]
     Invalid(String),
 }

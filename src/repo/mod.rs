@@ -33,40 +33,81 @@ pub use config::{Config, ConfigError, FORMAT_VERSION};
 pub use keys::KeyFile;
 
 /// Errors of repository-level operations.
+///
+/// [`RepoError::is_damage`] tells damaged stored data (exit code 3) apart
+/// from everything else (storage unreachable, wrong password, bad input).
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
+    /// The storage failed (I/O, network, permissions) or an object is
+    /// missing; [`BackendError::is_not_found`] tells which.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// No key file unwraps with the password given (or there is no readable
+    /// key file at all).
     #[error("wrong password: no key in this repository opens with it")]
     WrongPassword,
+    /// The location (named here) has no `config` object: not a repository.
     #[error("no repository at {0} (run `chunkvault init` first)")]
     NotARepository(String),
+    /// [`Repository::init`] or [`open_backend`] with `create`: the location
+    /// (named here) already holds a `config`.
     #[error("a repository already exists at {0}")]
     AlreadyExists(String),
+    /// The config decrypted but is not one this version can use (unknown
+    /// format version, bad chunker or pack size).
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The chunker parameters (from [`InitOptions`] or the config) are out
+    /// of range.
     #[error(transparent)]
     Chunker(#[from] ChunkerError),
+    /// A sealed object failed to open (or a key to wrap): damaged, or sealed
+    /// under another key.
     #[error("{what} {name}: {source}")]
-    Crypto { what: &'static str, name: String, source: CryptoError },
+    Crypto {
+        /// What kind of object: `"config"`, `"index segment"`, `"snapshot"`, `"key"`.
+        what: &'static str,
+        /// The object's storage key (e.g. `snapshots/<id>`), for messages.
+        name: String,
+        /// Why it did not open.
+        source: CryptoError,
+    },
+    /// The object (its storage key here) does not hash to its name: damaged.
     #[error("{0} is damaged: its content does not match its name")]
     NameMismatch(String),
+    /// A pack or a blob frame in it is damaged (bad crc, length or table).
     #[error("pack {pack}: {source}")]
-    Pack { pack: String, source: PackError },
+    Pack {
+        /// The pack's id in hex, or `blob <id>` when one frame was checked.
+        pack: String,
+        /// What is wrong with it.
+        source: PackError,
+    },
+    /// A blob failed to open: authentication, decompression, or its
+    /// plaintext does not hash to its id.
     #[error(transparent)]
     Blob(#[from] BlobError),
+    /// The tree blob with this id opened but does not decode.
     #[error("tree {0}: {1}")]
     Tree(BlobId, TreeError),
+    /// The index segment (id in hex) opened but does not decode.
     #[error("index segment {0}: {1}")]
     Segment(String, SegmentError),
+    /// The snapshot manifest (id in hex) opened but does not decode.
     #[error("snapshot {0}: {1}")]
     Snapshot(String, SnapshotError),
+    /// The key file (id in hex) is not valid JSON of a key file.
     #[error("key file {0}: {1}")]
     KeyFile(String, serde_json::Error),
+    /// A blob a tree or a caller asked for is in no loaded index segment
+    /// (lost, or written after the index was loaded: see
+    /// [`Repository::refresh_index`]).
     #[error("blob {0} is not in the index")]
     MissingBlob(BlobId),
+    /// No stored snapshot matches the id, prefix or `latest` given.
     #[error("no snapshot matches {0:?}")]
     NoSuchSnapshot(String),
+    /// The prefix given matches more than one snapshot id.
     #[error("{0:?} matches several snapshots; give more characters")]
     AmbiguousSnapshot(String),
     /// `latest` cannot be resolved: these snapshots cannot be read, so which
@@ -79,6 +120,9 @@ pub enum RepoError {
     /// A path that is not in the snapshot ([`Repository::find_node`]).
     #[error("{0}: not found in the snapshot")]
     PathNotFound(String),
+    /// A request the repository refuses (removing the key in use, an
+    /// unknown key id, S3 in a build without it) or a pack read that failed
+    /// under the read path; the message says which.
     #[error("{0}")]
     Invalid(String),
 }
@@ -100,12 +144,18 @@ impl RepoError {
     }
 }
 
-/// Settings fixed when a repository is created.
+/// Settings fixed when a repository is created. The first three are stored
+/// in the config and cannot change later; `kdf` applies to the first key
+/// file only.
 #[derive(Clone, Debug)]
 pub struct InitOptions {
+    /// FastCDC chunk sizes (bytes); validated by [`Repository::init`].
     pub chunker: ChunkerParams,
+    /// zstd level for blobs, -7 to 22 (default 3); 0 stores them uncompressed.
     pub compression_level: i32,
+    /// Target size of a pack file in bytes, 1 MiB to 1 GiB (default 16 MiB).
     pub pack_size: u32,
+    /// Argon2id cost of wrapping the master key with the password.
     pub kdf: KdfParams,
 }
 
@@ -153,11 +203,17 @@ fn open_s3(location: &str) -> Result<Arc<dyn Backend>, RepoError> {
     Err(RepoError::Invalid(format!("{location}: this build has no S3 support (feature \"s3\")")))
 }
 
-/// Objects that loaded, and those that did not with why.
-/// Objects loaded, and apart those that could not be, with why.
+/// Objects loaded (id and value), and apart those that could not be (id and
+/// why, as a message).
 pub type Loaded<I, T> = (Vec<(I, T)>, Vec<(I, String)>);
 
 /// A repository opened with a password.
+///
+/// `Send + Sync`: share one in an `Arc` between threads. Every method takes
+/// `&self` and blocks on storage I/O (call it from `spawn_blocking` in async
+/// code). The in-memory index sits behind a read-write lock: index reloads
+/// wait for readers holding [`Repository::index`]'s guard, so do not hold
+/// that guard across a reload or a commit.
 pub struct Repository {
     backend: Arc<dyn Backend>,
     key: MasterKey,
@@ -189,10 +245,15 @@ impl std::fmt::Debug for Repository {
 /// A key as `key list` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KeyInfo {
+    /// The key file's id (its name under `keys/`).
     pub id: KeyId,
+    /// True for the key this repository was opened with.
     pub current: bool,
+    /// When the key file was written (UTC, as recorded in it).
     pub created: chrono::DateTime<chrono::Utc>,
+    /// The host that wrote it, as recorded (not verified).
     pub hostname: String,
+    /// The user that wrote it, as recorded (not verified).
     pub username: String,
 }
 
@@ -625,18 +686,25 @@ impl Repository {
         self.key_id
     }
 
+    /// The storage under the repository. Stages go through `Repository`;
+    /// this is for tools that list or copy raw objects (`unlock`, locks,
+    /// tests). Writing through it bypasses the commit protocol.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
 
+    /// The decrypted config (format version, chunker, compression, pack size).
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// The chunker keyed for this repository (its gear seed derives from the
+    /// master key, so cut points differ between repositories).
     pub fn chunker(&self) -> &Chunker {
         &self.chunker
     }
 
+    /// The blob codec (compress, seal, open, verify) under this repository's key.
     pub fn codec(&self) -> &BlobCodec {
         &self.codec
     }

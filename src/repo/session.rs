@@ -65,7 +65,12 @@ pub struct WriteSession<'r> {
 impl<'r> WriteSession<'r> {
     /// Takes a lock of `kind` (waiting as `lock` says), then reloads the
     /// index if a prune or `repair index` replaced it since it was loaded.
-    /// Packs are uploaded by `uploaders` threads.
+    /// Packs are uploaded by `uploaders` threads (at least 1), started at
+    /// the first save.
+    ///
+    /// Blocks up to `lock.wait` while a conflicting lock is held, then
+    /// fails with [`WriteError::Lock`]; storage errors listing or reloading
+    /// the index are [`WriteError::Repo`].
     pub fn begin(
         repo: &'r Repository,
         kind: LockKind,
@@ -108,12 +113,16 @@ impl<'r> WriteSession<'r> {
     }
 
     /// Stores a blob unless the repository or this session has it; returns
-    /// its id and whether it was new. See [`Packer::save`].
+    /// its id and whether it was new. See [`Packer::save`]: callable from
+    /// many threads, blocks while the upload queue is full, and fails with
+    /// [`RepoError::Upload`] for good once an upload failed (until
+    /// [`WriteSession::discard`] or [`WriteSession::flush`]).
     pub fn save(&self, kind: BlobKind, plaintext: &[u8]) -> Result<(BlobId, bool), RepoError> {
         self.packer().save(kind, plaintext)
     }
 
-    /// Stores a blob whose id the caller computed and verified. See [`Packer::save_named`].
+    /// Stores a blob whose id the caller computed and verified. See
+    /// [`Packer::save_named`] (a wrong id panics in debug builds).
     pub fn save_named(&self, kind: BlobKind, id: BlobId, plaintext: &[u8]) -> Result<bool, RepoError> {
         self.packer().save_named(kind, id, plaintext)
     }
@@ -191,19 +200,15 @@ impl<'r> WriteSession<'r> {
 mod tests {
     use super::*;
     use crate::backend::{Fault, FaultyBackend, FileType, LocalBackend};
-    use crate::crypto::KdfParams;
     use crate::packer::UploadError;
     use crate::repo::InitOptions;
+    use crate::test_support::PASSWORD;
 
     fn faulty_repo(dir: &std::path::Path) -> (Arc<FaultyBackend>, Repository) {
-        let init = InitOptions {
-            kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            pack_size: 1 << 20,
-            ..Default::default()
-        };
-        Repository::init(Arc::new(LocalBackend::create(dir).unwrap()), b"pw", &init).unwrap();
+        let init = InitOptions { pack_size: 1 << 20, ..crate::test_support::cheap_init() };
+        Repository::init(Arc::new(LocalBackend::create(dir).unwrap()), PASSWORD, &init).unwrap();
         let faulty = Arc::new(FaultyBackend::new(Arc::new(LocalBackend::open(dir).unwrap())));
-        let repo = Repository::open(faulty.clone(), b"pw").unwrap();
+        let repo = Repository::open(faulty.clone(), PASSWORD).unwrap();
         (faulty, repo)
     }
 

@@ -157,13 +157,16 @@ pub async fn revoke_deployment_token(
     .await
 }
 
-/// `GET /v1/admin/devices`: the devices of the caller's tenants.
+/// `GET /v1/admin/devices`: the devices of the caller's tenants, with
+/// their snapshot counts and last backups as the storage nodes reported them.
 #[utoipa::path(get, path = "/v1/admin/devices", tag = "admin", security(("admin_token" = [])),
     responses((status = 200, description = "The devices of the caller's tenants, their state and when they were last seen", body = Vec<DeviceInfo>)))]
 pub async fn devices(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<DeviceInfo>>> {
     blocking(move || {
+        super::fleet::sync_local(&app)?;
         let mut all = app.auth()?.registry.devices()?;
         all.retain(|d| who.sees(&d.tenant));
+        super::fleet::add_backups(&app, &mut all)?;
         Ok(Json(all))
     })
     .await
@@ -343,18 +346,16 @@ pub async fn revoke_admin_token(
 }
 
 /// `GET /v1/admin/tenants`: the caller's tenants with devices, snapshots,
-/// stored bytes and quota. In the `all` role the storage side's counts of
-/// tenants used since the last listing are recorded first.
+/// stored bytes, logical bytes and quota. In the `all` role the storage
+/// side's counts of tenants used since the last listing are recorded first.
 #[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", security(("admin_token" = [])),
     responses((status = 200, description = "Tenants with devices, snapshots, stored bytes and quota", body = Vec<TenantInfo>)))]
 pub async fn tenants(State(app): AppState, Admin(who): Admin) -> Reply<Json<Vec<TenantInfo>>> {
     blocking(move || {
-        let registry = &app.auth()?.registry;
-        if let Some(storage) = &app.storage {
-            registry.record_usage(&storage.quotas.report(), Utc::now())?;
-        }
-        let mut all = registry.tenants()?;
+        super::fleet::sync_local(&app)?;
+        let mut all = app.auth()?.registry.tenants()?;
         all.retain(|t| who.sees(&t.tenant));
+        super::fleet::add_logical_bytes(&app, &mut all)?;
         Ok(Json(all))
     })
     .await
@@ -435,7 +436,7 @@ pub async fn checkin(
         Some(s) => s.parse::<u64>().map_err(|_| HttpError::bad_request("since: a number"))?,
         None => 0,
     };
-    answer_checkin(app, who, CheckinRequest { since, usage: Vec::new() }).await
+    answer_checkin(app, who, CheckinRequest { since, ..CheckinRequest::default() }).await
 }
 
 /// `POST /v1/checkin`: a storage node reports its tenants' usage and gets
@@ -459,10 +460,15 @@ async fn answer_checkin(app: Arc<App>, who: AdminIdentity, req: CheckinRequest) 
     who.require_global_admin()?;
     blocking(move || {
         let registry = &app.auth()?.registry;
+        let now = Utc::now();
         if !req.usage.is_empty() {
-            registry.record_usage(&req.usage, Utc::now())?;
+            registry.record_usage(&req.usage, now)?;
         }
+        registry.record_snapshots(&req.snapshots, now)?;
         let (cursor, changes) = registry.changes_since(req.since, 10_000)?;
+        if let Some(node) = &req.node {
+            registry.record_node(node, cursor, now)?;
+        }
         Ok(Json(CheckinResponse { cursor, changes, quotas: registry.quotas()? }))
     })
     .await

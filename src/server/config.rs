@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::auth::registry::RegistryLocation;
+
 /// Which routes a process serves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,8 +40,9 @@ pub struct ServerConfig {
     pub listen: String,
     /// The tenants' repositories' root (a path).
     pub root: Option<String>,
-    /// The SQLite registry; default `ROOT/registry.db`.
-    pub registry: Option<PathBuf>,
+    /// The device registry: a SQLite file (default `ROOT/registry.db`), or
+    /// a PostgreSQL URL (`postgres://...`) that several auth nodes share.
+    pub registry: Option<String>,
     pub admin_token_file: Option<PathBuf>,
     /// A file whose first line is the password that wraps the tenant
     /// repositories' keys (else `CHUNKVAULT_PASSWORD`).
@@ -166,8 +169,11 @@ impl ServerConfig {
     }
 
     /// Where the registry lives.
-    pub fn registry_path(&self) -> Option<PathBuf> {
-        self.registry.clone().or_else(|| self.root.as_ref().map(|r| PathBuf::from(r).join("registry.db")))
+    pub fn registry_location(&self) -> Option<RegistryLocation> {
+        match &self.registry {
+            Some(r) => Some(RegistryLocation::parse(r)),
+            None => self.root.as_ref().map(|r| RegistryLocation::Sqlite(PathBuf::from(r).join("registry.db"))),
+        }
     }
 }
 
@@ -209,5 +215,20 @@ mod tests {
         assert_eq!(secrets.metrics_token_file.as_deref(), Some(std::path::Path::new("/m")));
         let zero: ServerConfig = toml::from_str("root = \"/r\"\nmax_concurrent_uploads = 0").unwrap();
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn the_registry_is_a_file_under_root_a_path_or_a_postgres_url() {
+        let under_root: ServerConfig = toml::from_str("root = \"/r\"").unwrap();
+        assert_eq!(under_root.registry_location(), Some(RegistryLocation::Sqlite("/r/registry.db".into())));
+        let file: ServerConfig = toml::from_str("root = \"/r\"\nregistry = \"/var/lib/cv/reg.db\"").unwrap();
+        assert_eq!(file.registry_location(), Some(RegistryLocation::Sqlite("/var/lib/cv/reg.db".into())));
+        let pg: ServerConfig =
+            toml::from_str("role = \"auth\"\nregistry = \"postgres://cv@db.internal/chunkvault\"").unwrap();
+        pg.validate().unwrap();
+        assert_eq!(
+            pg.registry_location(),
+            Some(RegistryLocation::Postgres("postgres://cv@db.internal/chunkvault".into()))
+        );
     }
 }

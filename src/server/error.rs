@@ -144,6 +144,8 @@ error_codes! {
     ServerBusy = SERVICE_UNAVAILABLE "server_busy",
     /// The repository is locked for maintenance.
     RepositoryLocked = SERVICE_UNAVAILABLE "repository_locked",
+    /// The auth role cannot reach its registry (a shared PostgreSQL).
+    RegistryUnavailable = SERVICE_UNAVAILABLE "registry_unavailable",
     /// The edge relay cannot reach the auth role.
     UpstreamUnreachable = SERVICE_UNAVAILABLE "upstream_unreachable",
     /// A fail-closed storage node has not reached the auth role lately.
@@ -383,6 +385,11 @@ impl From<RegistryError> for HttpError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::Db(_) | RegistryError::Io(_) => HttpError::internal("registry", e),
+            RegistryError::Unavailable(_) => {
+                tracing::error!("{e}");
+                HttpError::new(ErrorCode::RegistryUnavailable, "the registry is unreachable; retry shortly")
+                    .retry_after(BUSY_RETRY_AFTER_SECS)
+            }
             RegistryError::UnknownToken => HttpError::unauthorized(e.to_string()),
             RegistryError::Expired => HttpError::new(ErrorCode::TokenExpired, e.to_string()),
             RegistryError::Exhausted => HttpError::new(ErrorCode::ActivationsExhausted, e.to_string()),

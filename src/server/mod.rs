@@ -5,8 +5,11 @@
 
 mod access;
 mod admin;
+mod catalog;
 pub mod config;
+mod console;
 pub mod error;
+mod fleet;
 mod linger;
 pub mod listen;
 pub mod metrics;
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use subtle::ConstantTimeEq;
 
-use crate::auth::registry::Registry;
+use crate::auth::registry::{Registry, RegistryLocation};
 use crate::auth::token::{SessionSigner, SessionVerifier};
 use crate::crypto::KdfParams;
 use crate::ingest::{Owner, Tenants};
@@ -41,6 +44,9 @@ pub enum ServerError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Registry(#[from] crate::auth::registry::RegistryError),
+    /// The registry could not be opened (shown without a URL's password).
+    #[error("the registry at {location}: {source}")]
+    OpenRegistry { location: RegistryLocation, source: crate::auth::registry::RegistryError },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("fetching the session key from upstream: {0}")]
@@ -65,6 +71,8 @@ struct StorageSide {
     upload_slots: UploadSlots,
     /// Tenant quotas and stored bytes.
     quotas: quota::Quotas,
+    /// The tenants' snapshots as reported to the auth role (for the console).
+    catalog: catalog::Catalog,
 }
 
 /// Chunk upload slots per tenant. The total is bounded by a tower layer on
@@ -135,8 +143,10 @@ impl App {
         let upstream = upstream_agent(&config)?;
         let auth = match config.role {
             Role::All | Role::Auth => {
-                let path = config.registry_path().ok_or_else(|| ServerError::Setup("no registry path".into()))?;
-                let registry = Registry::open(&path)?;
+                let location =
+                    config.registry_location().ok_or_else(|| ServerError::Setup("no registry location".into()))?;
+                let registry = Registry::connect(&location)
+                    .map_err(|source| ServerError::OpenRegistry { location: location.clone(), source })?;
                 let signer = SessionSigner::new(registry.signing_secret()?);
                 Some(AuthSide { registry, signer, limiter: ActivationLimiter::default() })
             }
@@ -165,7 +175,9 @@ impl App {
                 let quotas = quota::Quotas::new(interval);
                 if let Some(a) = &auth {
                     // Sessions issued before a restart must still meet earlier retires.
-                    states.apply(&a.registry.changes_since(0, u32::MAX)?.1);
+                    let (cursor, changes) = a.registry.changes_since(0, u32::MAX)?;
+                    states.apply(&changes);
+                    states.checked_in(cursor);
                     quotas.set_all(&a.registry.quotas()?);
                 }
                 let upload_slots = UploadSlots {
@@ -179,6 +191,7 @@ impl App {
                     states,
                     upload_slots,
                     quotas,
+                    catalog: catalog::Catalog::default(),
                 })
             }
             _ => None,
@@ -366,6 +379,14 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         }
         if app.storage.as_ref().is_some_and(|s| !s.states.is_local()) {
             tokio::spawn(revocation::poll_upstream(app.clone()));
+        }
+        let shared_registry = matches!(app.config.registry_location(), Some(RegistryLocation::Postgres(_)));
+        if app.auth.is_some() && app.storage.is_some() && shared_registry {
+            tokio::spawn(revocation::poll_registry(app.clone()));
+        }
+        if app.storage.is_some() && app.auth.is_some() {
+            // What a storage node's check-in would report, recorded locally.
+            tokio::spawn(fleet::sync_local_every(app.clone()));
         }
         let limits =
             listen::ConnLimits { header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs) };

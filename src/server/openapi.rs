@@ -12,7 +12,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, OpenApi as Document, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, routes};
+use super::{admin, fleet, routes};
 use crate::api;
 
 /// Security scheme of the admin routes: the bootstrap admin token.
@@ -56,6 +56,9 @@ pub const METRICS: &str = "metrics_token";
         admin::tenants,
         admin::set_quota,
         admin::audit_log,
+        fleet::storage_nodes,
+        fleet::tenant_history,
+        fleet::device_snapshots,
         admin::checkin,
         admin::checkin_report,
         routes::chunking,
@@ -177,6 +180,7 @@ fn add_common_errors(op: &mut Operation) {
              a read-only token changing something)"
                 .into(),
         ));
+        errors.push(("503", "`registry_unavailable`: the auth role could not reach its registry; retry later".into()));
     }
     if has(SESSION) {
         errors.push((
@@ -187,7 +191,7 @@ fn add_common_errors(op: &mut Operation) {
         ));
         errors.push((
             "503",
-            "`auth_unreachable`, `repository_locked`, `unavailable`: the node cannot serve this now; retry later"
+            "`auth_unreachable`, `registry_unavailable`, `repository_locked`, `unavailable`: the node cannot serve this now; retry later"
                 .into(),
         ));
     }

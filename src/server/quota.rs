@@ -41,6 +41,8 @@ struct Tracked {
     added: u64,
     /// Uploads since the last usage report.
     dirty: bool,
+    /// When it was last touched (an upload or a commit).
+    touched: Instant,
 }
 
 /// Quotas and stored bytes of the tenants this node serves.
@@ -80,8 +82,10 @@ impl Quotas {
             counted: None,
             added: 0,
             dirty: true,
+            touched: Instant::now(),
         });
         t.dirty = true;
+        t.touched = Instant::now();
         // A tenant is opened once per process; keep the one in use.
         t.tenant = tenant.clone();
     }
@@ -177,6 +181,17 @@ impl Quotas {
             }
         }
         out
+    }
+
+    /// The tenants touched (an upload or a commit) within `within`: those
+    /// whose snapshots may have changed ([`super::catalog`]).
+    pub fn recently_touched(&self, within: Duration) -> Vec<(String, Arc<Tenant>)> {
+        let tenants = self.tenants.lock().expect("quota lock");
+        tenants
+            .iter()
+            .filter(|(_, t)| t.touched.elapsed() <= within)
+            .map(|(n, t)| (n.clone(), t.tenant.clone()))
+            .collect()
     }
 
     fn release(&self, name: &str, bytes: u64) {

@@ -1,9 +1,10 @@
 //! What a storage node knows of device states, so already-issued session
 //! tokens stop working when a device is retired, blocked or wiped. In the
 //! `all` role the auth side updates it directly; a storage node polls the auth
-//! role's check-in feed (`POST /v1/checkin`, which also carries its tenants'
-//! stored bytes up and every tenant's quota down) and applies
-//! `auth_unreachable` when it can't.
+//! role's check-in feed (`POST /v1/checkin`, which also carries up its
+//! tenants' stored bytes, the node itself and what changed in its tenants'
+//! snapshots ([`super::catalog`]), and every tenant's quota down) and
+//! applies `auth_unreachable` when it can't.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -94,7 +95,8 @@ impl DeviceStates {
         Ok(())
     }
 
-    fn checked_in(&self, cursor: u64) {
+    /// Records a successful check-in (or registry poll) up to `cursor`.
+    pub(super) fn checked_in(&self, cursor: u64) {
         self.cursor.store(cursor, Ordering::Relaxed);
         if let Some(last_ok) = &self.last_ok {
             *last_ok.lock().expect("checkin lock") = Instant::now();
@@ -115,18 +117,29 @@ pub async fn poll_upstream(app: Arc<App>) {
         let app2 = app.clone();
         let fetched = tokio::task::spawn_blocking(move || -> Result<CheckinResponse, String> {
             let storage = app2.storage.as_ref().ok_or("no storage role")?;
-            // What this node's tenants store goes up with the request.
-            let body =
-                CheckinRequest { since: storage.states.cursor.load(Ordering::Relaxed), usage: storage.quotas.report() };
-            let mut req = app2.upstream.post(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
-            if let Some(t) = &token {
-                req = req.header("Authorization", &format!("Bearer {t}"));
-            }
-            let mut resp = req.send_json(&body).map_err(|e| crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM))?;
-            if resp.status().as_u16() >= 400 {
-                return Err(format!("the auth server answered {}", resp.status()));
-            }
-            resp.body_mut().read_json().map_err(|e| e.to_string())
+            // What this node's tenants store, the node itself and what
+            // changed in its tenants' snapshots go up with the request.
+            let usage = storage.quotas.report();
+            let due = storage.quotas.recently_touched(super::catalog::RECHECK);
+            let (fetched, _) = storage.catalog.report(due, |snapshots| {
+                let body = CheckinRequest {
+                    since: storage.states.cursor.load(Ordering::Relaxed),
+                    usage,
+                    node: Some(super::fleet::node_report(&app2)),
+                    snapshots,
+                };
+                let mut req = app2.upstream.post(&url).config().timeout_global(Some(Duration::from_secs(10))).build();
+                if let Some(t) = &token {
+                    req = req.header("Authorization", &format!("Bearer {t}"));
+                }
+                let mut resp =
+                    req.send_json(&body).map_err(|e| crate::tls::explain(&e, super::HOW_TO_TRUST_UPSTREAM))?;
+                if resp.status().as_u16() >= 400 {
+                    return Err(format!("the auth server answered {}", resp.status()));
+                }
+                resp.body_mut().read_json::<CheckinResponse>().map_err(|e| e.to_string())
+            });
+            fetched
         })
         .await
         .map_err(|e| e.to_string())
@@ -141,6 +154,35 @@ pub async fn poll_upstream(app: Arc<App>) {
                 app.metrics.checkin_failures.inc();
                 tracing::warn!("check-in with {upstream} failed: {e}");
             }
+        }
+    }
+}
+
+/// In the `all` role on a registry that other auth nodes share
+/// (PostgreSQL), follows the registry's feed every interval, as a storage
+/// node's check-in does: a device retired through another node is refused
+/// here too, and quotas set there apply.
+pub async fn poll_registry(app: Arc<App>) {
+    let Some(storage) = app.storage.as_ref() else { return };
+    let mut ticker = tokio::time::interval(storage.states.interval);
+    loop {
+        ticker.tick().await;
+        let app2 = app.clone();
+        let polled = tokio::task::spawn_blocking(move || {
+            let (auth, storage) = (app2.auth()?, app2.storage()?);
+            let (cursor, changes) =
+                auth.registry.changes_since(storage.states.cursor.load(Ordering::Relaxed), 10_000)?;
+            Ok::<_, HttpError>((cursor, changes, auth.registry.quotas()?))
+        })
+        .await;
+        match polled {
+            Ok(Ok((cursor, changes, quotas))) => {
+                storage.states.apply(&changes);
+                storage.quotas.set_all(&quotas);
+                storage.states.checked_in(cursor);
+            }
+            Ok(Err(e)) => tracing::warn!("following the registry's feed failed: {}", e.message),
+            Err(e) => tracing::warn!("following the registry's feed failed: {e}"),
         }
     }
 }

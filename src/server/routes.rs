@@ -95,7 +95,9 @@ pub fn router(app: Arc<App>) -> Router {
             .route("/v1/admin/tenants/{tenant}/quota", put(admin::set_quota))
             .route("/v1/admin/tenants/{tenant}/users", post(admin::add_users).get(admin::users))
             .route("/v1/admin/tenants/{tenant}/users/{email}", delete(admin::remove_user))
-            .route("/v1/admin/audit", get(admin::audit_log));
+            .route("/v1/admin/audit", get(admin::audit_log))
+            .merge(super::fleet::routes())
+            .merge(super::console::routes());
     }
     // An edge relays device authentication to the auth role; so does a
     // storage node, so that a device needs one URL in either deployment.
@@ -272,7 +274,7 @@ async fn openapi_json() -> Response {
         (status = 403, description = "`activations_exhausted`, `user_not_provisioned`, `device_retired`, `device_blocked`, `device_wiped`: the token may not activate this device", body = ErrorBody),
         (status = 409, description = "`device_conflict`, `device_exists`: the device id is taken by another user or tenant", body = ErrorBody),
         (status = 429, description = "`too_many_attempts`: too many failed activations from this address; see Retry-After", body = ErrorBody),
-        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role", body = ErrorBody),
+        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role; `registry_unavailable`: the auth role could not reach its registry", body = ErrorBody),
     ))]
 async fn activate(
     State(app): AppState,
@@ -321,7 +323,7 @@ async fn activate(
         (status = 200, description = "A signed, short-lived session token and the device's policies", body = SessionResponse),
         (status = 401, description = "`invalid_token`, `token_expired`: the device token is unknown or does not match the email and device id", body = ErrorBody),
         (status = 403, description = "`device_retired`, `device_blocked`, `device_wiped`: the device may not start sessions", body = ErrorBody),
-        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role", body = ErrorBody),
+        (status = 503, description = "`upstream_unreachable`: an edge or storage node could not reach the auth role; `registry_unavailable`: the auth role could not reach its registry", body = ErrorBody),
     ))]
 async fn session(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<Json<SessionResponse>> {
     let req: SessionRequest = parse(&headers, body, MAX_JSON_BODY).await?;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod noise;
+pub mod postgres;
 pub mod server;
 
 pub use noise::pseudo_random;

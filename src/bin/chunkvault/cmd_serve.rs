@@ -36,9 +36,12 @@ pub struct ServeArgs {
     /// The tenants' repositories' root.
     #[arg(long)]
     pub root: Option<String>,
-    /// The SQLite device registry (default ROOT/registry.db).
-    #[arg(long)]
-    pub registry: Option<PathBuf>,
+    /// The device registry: a SQLite file (default ROOT/registry.db) or a
+    /// PostgreSQL URL, postgres://USER@HOST/DB, that several auth nodes
+    /// share. A URL holding a password is better kept in the config file
+    /// or $CHUNKVAULT_REGISTRY than on a command line.
+    #[arg(long, env = "CHUNKVAULT_REGISTRY", hide_env_values = true, value_name = "PATH|URL")]
+    pub registry: Option<String>,
     /// The auth role's URL (edge and storage roles).
     #[arg(long)]
     pub upstream: Option<String>,
