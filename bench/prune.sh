@@ -85,7 +85,7 @@ rm -rf "$DATA" "$CV_REPO" "$RESTIC_REPO" "$RESTIC_CACHE_DIR"
 cp -a "$CORPUS" "$DATA"
 rm -f "$DATA/.corpus-stamp"
 
-run "$CHUNKVAULT" --repo "$CV_REPO" init
+run "$CHUNKVAULT" init --repo "$CV_REPO"
 run restic -r "$RESTIC_REPO" init
 
 # Changes CHANGE_PERCENT% of the files (chosen by seed): overwrites 4 KiB at a
@@ -108,11 +108,11 @@ EOF
 for s in $(seq 1 "$SNAPSHOTS"); do
     [[ $s -gt 1 ]] && mutate "$s"
     log "snapshot $s/$SNAPSHOTS"
-    run "$CHUNKVAULT" --repo "$CV_REPO" --quiet backup "$DATA"
+    run "$CHUNKVAULT" backup --repo "$CV_REPO" --quiet "$DATA"
     run restic -r "$RESTIC_REPO" --quiet backup "$DATA"
 done
 
-run "$CHUNKVAULT" --repo "$CV_REPO" forget --keep-last "$KEEP_LAST"
+run "$CHUNKVAULT" forget --repo "$CV_REPO" --keep-last "$KEEP_LAST"
 run restic -r "$RESTIC_REPO" forget --keep-last "$KEEP_LAST"
 cv_before=$(du -sb "$CV_REPO" | cut -f1)
 restic_before=$(du -sb "$RESTIC_REPO" | cut -f1)
@@ -134,13 +134,13 @@ EOF
 }
 
 log "timing prune"
-read -r cv_secs cv_kib < <(measure "$CHUNKVAULT" --repo "$CV_REPO" --quiet prune --max-unused-percent "$MAX_UNUSED")
+read -r cv_secs cv_kib < <(measure "$CHUNKVAULT" prune --repo "$CV_REPO" --quiet --max-unused-percent "$MAX_UNUSED")
 read -r restic_secs restic_kib < <(measure restic -r "$RESTIC_REPO" prune --max-unused "$MAX_UNUSED%")
 cv_after=$(du -sb "$CV_REPO" | cut -f1)
 restic_after=$(du -sb "$RESTIC_REPO" | cut -f1)
 
 log "checking both repositories"
-run "$CHUNKVAULT" --repo "$CV_REPO" check
+run "$CHUNKVAULT" check --repo "$CV_REPO"
 run restic -r "$RESTIC_REPO" check
 
 mib() { python3 -c "print(f'{$1 / 1048576:.1f}')"; }

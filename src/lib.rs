@@ -49,6 +49,7 @@ pub mod check;
 pub mod chunker;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod copy;
 pub mod crypto;
 pub mod dump;
 pub mod find;
@@ -56,6 +57,8 @@ pub mod id;
 pub mod index;
 pub mod ingest;
 pub mod lock;
+#[cfg(feature = "mount")]
+pub mod mount;
 pub mod pack;
 pub mod packer;
 pub mod prune;

@@ -878,15 +878,7 @@ impl<'r> FileReader<'r> {
         let Some(&(_, first)) = rest.first() else { return Ok(false) };
         let window = &rest[..rest.iter().take_while(|(_, at)| *at - first < CAT_WINDOW).count()];
         self.next += window.len();
-        let (packs, missing) = self.repo.plan_blob_reads(window.iter().map(|(c, _)| *c));
-        if let Some(c) = missing.first() {
-            return Err(RepoError::MissingBlob(*c));
-        }
-        let read: Mutex<HashMap<BlobId, Result<Vec<u8>, RepoError>>> = Mutex::default();
-        self.repo.read_blobs(&packs, &|id, r| {
-            read.lock().expect("read lock").insert(*id, r.map(<[u8]>::to_vec));
-        });
-        let mut read = read.into_inner().expect("read lock");
+        let mut read = self.repo.read_blob_map(window.iter().map(|(c, _)| *c));
         self.buf.clear();
         self.pos = 0;
         for (c, at) in window {

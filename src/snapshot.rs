@@ -57,6 +57,11 @@ pub struct Snapshot {
     /// the damaged original, for one written by `repair snapshots`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<SnapshotId>,
+    /// For a snapshot made by `copy`: the id of the snapshot it copies in
+    /// the repository where it was first taken (kept through copies of
+    /// copies), so a second copy knows it is there already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<SnapshotId>,
     /// What the backup did.
     pub summary: Summary,
     /// What wrote it: `chunkvault <version>`; informational.
@@ -142,6 +147,7 @@ mod tests {
             paths: vec!["/home/me".into()],
             tree: BlobId([1; 32]),
             parent: Some(SnapshotId([2; 32])),
+            original: None,
             summary: Summary { files_new: 3, duration_secs: 1.5, ..Summary::default() },
             program_version: "chunkvault 0.1.0".into(),
         }

@@ -43,6 +43,7 @@ pub(crate) fn snapshot(time: &str, host: &str, tags: &[&str], paths: &[&str]) ->
         paths: strings(paths),
         tree: BlobId([0; 32]),
         parent: None,
+        original: None,
         summary: Default::default(),
         program_version: "test".into(),
     }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::process::Command;
 
 use common::{Env, PASSWORD};
 
@@ -11,7 +12,7 @@ use common::{Env, PASSWORD};
 fn password_command_opens_the_repository_and_its_failure_is_an_error() {
     let env = Env::new();
     let run = |cmd: &str| {
-        env.cmd().env_remove("CHUNKVAULT_PASSWORD").args(["--password-command", cmd, "snapshots"]).output().unwrap()
+        env.cmd().env_remove("CHUNKVAULT_PASSWORD").args(["snapshots", "--password-command", cmd]).output().unwrap()
     };
     assert!(run(&format!("echo '{PASSWORD}'")).status.success());
     assert_eq!(run("echo wrong").status.code(), Some(12), "a wrong password from the command");
@@ -56,7 +57,7 @@ fn verbose_levels_turn_on_the_log() {
     let args = ["backup", src.to_str().unwrap(), "--exclude", "*.tmp"];
     let quiet = env.cmd().env_remove("CHUNKVAULT_LOG").args(args).output().unwrap();
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("excluded"));
-    let loud = env.cmd().env_remove("CHUNKVAULT_LOG").arg("-vv").args(args).output().unwrap();
+    let loud = env.cmd().env_remove("CHUNKVAULT_LOG").args(args).arg("-vv").output().unwrap();
     let stderr = String::from_utf8_lossy(&loud.stderr);
     assert!(stderr.contains("skip.tmp: excluded"), "{stderr}");
 }
@@ -123,4 +124,45 @@ fn status_lines_precede_a_one_line_summary_for_front_ends() {
 
     let no_json = env.run(&["backup", src.to_str().unwrap(), "--status-lines"]);
     assert_eq!(no_json.status.code(), Some(2), "--status-lines needs --json");
+}
+
+/// Each command's `--help` offers the flags it uses and no others: no
+/// repository flags on `serve` or `completion`, no `--json` where nothing is
+/// printed as a result, `--retry-lock` only where a lock is taken.
+#[test]
+fn each_command_offers_only_the_flags_it_uses() {
+    let help = |args: &[&str]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_chunkvault")).args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?} --help");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let flag =
+        |text: &str, f: &str| text.split(|c: char| c.is_whitespace() || c == ',').any(|w| w.trim_end_matches('.') == f);
+    let cases: &[(&[&str], &[&str], &[&str])] = &[
+        (&["serve"], &["--password-file", "--verbose"], &["--repo", "--cache-dir", "--json", "--retry-lock"]),
+        (&["completion"], &[], &["--repo", "--json", "--quiet", "--verbose", "--threads"]),
+        (&["init"], &["--repo", "--password-file", "--json"], &["--cache-dir", "--retry-lock", "--threads"]),
+        (&["backup"], &["--repo", "--password-command", "--cache-dir", "--retry-lock", "--json", "--quiet"], &[]),
+        (&["snapshots"], &["--repo", "--no-cache", "--json"], &["--retry-lock"]),
+        (&["cat"], &["--repo", "--quiet"], &["--json", "--retry-lock"]),
+        (&["mount"], &["--repo", "--host", "--allow-other"], &["--json", "--retry-lock"]),
+        (&["copy"], &["--repo", "--from-repo", "--from-password-file", "--retry-lock", "--json"], &[]),
+        (&["key", "add"], &["--repo", "--new-password-file"], &["--retry-lock"]),
+        (&["repair", "index"], &["--repo", "--retry-lock"], &[]),
+        (&["device", "snapshots"], &["--json"], &["--repo", "--cache-dir"]),
+        (&["admin", "devices"], &["--json", "--server"], &["--repo", "--password-file"]),
+    ];
+    for (args, has, lacks) in cases {
+        let text = help(args);
+        for f in *has {
+            assert!(flag(&text, f), "{args:?} --help lacks {f}:\n{text}");
+        }
+        for f in *lacks {
+            assert!(!flag(&text, f), "{args:?} --help offers {f}:\n{text}");
+        }
+    }
+    // Repository flags go after the command; the environment works as before.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_chunkvault")).args(["--repo", "/nowhere", "snapshots"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -86,6 +86,7 @@ fn sample_snapshot() -> Snapshot {
         paths: vec!["/".into()],
         tree: chunkvault::id::BlobId([0; 32]),
         parent: None,
+        original: None,
         summary: Default::default(),
         program_version: "test".into(),
     }

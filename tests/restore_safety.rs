@@ -170,7 +170,7 @@ fn latest_refuses_while_a_snapshot_cannot_be_read_and_forget_by_id_removes_it() 
         vec!["restore", "latest", "--target", target.to_str().unwrap()],
         vec!["cat", "latest", file.as_str()],
         vec!["ls", "latest"],
-        vec!["-q", "cat", "latest", file.as_str()],
+        vec!["cat", "latest", file.as_str(), "-q"],
     ] {
         let out = env.run(&args);
         assert_eq!(out.status.code(), Some(3), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));

@@ -43,7 +43,7 @@ fn prune_of_a_tenant_repository_while_the_server_runs() {
 
     // Prune from another process, waiting for the node's shared lock, while
     // the laptop backs up: whichever gets the repository first, both succeed.
-    let prune = on_tenant(&root, &["--json", "--retry-lock", "120", "prune"])
+    let prune = on_tenant(&root, &["prune", "--json", "--retry-lock", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -269,6 +269,7 @@ fn run<P: AsRef<Path>>(
         paths: path_strings,
         tree: root,
         parent: parent.map(|(id, _)| id),
+        original: None,
         summary,
         program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
     };

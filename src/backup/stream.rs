@@ -187,6 +187,7 @@ impl StreamOrigin {
             paths: self.paths,
             tree,
             parent: None,
+            original: None,
             summary,
             program_version: format!("chunkvault {}", env!("CARGO_PKG_VERSION")),
         }

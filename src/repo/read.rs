@@ -4,6 +4,7 @@
 //! stream and file route, and prune's repack use it.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -70,6 +71,21 @@ impl Repository {
     /// `deliver` is called from several threads.
     pub fn read_blobs(&self, packs: &[PackBlobs], deliver: &DeliverBlob<'_>) {
         packs.par_iter().for_each(|(pack, blobs)| self.read_pack_blobs(pack, blobs, deliver));
+    }
+
+    /// Reads `ids` through [`Repository::read_blobs`] and returns each one's
+    /// verified plaintext, or why it could not be read (an id the index
+    /// lacks: [`RepoError::MissingBlob`]). For callers that want a handful
+    /// of blobs at once (`cat`'s window, the mount's chunk cache, `copy`).
+    pub fn read_blob_map(&self, ids: impl IntoIterator<Item = BlobId>) -> HashMap<BlobId, Result<Vec<u8>, RepoError>> {
+        let (packs, missing) = self.plan_blob_reads(ids);
+        let read: Mutex<HashMap<BlobId, Result<Vec<u8>, RepoError>>> = Mutex::default();
+        self.read_blobs(&packs, &|id, r| {
+            read.lock().expect("read lock").insert(*id, r.map(<[u8]>::to_vec));
+        });
+        let mut read = read.into_inner().expect("read lock");
+        read.extend(missing.into_iter().map(|id| (id, Err(RepoError::MissingBlob(id)))));
+        read
     }
 
     /// [`Repository::read_blobs`] for one pack, on the calling thread.

@@ -23,6 +23,8 @@ pub struct AdminArgs {
     pub ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     pub command: AdminCommand,
+    #[command(flatten)]
+    pub out: crate::ctx::OutputArgs,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -41,8 +43,10 @@ pub enum AdminCommand {
     /// id activate again; `delete` removes a retired or wiped device from
     /// the registry (its snapshots stay).
     Device {
+        /// What to do: retire, block, allow, wipe, reset or delete.
         #[arg(value_parser = ["retire", "block", "allow", "wipe", "reset", "delete"])]
         action: String,
+        /// The device's id (as `admin devices` lists it).
         device_id: String,
     },
     /// Tenants with their devices, snapshots, stored bytes and quota.
@@ -52,6 +56,7 @@ pub enum AdminCommand {
     Tenant(TenantCommand),
     /// The audit log of admin actions and device state changes, newest first.
     Audit {
+        /// Only entries of this tenant.
         #[arg(long)]
         tenant: Option<String>,
         /// Only entries at or after this time (RFC 3339).
@@ -67,6 +72,8 @@ pub enum AdminCommand {
 pub enum AdminTokenCommand {
     /// Create an admin token; it is printed once.
     Create {
+        /// What the token may do: admin (everything), tenant-admin (one
+        /// tenant's devices and tokens) or read-only.
         #[arg(long, value_parser = ["admin", "tenant-admin", "read-only"])]
         role: String,
         /// The one tenant the token covers (required for tenant-admin).
@@ -79,33 +86,46 @@ pub enum AdminTokenCommand {
     /// List admin tokens (never their secrets).
     List,
     /// Revoke an admin token by id; it stops working at once.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (as `token list` shows it).
+        id: String,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum TenantCommand {
     /// Cap what the tenant may store, in bytes of packs (0: no quota).
-    SetQuota { tenant: String, bytes: u64 },
+    SetQuota {
+        /// The tenant.
+        tenant: String,
+        /// The most bytes of packs it may store (0: no quota).
+        bytes: u64,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum UserCommand {
     /// Provision users (emails exactly as the managed config will give them).
     Add {
+        /// The tenant the users belong to.
         #[arg(long)]
         tenant: String,
+        /// The users' emails.
         #[arg(required = true)]
         emails: Vec<String>,
     },
     /// List a tenant's provisioned users.
     List {
+        /// The tenant whose users to list.
         #[arg(long)]
         tenant: String,
     },
     /// Remove provisioned users (their devices keep working: retire them).
     Remove {
+        /// The tenant the users belong to.
         #[arg(long)]
         tenant: String,
+        /// The users' emails.
         #[arg(required = true)]
         emails: Vec<String>,
     },
@@ -115,11 +135,13 @@ pub enum UserCommand {
 pub enum TokenCommand {
     /// Create a token (printed once).
     Create {
+        /// The tenant whose devices it activates (its repository is created if new).
         #[arg(long)]
         tenant: String,
         /// Lifetime in seconds (default 30 days).
         #[arg(long)]
         expires_in: Option<u64>,
+        /// How many devices it may activate (default: no limit).
         #[arg(long)]
         max_activations: Option<u32>,
         /// A policy for the devices it activates, NAME=true|false
@@ -132,12 +154,16 @@ pub enum TokenCommand {
     },
     /// List deployment tokens (never their secrets).
     List {
+        /// Only this tenant's tokens.
         #[arg(long)]
         tenant: Option<String>,
     },
     /// Revoke a deployment token by id: it activates no more devices (those
     /// it activated keep working).
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (as `deployment-token list` shows it).
+        id: String,
+    },
 }
 
 /// Reads `--ca-cert`, refusing a file larger than a CA PEM can be.
@@ -199,7 +225,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
                 provisioned_only,
             };
             let created = client.create_deployment_token(&req).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&created);
             } else {
                 println!("{}", created.token);
@@ -217,7 +243,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Devices => {
             let devices = client.devices().map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&devices);
             } else {
                 println!(
@@ -236,7 +262,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Device { action, device_id } if action == "delete" => {
             let change = client.delete_device(&device_id).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&change);
             } else {
                 println!("device {} deleted", change.device_id);
@@ -244,7 +270,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Device { action, device_id } => {
             let change = client.device_action(&device_id, &action).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&change);
             } else {
                 println!("device {} is now {}", change.device_id, change.state);
@@ -252,7 +278,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::DeploymentToken(TokenCommand::List { tenant }) => {
             let tokens = client.deployment_tokens(tenant.as_deref()).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&tokens);
             } else {
                 println!(
@@ -287,7 +313,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::DeploymentToken(TokenCommand::Revoke { id }) => {
             let t = client.revoke_deployment_token(&id).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&t);
             } else {
                 println!("deployment token {} of tenant {} revoked", t.token_id, t.tenant);
@@ -297,7 +323,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
             let role = role.parse().map_err(CliError::Usage)?;
             chunkvault::auth::admin::check_scope(role, tenant.as_deref()).map_err(CliError::Usage)?;
             let created = client.create_admin_token(&CreateAdminToken { role, tenant, label }).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&created);
             } else {
                 println!("{}", created.token);
@@ -310,7 +336,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Token(AdminTokenCommand::List) => {
             let tokens = client.admin_tokens().map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&tokens);
             } else {
                 println!("{:<16}  {:<12}  {:<12}  {:<25}  {:<25}  label", "id", "role", "tenant", "created", "revoked");
@@ -329,7 +355,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Token(AdminTokenCommand::Revoke { id }) => {
             let t = client.revoke_admin_token(&id).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&t);
             } else {
                 println!("admin token {} revoked", t.id);
@@ -337,7 +363,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Whoami => {
             let who = client.whoami().map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&who);
             } else {
                 println!("{} {} {}", who.id, who.role, who.tenant.as_deref().unwrap_or("*"));
@@ -345,7 +371,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Tenants => {
             let tenants = client.tenants().map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&tenants);
             } else {
                 println!("{:<16}  {:>7}  {:>9}  {:>12}  {:>12}", "tenant", "devices", "snapshots", "stored", "quota");
@@ -360,7 +386,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         AdminCommand::Tenant(TenantCommand::SetQuota { tenant, bytes }) => {
             chunkvault::api::check_tenant(&tenant).map_err(CliError::Usage)?;
             let q = client.set_quota(&tenant, bytes).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&q);
             } else if q.quota_bytes == 0 {
                 println!("tenant {} has no quota", q.tenant);
@@ -370,7 +396,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::Audit { tenant, since } => {
             let entries = client.audit(tenant.as_deref(), since).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&entries);
             } else {
                 for e in &entries {
@@ -395,7 +421,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
         }
         AdminCommand::User(UserCommand::List { tenant }) => {
             let users = client.users(&tenant).map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&users);
             } else {
                 for u in &users {
@@ -419,7 +445,7 @@ pub fn run(ctx: &Ctx, a: AdminArgs) -> CmdResult {
 
 /// Prints what a `user add` or `user remove` changed.
 fn report_users(ctx: &Ctx, changed: &UsersChanged, verb: &str, asked: usize) {
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(changed);
     } else {
         for e in &changed.changed {

@@ -201,7 +201,7 @@ pub fn run(ctx: &Ctx, mut a: BackupArgs) -> CmdResult {
         eprintln!("warning: {w}");
     }
     let s = &done.snapshot.summary;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_result(
             serde_json::json!({
                 "snapshot": done.id,
@@ -241,7 +241,7 @@ fn print_dry_run(ctx: &Ctx, done: chunkvault::backup::DryRunResult) -> CmdResult
         eprintln!("warning: {w}");
     }
     let s = &done.snapshot.summary;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&serde_json::json!({
             "dry_run": true,
             "parent": done.snapshot.parent,

@@ -55,7 +55,7 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> CmdResult {
     drop(bar);
     let report = report?;
     let damaged = report.has_damage();
-    if ctx.args.json {
+    if ctx.json() {
         let mut v = serde_json::to_value(&report).expect("serializable");
         v["ok"] = serde_json::json!(!damaged);
         ctx.print_json(&v);

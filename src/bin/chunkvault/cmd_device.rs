@@ -10,6 +10,15 @@ use crate::cmd_restore::OverwriteArg;
 use crate::ctx::{human_bytes, CliError, Ctx};
 use crate::CmdResult;
 
+/// `device`: its subcommands and the output flags they share.
+#[derive(clap::Args, Debug)]
+pub struct DeviceArgs {
+    #[command(subcommand)]
+    pub command: DeviceCommand,
+    #[command(flatten)]
+    pub out: crate::ctx::OutputArgs,
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum DeviceCommand {
     /// Activate silently from a managed app configuration (JSON).
@@ -67,7 +76,7 @@ pub fn run(ctx: &Ctx, cmd: DeviceCommand) -> CmdResult {
     // with what a wipe removed and left (`status --json` has it in its
     // document; other commands' JSON goes to stderr beside the error).
     if let Some(out) = device.logged_out() {
-        if ctx.args.json {
+        if ctx.json() {
             if !is_status {
                 eprintln!("{}", serde_json::json!({ "logged_out": out }));
             }
@@ -96,7 +105,7 @@ fn run_on(ctx: &Ctx, device: &mut Device, cmd: DeviceCommand) -> CmdResult {
             for s in &done.skipped {
                 ctx.info(format!("skipped {s}: not a regular file or directory"));
             }
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&done);
             } else {
                 println!("{}", done.id);
@@ -112,7 +121,7 @@ fn run_on(ctx: &Ctx, device: &mut Device, cmd: DeviceCommand) -> CmdResult {
         }
         DeviceCommand::Snapshots => {
             let list = device.snapshots().map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&list);
             } else {
                 for s in &list {
@@ -136,7 +145,7 @@ fn run_on(ctx: &Ctx, device: &mut Device, cmd: DeviceCommand) -> CmdResult {
             for d in r.damaged.iter().chain(&r.failed) {
                 eprintln!("not restored: {}: {}", d.path, d.error);
             }
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&done);
             } else {
                 ctx.info(format!(
@@ -157,7 +166,7 @@ fn run_on(ctx: &Ctx, device: &mut Device, cmd: DeviceCommand) -> CmdResult {
         }
         DeviceCommand::Status => {
             let status = device.status().map_err(failed)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&status);
             } else {
                 println!("device {} of {} at {}: {}", status.device_id, status.email, status.server_url, status.state);
@@ -176,7 +185,7 @@ fn activate(ctx: &Ctx, dir: &Path, managed_config: &Path) -> CmdResult {
         std::fs::read(managed_config).map_err(|e| CliError::Other(format!("{}: {e}", managed_config.display())))?;
     let managed = ManagedConfig::parse(&bytes).map_err(failed)?;
     let device = Device::activate(dir, &managed).map_err(failed)?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&serde_json::json!({"device_id": device.device_id(), "state_dir": dir}));
     } else {
         println!("activated device {}", device.device_id());

@@ -32,7 +32,7 @@ pub fn find_cmd(ctx: &Ctx, a: FindArgs) -> CmdResult {
         chunkvault::find::FindError::Repo(r) => CliError::Repo(r),
         other => CliError::Usage(other.to_string()),
     })?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&found);
         return Ok(ExitCode::SUCCESS);
     }

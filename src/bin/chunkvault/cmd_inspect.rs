@@ -31,7 +31,7 @@ pub fn stats_cmd(ctx: &Ctx, a: StatsArgs) -> CmdResult {
     let repo = ctx.open()?;
     let snapshots = select::find_all(&repo, &a.snapshots, &a.filter.filter())?;
     let s = stats_of(&repo, &snapshots)?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&s);
     } else {
         println!("snapshots:          {}", s.snapshots);
@@ -52,7 +52,7 @@ pub fn diff_cmd(ctx: &Ctx, a: DiffArgs) -> CmdResult {
     let (from_id, from) = select::find(&repo, &a.from, &filter)?;
     let (to_id, to) = select::find(&repo, &a.to, &filter)?;
     let changes = diff(&repo, &from, &to)?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&serde_json::json!({ "from": from_id, "to": to_id, "changes": changes }));
     } else {
         for d in &changes {

@@ -122,7 +122,7 @@ pub fn repair_cmd(ctx: &Ctx, c: RepairCommand) -> CmdResult {
     match c {
         RepairCommand::Index => {
             let r = repair_index(&repo, ctx.lock_options()).map_err(repair_err)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&r);
             } else {
                 for (pack, why) in &r.unreadable_packs {
@@ -137,7 +137,7 @@ pub fn repair_cmd(ctx: &Ctx, c: RepairCommand) -> CmdResult {
         RepairCommand::Snapshots(a) => {
             let done =
                 repair_snapshots(&repo, a.read_data, a.forget, a.dry_run, ctx.lock_options()).map_err(repair_err)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&serde_json::json!({ "dry_run": a.dry_run, "snapshots": done }));
             } else {
                 for r in &done {
@@ -247,7 +247,7 @@ pub fn forget_cmd(ctx: &Ctx, a: ForgetArgs) -> CmdResult {
     } else {
         None
     };
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&serde_json::json!({
             "dry_run": a.dry_run,
             "groups": decisions,
@@ -298,7 +298,7 @@ pub fn tag_cmd(ctx: &Ctx, a: TagArgs) -> CmdResult {
     let repo = ctx.open()?;
     let chosen = select::find_all(&repo, &a.snapshots, &a.filter.filter())?;
     let changed = select::retag(&repo, &chosen, &change, ctx.lock_options())?;
-    if ctx.args.json {
+    if ctx.json() {
         let v: Vec<_> = changed.iter().map(|(old, new)| serde_json::json!({"old": old, "new": new})).collect();
         ctx.print_json(&serde_json::json!({ "changed": v }));
     } else {
@@ -317,7 +317,7 @@ pub fn prune_cmd(ctx: &Ctx, a: PruneArgs) -> CmdResult {
         &repo,
         PruneOptions { max_unused_percent: a.max_unused_percent, dry_run: a.dry_run, ..PruneOptions::default() },
     )?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&report);
     } else {
         print_prune(&report);
@@ -372,7 +372,7 @@ fn print_prune(r: &PruneReport) {
 pub fn unlock_cmd(ctx: &Ctx, a: UnlockArgs) -> CmdResult {
     let repo = ctx.open()?;
     let removed = remove_locks(repo.backend().as_ref(), a.remove_all, &ctx.lock_options())?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&serde_json::json!({ "removed": removed }));
     } else {
         println!("removed {removed} locks");

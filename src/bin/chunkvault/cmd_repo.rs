@@ -48,7 +48,7 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> CmdResult {
     };
     let backend = repo::open_backend(location, true)?;
     let r = Repository::init(backend, &password, &opts)?;
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(
             &serde_json::json!({"repository": location, "id": r.config().id, "key": r.key_id(), "config": r.config()}),
         );
@@ -68,7 +68,7 @@ pub struct SnapshotsArgs {
 pub fn snapshots(ctx: &Ctx, a: SnapshotsArgs) -> CmdResult {
     let r = ctx.open()?;
     let list = chunkvault::select::list(&r, &a.filter.filter())?;
-    if ctx.args.json {
+    if ctx.json() {
         let v: Vec<_> = list
             .iter()
             .map(|(id, s)| {
@@ -123,7 +123,7 @@ pub fn key(ctx: &Ctx, cmd: KeyCommand) -> CmdResult {
                 return Err(CliError::Usage("refusing an empty password".into()));
             }
             let id = r.add_key(&pw, KdfParams::default())?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&serde_json::json!({"key": id}));
             } else {
                 println!("added key {id}");
@@ -131,7 +131,7 @@ pub fn key(ctx: &Ctx, cmd: KeyCommand) -> CmdResult {
         }
         KeyCommand::List => {
             let keys = r.list_keys()?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&keys);
             } else {
                 println!("  {:<8}  {:<20}  {:<12}  host", "id", "created", "user");
@@ -155,7 +155,7 @@ pub fn key(ctx: &Ctx, cmd: KeyCommand) -> CmdResult {
                 return Err(CliError::Other(format!("{id:?} matches {} keys", matches.len())));
             };
             r.remove_key(key_id)?;
-            if ctx.args.json {
+            if ctx.json() {
                 ctx.print_json(&serde_json::json!({"removed": key_id}));
             } else {
                 println!("removed key {key_id}");

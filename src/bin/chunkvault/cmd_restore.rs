@@ -100,7 +100,7 @@ pub fn restore(ctx: &Ctx, a: RestoreArgs) -> CmdResult {
     for f in &report.failed {
         eprintln!("not restored: {}: {}", f.path, f.error);
     }
-    if ctx.args.json {
+    if ctx.json() {
         let mut v = serde_json::to_value(&report).expect("serializable");
         v["snapshot"] = serde_json::json!(id);
         v["target"] = serde_json::json!(a.target);
@@ -212,7 +212,7 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> CmdResult {
             }
         }
     }
-    if ctx.args.json {
+    if ctx.json() {
         ctx.print_json(&out);
     } else {
         let mut stdout = std::io::stdout().lock();

@@ -48,8 +48,10 @@ pub struct ServeArgs {
     /// File holding the admin token (else $CHUNKVAULT_ADMIN_TOKEN).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Lifetime of session tokens in seconds (default 900).
     #[arg(long)]
     pub session_ttl_secs: Option<u64>,
+    /// Seconds between a storage node's check-ins with the auth role (default 30).
     #[arg(long)]
     pub checkin_interval_secs: Option<u64>,
     /// fail_closed or fail_open.
@@ -89,6 +91,12 @@ pub struct ServeArgs {
     /// File holding the bearer token that /metrics asks for (default: none, open).
     #[arg(long)]
     pub metrics_token_file: Option<PathBuf>,
+    /// File holding the password of the tenants' repositories (first line;
+    /// else $CHUNKVAULT_PASSWORD, else the systemd credential `password`).
+    #[arg(long, env = "CHUNKVAULT_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub verbose: crate::ctx::VerboseArgs,
 }
 
 /// A secret from its file (first line), else its environment variable;
@@ -107,7 +115,7 @@ fn credential(name: &str) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-pub fn run(ctx: &Ctx, a: ServeArgs) -> CmdResult {
+pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
     let mut c = match &a.config {
         Some(path) => ServerConfig::load(path).map_err(|e| CliError::Usage(e.to_string()))?,
         None => ServerConfig::default(),
@@ -146,7 +154,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> CmdResult {
     c.metrics_token_file = a.metrics_token_file.or(c.metrics_token_file).or_else(|| credential("metrics_token"));
     // Each secret from, in order: the flag or config key naming its file,
     // its environment variable, the systemd credential of its name.
-    c.password_file = ctx.args.password_file.clone().or(c.password_file);
+    c.password_file = a.password_file.or(c.password_file);
     if c.password_file.is_none() && std::env::var_os("CHUNKVAULT_PASSWORD").is_none() {
         c.password_file = credential("password");
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chunkvault::backup::BackupError;
 use chunkvault::lock::{LockError, LockOptions};
+use chunkvault::mount::MountError;
 use chunkvault::prune::PruneError;
 use chunkvault::repo::{self, RepoError, Repository};
 use chunkvault::restore::RestoreError;
@@ -17,13 +18,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::exit;
 
-#[derive(clap::Args, Debug)]
-pub struct GlobalArgs {
+// Each command takes only the flags it uses: the groups below are
+// flattened into the commands they apply to (main.rs). `global = true`
+// carries a group from a command to its subcommands (`key add`, `repair
+// index`, `admin devices`), never to other commands.
+
+/// Where the repository is and its password: commands that open one.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Repository")]
+pub struct RepoArgs {
     /// Repository location: a directory, or s3://bucket/prefix (see the README).
     #[arg(short = 'r', long, env = "CHUNKVAULT_REPO", global = true)]
     pub repo: Option<String>,
     /// Read the password from this file (first line). Default: $CHUNKVAULT_PASSWORD, else a prompt.
-    #[arg(long, env = "CHUNKVAULT_PASSWORD_FILE", global = true)]
+    #[arg(long, env = "CHUNKVAULT_PASSWORD_FILE", value_name = "FILE", global = true)]
     pub password_file: Option<PathBuf>,
     /// Run CMD with `sh -c` and use the first line it prints as the password
     /// (e.g. `pass show backup`); a failing command is an error.
@@ -35,6 +43,13 @@ pub struct GlobalArgs {
         conflicts_with = "password_file"
     )]
     pub password_command: Option<String>,
+}
+
+/// The local cache of a remote repository and the worker threads:
+/// commands that read a repository.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Repository")]
+pub struct CacheArgs {
     /// Keep the local cache of remote repositories' objects in DIR
     /// (default: $XDG_CACHE_HOME/chunkvault or ~/.cache/chunkvault).
     #[arg(long, env = "CHUNKVAULT_CACHE_DIR", value_name = "DIR", global = true)]
@@ -42,21 +57,61 @@ pub struct GlobalArgs {
     /// Use no local cache (every object is read from the repository).
     #[arg(long, global = true, conflicts_with = "cache_dir")]
     pub no_cache: bool,
-    /// More detail on stderr: -v informational log lines, -vv debug, -vvv trace.
-    #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
-    /// Print one JSON document on stdout instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// No progress and no informational output on stderr.
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
     /// Worker threads (default: one per core).
-    #[arg(long, global = true)]
+    #[arg(long, value_name = "N", global = true)]
     pub threads: Option<usize>,
+}
+
+/// Waiting for a lock: commands that take one.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Repository")]
+pub struct LockArgs {
     /// When the repository is locked (a prune running), retry for up to this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 0, global = true)]
     pub retry_lock: u64,
+}
+
+/// The level of the log on stderr.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Output")]
+pub struct VerboseArgs {
+    /// More detail on stderr: -v informational log lines, -vv debug, -vvv trace.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// Progress and messages on stderr: commands that write data to stdout.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Output")]
+pub struct LogArgs {
+    /// No progress and no informational output on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub verbose: VerboseArgs,
+}
+
+/// Text or JSON results, and stderr: commands that print a result.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Output")]
+pub struct OutputArgs {
+    /// Print one JSON document on stdout instead of text (and errors as JSON on stderr).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl From<LogArgs> for OutputArgs {
+    fn from(log: LogArgs) -> Self {
+        OutputArgs { json: false, log }
+    }
+}
+
+impl From<VerboseArgs> for OutputArgs {
+    fn from(verbose: VerboseArgs) -> Self {
+        OutputArgs { json: false, log: LogArgs { quiet: false, verbose } }
+    }
 }
 
 /// `--host`, `--tag` and `--path`: which snapshots a command considers,
@@ -107,6 +162,8 @@ pub enum CliError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Select(#[from] SelectError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
     #[error("{0}")]
     Other(String),
 }
@@ -122,7 +179,8 @@ impl CliError {
             | CliError::Backup(BackupError::Repo(e))
             | CliError::Restore(RestoreError::Repo(e))
             | CliError::Prune(PruneError::Repo(e))
-            | CliError::Select(SelectError::Repo(e)) => (Some(e), None),
+            | CliError::Select(SelectError::Repo(e))
+            | CliError::Mount(MountError::Repo(e)) => (Some(e), None),
             CliError::Lock(e)
             | CliError::Backup(BackupError::Lock(e))
             | CliError::Prune(PruneError::Lock(e))
@@ -152,21 +210,52 @@ impl CliError {
 }
 
 pub struct Ctx {
-    pub args: GlobalArgs,
+    repo: Option<RepoArgs>,
+    lock: LockArgs,
+    out: OutputArgs,
     show_progress: bool,
 }
 
 impl Ctx {
-    pub fn new(args: GlobalArgs) -> Ctx {
-        if let Some(n) = args.threads {
+    /// The context of a command from the flag groups it takes. Flags that
+    /// reach the library through its environment variables are set here,
+    /// before any thread starts.
+    pub fn new(repo: Option<RepoArgs>, cache: Option<CacheArgs>, lock: Option<LockArgs>, out: OutputArgs) -> Ctx {
+        let cache = cache.unwrap_or_default();
+        if let Some(dir) = &cache.cache_dir {
+            std::env::set_var("CHUNKVAULT_CACHE_DIR", dir);
+        }
+        if cache.no_cache {
+            std::env::set_var(chunkvault::cache::NO_CACHE_ENV, "1");
+        }
+        let verbose = out.log.verbose.verbose;
+        if verbose > 0 && std::env::var_os("CHUNKVAULT_LOG").is_none() {
+            let level = ["info", "debug", "trace"][usize::from(verbose.min(3)) - 1];
+            std::env::set_var("CHUNKVAULT_LOG", format!("chunkvault={level}"));
+        }
+        if let Some(n) = cache.threads {
             let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
         }
-        let show_progress = !args.quiet && std::io::stderr().is_terminal();
-        Ctx { args, show_progress }
+        let show_progress = !out.log.quiet && std::io::stderr().is_terminal();
+        Ctx { repo, lock: lock.unwrap_or_default(), out, show_progress }
+    }
+
+    /// `--json`: results as one JSON document.
+    pub fn json(&self) -> bool {
+        self.out.json
+    }
+
+    /// `--quiet`: no progress or informational output.
+    pub fn quiet(&self) -> bool {
+        self.out.log.quiet
+    }
+
+    fn repo_args(&self) -> &RepoArgs {
+        self.repo.as_ref().expect("a command that opens a repository takes the repository flags")
     }
 
     pub fn repo_location(&self) -> Result<&str, CliError> {
-        self.args
+        self.repo_args()
             .repo
             .as_deref()
             .ok_or_else(|| CliError::Usage("no repository given: use --repo or set CHUNKVAULT_REPO".into()))
@@ -175,10 +264,8 @@ impl Ctx {
     /// The password from --password-file, --password-command,
     /// $CHUNKVAULT_PASSWORD, or a prompt.
     pub fn password(&self, prompt: &str) -> Result<Vec<u8>, CliError> {
-        if let (None, Some(cmd)) = (&self.args.password_file, &self.args.password_command) {
-            return password_from_command(cmd);
-        }
-        password_from(self.args.password_file.as_ref(), "CHUNKVAULT_PASSWORD", prompt)
+        let a = self.repo_args();
+        password_of(a.password_file.as_ref(), a.password_command.as_deref(), "CHUNKVAULT_PASSWORD", prompt)
     }
 
     pub fn open(&self) -> Result<Repository, CliError> {
@@ -190,12 +277,12 @@ impl Ctx {
 
     /// Lock timing with the wait that --retry-lock asks for.
     pub fn lock_options(&self) -> LockOptions {
-        LockOptions { wait: Duration::from_secs(self.args.retry_lock), ..LockOptions::default() }
+        LockOptions { wait: Duration::from_secs(self.lock.retry_lock), ..LockOptions::default() }
     }
 
     /// Informational text on stderr, unless --quiet or --json.
     pub fn info(&self, msg: impl AsRef<str>) {
-        if !self.args.quiet && !self.args.json {
+        if !self.quiet() && !self.json() {
             eprintln!("{}", msg.as_ref());
         }
     }
@@ -205,7 +292,7 @@ impl Ctx {
     }
 
     pub fn print_error(&self, e: &CliError) {
-        if self.args.json {
+        if self.json() {
             eprintln!("{}", serde_json::json!({"error": e.kind(), "message": e.to_string()}));
         } else {
             eprintln!("chunkvault: error: {e}");
@@ -247,7 +334,7 @@ impl Ctx {
     /// guard drops, for front ends that read stdout line by line.
     pub fn status_lines(&self, enabled: bool, status: impl Fn() -> serde_json::Value + Send + 'static) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
-        if !enabled || !self.args.json {
+        if !enabled || !self.json() {
             return Progress { bar: None, stop, thread: None };
         }
         let s = stop.clone();
@@ -294,6 +381,20 @@ impl Drop for Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+/// A password from a file, else a command, else the environment variable
+/// `env`, else a prompt.
+pub fn password_of(
+    file: Option<&PathBuf>,
+    command: Option<&str>,
+    env: &str,
+    prompt: &str,
+) -> Result<Vec<u8>, CliError> {
+    match (file, command) {
+        (None, Some(cmd)) => password_from_command(cmd),
+        _ => password_from(file, env, prompt),
     }
 }
 

@@ -3,10 +3,12 @@
 mod cmd_admin;
 mod cmd_backup;
 mod cmd_check;
+mod cmd_copy;
 mod cmd_device;
 mod cmd_find;
 mod cmd_inspect;
 mod cmd_maint;
+mod cmd_mount;
 mod cmd_repo;
 mod cmd_restore;
 mod cmd_serve;
@@ -16,64 +18,252 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use ctx::{CliError, Ctx, GlobalArgs};
+use ctx::{CacheArgs, CliError, Ctx, LockArgs, LogArgs, OutputArgs, RepoArgs};
 
 /// Deduplicating, compressing, encrypting backups.
 #[derive(Parser, Debug)]
 #[command(name = "chunkvault", version, about, propagate_version = true)]
 struct Cli {
-    #[command(flatten)]
-    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
 
+// Each command takes only the flag groups it uses (ctx.rs): `repo` where it
+// opens a repository, `cache` where it reads one, `lock` where it waits for
+// a lock, `out` (--json, -q, -v) where it prints a result, `log` (-q, -v)
+// where it writes data to stdout.
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new repository.
-    Init(cmd_repo::InitArgs),
+    Init {
+        #[command(flatten)]
+        args: cmd_repo::InitArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Back up files and directories into a new snapshot; prints its id.
-    Backup(cmd_backup::BackupArgs),
+    Backup {
+        #[command(flatten)]
+        args: cmd_backup::BackupArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// List snapshots.
-    Snapshots(cmd_repo::SnapshotsArgs),
+    Snapshots {
+        #[command(flatten)]
+        args: cmd_repo::SnapshotsArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// List the entries of a snapshot below PATH.
-    Ls(cmd_restore::LsArgs),
+    Ls {
+        #[command(flatten)]
+        args: cmd_restore::LsArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Restore a snapshot (or parts of it) into a directory.
-    Restore(cmd_restore::RestoreArgs),
+    Restore {
+        #[command(flatten)]
+        args: cmd_restore::RestoreArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Write one file of a snapshot to stdout.
-    Cat(cmd_restore::CatArgs),
+    Cat {
+        #[command(flatten)]
+        args: cmd_restore::CatArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
     /// Verify the repository's structure, and with --read-data every byte.
-    Check(cmd_check::CheckArgs),
+    Check {
+        #[command(flatten)]
+        args: cmd_check::CheckArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Manage the passwords (key files) that open the repository.
-    #[command(subcommand)]
-    Key(cmd_repo::KeyCommand),
+    Key {
+        #[command(subcommand)]
+        command: cmd_repo::KeyCommand,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Remove snapshots by a retention policy (grouped by host and paths).
-    Forget(cmd_maint::ForgetArgs),
+    Forget {
+        #[command(flatten)]
+        args: cmd_maint::ForgetArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Delete data no snapshot uses, repacking mostly-unused packs.
-    Prune(cmd_maint::PruneArgs),
+    Prune {
+        #[command(flatten)]
+        args: cmd_maint::PruneArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Remove stale locks (left by processes that died).
-    Unlock(cmd_maint::UnlockArgs),
+    Unlock {
+        #[command(flatten)]
+        args: cmd_maint::UnlockArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Rebuild the index, or rewrite damaged snapshots.
-    #[command(subcommand)]
-    Repair(cmd_maint::RepairCommand),
+    Repair {
+        #[command(subcommand)]
+        command: cmd_maint::RepairCommand,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Sizes, counts, and deduplication and compression ratios.
-    Stats(cmd_inspect::StatsArgs),
+    Stats {
+        #[command(flatten)]
+        args: cmd_inspect::StatsArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Add, remove or set tags of snapshots (rewrites their manifests).
-    Tag(cmd_maint::TagArgs),
+    Tag {
+        #[command(flatten)]
+        args: cmd_maint::TagArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// What changed between two snapshots.
-    Diff(cmd_inspect::DiffArgs),
+    Diff {
+        #[command(flatten)]
+        args: cmd_inspect::DiffArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Which snapshots hold paths matching patterns, with size and mtime.
-    Find(cmd_find::FindArgs),
+    Find {
+        #[command(flatten)]
+        args: cmd_find::FindArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Write a file of a snapshot to stdout, or a directory as a tar or zip stream.
-    Dump(cmd_find::DumpArgs),
+    Dump {
+        #[command(flatten)]
+        args: cmd_find::DumpArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Serve snapshots as a read-only filesystem (FUSE) until unmounted:
+    /// snapshots/ID, hosts/HOST/ID, tags/TAG/ID, each with a `latest`.
+    Mount {
+        #[command(flatten)]
+        args: cmd_mount::MountArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Copy snapshots from another repository into this one (re-encrypted;
+    /// re-chunked when the chunker parameters differ); already copied ones are skipped.
+    Copy {
+        #[command(flatten)]
+        args: cmd_copy::CopyArgs,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
+        #[command(flatten)]
+        lock: LockArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
     /// Run the HTTP server (device registry, tokens, storage). Boxed: its
     /// many flags would make every other command carry their size.
     Serve(Box<cmd_serve::ServeArgs>),
     /// Talk to a running server as its administrator.
     Admin(cmd_admin::AdminArgs),
     /// The device-side client of a server.
-    #[command(subcommand)]
-    Device(cmd_device::DeviceCommand),
+    Device(cmd_device::DeviceArgs),
     /// Print a shell completion script (e.g. `chunkvault completion bash > /etc/bash_completion.d/chunkvault`).
     Completion {
         /// The shell to complete in.
@@ -96,48 +286,82 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    // Flags that reach the library through its environment variables:
-    // set before any thread starts.
-    if let Some(dir) = &cli.global.cache_dir {
-        std::env::set_var("CHUNKVAULT_CACHE_DIR", dir);
-    }
-    if cli.global.no_cache {
-        std::env::set_var(chunkvault::cache::NO_CACHE_ENV, "1");
-    }
-    if cli.global.verbose > 0 && std::env::var_os("CHUNKVAULT_LOG").is_none() {
-        let level = ["info", "debug", "trace"][usize::from(cli.global.verbose.min(3)) - 1];
-        std::env::set_var("CHUNKVAULT_LOG", format!("chunkvault={level}"));
-    }
-    init_logging(&cli);
-    let ctx = Ctx::new(cli.global);
-    let result = match cli.command {
-        Command::Init(a) => cmd_repo::init(&ctx, a),
-        Command::Backup(a) => cmd_backup::run(&ctx, a),
-        Command::Snapshots(a) => cmd_repo::snapshots(&ctx, a),
-        Command::Ls(a) => cmd_restore::ls(&ctx, a),
-        Command::Restore(a) => cmd_restore::restore(&ctx, a),
-        Command::Cat(a) => cmd_restore::cat(&ctx, a),
-        Command::Check(a) => cmd_check::run(&ctx, a),
-        Command::Key(k) => cmd_repo::key(&ctx, k),
-        Command::Forget(a) => cmd_maint::forget_cmd(&ctx, a),
-        Command::Prune(a) => cmd_maint::prune_cmd(&ctx, a),
-        Command::Unlock(a) => cmd_maint::unlock_cmd(&ctx, a),
-        Command::Repair(c) => cmd_maint::repair_cmd(&ctx, c),
-        Command::Stats(a) => cmd_inspect::stats_cmd(&ctx, a),
-        Command::Tag(a) => cmd_maint::tag_cmd(&ctx, a),
-        Command::Diff(a) => cmd_inspect::diff_cmd(&ctx, a),
-        Command::Find(a) => cmd_find::find_cmd(&ctx, a),
-        Command::Dump(a) => cmd_find::dump_cmd(&ctx, a),
-        Command::Serve(a) => cmd_serve::run(&ctx, *a),
-        Command::Admin(a) => cmd_admin::run(&ctx, a),
-        Command::Device(d) => cmd_device::run(&ctx, d),
-        Command::Completion { shell } => {
+    use Command as C;
+    let (r, c, l) = (Some, Some, Some);
+    match cli.command {
+        C::Init { args, repo, out } => go(Ctx::new(r(repo), None, None, out), None, |x| cmd_repo::init(x, args)),
+        C::Backup { args, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_backup::run(x, args))
+        }
+        C::Snapshots { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_repo::snapshots(x, args))
+        }
+        C::Ls { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_restore::ls(x, args))
+        }
+        C::Restore { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_restore::restore(x, args))
+        }
+        C::Cat { args, repo, cache, log } => {
+            go(Ctx::new(r(repo), c(cache), None, log.into()), None, |x| cmd_restore::cat(x, args))
+        }
+        C::Check { args, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_check::run(x, args))
+        }
+        C::Key { command, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_repo::key(x, command))
+        }
+        C::Forget { args, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_maint::forget_cmd(x, args))
+        }
+        C::Prune { args, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_maint::prune_cmd(x, args))
+        }
+        C::Unlock { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_maint::unlock_cmd(x, args))
+        }
+        C::Repair { command, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_maint::repair_cmd(x, command))
+        }
+        C::Stats { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_inspect::stats_cmd(x, args))
+        }
+        C::Tag { args, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_maint::tag_cmd(x, args))
+        }
+        C::Diff { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_inspect::diff_cmd(x, args))
+        }
+        C::Find { args, repo, cache, out } => {
+            go(Ctx::new(r(repo), c(cache), None, out), None, |x| cmd_find::find_cmd(x, args))
+        }
+        C::Dump { args, repo, cache, log } => {
+            go(Ctx::new(r(repo), c(cache), None, log.into()), None, |x| cmd_find::dump_cmd(x, args))
+        }
+        C::Mount { args, repo, cache, log } => {
+            go(Ctx::new(r(repo), c(cache), None, log.into()), None, |x| cmd_mount::mount_cmd(x, args))
+        }
+        C::Copy { args, repo, cache, lock, out } => {
+            go(Ctx::new(r(repo), c(cache), l(lock), out), None, |x| cmd_copy::copy_cmd(x, args))
+        }
+        C::Serve(a) => {
+            let format = Some(a.log_format);
+            go(Ctx::new(None, None, None, a.verbose.clone().into()), format, |x| cmd_serve::run(x, *a))
+        }
+        C::Admin(a) => go(Ctx::new(None, None, None, a.out.clone()), None, |x| cmd_admin::run(x, a)),
+        C::Device(a) => go(Ctx::new(None, None, None, a.out.clone()), None, |x| cmd_device::run(x, a.command)),
+        C::Completion { shell } => go(Ctx::new(None, None, None, OutputArgs::default()), None, |_| {
             clap_complete::generate(shell, &mut Cli::command(), "chunkvault", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
-        }
-        Command::GenerateMan { dir } => generate_man(&dir),
-    };
-    match result {
+        }),
+        C::GenerateMan { dir } => go(Ctx::new(None, None, None, OutputArgs::default()), None, |_| generate_man(&dir)),
+    }
+}
+
+/// Sets up the log, runs a command, and turns its error into an exit code.
+fn go(ctx: Ctx, serve: Option<cmd_serve::LogFormat>, run: impl FnOnce(&Ctx) -> CmdResult) -> ExitCode {
+    init_logging(ctx.quiet(), serve);
+    match run(&ctx) {
         Ok(code) => code,
         Err(e) => {
             let code = e.exit_code();
@@ -161,17 +385,14 @@ fn generate_man(dir: &std::path::Path) -> CmdResult {
 /// with --quiet), no timestamps. The server's is an operator's record:
 /// `info` and up (one access line per request), always with timestamps,
 /// as text or one JSON object a line (`serve --log-format`).
-fn init_logging(cli: &Cli) {
+fn init_logging(quiet: bool, serve: Option<cmd_serve::LogFormat>) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let serve = match &cli.command {
-        Command::Serve(a) => Some(a.log_format),
-        _ => None,
-    };
     let default = match serve {
         Some(_) => "info",
-        None if cli.global.quiet => "error",
-        None => "warn",
+        None if quiet => "error",
+        // fuser warns when it finds its mount already gone (`fusermount3 -u`).
+        None => "warn,fuser::session=error",
     };
     let filter = EnvFilter::try_from_env("CHUNKVAULT_LOG").unwrap_or_else(|_| default.into());
     let fmt = tracing_subscriber::fmt()
@@ -225,9 +446,7 @@ mod tests {
                     missing.push(format!("{path} {id}"));
                 }
             }
-            // Left out: `serve` and `admin` (cmd_serve.rs, cmd_admin.rs),
-            // some of whose flags have no help text yet.
-            for sub in cmd.get_subcommands().filter(|s| !matches!(s.get_name(), "serve" | "admin")) {
+            for sub in cmd.get_subcommands() {
                 if sub.get_about().is_none() && sub.get_name() != "help" {
                     missing.push(format!("{path} {} (the command)", sub.get_name()));
                 }
