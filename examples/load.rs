@@ -648,6 +648,22 @@ fn churn(a: &Args, n: usize, server: &Server, admin: &AdminClient, work: &Path) 
         );
         let _ = std::fs::remove_dir_all(work.join(format!("d{i}")));
     }
+    if a.idle_secs.is_some_and(|s| s > 0) {
+        // Every tenant closed, and the server's idle blocking threads (10 s
+        // keep-alive, with their read buffers) gone: what is left.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while metric(&server.url, "chunkvault_tenants_open").unwrap_or(0.0) > 0.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(15));
+        let closed = metric(&server.url, "chunkvault_tenants_open").map_or("?".into(), |v| v.to_string());
+        println!(
+            "{:>6} {:>10.1} {:>10.1} {closed:>8}   (all idle, 15 s later)",
+            "idle",
+            mib(status_kib(server.pid(), "VmRSS:")),
+            mib(status_kib(server.pid(), "VmHWM:"))
+        );
+    }
     requests.print();
     Ok(())
 }
