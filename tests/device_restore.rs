@@ -221,3 +221,51 @@ fn a_restore_of_more_chunks_than_one_request_carries() {
     assert_eq!(r["files"], 5000, "{r}");
     assert_same_tree(&data, &restored(&t, &data));
 }
+
+/// One value of the server's `/metrics`.
+fn metric(url: &str, name: &str) -> f64 {
+    let text = ureq::get(&format!("{url}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Issue 16: a tenant idle for `tenant_idle_secs` is closed (index
+/// dropped, writer stopped) and opened again by the next request, without
+/// the device noticing: it backs up again, and both snapshots restore
+/// exactly.
+#[test]
+fn an_idle_tenant_is_closed_and_opened_again_for_the_next_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let config = dir.path().join("server.toml");
+    fs::write(&config, "tenant_idle_secs = 1\n").unwrap();
+    let server = Server::start(&root, &["--config", config.to_str().unwrap()]);
+    let token = deployment_token(&server.url, "acme");
+    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let first_data = dir.path().join("first");
+    varied(&first_data);
+    let first = phone.backup(&first_data)["id"].as_str().unwrap().to_owned();
+    assert_eq!(metric(&server.url, "chunkvault_tenants_open"), 1.0);
+
+    // Polled: the closing task looks every 250 ms for tenants idle 1 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric(&server.url, "chunkvault_tenants_closed_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the idle tenant was not closed within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(metric(&server.url, "chunkvault_tenants_open"), 0.0);
+
+    // Half the same data (deduplicated against the closed tenant's index,
+    // loaded again), half new.
+    let second_data = dir.path().join("second");
+    varied(&second_data);
+    fs::write(second_data.join("sub/deeper/big.bin"), pseudo_random(3 << 20, 12)).unwrap();
+    let second = phone.backup(&second_data)["id"].as_str().unwrap().to_owned();
+    for (id, data) in [(&first, &first_data), (&second, &second_data)] {
+        let target = dir.path().join(format!("restored-{id}"));
+        phone.restore(id, &target);
+        assert_same_tree(data, &restored(&target, data));
+    }
+    assert!(metric(&server.url, "chunkvault_tenants_open") <= 1.0);
+}

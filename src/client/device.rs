@@ -296,6 +296,12 @@ impl Device {
         self.logged_out.as_ref()
     }
 
+    /// Tells `observer` of every request this device makes from now on
+    /// (load tests, diagnostics).
+    pub fn set_request_observer(&mut self, observer: Option<super::RequestObserver>) {
+        self.http.set_observer(observer);
+    }
+
     /// The device's id, as activated.
     pub fn device_id(&self) -> &str {
         &self.state.device_id

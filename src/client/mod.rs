@@ -6,7 +6,8 @@ pub mod device;
 pub mod journal;
 mod remote;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -65,11 +66,40 @@ impl ClientError {
 /// cannot make the client buffer more than this.
 const MAX_JSON_RESPONSE: u64 = 512 << 20;
 
+/// One request a client made, as told to a [`RequestObserver`].
+#[derive(Clone, Copy, Debug)]
+pub struct RequestTiming<'a> {
+    /// Method and path, ids in the path shown as `{id}` and the query left
+    /// out: `POST /v1/snapshots/{id}/chunks`.
+    pub route: &'a str,
+    /// From sending the request until its answer was read (for a
+    /// streamed answer, until the stream was read to its end; with the
+    /// retries of an upload refused as busy).
+    pub elapsed: Duration,
+    /// Whether the request succeeded.
+    pub ok: bool,
+}
+
+/// Told of each request a transport makes (load tests, diagnostics).
+pub type RequestObserver = Arc<dyn Fn(&RequestTiming<'_>) + Send + Sync>;
+
 /// A JSON-over-HTTP transport with a base URL and an optional bearer token.
 #[derive(Clone)]
 pub struct Http {
     agent: ureq::Agent,
     base: String,
+    observer: Option<RequestObserver>,
+}
+
+/// `METHOD /path` with the query dropped and hex ids (16 or more hex
+/// digits) as `{id}`.
+fn route_of(method: &str, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = path
+        .split('/')
+        .map(|s| if s.len() >= 16 && s.bytes().all(|b| b.is_ascii_hexdigit()) { "{id}" } else { s })
+        .collect();
+    format!("{method} {}", segments.join("/"))
 }
 
 pub(crate) type Response = ureq::http::Response<ureq::Body>;
@@ -89,7 +119,29 @@ impl Http {
     /// [`crate::tls::parse_ca_pem`]).
     pub fn with_ca(base: &str, ca: &[ureq::tls::Certificate<'static>]) -> Http {
         let agent = crate::tls::agent(ca, Duration::from_secs(600));
-        Http { agent, base: base.trim_end_matches('/').to_owned() }
+        Http { agent, base: base.trim_end_matches('/').to_owned(), observer: None }
+    }
+
+    /// Tells `observer` of every request made through this transport and
+    /// its clones made after this.
+    pub fn set_observer(&mut self, observer: Option<RequestObserver>) {
+        self.observer = observer;
+    }
+
+    /// Tells the observer, if any, of a request to `path` begun at `started`.
+    pub(crate) fn observe(&self, method: &str, path: &str, started: Instant, ok: bool) {
+        if let Some(o) = &self.observer {
+            let route = route_of(method, path);
+            o(&RequestTiming { route: &route, elapsed: started.elapsed(), ok });
+        }
+    }
+
+    /// Runs one request and tells the observer about it.
+    fn timed<T>(&self, method: &str, path: &str, f: impl FnOnce() -> Result<T, ClientError>) -> Result<T, ClientError> {
+        let started = Instant::now();
+        let r = f();
+        self.observe(method, path, started, r.is_ok());
+        r
     }
 
     fn url(&self, path: &str) -> String {
@@ -131,7 +183,7 @@ impl Http {
         token: Option<&str>,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send_json(self.agent.post(self.url(path)), token, body)
+        self.timed("POST", path, || self.send_json(self.agent.post(self.url(path)), token, body))
     }
 
     /// `PUT path` with a JSON body, JSON answer.
@@ -141,7 +193,7 @@ impl Http {
         token: Option<&str>,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send_json(self.agent.put(self.url(path)), token, body)
+        self.timed("PUT", path, || self.send_json(self.agent.put(self.url(path)), token, body))
     }
 
     fn send_json<B: Serialize, T: DeserializeOwned>(
@@ -156,7 +208,8 @@ impl Http {
         Self::json(Self::check(req.send_json(body).map_err(Self::transport)?)?)
     }
 
-    /// `POST path` with a JSON body; the raw response (for streamed answers).
+    /// `POST path` with a JSON body; the raw response (for streamed answers:
+    /// the caller tells the observer when it has read it, [`Http::observe`]).
     pub fn post_raw<B: Serialize>(&self, path: &str, token: &str, body: &B) -> Result<Response, ClientError> {
         let req = self.agent.post(self.url(path)).header("Authorization", &format!("Bearer {token}"));
         Self::check(req.send_json(body).map_err(Self::transport)?)
@@ -164,20 +217,27 @@ impl Http {
 
     /// `DELETE path`, JSON answer.
     pub fn delete<T: DeserializeOwned>(&self, path: &str, token: Option<&str>) -> Result<T, ClientError> {
-        let mut req = self.agent.delete(self.url(path));
-        if let Some(t) = token {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        Self::json(Self::check(req.call().map_err(Self::transport)?)?)
+        self.timed("DELETE", path, || {
+            let mut req = self.agent.delete(self.url(path));
+            if let Some(t) = token {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            Self::json(Self::check(req.call().map_err(Self::transport)?)?)
+        })
     }
 
     /// `GET path`, JSON answer.
     pub fn get<T: DeserializeOwned>(&self, path: &str, token: Option<&str>) -> Result<T, ClientError> {
-        Self::json(self.get_raw(path, token, None)?)
+        self.timed("GET", path, || Self::json(self.get_raw_untimed(path, token, None)?))
     }
 
-    /// `GET path` with an optional `Range` header; the raw response.
+    /// `GET path` with an optional `Range` header; the raw response (the
+    /// observer is told when its head has arrived).
     pub fn get_raw(&self, path: &str, token: Option<&str>, range: Option<&str>) -> Result<Response, ClientError> {
+        self.timed("GET", path, || self.get_raw_untimed(path, token, range))
+    }
+
+    fn get_raw_untimed(&self, path: &str, token: Option<&str>, range: Option<&str>) -> Result<Response, ClientError> {
         let mut req = self.agent.get(self.url(path));
         if let Some(t) = token {
             req = req.header("Authorization", &format!("Bearer {t}"));
@@ -193,13 +253,13 @@ impl Http {
     /// long as `Retry-After` says (at most 10 s at a time) and tries again,
     /// for up to about five minutes.
     pub fn put_bytes(&self, path: &str, token: &str, data: &[u8]) -> Result<u16, ClientError> {
-        Ok(self.send_bytes("PUT", path, token, data)?.status().as_u16())
+        self.timed("PUT", path, || Ok(self.send_bytes("PUT", path, token, data)?.status().as_u16()))
     }
 
     /// `POST path` with raw bytes, JSON answer; retried as
     /// [`Http::put_bytes`] is when the server is at its upload limit.
     pub fn post_bytes<T: DeserializeOwned>(&self, path: &str, token: &str, data: &[u8]) -> Result<T, ClientError> {
-        Self::json(self.send_bytes("POST", path, token, data)?)
+        self.timed("POST", path, || Self::json(self.send_bytes("POST", path, token, data)?))
     }
 
     fn send_bytes(&self, method: &str, path: &str, token: &str, data: &[u8]) -> Result<Response, ClientError> {

@@ -39,16 +39,29 @@ impl RemoteChunks {
     /// not deliver because the transfer failed.
     fn fetch_batch(&self, batch: &[PlanChunk], deliver: &DeliverChunk<'_>) -> Result<(), (ClientError, Vec<BlobId>)> {
         let mut pending: HashSet<BlobId> = batch.iter().map(|c| c.id).collect();
-        let fail = |e: ClientError, pending: &HashSet<BlobId>| (e, pending.iter().copied().collect::<Vec<_>>());
         let req = ChunkReadRequest { chunks: batch.iter().map(|c| c.id).collect() };
         let path = format!("/v1/snapshots/{}/chunks", self.snapshot);
-        let mut resp = self.http.post_raw(&path, &self.token, &req).map_err(|e| fail(e, &pending))?;
+        let started = std::time::Instant::now();
+        let read = self.read_stream(&path, &req, &mut pending, deliver);
+        self.http.observe("POST", &path, started, read.is_ok());
+        read.map_err(|e| (e, pending.into_iter().collect()))
+    }
+
+    /// Sends a chunk read and delivers the chunks of its answer, removing
+    /// each from `pending`.
+    fn read_stream(
+        &self,
+        path: &str,
+        req: &ChunkReadRequest,
+        pending: &mut HashSet<BlobId>,
+        deliver: &DeliverChunk<'_>,
+    ) -> Result<(), ClientError> {
+        let mut resp = self.http.post_raw(path, &self.token, req)?;
         let mut body = resp.body_mut().with_config().limit(u64::MAX).reader();
         let mut header = [0u8; CHUNK_FRAME_HEADER];
         let mut data = Vec::new();
         while !pending.is_empty() {
-            body.read_exact(&mut header)
-                .map_err(|e| fail(ClientError::Transport(format!("chunk stream: {e}")), &pending))?;
+            body.read_exact(&mut header).map_err(|e| ClientError::Transport(format!("chunk stream: {e}")))?;
             let id = BlobId(header[..32].try_into().expect("32 bytes"));
             let len = u32::from_le_bytes(header[33..].try_into().expect("4 bytes"));
             let expected = match (pending.contains(&id), header[32]) {
@@ -56,16 +69,15 @@ impl RemoteChunks {
                 (true, 1) if len as usize <= MAX_CHUNK_ERROR => len as usize,
                 _ => {
                     let e = ClientError::Transport(format!("chunk stream: unexpected frame for chunk {id}"));
-                    return Err(fail(e, &pending));
+                    return Err(e);
                 }
             };
             if len as usize != expected {
                 let e = ClientError::Transport(format!("chunk {id}: {len} bytes, the plan says {expected}"));
-                return Err(fail(e, &pending));
+                return Err(e);
             }
             data.resize(expected, 0);
-            body.read_exact(&mut data)
-                .map_err(|e| fail(ClientError::Transport(format!("chunk stream: {e}")), &pending))?;
+            body.read_exact(&mut data).map_err(|e| ClientError::Transport(format!("chunk stream: {e}")))?;
             pending.remove(&id);
             if header[32] == 1 {
                 deliver(&id, Err(format!("the server could not read chunk {id}: {}", String::from_utf8_lossy(&data))));

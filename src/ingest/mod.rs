@@ -30,7 +30,7 @@ use crate::restore::RestoreError;
 use crate::snapshot::{Snapshot, Summary, MAX_SNAPSHOT_SIZE};
 
 pub use reads::{ChunkGrant, ReadPlan};
-pub use tenants::{Tenant, TenantName, Tenants};
+pub use tenants::{Tenant, TenantName, TenantUse, Tenants};
 pub use writer::WriterTiming;
 
 /// Why a storage operation failed or was refused.
@@ -134,8 +134,9 @@ pub struct Owner {
 /// (summary counts, duration, tree id): a few hundred bytes at most.
 const MANIFEST_MARGIN: usize = 4096;
 
-/// Counters for the server's metrics, over all tenants since start; only
-/// ever increased (relaxed atomics, read them with any ordering).
+/// Counters for the server's metrics, over all tenants since start; all but
+/// `tenants_open` only ever increase (relaxed atomics, read them with any
+/// ordering).
 #[derive(Debug, Default)]
 pub struct IngestStats {
     /// Chunks uploaded that were new and written to a pack.
@@ -144,6 +145,10 @@ pub struct IngestStats {
     pub chunks_deduplicated: AtomicU64,
     /// Snapshots committed.
     pub snapshots_committed: AtomicU64,
+    /// Tenants open now (index in memory, writer running).
+    pub tenants_open: AtomicU64,
+    /// Tenants closed after being idle ([`Tenants::close_idle`]).
+    pub tenants_closed: AtomicU64,
 }
 
 /// Refuses a commit whose manifest could not be read back (over

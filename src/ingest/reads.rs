@@ -3,9 +3,9 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use super::tenants::Tenant;
+use super::tenants::{Tenant, TenantName};
 use super::{owns, IngestError, Owner};
 use crate::id::{BlobId, SnapshotId};
 use crate::repo::{self, RepoError};
@@ -25,9 +25,81 @@ pub struct ReadPlan {
 /// Chunks a session may read, from [`Tenant::grant_chunks`].
 pub struct ChunkGrant(Vec<BlobId>);
 
-/// Snapshots whose chunk sets a tenant keeps (about 3 MiB for a snapshot
-/// of 45,000 chunks).
-const CACHED_CHUNK_SETS: usize = 8;
+/// Bytes of chunk sets kept, all tenants together (a snapshot of 45,000
+/// chunks takes about 2.5 MiB).
+const CHUNK_SETS_BYTES: usize = 64 << 20;
+
+/// The chunk sets of recently restored snapshots, least recently used
+/// first, bounded in bytes across every tenant of the node.
+#[derive(Default)]
+pub(super) struct ChunkSets {
+    sets: Mutex<(Vec<CachedSet>, usize)>,
+}
+
+struct CachedSet {
+    tenant: TenantName,
+    snapshot: SnapshotId,
+    chunks: Arc<HashSet<BlobId>>,
+    bytes: usize,
+}
+
+/// About what a set takes: its table, one id and a control byte a slot.
+fn set_bytes(set: &HashSet<BlobId>) -> usize {
+    set.capacity() * (std::mem::size_of::<BlobId>() + 1) + 64
+}
+
+impl ChunkSets {
+    fn get(&self, tenant: &TenantName, snapshot: &SnapshotId) -> Option<Arc<HashSet<BlobId>>> {
+        let mut guard = self.sets.lock().expect("chunk sets lock");
+        let sets = &mut guard.0;
+        let pos = sets.iter().position(|c| &c.snapshot == snapshot && &c.tenant == tenant)?;
+        let hit = sets.remove(pos);
+        let chunks = hit.chunks.clone();
+        sets.push(hit);
+        Some(chunks)
+    }
+
+    /// Keeps a set, dropping the least recently used ones over the budget.
+    /// A set larger than the whole budget is not kept.
+    fn put(&self, tenant: &TenantName, snapshot: SnapshotId, chunks: Arc<HashSet<BlobId>>) {
+        self.put_within(tenant, snapshot, chunks, CHUNK_SETS_BYTES);
+    }
+
+    fn put_within(&self, tenant: &TenantName, snapshot: SnapshotId, chunks: Arc<HashSet<BlobId>>, budget: usize) {
+        let bytes = set_bytes(&chunks);
+        if bytes > budget {
+            return;
+        }
+        let mut guard = self.sets.lock().expect("chunk sets lock");
+        let (sets, total) = &mut *guard;
+        if let Some(pos) = sets.iter().position(|c| c.snapshot == snapshot && &c.tenant == tenant) {
+            *total -= sets.remove(pos).bytes;
+        }
+        while *total + bytes > budget && !sets.is_empty() {
+            *total -= sets.remove(0).bytes;
+        }
+        *total += bytes;
+        sets.push(CachedSet { tenant: tenant.clone(), snapshot, chunks, bytes });
+    }
+
+    /// Drops a closed tenant's sets.
+    pub(super) fn forget_tenant(&self, tenant: &TenantName) {
+        let mut guard = self.sets.lock().expect("chunk sets lock");
+        let (sets, total) = &mut *guard;
+        sets.retain(|c| {
+            &c.tenant != tenant || {
+                *total -= c.bytes;
+                false
+            }
+        });
+    }
+
+    /// Bytes kept.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.sets.lock().expect("chunk sets lock").1
+    }
+}
 
 impl Tenant {
     /// The owner's snapshots, oldest first.
@@ -95,23 +167,14 @@ impl Tenant {
         self.repo.read_blobs(&packs, deliver);
     }
 
-    /// Every chunk a snapshot's files use (cached for a few snapshots).
+    /// Every chunk a snapshot's files use (cached, [`ChunkSets`]).
     fn chunks_of(&self, id: &SnapshotId, snapshot: &Snapshot) -> Result<Arc<HashSet<BlobId>>, IngestError> {
-        let mut cache = self.snapshot_chunks.lock().expect("chunk set lock");
-        if let Some(pos) = cache.iter().position(|(s, _)| s == id) {
-            let hit = cache.remove(pos);
-            let set = hit.1.clone();
-            cache.push(hit);
+        if let Some(set) = self.chunk_sets.get(&self.name, id) {
             return Ok(set);
         }
-        drop(cache);
         let plan = crate::restore::plan(&self.repo, snapshot, &[]).map_err(IngestError::from)?;
         let set: Arc<HashSet<BlobId>> = Arc::new(plan.chunks().into_iter().collect());
-        let mut cache = self.snapshot_chunks.lock().expect("chunk set lock");
-        if cache.len() >= CACHED_CHUNK_SETS {
-            cache.remove(0);
-        }
-        cache.push((*id, set.clone()));
+        self.chunk_sets.put(&self.name, *id, set.clone());
         Ok(set)
     }
 
@@ -146,5 +209,39 @@ impl Tenant {
     /// Writes `start..end` of a file to `out`, verifying every chunk read.
     pub fn read_file(&self, node: &Node, start: u64, end: u64, out: &mut dyn Write) -> Result<u64, IngestError> {
         crate::restore::cat(&self.repo, node, Some((start, end)), out).map_err(IngestError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: u8) -> Arc<HashSet<BlobId>> {
+        Arc::new((0..n).map(|i| BlobId([i; 32])).collect())
+    }
+
+    #[test]
+    fn chunk_sets_stay_within_their_byte_budget_across_tenants() {
+        let sets = ChunkSets::default();
+        let (a, b) = (TenantName::new("a").unwrap(), TenantName::new("b").unwrap());
+        let one = set_bytes(&set(100));
+        let budget = one * 3;
+        for i in 0..5u8 {
+            let tenant = if i % 2 == 0 { &a } else { &b };
+            sets.put_within(tenant, SnapshotId([i; 32]), set(100), budget);
+            assert!(sets.bytes() <= budget);
+        }
+        // The three most recent are kept, the older ones dropped.
+        assert!(sets.get(&a, &SnapshotId([0; 32])).is_none());
+        assert!(sets.get(&b, &SnapshotId([1; 32])).is_none());
+        assert!(sets.get(&a, &SnapshotId([4; 32])).is_some());
+        // Another tenant's snapshot id does not hit.
+        assert!(sets.get(&b, &SnapshotId([4; 32])).is_none());
+        // Too large for the whole budget: not kept.
+        sets.put_within(&a, SnapshotId([9; 32]), set(255), one);
+        assert!(sets.get(&a, &SnapshotId([9; 32])).is_none());
+        sets.forget_tenant(&a);
+        assert!(sets.get(&a, &SnapshotId([4; 32])).is_none());
+        assert_eq!(sets.bytes(), set_bytes(&set(100)), "b's one set is left");
     }
 }

@@ -1,14 +1,17 @@
 //! Opening and creating tenant repositories under the storage node's root,
 //! and refreshing a tenant's index when a new session starts.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use super::reads::ChunkSets;
 use super::writer::{Job, Writer, WriterTiming};
 use super::{IngestError, IngestStats};
-use crate::id::{BlobId, SnapshotId};
+use crate::id::BlobId;
 use crate::repo::{self, InitOptions, RepoError, Repository};
 
 /// A tenant's name, validated (`api::check_tenant`: 1-64 of `a-z 0-9 - _`,
@@ -37,6 +40,10 @@ impl std::fmt::Display for TenantName {
 }
 
 /// Every tenant repository under one root.
+///
+/// A tenant is opened on first use and kept open (its index in memory, its
+/// writer thread running) until [`Tenants::close_idle`] finds it unused for
+/// long enough; the next request opens it again.
 pub struct Tenants {
     root: String,
     password: Vec<u8>,
@@ -47,6 +54,10 @@ pub struct Tenants {
     /// Session token ids seen, with their expiry: the first request of each
     /// new session refreshes its tenant's index.
     sessions: Mutex<HashMap<[u8; 16], i64>>,
+    /// The chunk sets of restored snapshots, all tenants together.
+    chunk_sets: Arc<ChunkSets>,
+    /// The clock of [`Tenant`]'s `last_used`.
+    born: Instant,
 }
 
 /// One tenant's entry: locked on its own while the repository opens (an
@@ -65,6 +76,8 @@ impl Tenants {
             stats: Arc::default(),
             timing: WriterTiming::default(),
             sessions: Mutex::default(),
+            chunk_sets: Arc::default(),
+            born: Instant::now(),
         }
     }
 
@@ -107,18 +120,70 @@ impl Tenants {
         &self.stats
     }
 
-    /// The tenant's repository, opened (or created, on first use) once and
-    /// kept.
+    /// The tenant's repository, opened (or created, on first use) if it is
+    /// not open. Long-lived holders (usage counts, the snapshot catalog)
+    /// use this: what they keep stays usable for listings after the tenant
+    /// is closed. A request uses [`Tenants::hold`].
     pub fn get(&self, tenant: &TenantName) -> Result<Arc<Tenant>, IngestError> {
-        let t = self.open(tenant)?;
+        let t = self.open(tenant, false)?;
         t.refresh_if_wanted()?;
         Ok(t)
     }
 
-    fn open(&self, tenant: &TenantName) -> Result<Arc<Tenant>, IngestError> {
+    /// As [`Tenants::get`], for the length of one request: the tenant is
+    /// not closed while the returned value lives.
+    pub fn hold(&self, tenant: &TenantName) -> Result<TenantUse, IngestError> {
+        let t = TenantUse(self.open(tenant, true)?);
+        t.refresh_if_wanted()?;
+        Ok(t)
+    }
+
+    /// Milliseconds since this was made: the clock of `last_used`.
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Closes every open tenant that no request holds and that has not
+    /// been asked for in `idle`: its writer (idle, so holding nothing
+    /// uncommitted; had it held anything, it flushes it first) stops, and
+    /// its index and cached chunk sets are dropped. The next request opens
+    /// the tenant again. Returns how many were closed.
+    pub fn close_idle(&self, idle: Duration) -> usize {
+        let slots: Vec<(TenantName, Slot)> =
+            self.open.lock().expect("tenants lock").iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        let now = self.now_ms();
+        let mut closed = 0;
+        for (name, slot) in slots {
+            // Locked: the tenant is being opened, so it is in use.
+            let Ok(mut slot) = slot.try_lock() else { continue };
+            let unused = slot.as_ref().is_some_and(|t| {
+                t.users.load(Ordering::SeqCst) == 0
+                    && u128::from(now.saturating_sub(t.last_used.load(Ordering::SeqCst))) >= idle.as_millis()
+            });
+            if !unused {
+                continue;
+            }
+            // Under the slot lock: no request can take the tenant meanwhile,
+            // and one that asks for it waits until the writer has stopped.
+            let t = slot.take().expect("checked above");
+            t.close();
+            self.chunk_sets.forget_tenant(&name);
+            self.stats.tenants_open.fetch_sub(1, Ordering::Relaxed);
+            self.stats.tenants_closed.fetch_add(1, Ordering::Relaxed);
+            closed += 1;
+        }
+        closed
+    }
+
+    fn open(&self, tenant: &TenantName, hold: bool) -> Result<Arc<Tenant>, IngestError> {
         let slot = self.open.lock().expect("tenants lock").entry(tenant.clone()).or_default().clone();
         let mut slot = slot.lock().expect("tenant lock");
+        let now = self.now_ms();
         if let Some(t) = &*slot {
+            t.last_used.store(now, Ordering::SeqCst);
+            if hold {
+                t.users.fetch_add(1, Ordering::SeqCst);
+            }
             return Ok(t.clone());
         }
         let location = format!("{}/{tenant}", self.root);
@@ -131,16 +196,60 @@ impl Tenants {
             }
             Err(e) => return Err(e.into()),
         };
-        let t = Arc::new(Tenant::start(tenant.as_str(), Arc::new(repo), self.stats.clone(), self.timing));
+        let t = Tenant::start(tenant.as_str(), Arc::new(repo), self.stats.clone(), self.timing);
+        let t = Arc::new(Tenant { chunk_sets: self.chunk_sets.clone(), ..t });
+        t.last_used.store(now, Ordering::SeqCst);
+        if hold {
+            t.users.fetch_add(1, Ordering::SeqCst);
+        }
+        self.stats.tenants_open.fetch_add(1, Ordering::Relaxed);
         *slot = Some(t.clone());
         Ok(t)
+    }
+
+    /// The tenant if it is open, without opening it or counting as a use.
+    pub fn if_open(&self, tenant: &TenantName) -> Option<Arc<Tenant>> {
+        let slot = self.open.lock().expect("tenants lock").get(tenant).cloned()?;
+        let t = slot.lock().expect("tenant lock").clone();
+        t
+    }
+
+    /// How many tenants are open.
+    pub fn open_count(&self) -> usize {
+        let slots: Vec<Slot> = self.open.lock().expect("tenants lock").values().cloned().collect();
+        slots.iter().filter(|s| s.lock().expect("tenant lock").is_some()).count()
+    }
+}
+
+/// A tenant held open for one request ([`Tenants::hold`]); derefs to the
+/// tenant.
+pub struct TenantUse(Arc<Tenant>);
+
+impl std::ops::Deref for TenantUse {
+    type Target = Arc<Tenant>;
+
+    fn deref(&self) -> &Arc<Tenant> {
+        &self.0
+    }
+}
+
+impl Drop for TenantUse {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// One tenant's repository and its writer.
 pub struct Tenant {
+    pub(super) name: TenantName,
     pub(super) repo: Arc<Repository>,
-    pub(super) jobs: Mutex<SyncSender<Job>>,
+    /// The writer's queue; `None` once the tenant is closed.
+    pub(super) jobs: Mutex<Option<SyncSender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Requests holding the tenant ([`TenantUse`]).
+    users: AtomicUsize,
+    /// When the tenant was last asked for (`Tenants::now_ms`).
+    last_used: AtomicU64,
     /// Chunks the writer holds in open packs, with their raw lengths: stored
     /// as far as uploads are concerned, durable at the next commit.
     pub(super) pending: Arc<Mutex<HashMap<BlobId, u32>>>,
@@ -150,9 +259,10 @@ pub struct Tenant {
     /// The last `wanted` the index was brought up to date for; held while
     /// refreshing, so a request of a new session waits for the refresh.
     pub(super) refreshed: Mutex<u64>,
-    /// The chunks of recently planned snapshots, newest last: the chunk
-    /// stream hands out only chunks of a snapshot the session may read.
-    pub(super) snapshot_chunks: Mutex<Vec<(SnapshotId, Arc<HashSet<BlobId>>)>>,
+    /// The chunks of recently planned snapshots (shared by all tenants):
+    /// the chunk stream hands out only chunks of a snapshot the session may
+    /// read.
+    pub(super) chunk_sets: Arc<ChunkSets>,
 }
 
 impl Tenant {
@@ -161,19 +271,37 @@ impl Tenant {
         let (tx, rx) = sync_channel(16);
         let pending: Arc<Mutex<HashMap<BlobId, u32>>> = Arc::default();
         let writer = Writer { repo: repo.clone(), pending: pending.clone(), stats: stats.clone(), timing };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("writer-{name}"))
             .spawn(move || writer.run(rx))
             .expect("spawn tenant writer");
         Tenant {
+            name: TenantName(name.to_owned()),
             repo,
-            jobs: Mutex::new(tx),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+            users: AtomicUsize::new(0),
+            last_used: AtomicU64::new(0),
             pending,
             stats,
             wanted: AtomicU64::new(0),
             refreshed: Mutex::new(0),
-            snapshot_chunks: Mutex::default(),
+            chunk_sets: Arc::default(),
         }
+    }
+
+    /// Stops the writer (it finishes the jobs queued, flushes what it holds
+    /// and exits; this waits for it) and drops the index. What holds the
+    /// tenant after this can still list its repository; a job sent to it
+    /// is refused with [`IngestError::WriterStopped`].
+    fn close(&self) {
+        drop(self.jobs.lock().expect("jobs lock").take());
+        if let Some(writer) = self.writer.lock().expect("writer lock").take() {
+            if writer.join().is_err() {
+                tracing::error!("tenant {}: the writer panicked", self.name);
+            }
+        }
+        self.repo.unload_index();
     }
 
     /// Brings the index up to date if a new session asked for it: one
@@ -209,6 +337,56 @@ impl Tenant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::tests::{acme, commit_of, file_entry, owner};
+    use crate::test_support::{cheap_init, PASSWORD};
+
+    /// Reads a one-file snapshot's file `path` back whole.
+    fn read_back(t: &Tenant, id: &crate::id::SnapshotId, path: &str) -> Vec<u8> {
+        let node = t.file(&owner("a"), id, path).unwrap();
+        let mut out = Vec::new();
+        t.read_file(&node, 0, node.size, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn an_idle_tenant_is_closed_and_reopened_transparently() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = Tenants::new(dir.path().to_str().unwrap(), PASSWORD.to_vec(), cheap_init());
+        let t = tenants.hold(&acme()).unwrap();
+        let first = b"the first snapshot's file".to_vec();
+        let id = t.repo().blob_id(&first);
+        t.put_chunk(id, first.clone()).unwrap();
+        let one = t.commit(owner("a"), commit_of(vec![file_entry("f", first.len() as u64, vec![id])])).unwrap();
+        // Accepted, not yet committed when the tenant closes: flushed, not lost.
+        let later = b"uploaded before the close, committed after".to_vec();
+        let later_id = t.repo().blob_id(&later);
+        t.put_chunk(later_id, later.clone()).unwrap();
+        assert_eq!(tenants.close_idle(Duration::ZERO), 0, "a tenant a request holds stays open");
+        drop(t);
+        // What a long-lived holder (usage counts, catalog) keeps.
+        let kept = tenants.get(&acme()).unwrap();
+        assert_eq!(tenants.close_idle(Duration::from_secs(3600)), 0, "not idle long enough");
+        assert_eq!(tenants.close_idle(Duration::ZERO), 1);
+        assert_eq!(tenants.open_count(), 0);
+        assert!(tenants.if_open(&acme()).is_none());
+        assert_eq!(tenants.stats().tenants_open.load(Ordering::Relaxed), 0);
+        assert_eq!(tenants.stats().tenants_closed.load(Ordering::Relaxed), 1);
+        assert_eq!(kept.repo().snapshot_ids().unwrap().len(), 1, "the kept handle still lists");
+        let stray = b"sent to a closed tenant".to_vec();
+        let stray_id = kept.repo().blob_id(&stray);
+        assert!(matches!(kept.put_chunk(stray_id, stray), Err(IngestError::WriterStopped)));
+
+        let t = tenants.hold(&acme()).unwrap();
+        assert_eq!(tenants.open_count(), 1);
+        assert!(t.missing(&[id, later_id]).is_empty(), "both chunks are indexed after the reopen");
+        let two = t.commit(owner("a"), commit_of(vec![file_entry("g", later.len() as u64, vec![later_id])])).unwrap();
+        assert_eq!(read_back(&t, &one.id, "f"), first);
+        assert_eq!(read_back(&t, &two.id, "g"), later);
+        let grant = t.grant_chunks(&owner("a"), &one.id, vec![id]).unwrap();
+        let got = Mutex::new(Vec::new());
+        t.read_chunks(&grant, &|_, data| got.lock().unwrap().push(data.unwrap().to_vec()));
+        assert_eq!(got.into_inner().unwrap(), vec![first]);
+    }
 
     #[test]
     fn a_tenant_name_is_one_safe_path_component() {

@@ -154,7 +154,7 @@ impl Tenant {
     }
 
     fn send(&self, job: Job) -> Result<(), IngestError> {
-        let tx = self.jobs.lock().expect("jobs lock").clone();
+        let tx = self.jobs.lock().expect("jobs lock").clone().ok_or(IngestError::WriterStopped)?;
         tx.send(job).map_err(|_| IngestError::WriterStopped)
     }
 }
@@ -232,9 +232,10 @@ impl Writer {
                 out_until = Some(Instant::now() + self.timing.yield_for);
             }
         }
-        // Shutdown: the open packer is dropped without a commit; its chunks
-        // are named by no snapshot, so the repository stays consistent.
-        self.abandon(held);
+        // Closed (idle tenant, or shutdown): what the packer holds is made
+        // durable and indexed as when idle, so no accepted chunk needs to
+        // be uploaded again; it is named by no snapshot until a commit.
+        self.release(held);
     }
 
     /// Begins a write session: the shared lock, then an index made

@@ -351,6 +351,16 @@ impl Repository {
         Ok(())
     }
 
+    /// Drops the in-memory index (a storage node closing an idle tenant
+    /// whose repository may still be listed by what holds it). The next
+    /// [`Repository::refresh_index`] or [`Repository::reload_index`] loads
+    /// every segment again; until then no blob is found.
+    pub fn unload_index(&self) {
+        *self.index.write().expect("index lock") = Index::default();
+        self.bad_segments.lock().expect("segments lock").clear();
+        self.loaded_segments.lock().expect("segments lock").clear();
+    }
+
     /// Loads the index segments that appeared since the index was loaded:
     /// those written by other processes sharing the repository (other
     /// storage nodes on one bucket). Returns how many were added.

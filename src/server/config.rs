@@ -104,6 +104,10 @@ pub struct ServerConfig {
     /// Large JSON requests (snapshot commits, missing-chunk queries: up to
     /// 64 MiB each) handled at once; more wait their turn, unread.
     pub max_concurrent_manifests: usize,
+    /// Seconds a tenant may go without requests before the storage node
+    /// closes it (drops its index, stops its writer); the next request
+    /// opens it again. 0 keeps tenants open.
+    pub tenant_idle_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -138,6 +142,7 @@ impl Default for ServerConfig {
             // client hears the answer) and sending it again later.
             upload_slot_wait_ms: 5000,
             max_concurrent_manifests: 2,
+            tenant_idle_secs: 300,
         }
     }
 }

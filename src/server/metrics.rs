@@ -15,7 +15,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
@@ -85,10 +85,14 @@ impl Collector for IngestCollector {
             ("chunks_stored", "Chunks stored that the tenant's repository lacked.", &s.chunks_stored),
             ("chunks_deduplicated", "Chunks uploaded that the repository already held.", &s.chunks_deduplicated),
             ("snapshots_committed", "Snapshots committed by devices.", &s.snapshots_committed),
+            ("tenants_closed", "Tenants closed after being idle (tenant_idle_secs).", &s.tenants_closed),
         ] {
             let counter = ConstCounter::new(value.load(Ordering::Relaxed));
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
+        let open = ConstGauge::new(s.tenants_open.load(Ordering::Relaxed) as i64);
+        let help = "Tenants open: index in memory, writer thread running.";
+        open.encode(encoder.encode_descriptor("tenants_open", help, None, open.metric_type())?)?;
         Ok(())
     }
 }

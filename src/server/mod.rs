@@ -340,12 +340,61 @@ impl ActivationLimiter {
     }
 }
 
+/// Caps glibc's malloc arenas at one per core. By default glibc makes up
+/// to eight per core, one for each thread that meets contention, and a
+/// freed block stays in its arena: every tenant's writer thread, sealing
+/// packs of several MiB, kept its own tens of MiB (measured: the node's
+/// RSS grew by about 45 MiB per tenant served, 13 MiB with two arenas).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        // SAFETY: mallopt only sets an allocator parameter; it is called
+        // before the server's threads start.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, cores as libc::c_int) };
+    }
+}
+
+/// Gives the memory freed by closing tenants back to the system (glibc
+/// keeps freed blocks in its arenas otherwise).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Closes the tenants idle for `idle` (`tenant_idle_secs`), looking a few
+/// times per `idle`.
+async fn close_idle_tenants(app: Arc<App>, idle: Duration) {
+    let every = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let app2 = app.clone();
+        // Closing waits for the writers to stop: off the async workers.
+        let closed =
+            tokio::task::spawn_blocking(move || app2.storage.as_ref().map_or(0, |s| s.tenants.close_idle(idle)));
+        match closed.await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!("closed {n} idle tenants");
+                release_freed_memory();
+            }
+            Err(e) => tracing::error!("closing idle tenants: {e}"),
+        }
+    }
+}
+
 /// Binds, prints `listening on http://ADDR` (`https://` with `tls_cert`)
 /// as the first stdout line, and serves until SIGTERM or SIGINT; in-flight
 /// requests finish first. With TLS, SIGHUP re-reads the certificate and key
 /// for new connections.
 pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<Vec<u8>>) -> Result<(), ServerError> {
     listen::raise_fd_limit();
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listen = config.listen.clone();
@@ -403,6 +452,9 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         if app.storage.is_some() && app.auth.is_some() {
             // What a storage node's check-in would report, recorded locally.
             tokio::spawn(fleet::sync_local_every(app.clone()));
+        }
+        if app.storage.is_some() && app.config.tenant_idle_secs > 0 {
+            tokio::spawn(close_idle_tenants(app.clone(), Duration::from_secs(app.config.tenant_idle_secs)));
         }
         let limits =
             listen::ConnLimits { header_read_timeout: Duration::from_secs(app.config.header_read_timeout_secs) };

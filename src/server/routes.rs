@@ -237,8 +237,11 @@ async fn metrics(State(app): AppState, headers: HeaderMap) -> Reply<Response> {
     let text = blocking(move || {
         if let Some(storage) = &app.storage {
             for tenant in app.metrics.tenants() {
-                match crate::ingest::TenantName::new(&tenant).and_then(|name| storage.tenants.get(&name)) {
-                    Ok(t) => app.metrics.set_tenant_usage(&tenant, super::metrics::usage(t.repo())),
+                // A closed tenant is not opened for this: its gauges keep
+                // their last values.
+                match crate::ingest::TenantName::new(&tenant).map(|name| storage.tenants.if_open(&name)) {
+                    Ok(Some(t)) => app.metrics.set_tenant_usage(&tenant, super::metrics::usage(t.repo())),
+                    Ok(None) => {}
                     Err(e) => tracing::warn!("metrics: tenant {tenant}: {e}"),
                 }
             }
@@ -399,7 +402,7 @@ fn snapshot_id(s: &str) -> Reply<SnapshotId> {
 async fn chunking(State(app): AppState, headers: HeaderMap) -> Reply<Json<Chunking>> {
     let owner = app.session(&headers)?;
     blocking(move || {
-        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let tenant = app.storage()?.tenants.hold(&owner.tenant)?;
         let repo = tenant.repo();
         let p = repo.config().chunker;
         Ok(Json(Chunking {
@@ -420,7 +423,7 @@ async fn missing(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<
     let owner = app.session(&headers)?;
     let req: MissingRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
-        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let tenant = app.storage()?.tenants.hold(&owner.tenant)?;
         let missing = tenant.missing(&req.chunks);
         app.metrics.chunks_offered(owner.tenant.as_str(), req.chunks.len(), missing.len());
         Ok(Json(MissingResponse { missing }))
@@ -485,7 +488,7 @@ async fn put_chunk(
 ) -> Reply<StatusCode> {
     let id: BlobId = id.parse().map_err(|e| HttpError::bad_id("chunk", e))?;
     let (app2, name) = (app.clone(), owner.tenant.clone());
-    let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
+    let tenant = blocking(move || Ok(app2.storage()?.tenants.hold(&owner.tenant)?)).await?;
     let max = tenant.repo().config().chunker.max_size as usize;
     let too_large = || HttpError::too_large(ErrorCode::ChunkTooLarge, format!("chunks are at most {max} bytes"));
     let data = read_bounded(&headers, body, max, too_large).await?;
@@ -520,7 +523,7 @@ async fn put_bundle(
     body: Body,
 ) -> Reply<Json<BundleResponse>> {
     let (app2, name) = (app.clone(), owner.tenant.clone());
-    let tenant = blocking(move || Ok(app2.storage()?.tenants.get(&owner.tenant)?)).await?;
+    let tenant = blocking(move || Ok(app2.storage()?.tenants.hold(&owner.tenant)?)).await?;
     let max_chunk = tenant.repo().config().chunker.max_size as usize;
     let limit = MAX_BUNDLE_BODY.max(max_chunk + BUNDLE_FRAME_HEADER);
     let too_large = || HttpError::too_large(ErrorCode::BundleTooLarge, format!("bundles are at most {limit} bytes"));
@@ -548,7 +551,7 @@ async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<J
     let req: CommitRequest = parse(&headers, body, MAX_MANIFEST_BODY).await?;
     blocking(move || {
         let storage = app.storage()?;
-        let tenant = storage.tenants.get(&owner.tenant)?;
+        let tenant = storage.tenants.hold(&owner.tenant)?;
         // The next usage report counts the new snapshot.
         storage.quotas.touch(owner.tenant.as_str(), &tenant);
         Ok(Json(tenant.commit(owner, req)?))
@@ -561,7 +564,7 @@ async fn commit(State(app): AppState, headers: HeaderMap, body: Body) -> Reply<J
 async fn snapshots(State(app): AppState, headers: HeaderMap) -> Reply<Json<Vec<SnapshotInfo>>> {
     let owner = app.session(&headers)?;
     blocking(move || {
-        let snapshots = app.storage()?.tenants.get(&owner.tenant)?.snapshots(&owner)?;
+        let snapshots = app.storage()?.tenants.hold(&owner.tenant)?.snapshots(&owner)?;
         Ok(Json(snapshots.into_iter().map(snapshot_info).collect()))
     })
     .await
@@ -581,7 +584,7 @@ async fn tree(
     let id = snapshot_id(&id)?;
     let path = q.get("path").cloned().unwrap_or_default();
     blocking(move || {
-        let nodes = app.storage()?.tenants.get(&owner.tenant)?.tree(&owner, &id, &path)?;
+        let nodes = app.storage()?.tenants.hold(&owner.tenant)?.tree(&owner, &id, &path)?;
         Ok(Json(nodes.iter().map(tree_entry).collect()))
     })
     .await
@@ -603,7 +606,7 @@ async fn restore_plan(
     let id = snapshot_id(&id)?;
     let req: RestorePlanRequest = parse(&headers, body, MAX_JSON_BODY * 16).await?;
     blocking(move || {
-        let plan = app.storage()?.tenants.get(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?;
+        let plan = app.storage()?.tenants.hold(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?;
         Ok(Json(restore_plan_response(plan)))
     })
     .await
@@ -682,7 +685,7 @@ async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<St
     // At most 4096 quoted hex ids; the bound leaves room for whitespace.
     let req: ChunkReadRequest = parse(&headers, body, MAX_CHUNK_READ * 128 + 1024).await?;
     let (tenant, grant) = blocking(move || {
-        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let tenant = app.storage()?.tenants.hold(&owner.tenant)?;
         let grant = tenant.grant_chunks(&owner, &id, req.chunks)?;
         Ok((tenant, grant))
     })
@@ -740,7 +743,7 @@ async fn file(
     let id = snapshot_id(&id)?;
     let path = q.get("path").cloned().ok_or_else(|| HttpError::bad_request("path is required"))?;
     let (tenant, node) = blocking(move || {
-        let tenant = app.storage()?.tenants.get(&owner.tenant)?;
+        let tenant = app.storage()?.tenants.hold(&owner.tenant)?;
         let node = tenant.file(&owner, &id, &path)?;
         Ok((tenant, node))
     })
