@@ -320,22 +320,12 @@ fn chunker_io(e: crate::chunker::ChunkerError) -> std::io::Error {
 mod tests {
     use super::*;
     use crate::backup::{backup_stream, BackupOptions, NamedFile};
-    use crate::crypto::KdfParams;
-    use crate::repo::InitOptions;
+    use crate::test_support::{local_repo, noise, PASSWORD};
     use crate::tree::Timestamp;
-
-    fn noise(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect()
-    }
 
     fn open(dir: &std::path::Path) -> Repository {
         let backend = std::sync::Arc::new(crate::backend::LocalBackend::open(dir).unwrap());
-        Repository::open(backend, b"pw").unwrap()
+        Repository::open(backend, PASSWORD).unwrap()
     }
 
     fn file<'a>(path: &str, data: &'a [u8]) -> NamedFile<&'a [u8]> {
@@ -349,11 +339,7 @@ mod tests {
     fn repositories_sharing_a_key_copy_only_the_blobs_the_target_lacks() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let init =
-            InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
-        let source =
-            Repository::init(std::sync::Arc::new(crate::backend::LocalBackend::create(&a).unwrap()), b"pw", &init)
-                .unwrap();
+        let source = local_repo(&a);
         let big = noise(5 << 20, 1);
         let (first, _) = backup_stream(&source, [file("big", &big)], &BackupOptions::default()).unwrap();
         assert!(std::process::Command::new("cp").arg("-a").arg(&a).arg(&b).status().unwrap().success());

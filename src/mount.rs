@@ -801,23 +801,10 @@ fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::backup::{backup_stream, BackupOptions, NamedFile};
-    use crate::crypto::KdfParams;
-    use crate::repo::InitOptions;
-
-    fn noise(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect()
-    }
+    use crate::test_support::{local_repo, noise};
 
     fn repo(dir: &Path) -> Arc<Repository> {
-        let init =
-            InitOptions { kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
-        let backend = Arc::new(crate::backend::LocalBackend::create(dir).unwrap());
-        Arc::new(Repository::init(backend, b"pw", &init).unwrap())
+        Arc::new(local_repo(dir))
     }
 
     fn lookup_path(fs: &SnapshotFs, path: &str) -> FileAttr {

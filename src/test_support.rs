@@ -48,3 +48,15 @@ pub(crate) fn snapshot(time: &str, host: &str, tags: &[&str], paths: &[&str]) ->
         program_version: "test".into(),
     }
 }
+
+/// `len` bytes of deterministic noise from `seed` (a linear congruential
+/// generator's high byte): incompressible data that two calls with different
+/// seeds never share.
+pub(crate) fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        })
+        .collect()
+}

@@ -2,22 +2,23 @@
 -- SQLite's migration 4 leaves it: snapshots as storage nodes report them
 -- (never paths or contents), each tenant's stored bytes per day (day
 -- numbers since the unix epoch, UTC), and the storage nodes' check-ins.
--- "user" is a reserved word here, so the snapshot's user is user_name.
+-- "user" is a reserved word here, so the snapshot's user is user_name;
+-- time_ms is the snapshot's time in milliseconds since the epoch.
 
 CREATE TABLE snapshots (
     tenant TEXT COLLATE "C" NOT NULL,
     snapshot_id TEXT COLLATE "C" NOT NULL,
     device_id TEXT COLLATE "C",
     user_name TEXT,
-    time BIGINT NOT NULL,
+    time_ms BIGINT NOT NULL,
     files BIGINT NOT NULL,
     bytes BIGINT NOT NULL,
     removed_at BIGINT,
     stale BOOLEAN NOT NULL DEFAULT FALSE,
     PRIMARY KEY (tenant, snapshot_id)
 );
-CREATE INDEX snapshots_device ON snapshots (tenant, device_id, time);
-CREATE INDEX snapshots_time ON snapshots (tenant, time);
+CREATE INDEX snapshots_device ON snapshots (tenant, device_id, time_ms);
+CREATE INDEX snapshots_time ON snapshots (tenant, time_ms);
 
 CREATE TABLE usage_days (
     tenant TEXT COLLATE "C" NOT NULL,

@@ -15,6 +15,15 @@ use crate::api::{NodeReport, SnapshotRecord, StorageNodeInfo, TenantDay, TenantS
 
 /// Seconds in a day; days are numbered from the unix epoch (UTC).
 pub(super) const DAY: i64 = 86_400;
+
+/// A day in milliseconds: snapshot times are stored to the millisecond, so
+/// that two snapshots taken within one second still list in order.
+pub(super) const DAY_MS: i64 = DAY * 1000;
+
+/// A stored snapshot time (milliseconds since the epoch) as a time.
+pub(super) fn unix_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
 /// Removed snapshots stay this long (seconds): the backups-per-day chart counts them.
 pub(super) const KEEP_REMOVED_SECS: i64 = 60 * DAY;
 /// Days of stored bytes kept per tenant.

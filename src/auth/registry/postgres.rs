@@ -754,7 +754,7 @@ impl Store for PgStore {
                 for s in &r.added {
                     exec(
                         &tx,
-                        "INSERT INTO snapshots (tenant, snapshot_id, device_id, user_name, time, files, bytes)
+                        "INSERT INTO snapshots (tenant, snapshot_id, device_id, user_name, time_ms, files, bytes)
                          VALUES ($1, $2, $3, $4, $5, $6, $7)
                          ON CONFLICT (tenant, snapshot_id) DO UPDATE SET removed_at = NULL, stale = FALSE",
                         &[
@@ -762,7 +762,7 @@ impl Store for PgStore {
                             &s.id.to_hex(),
                             &s.device,
                             &s.user,
-                            &s.time.timestamp(),
+                            &s.time.timestamp_millis(),
                             &fleet::int(s.files),
                             &fleet::int(s.bytes),
                         ],
@@ -803,9 +803,9 @@ impl Store for PgStore {
             let c = self.pool.get().await?;
             rows(
                 &c,
-                "SELECT snapshot_id, time, device_id, user_name, files, bytes FROM snapshots
+                "SELECT snapshot_id, time_ms, device_id, user_name, files, bytes FROM snapshots
                  WHERE tenant = $1 AND device_id = $2 AND removed_at IS NULL
-                 ORDER BY time DESC, snapshot_id DESC LIMIT $3",
+                 ORDER BY time_ms DESC, snapshot_id DESC LIMIT $3",
                 &[&tenant, &device_id, &i64::from(limit)],
             )
             .await?
@@ -814,7 +814,7 @@ impl Store for PgStore {
                 let id: String = r.try_get(0)?;
                 Ok(SnapshotRecord {
                     id: fleet::snapshot_id(&id).map_err(|e| DbError::Setup(format!("snapshots.snapshot_id: {e}")))?,
-                    time: unix(r.try_get(1)?),
+                    time: fleet::unix_ms(r.try_get(1)?),
                     device: r.try_get(2)?,
                     user: r.try_get(3)?,
                     files: fleet::uint(r.try_get(4)?),
@@ -830,13 +830,13 @@ impl Store for PgStore {
             let c = self.pool.get().await?;
             rows(
                 &c,
-                "SELECT tenant, device_id, COUNT(*), MAX(time) FROM snapshots
+                "SELECT tenant, device_id, COUNT(*), MAX(time_ms) FROM snapshots
                  WHERE removed_at IS NULL AND device_id IS NOT NULL GROUP BY tenant, device_id",
                 &[],
             )
             .await?
             .iter()
-            .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), (fleet::uint(r.try_get(2)?), unix(r.try_get(3)?)))))
+            .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), (fleet::uint(r.try_get(2)?), fleet::unix_ms(r.try_get(3)?)))))
             .collect()
         })
     }
@@ -875,9 +875,9 @@ impl Store for PgStore {
             .collect::<Result<_, RegistryError>>()?;
             let backups = rows(
                 &c,
-                "SELECT time / 86400, COUNT(*) FROM snapshots WHERE tenant = $1 AND time >= $2 AND time < $3
-                 GROUP BY time / 86400",
-                &[&tenant, &(first * fleet::DAY), &((last + 1) * fleet::DAY)],
+                "SELECT time_ms / 86400000, COUNT(*) FROM snapshots WHERE tenant = $1 AND time_ms >= $2 AND time_ms < $3
+                 GROUP BY time_ms / 86400000",
+                &[&tenant, &(first * fleet::DAY_MS), &((last + 1) * fleet::DAY_MS)],
             )
             .await?
             .iter()

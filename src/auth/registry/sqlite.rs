@@ -81,11 +81,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // and the storage nodes' check-ins.
     r#"
     CREATE TABLE snapshots (
-        tenant TEXT NOT NULL, snapshot_id TEXT NOT NULL, device_id TEXT, user TEXT, time INTEGER NOT NULL,
+        tenant TEXT NOT NULL, snapshot_id TEXT NOT NULL, device_id TEXT, user TEXT, time_ms INTEGER NOT NULL,
         files INTEGER NOT NULL, bytes INTEGER NOT NULL, removed_at INTEGER, stale INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (tenant, snapshot_id));
-    CREATE INDEX snapshots_device ON snapshots (tenant, device_id, time);
-    CREATE INDEX snapshots_time ON snapshots (tenant, time);
+    CREATE INDEX snapshots_device ON snapshots (tenant, device_id, time_ms);
+    CREATE INDEX snapshots_time ON snapshots (tenant, time_ms);
     CREATE TABLE usage_days (
         tenant TEXT NOT NULL, day INTEGER NOT NULL, stored_bytes INTEGER NOT NULL, PRIMARY KEY (tenant, day));
     CREATE TABLE storage_nodes (
@@ -583,7 +583,7 @@ impl Store for SqliteStore {
             }
             for s in &r.added {
                 tx.execute(
-                    "INSERT INTO snapshots (tenant, snapshot_id, device_id, user, time, files, bytes)
+                    "INSERT INTO snapshots (tenant, snapshot_id, device_id, user, time_ms, files, bytes)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (tenant, snapshot_id) DO UPDATE SET removed_at = NULL, stale = 0",
                     params![
@@ -591,7 +591,7 @@ impl Store for SqliteStore {
                         s.id.to_hex(),
                         s.device,
                         s.user,
-                        s.time.timestamp(),
+                        s.time.timestamp_millis(),
                         fleet::int(s.files),
                         fleet::int(s.bytes)
                     ],
@@ -624,16 +624,16 @@ impl Store for SqliteStore {
     ) -> Result<Vec<SnapshotRecord>, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT snapshot_id, time, device_id, user, files, bytes FROM snapshots
+            "SELECT snapshot_id, time_ms, device_id, user, files, bytes FROM snapshots
              WHERE tenant = ?1 AND device_id = ?2 AND removed_at IS NULL
-             ORDER BY time DESC, snapshot_id DESC LIMIT ?3",
+             ORDER BY time_ms DESC, snapshot_id DESC LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![tenant, device_id, limit], |r| {
             let id: String = r.get(0)?;
             Ok(SnapshotRecord {
                 id: fleet::snapshot_id(&id)
                     .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))?,
-                time: unix(r.get(1)?),
+                time: fleet::unix_ms(r.get(1)?),
                 device: r.get(2)?,
                 user: r.get(3)?,
                 files: fleet::uint(r.get(4)?),
@@ -646,10 +646,11 @@ impl Store for SqliteStore {
     fn device_backups(&self) -> Result<DeviceBackups, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT tenant, device_id, COUNT(*), MAX(time) FROM snapshots
+            "SELECT tenant, device_id, COUNT(*), MAX(time_ms) FROM snapshots
              WHERE removed_at IS NULL AND device_id IS NOT NULL GROUP BY tenant, device_id",
         )?;
-        let rows = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (fleet::uint(r.get(2)?), unix(r.get(3)?)))))?;
+        let rows =
+            stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (fleet::uint(r.get(2)?), fleet::unix_ms(r.get(3)?)))))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -675,11 +676,13 @@ impl Store for SqliteStore {
         let stored =
             stmt.query_map(params![tenant, first, last], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
         let mut stmt = conn.prepare(
-            "SELECT time / 86400, COUNT(*) FROM snapshots WHERE tenant = ?1 AND time >= ?2 AND time < ?3
-             GROUP BY time / 86400",
+            "SELECT time_ms / 86400000, COUNT(*) FROM snapshots WHERE tenant = ?1 AND time_ms >= ?2 AND time_ms < ?3
+             GROUP BY time_ms / 86400000",
         )?;
         let backups = stmt
-            .query_map(params![tenant, first * fleet::DAY, (last + 1) * fleet::DAY], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map(params![tenant, first * fleet::DAY_MS, (last + 1) * fleet::DAY_MS], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
             .collect::<Result<_, _>>()?;
         Ok(UsageRows { before, stored, backups })
     }

@@ -378,7 +378,10 @@ fn reported_snapshots_list_per_device_and_a_completed_rescan_drops_those_not_see
     r.record_snapshots(&[report(false, true, vec![record(3, "tablet", now, 10)], vec![])], now).unwrap();
     assert_eq!(snapshot_ids(r, "phone"), [2, 1], "newest first");
     let backups = r.device_backups().unwrap();
-    assert_eq!(backups[&("acme".to_string(), "phone".to_string())], (2, unix((now - hour).timestamp())));
+    assert_eq!(
+        backups[&("acme".to_string(), "phone".to_string())],
+        (2, fleet::unix_ms((now - hour).timestamp_millis()))
+    );
     assert_eq!(r.logical_bytes().unwrap()["acme"], 160);
     // A delta removes one; a record sent twice stays one.
     r.record_snapshots(&[report(false, false, vec![record(2, "phone", now - hour, 50)], vec![1])], now).unwrap();
