@@ -209,7 +209,7 @@ impl Http {
     }
 
     /// `POST path` with a JSON body; the raw response (for streamed answers:
-    /// the caller tells the observer when it has read it, [`Http::observe`]).
+    /// the caller tells the observer when it has read it, through `Http::observe`).
     pub fn post_raw<B: Serialize>(&self, path: &str, token: &str, body: &B) -> Result<Response, ClientError> {
         let req = self.agent.post(self.url(path)).header("Authorization", &format!("Bearer {token}"));
         Self::check(req.send_json(body).map_err(Self::transport)?)
