@@ -60,3 +60,9 @@ pub(crate) fn noise(len: usize, mut seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A storage node's tenants under `dir`, each repository created with
+/// [`cheap_init`] and [`PASSWORD`].
+pub(crate) fn tenants(dir: &Path) -> crate::ingest::Tenants {
+    crate::ingest::Tenants::new(dir.to_str().expect("a UTF-8 directory"), PASSWORD.to_vec(), cheap_init())
+}

@@ -187,7 +187,7 @@ fn owns(owner: &Owner, s: &Snapshot) -> bool {
 mod tests {
     use super::*;
     use crate::api::{EntryKind, ManifestFile};
-    use crate::test_support::{cheap_init, PASSWORD};
+    use crate::test_support::tenants;
 
     /// A regular file of a device's manifest: mode 0644, mtime 5.
     pub(super) fn file_entry(path: &str, size: u64, chunks: Vec<BlobId>) -> ManifestFile {
@@ -206,10 +206,6 @@ mod tests {
     /// A commit of `files` from host `h` with no tags.
     pub(super) fn commit_of(files: Vec<ManifestFile>) -> CommitRequest {
         CommitRequest { hostname: "h".into(), paths: vec!["/".into()], tags: vec![], files }
-    }
-
-    fn tenants(dir: &std::path::Path) -> Tenants {
-        Tenants::new(dir.to_str().unwrap(), PASSWORD.to_vec(), cheap_init())
     }
 
     pub(super) fn acme() -> TenantName {

@@ -161,17 +161,8 @@ fn record(id: SnapshotId, s: &Snapshot) -> SnapshotRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::KdfParams;
-    use crate::ingest::{Owner, TenantName, Tenants};
-    use crate::repo::InitOptions;
-
-    fn tenants(dir: &std::path::Path) -> Tenants {
-        let init = InitOptions {
-            kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            ..InitOptions::default()
-        };
-        Tenants::new(dir.to_str().unwrap(), b"pw".to_vec(), init)
-    }
+    use crate::ingest::{Owner, TenantName};
+    use crate::test_support::tenants;
 
     fn commit(t: &Tenant, device: &str) -> SnapshotId {
         let owner = Owner {

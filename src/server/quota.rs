@@ -244,17 +244,8 @@ impl Drop for Admission<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::KdfParams;
-    use crate::ingest::{TenantName, Tenants};
-    use crate::repo::InitOptions;
-
-    fn tenants(dir: &std::path::Path) -> Tenants {
-        let init = InitOptions {
-            kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
-            ..InitOptions::default()
-        };
-        Tenants::new(dir.to_str().unwrap(), b"pw".to_vec(), init)
-    }
+    use crate::ingest::TenantName;
+    use crate::test_support::tenants;
 
     fn chunk(t: &Tenant, seed: u8, len: usize) -> (BlobId, Vec<u8>) {
         let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
