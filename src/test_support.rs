@@ -50,8 +50,8 @@ pub(crate) fn snapshot(time: &str, host: &str, tags: &[&str], paths: &[&str]) ->
 }
 
 /// `len` bytes of deterministic noise from `seed` (a linear congruential
-/// generator's high byte): incompressible data that two calls with different
-/// seeds never share.
+/// generator's high byte): incompressible data, the same for the same seed,
+/// that zstd cannot shrink and other seeds do not repeat in practice.
 pub(crate) fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     (0..len)
         .map(|_| {

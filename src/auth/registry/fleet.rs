@@ -24,6 +24,7 @@ pub(super) const DAY_MS: i64 = DAY * 1000;
 pub(super) fn unix_ms(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
+
 /// Removed snapshots stay this long (seconds): the backups-per-day chart counts them.
 pub(super) const KEEP_REMOVED_SECS: i64 = 60 * DAY;
 /// Days of stored bytes kept per tenant.

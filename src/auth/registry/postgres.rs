@@ -875,9 +875,9 @@ impl Store for PgStore {
             .collect::<Result<_, RegistryError>>()?;
             let backups = rows(
                 &c,
-                "SELECT time_ms / 86400000, COUNT(*) FROM snapshots WHERE tenant = $1 AND time_ms >= $2 AND time_ms < $3
-                 GROUP BY time_ms / 86400000",
-                &[&tenant, &(first * fleet::DAY_MS), &((last + 1) * fleet::DAY_MS)],
+                "SELECT time_ms / $4, COUNT(*) FROM snapshots WHERE tenant = $1 AND time_ms >= $2 AND time_ms < $3
+                 GROUP BY time_ms / $4",
+                &[&tenant, &(first * fleet::DAY_MS), &((last + 1) * fleet::DAY_MS), &fleet::DAY_MS],
             )
             .await?
             .iter()

@@ -676,11 +676,11 @@ impl Store for SqliteStore {
         let stored =
             stmt.query_map(params![tenant, first, last], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
         let mut stmt = conn.prepare(
-            "SELECT time_ms / 86400000, COUNT(*) FROM snapshots WHERE tenant = ?1 AND time_ms >= ?2 AND time_ms < ?3
-             GROUP BY time_ms / 86400000",
+            "SELECT time_ms / ?4, COUNT(*) FROM snapshots WHERE tenant = ?1 AND time_ms >= ?2 AND time_ms < ?3
+             GROUP BY time_ms / ?4",
         )?;
         let backups = stmt
-            .query_map(params![tenant, first * fleet::DAY_MS, (last + 1) * fleet::DAY_MS], |r| {
+            .query_map(params![tenant, first * fleet::DAY_MS, (last + 1) * fleet::DAY_MS, fleet::DAY_MS], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?
             .collect::<Result<_, _>>()?;
