@@ -8,8 +8,11 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::Write;
+use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -421,30 +424,31 @@ impl Device {
         let chunker = Chunker::new(params, chunking.seed).map_err(|e| ClientError::Local(e.to_string()))?;
         let key = crate::id::parse_hex32(&chunking.id_key).map_err(|e| ClientError::Local(e.to_string()))?;
         let id_key = IdKey::from_bytes(key);
-        let mut files = Vec::new();
-        let mut todo = Vec::new();
-        let mut skipped = Vec::new();
+        let mut walked = Walked::default();
         let mut abs_paths = Vec::new();
         for p in paths {
             let abs = std::path::absolute(p).map_err(ClientError::io(p))?;
             let abs: PathBuf = abs.components().filter(|c| !matches!(c, Component::CurDir)).collect();
             fs::symlink_metadata(&abs).map_err(ClientError::io(&abs))?;
             abs_paths.push(abs.to_string_lossy().into_owned());
-            walk(&abs, &mut files, &mut todo, &mut skipped)?;
+            walked.extend(walk(&abs)?);
         }
-        // Chunk and hash on all cores while a second thread asks which
-        // chunks are missing and uploads them in bundles (one batch of
-        // chunks queued between the two).
+        let Walked { entries, skipped } = walked;
+        let mut files = Vec::with_capacity(entries.len());
+        let mut todo = Vec::new();
+        for (file, source) in entries {
+            if let Some((path, size)) = source {
+                todo.push((files.len(), path, size));
+            }
+            files.push(file);
+        }
+        // Chunk and hash on all cores while other threads ask which chunks
+        // are missing and upload them in bundles (one batch of chunks queued
+        // between the two).
         let http = self.http.clone();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Batch)>(1);
+        let (tx, rx) = sync_channel::<(String, Batch)>(1);
         let (hashed, sent) = std::thread::scope(|s| {
-            let sender = s.spawn(move || {
-                let mut sent = Sent::default();
-                for (token, batch) in rx {
-                    sent.add(upload_batch(&http, &token, batch)?);
-                }
-                Ok::<Sent, ClientError>(sent)
-            });
+            let sender = s.spawn(move || upload(&http, rx));
             let hashed = self.hash_files(&chunker, &id_key, &mut files, &todo, &tx);
             drop(tx);
             let sent = sender.join().unwrap_or_else(|_| Err(ClientError::Local("the upload thread panicked".into())));
@@ -479,7 +483,7 @@ impl Device {
         id_key: &IdKey,
         files: &mut [ManifestFile],
         todo: &[(usize, PathBuf, u64)],
-        tx: &std::sync::mpsc::SyncSender<(String, Batch)>,
+        tx: &SyncSender<(String, Batch)>,
     ) -> Result<u64, ClientError> {
         use rayon::prelude::*;
         let mut batch = Batch::default();
@@ -501,6 +505,7 @@ impl Device {
                 // raises SIGBUS and stops the backup, as in the CLI.
                 let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(ClientError::io(path))?;
                 let _ = map.advise(memmap2::Advice::Sequential);
+                let map = Arc::new(FileBytes::Mapped(map));
                 let mut cuts = chunker.cut_points(&map).peekable();
                 let mut ids = Vec::new();
                 while cuts.peek().is_some() {
@@ -511,8 +516,8 @@ impl Device {
                         window.push(r);
                     }
                     let named: Vec<BlobId> = window.par_iter().map(|r| id_key.blob_id(&map[r.clone()])).collect();
-                    for (id, r) in named.iter().zip(&window) {
-                        batch.add(*id, &map[r.clone()]);
+                    for (id, r) in named.iter().zip(window) {
+                        batch.add(*id, &map, r);
                     }
                     ids.extend(named);
                     send(self, &mut batch, false)?;
@@ -531,7 +536,7 @@ impl Device {
             }
             let (group, tail) = rest.split_at(n);
             rest = tail;
-            type Named = (Vec<u8>, Vec<(BlobId, std::ops::Range<usize>)>);
+            type Named = (Arc<FileBytes>, Vec<(BlobId, Range<usize>)>);
             let done: Vec<Named> = group
                 .par_iter()
                 .map(|(_, path, size)| {
@@ -539,12 +544,12 @@ impl Device {
                     let mut data = Vec::with_capacity(*size as usize);
                     fs::File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(ClientError::io(path))?;
                     let named = chunker.cut_points(&data).map(|r| (id_key.blob_id(&data[r.clone()]), r)).collect();
-                    Ok((data, named))
+                    Ok((Arc::new(FileBytes::Read(data)), named))
                 })
                 .collect::<Result<_, ClientError>>()?;
             for ((i, _, _), (data, named)) in group.iter().zip(done) {
                 for (id, r) in &named {
-                    batch.add(*id, &data[r.clone()]);
+                    batch.add(*id, &data, r.clone());
                 }
                 chunks += named.len() as u64;
                 files[*i].size = data.len() as u64;
@@ -640,18 +645,36 @@ pub fn plan_from_wire(wire: &RestorePlanResponse) -> Result<RestorePlan, crate::
     Ok(plan)
 }
 
-/// Walks `path` (metadata only): every entry goes into `files` in order;
-/// regular files also into `todo` (their index, path and size), to be
-/// chunked later.
-fn walk(
-    path: &Path,
-    files: &mut Vec<ManifestFile>,
-    todo: &mut Vec<(usize, PathBuf, u64)>,
-    skipped: &mut Vec<String>,
-) -> Result<(), ClientError> {
+/// What a walk found under one path, in order.
+#[derive(Default)]
+struct Walked {
+    /// Every entry's manifest line; a regular file's also carries its path
+    /// and size, to be chunked later.
+    entries: Vec<(ManifestFile, Option<(PathBuf, u64)>)>,
+    /// Entries that cannot be backed up (special files, unusable names or
+    /// link targets).
+    skipped: Vec<String>,
+}
+
+impl Walked {
+    fn extend(&mut self, other: Walked) {
+        self.entries.extend(other.entries);
+        self.skipped.extend(other.skipped);
+    }
+}
+
+/// Walks `path` (metadata only, the entries of each directory on all
+/// cores), returning its entries in path order.
+fn walk(path: &Path) -> Result<Walked, ClientError> {
+    use rayon::prelude::*;
     use std::os::unix::fs::MetadataExt;
+    let mut walked = Walked::default();
     let meta = fs::symlink_metadata(path).map_err(ClientError::io(path))?;
     let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+    if api::check_manifest_path(&rel).is_err() {
+        walked.skipped.push(path.display().to_string());
+        return Ok(walked);
+    }
     let entry = |kind, target| ManifestFile {
         kind,
         target,
@@ -662,56 +685,67 @@ fn walk(
         size: 0,
         chunks: Vec::new(),
     };
-    if api::check_manifest_path(&rel).is_err() {
-        skipped.push(path.display().to_string());
-        return Ok(());
-    }
     if meta.is_dir() {
-        files.push(entry(EntryKind::Dir, None));
-        let mut entries: Vec<PathBuf> = fs::read_dir(path)
+        walked.entries.push((entry(EntryKind::Dir, None), None));
+        let mut names: Vec<std::ffi::OsString> = fs::read_dir(path)
             .map_err(ClientError::io(path))?
-            .map(|e| e.map(|e| e.path()))
+            .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()
             .map_err(ClientError::io(path))?;
-        entries.sort();
-        for e in entries {
-            walk(&e, files, todo, skipped)?;
+        names.sort_unstable();
+        let children: Vec<Walked> = names.par_iter().map(|name| walk(&path.join(name))).collect::<Result<_, _>>()?;
+        for child in children {
+            walked.extend(child);
         }
-        return Ok(());
-    }
-    if meta.file_type().is_symlink() {
+    } else if meta.file_type().is_symlink() {
         let target = fs::read_link(path).map_err(ClientError::io(path))?;
         match target.to_str() {
             Some(t) if !t.is_empty() && t.len() <= api::MAX_LINK_TARGET => {
-                files.push(entry(EntryKind::Symlink, Some(t.to_owned())))
+                walked.entries.push((entry(EntryKind::Symlink, Some(t.to_owned())), None))
             }
-            _ => skipped.push(path.display().to_string()),
+            _ => walked.skipped.push(path.display().to_string()),
         }
-        return Ok(());
+    } else if meta.is_file() {
+        walked.entries.push((entry(EntryKind::File, None), Some((path.to_owned(), meta.len()))));
+    } else {
+        walked.skipped.push(path.display().to_string());
     }
-    if !meta.is_file() {
-        skipped.push(path.display().to_string());
-        return Ok(());
+    Ok(walked)
+}
+
+/// File bytes that a batch's chunks point into: a file read whole or
+/// mapped. Shared, so queueing a chunk copies nothing; only the chunks the
+/// server lacks are copied, once, into a bundle.
+enum FileBytes {
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Read(v) => v,
+            FileBytes::Mapped(m) => m,
+        }
     }
-    todo.push((files.len(), path.to_owned(), meta.len()));
-    files.push(entry(EntryKind::File, None));
-    Ok(())
 }
 
 /// Named chunks waiting to be checked and uploaded, each once.
 #[derive(Default)]
 struct Batch {
-    items: Vec<(BlobId, Vec<u8>)>,
+    items: Vec<(BlobId, Arc<FileBytes>, Range<usize>)>,
     ids: HashSet<BlobId>,
     bytes: usize,
 }
 
 impl Batch {
-    /// Queues a chunk unless this batch has it already.
-    fn add(&mut self, id: BlobId, data: &[u8]) {
+    /// Queues the chunk at `range` of `file` unless this batch has it already.
+    fn add(&mut self, id: BlobId, file: &Arc<FileBytes>, range: Range<usize>) {
         if self.ids.insert(id) {
-            self.bytes += data.len();
-            self.items.push((id, data.to_vec()));
+            self.bytes += range.len();
+            self.items.push((id, Arc::clone(file), range));
         }
     }
 }
@@ -723,56 +757,82 @@ struct Sent {
     bytes: u64,
 }
 
-impl Sent {
-    fn add(&mut self, other: Sent) {
-        self.chunks += other.chunks;
-        self.bytes += other.bytes;
+/// Uploads the batches arriving on `batches`: asks which chunks of each the
+/// server lacks (in queries of at most `MAX_MISSING_QUERY` ids) and sends
+/// those in bundles of at most `MAX_BUNDLE_BODY` bytes over
+/// [`BUNDLES_IN_FLIGHT`] connections. The next batch is queried while the
+/// bundles of the one before are still in flight, so the server is not left
+/// idle for a round trip at every batch. Returns the first error.
+fn upload(http: &Http, batches: Receiver<(String, Batch)>) -> Result<Sent, ClientError> {
+    // One bundle waits while BUNDLES_IN_FLIGHT are sent: the bytes held
+    // here stay within (BUNDLES_IN_FLIGHT + 2) bundles.
+    let (bundle_tx, bundle_rx) = sync_channel::<(String, Vec<u8>)>(1);
+    let bundle_rx = Mutex::new(bundle_rx);
+    let failed = Mutex::new(None);
+    let fail = |e: ClientError| {
+        failed.lock().expect("error lock").get_or_insert(e);
+    };
+    let has_failed = || failed.lock().expect("error lock").is_some();
+    let mut sent = Sent::default();
+    std::thread::scope(|s| {
+        for _ in 0..BUNDLES_IN_FLIGHT {
+            s.spawn(|| {
+                while let Ok((token, body)) = bundle_rx.lock().expect("bundle lock").recv() {
+                    // After a failure the rest is only drained, so that the
+                    // producer never blocks on a full channel.
+                    if !has_failed() {
+                        if let Err(e) = http.post_bytes::<BundleResponse>("/v1/chunks/bundle", &token, &body) {
+                            fail(e);
+                        }
+                    }
+                }
+            });
+        }
+        for (token, batch) in batches {
+            if has_failed() {
+                break;
+            }
+            let missing = match ask_missing(http, &token, &batch) {
+                Ok(missing) => missing,
+                Err(e) => {
+                    fail(e);
+                    break;
+                }
+            };
+            let mut bundle = Vec::new();
+            for (id, file, range) in batch.items.iter().filter(|(id, _, _)| missing.contains(id)) {
+                let data = &file[range.clone()];
+                if !bundle.is_empty() && bundle.len() + BUNDLE_FRAME_HEADER + data.len() > MAX_BUNDLE_BODY {
+                    let full = std::mem::replace(&mut bundle, Vec::with_capacity(MAX_BUNDLE_BODY));
+                    // Fails only when every worker is gone, which the error check covers.
+                    let _ = bundle_tx.send((token.clone(), full));
+                }
+                api::push_bundle_frame(&mut bundle, id, data);
+                sent.chunks += 1;
+                sent.bytes += data.len() as u64;
+            }
+            if !bundle.is_empty() {
+                let _ = bundle_tx.send((token, bundle));
+            }
+        }
+        drop(bundle_tx);
+    });
+    match failed.into_inner().expect("error lock") {
+        Some(e) => Err(e),
+        None => Ok(sent),
     }
 }
 
-/// Asks which chunks of a batch the server lacks (in queries of at most
-/// `MAX_MISSING_QUERY` ids) and uploads those in bundles of at most
-/// `MAX_BUNDLE_BODY` bytes, [`BUNDLES_IN_FLIGHT`] at a time.
-fn upload_batch(http: &Http, token: &str, batch: Batch) -> Result<Sent, ClientError> {
-    let ids: Vec<BlobId> = batch.items.iter().map(|(id, _)| *id).collect();
+/// The chunks of `batch` the server lacks.
+fn ask_missing(http: &Http, token: &str, batch: &Batch) -> Result<HashSet<BlobId>, ClientError> {
+    let ids: Vec<BlobId> = batch.items.iter().map(|(id, _, _)| *id).collect();
     let mut missing = HashSet::new();
     for part in ids.chunks(MAX_MISSING_QUERY) {
         let answer: MissingResponse =
             http.post("/v1/chunks/missing", Some(token), &MissingRequest { chunks: part.to_vec() })?;
         missing.extend(answer.missing);
     }
-    let mut bundles: Vec<Vec<u8>> = Vec::new();
-    let mut sent = Sent::default();
-    for (id, data) in batch.items.iter().filter(|(id, _)| missing.contains(id)) {
-        let frame = BUNDLE_FRAME_HEADER + data.len();
-        if bundles.last().map_or(true, |b| !b.is_empty() && b.len() + frame > MAX_BUNDLE_BODY) {
-            bundles.push(Vec::with_capacity(MAX_BUNDLE_BODY.min(BATCH_BYTES)));
-        }
-        api::push_bundle_frame(bundles.last_mut().expect("a bundle"), id, data);
-        sent.chunks += 1;
-        sent.bytes += data.len() as u64;
-    }
-    drop(batch);
-    let next = std::sync::Mutex::new(bundles.iter());
-    let failed = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..BUNDLES_IN_FLIGHT.min(bundles.len()) {
-            s.spawn(|| loop {
-                if failed.lock().expect("error lock").is_some() {
-                    break;
-                }
-                let Some(body) = next.lock().expect("bundle lock").next() else { break };
-                if let Err(e) = http.post_bytes::<BundleResponse>("/v1/chunks/bundle", token, body) {
-                    failed.lock().expect("error lock").get_or_insert(e);
-                    break;
-                }
-            });
-        }
-    });
-    match failed.into_inner().expect("error lock") {
-        Some(e) => Err(e),
-        None => Ok(sent),
-    }
+    Ok(missing)
 }
 
 #[cfg(test)]
@@ -831,11 +891,13 @@ mod tests {
 
     #[test]
     fn batch_dedups_by_id() {
+        let file = Arc::new(FileBytes::Read(b"samesameother".to_vec()));
         let mut b = Batch::default();
-        b.add(BlobId([1; 32]), b"same");
-        b.add(BlobId([1; 32]), b"same");
-        b.add(BlobId([2; 32]), b"other");
+        b.add(BlobId([1; 32]), &file, 0..4);
+        b.add(BlobId([1; 32]), &file, 4..8);
+        b.add(BlobId([2; 32]), &file, 8..13);
         assert_eq!((b.items.len(), b.bytes), (2, 9));
+        assert_eq!(&b.items[1].1[b.items[1].2.clone()], b"other");
     }
 
     #[test]
