@@ -16,6 +16,8 @@ RANDOM_PERCENT=10
 SEED=1
 PASSWORD=bench
 ADMIN_TOKEN=bench-admin-token
+SERVER_ROOT=""
+STORAGE_PIDS=""
 
 usage() {
     cat <<EOF
@@ -36,6 +38,13 @@ Options:
   --chunkvault PATH     use this binary instead of cargo build --release
   --random-percent P    share of random data in the corpus (default $RANDOM_PERCENT)
   --seed S              seed of the random data (default $SEED)
+  --server-root LOC     the storage node's root: a directory, or
+                        s3://bucket/prefix for the S3 backend (settings from
+                        the environment, e.g. eval "\$(scripts/garage-cluster.sh start)";
+                        the registry then stays in WORKDIR); default WORKDIR/server-root
+  --storage-pids "P..." processes serving the server root (e.g. the Garage
+                        nodes: "\$(pgrep -x garage)"), whose CPU during each
+                        step is reported as a column of its own
   -h, --help            show this help
 EOF
 }
@@ -56,6 +65,8 @@ while [[ $# -gt 0 ]]; do
         --chunkvault) need_arg "$@"; CHUNKVAULT=$2; shift 2 ;;
         --random-percent) need_arg "$@"; RANDOM_PERCENT=$2; shift 2 ;;
         --seed) need_arg "$@"; SEED=$2; shift 2 ;;
+        --server-root) need_arg "$@"; SERVER_ROOT=$2; shift 2 ;;
+        --storage-pids) need_arg "$@"; STORAGE_PIDS=$2; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -87,16 +98,32 @@ CORPUS_BYTES=$(find "$CORPUS" -type f ! -name .corpus-stamp -printf '%s\n' | awk
 CORPUS_FILES=$(find "$CORPUS" -type f ! -name .corpus-stamp | wc -l)
 
 CLK_TCK=$(getconf CLK_TCK)
-SERVER_ROOT=$WORKDIR/server-root
 RUNS_DIR=$WORKDIR/runs
-rm -rf "$SERVER_ROOT" "$RUNS_DIR" "$RESTORE_DIR"
-mkdir -p "$SERVER_ROOT" "$RUNS_DIR" "$RESTORE_DIR"
+rm -rf "$RUNS_DIR" "$RESTORE_DIR"
+mkdir -p "$RUNS_DIR" "$RESTORE_DIR"
+# The node's settings: a local root is made fresh; an S3 root gets a fresh
+# prefix of its own per invocation (nothing is deleted in the bucket), and
+# the registry a file in WORKDIR.
+SERVER_ARGS=()
+SERVER_ENV=()
+if [[ $SERVER_ROOT == s3://* ]]; then
+    SERVER_ROOT=${SERVER_ROOT%/}/devices-$(date +%Y%m%d-%H%M%S)-$$
+    rm -f "$WORKDIR/registry.db"*
+    rm -rf "$WORKDIR/server-cache"
+    SERVER_ARGS=(--registry "$WORKDIR/registry.db")
+    SERVER_ENV=(CHUNKVAULT_CACHE_DIR="$WORKDIR/server-cache")
+else
+    SERVER_ROOT=${SERVER_ROOT:-$WORKDIR/server-root}
+    rm -rf "$SERVER_ROOT"
+    mkdir -p "$SERVER_ROOT"
+fi
+log "server root $SERVER_ROOT"
 
 # ---------------------------------------------------------- the server ----
 
 SERVER_OUT=$WORKDIR/server.stdout
-CHUNKVAULT_PASSWORD=$PASSWORD CHUNKVAULT_ADMIN_TOKEN=$ADMIN_TOKEN \
-    "$CHUNKVAULT" serve --listen 127.0.0.1:0 --root "$SERVER_ROOT" >"$SERVER_OUT" 2>>"$LOG" &
+env CHUNKVAULT_PASSWORD=$PASSWORD CHUNKVAULT_ADMIN_TOKEN=$ADMIN_TOKEN "${SERVER_ENV[@]}" \
+    "$CHUNKVAULT" serve --listen 127.0.0.1:0 --root "$SERVER_ROOT" "${SERVER_ARGS[@]}" >"$SERVER_OUT" 2>>"$LOG" &
 SERVER_PID=$!
 cleanup() {
     kill "$SERVER_PID" 2>/dev/null || true
@@ -115,38 +142,51 @@ done
 log "server $URL (pid $SERVER_PID)"
 
 server_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
+# The CPU ticks of the --storage-pids processes (0 without them).
+storage_ticks() {
+    local total=0 pid
+    for pid in $STORAGE_PIDS; do
+        [[ -r /proc/$pid/stat ]] || die "storage process $pid is gone"
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
 server_hwm() { awk '/^VmHWM/ {print $2}' "/proc/$SERVER_PID/status"; }
 
 warm() { find "$@" -type f -print0 | xargs -0 -r cat >/dev/null; }
 
-printf 'run\tstep\twall_s\tclient_rss_kib\tclient_user_s\tclient_sys_s\tserver_cpu_s\tserver_hwm_kib\n' >"$RAW"
+printf 'run\tstep\twall_s\tclient_rss_kib\tclient_user_s\tclient_sys_s\tserver_cpu_s\tserver_hwm_kib\tstorage_cpu_s\n' >"$RAW"
 
 # timed RUN STEP CMD... : runs CMD under /usr/bin/time, with the server's
-# CPU time and (reset) peak RSS measured around it.
+# CPU time and (reset) peak RSS measured around it, and the storage
+# processes' CPU time.
 timed() {
-    local run=$1 step=$2 tfile=$WORKDIR/time.out t0 t1 wall rss usr sys rc=0
+    local run=$1 step=$2 tfile=$WORKDIR/time.out t0 t1 s0 s1 wall rss usr sys rc=0
     shift 2
     printf '\n==== run %s %s: %s\n' "$run" "$step" "$*" >>"$LOG"
     sync
     # Resets the server's VmHWM to its current RSS (Linux clear_refs 5).
     echo 5 >"/proc/$SERVER_PID/clear_refs" 2>/dev/null || true
     t0=$(server_ticks)
+    s0=$(storage_ticks)
     /usr/bin/time -f '%e %M %U %S' -o "$tfile" "$@" </dev/null >>"$LOG" 2>&1 || rc=$?
     t1=$(server_ticks)
+    s1=$(storage_ticks)
     if ((rc != 0)); then
         # Recorded and reported, not fatal: a step that fails on one build
         # (the baseline of a change) still leaves the others measured.
         tail -n 3 "$LOG" >&2
         log "  $step FAILED (exit $rc; log $LOG)"
-        printf '%s\t%s\tfailed\t0\t0\t0\t0\t0\n' "$run" "$step" >>"$RAW"
+        printf '%s\t%s\tfailed\t0\t0\t0\t0\t0\t0\n' "$run" "$step" >>"$RAW"
         return 1
     fi
     read -r wall rss usr sys < <(tail -n 1 "$tfile")
-    local scpu hwm
+    local scpu stcpu hwm
     scpu=$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / hz }')
+    stcpu=$(awk -v a="$s0" -v b="$s1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / hz }')
     hwm=$(server_hwm)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$step" "$wall" "$rss" "$usr" "$sys" "$scpu" "$hwm" >>"$RAW"
-    log "  $step: ${wall}s, client cpu ${usr}u ${sys}s rss ${rss} KiB; server cpu ${scpu}s peak ${hwm} KiB"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$step" "$wall" "$rss" "$usr" "$sys" "$scpu" "$hwm" "$stcpu" >>"$RAW"
+    log "  $step: ${wall}s, client cpu ${usr}u ${sys}s rss ${rss} KiB; server cpu ${scpu}s peak ${hwm} KiB; storage cpu ${stcpu}s"
 }
 
 verify() {
@@ -185,7 +225,8 @@ for ((run = 1; run <= RUNS; run++)); do
     timed "$run" local-restore "$CHUNKVAULT" restore latest --target "$RESTORE_DIR/local-$run" --quiet &&
         verify "$RESTORE_DIR/local-$run"
     rm -rf "$RESTORE_DIR/local-$run"
-    warm "$SERVER_ROOT/bench$run"
+    # An S3 root is read through the network, as it would be in production.
+    [[ $SERVER_ROOT == s3://* ]] || warm "$SERVER_ROOT/bench$run"
     timed "$run" device-restore env CHUNKVAULT_DEVICE_STATE="$rd/state-a" "$CHUNKVAULT" device restore latest \
         --target "$RESTORE_DIR/device-$run" && verify "$RESTORE_DIR/device-$run"
     rm -rf "$RESTORE_DIR/device-$run" "$rd/repo"
@@ -197,9 +238,9 @@ $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo), $(uname -s
 load $(cut -d' ' -f1-3 /proc/loadavg)"
 
 python3 - "$RAW" "$CORPUS_BYTES" "$CORPUS_FILES" "$RUNS" "$machine" "$("$CHUNKVAULT" --version 2>/dev/null | head -n1)" \
-    "$RESTORE_DIR" >"$RESULTS" <<'PY'
+    "$RESTORE_DIR" "$SERVER_ROOT" >"$RESULTS" <<'PY'
 import csv, statistics, sys
-raw, cbytes, cfiles, runs, machine, version, restore_dir = sys.argv[1:]
+raw, cbytes, cfiles, runs, machine, version, restore_dir, server_root = sys.argv[1:]
 cbytes = int(cbytes)
 allrows = list(csv.DictReader(open(raw), delimiter="\t"))
 rows = [r for r in allrows if r["wall_s"] != "failed"]
@@ -224,19 +265,26 @@ out = []
 p = out.append
 p("# chunkvault: device against local\n")
 p(f"Corpus: {cfiles} files, {cbytes} bytes; {runs} run(s), steps alternating in each run, "
-  f"warm page cache; restores to {restore_dir}; server on 127.0.0.1 on the same machine.\n")
+  f"warm page cache; restores to {restore_dir}; server on 127.0.0.1 on the same machine, "
+  f"its root {server_root}.\n")
 p(f"Machine: {machine}. Binary: {version}.\n")
+def stcpu(r): return float(r["storage_cpu_s"])
+# The storage column only when --storage-pids were watched.
+storage = any(stcpu(r) > 0 for r in rows)
 p("Median (min–max). CPU s: user + system. Server columns: `chunkvault serve` during the step "
-  "(its peak RSS reset before each step).\n")
-p("| step | wall s | MB/s | client CPU s | server CPU s | total CPU s | client peak RSS MiB | server peak RSS MiB |")
-p("|---|---|---|---|---|---|---|---|")
+  "(its peak RSS reset before each step)"
+  + ("; storage CPU: the processes serving its root (`--storage-pids`), not in the total" if storage else "")
+  + ".\n")
+p("| step | wall s | MB/s | client CPU s | server CPU s | total CPU s | client peak RSS MiB | server peak RSS MiB |"
+  + (" storage CPU s |" if storage else ""))
+p("|---|---|---|---|---|---|---|---|" + ("---|" if storage else ""))
 for s in steps:
     if not vals(s, wall):
         continue
     dev = s.startswith("device")
     p(f"| {s} | {cell(s, wall)} | {cell(s, mbs, '{:.0f}')} | {cell(s, ccpu)} | "
       f"{cell(s, scpu) if dev else '-'} | {cell(s, tcpu)} | {cell(s, crss, '{:.0f}')} | "
-      f"{cell(s, srss, '{:.0f}') if dev else '-'} |")
+      f"{cell(s, srss, '{:.0f}') if dev else '-'} |" + (f" {cell(s, stcpu)} |" if storage else ""))
 if failed:
     p("\n**Failed steps** (not in the medians; see the log): " + "; ".join(failed) + ".")
 p("\n## Against the targets of issue 16 (ratios of medians)\n")
@@ -252,11 +300,11 @@ p(f"| device + server CPU / local backup CPU | {ratio(lambda: med('device-backup
 p(f"| device restore throughput / local restore | {ratio(lambda: med('local-restore', wall) / med('device-restore', wall), 0)} | ≥ 0.80 |")
 p(f"| second device time / local chunk+hash (`backup --force`) | {ratio(lambda: med('device2-backup', wall) / med('local-rehash', wall), 0)} | ≤ 1.50 |")
 p("\n## Raw\n")
-p("| run | step | wall s | client RSS KiB | client user s | client sys s | server CPU s | server peak KiB |")
-p("|---|---|---|---|---|---|---|---|")
+p("| run | step | wall s | client RSS KiB | client user s | client sys s | server CPU s | server peak KiB | storage CPU s |")
+p("|---|---|---|---|---|---|---|---|---|")
 for r in allrows:
     p(f"| {r['run']} | {r['step']} | {r['wall_s']} | {r['client_rss_kib']} | {r['client_user_s']} | "
-      f"{r['client_sys_s']} | {r['server_cpu_s']} | {r['server_hwm_kib']} |")
+      f"{r['client_sys_s']} | {r['server_cpu_s']} | {r['server_hwm_kib']} | {r['storage_cpu_s']} |")
 print("\n".join(out))
 PY
 echo

@@ -6,7 +6,8 @@
 //! ```text
 //! cargo build --release && cargo run --release --example load -- \
 //!     [--devices 64] [--tenants 8] [--rounds 3] [--mib 8] [--random-pct 20] \
-//!     [--source /usr/share:/usr/lib] [--idle-secs N] [--churn N]
+//!     [--source /usr/share:/usr/lib] [--idle-secs N] [--churn N] [--restore-dir DIR] \
+//!     [--server-setting 'max_concurrent_uploads = 16']...
 //! ```
 //! The server binary is `$CHUNKVAULT_BIN`, else `target/release/chunkvault`
 //! if it exists, else `target/debug/chunkvault`.
@@ -18,6 +19,11 @@
 //! every device restores its snapshot (all at once), then each restore is
 //! compared byte for byte with the source, untimed. Between rounds each
 //! device rewrites its random file and appends to one file in twenty.
+//! Restores go under `--restore-dir` (default: the work directory, on the
+//! temporary directory's file system); a tmpfs such as /dev/shm takes the
+//! machine's disk out of the restore figures, as `bench/devices.sh` does.
+//! Each `--server-setting` is a line of the server's TOML config (see
+//! `chunkvault serve --help`), to compare its limits under the same load.
 //!
 //! Printed: throughput up (logical bytes backed up per second of the
 //! backup phase, and bytes actually sent) and down (bytes restored per
@@ -61,6 +67,8 @@ struct Args {
     sources: Vec<PathBuf>,
     idle_secs: Option<u64>,
     churn: Option<usize>,
+    restore_dir: Option<PathBuf>,
+    server_settings: Vec<String>,
 }
 
 fn args() -> Result<Args, Error> {
@@ -73,6 +81,8 @@ fn args() -> Result<Args, Error> {
         sources: vec!["/usr/share".into(), "/usr/lib".into()],
         idle_secs: None,
         churn: None,
+        restore_dir: None,
+        server_settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -86,6 +96,8 @@ fn args() -> Result<Args, Error> {
             "--source" => a.sources = value()?.split(':').map(PathBuf::from).collect(),
             "--idle-secs" => a.idle_secs = Some(value()?.parse()?),
             "--churn" => a.churn = Some(value()?.parse()?),
+            "--restore-dir" => a.restore_dir = Some(value()?.into()),
+            "--server-setting" => a.server_settings.push(value()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -152,7 +164,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(work: &Path, idle_secs: Option<u64>) -> Result<(Server, String), Error> {
+    fn start(work: &Path, a: &Args) -> Result<(Server, String), Error> {
         let bin = std::env::var("CHUNKVAULT_BIN").ok().unwrap_or_else(|| {
             if Path::new("target/release/chunkvault").exists() {
                 "target/release/chunkvault".into()
@@ -162,8 +174,12 @@ impl Server {
         });
         let config = work.join("server.toml");
         let mut toml = String::new();
-        if let Some(s) = idle_secs {
+        if let Some(s) = a.idle_secs {
             toml.push_str(&format!("tenant_idle_secs = {s}\n"));
+        }
+        for line in &a.server_settings {
+            toml.push_str(line);
+            toml.push('\n');
         }
         std::fs::write(&config, toml)?;
         let mut child = Command::new(&bin)
@@ -283,7 +299,8 @@ fn fill_slice<'a>(files: &'a [(PathBuf, u64)], dir: &Path, bytes: u64) -> Result
 struct Bench {
     device: Device,
     data: PathBuf,
-    dir: PathBuf,
+    /// Where this device's restores go (a directory of its own).
+    restores: PathBuf,
     random_bytes: usize,
     seed: u64,
 }
@@ -363,9 +380,15 @@ impl Phase {
 }
 
 fn main() -> Result<(), Error> {
-    let a = args()?;
+    let mut a = args()?;
     let work = tempfile::Builder::new().prefix("cv-load").tempdir_in(std::env::temp_dir())?;
-    let (server, bin) = Server::start(work.path(), a.idle_secs)?;
+    // A directory of this run's own under --restore-dir, removed at the end.
+    let restores = match &a.restore_dir {
+        Some(dir) => Some(tempfile::Builder::new().prefix("cv-load-restores").tempdir_in(dir)?),
+        None => None,
+    };
+    a.restore_dir = restores.as_ref().map(|d| d.path().to_owned());
+    let (server, bin) = Server::start(work.path(), &a)?;
     let debug = !bin.contains("release");
     println!(
         "server {bin}{}, pid {}, {} cores; start RSS {:.1} MiB",
@@ -374,6 +397,12 @@ fn main() -> Result<(), Error> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         mib(status_kib(server.pid(), "VmRSS:"))
     );
+    if !a.server_settings.is_empty() {
+        println!("server settings: {}", a.server_settings.join("; "));
+    }
+    if let Some(dir) = &a.restore_dir {
+        println!("restores under {}", dir.display());
+    }
     let admin = AdminClient::new(&server.url, ADMIN.into());
     let result = match a.churn {
         Some(n) => churn(&a, n, &server, &admin, work.path()),
@@ -444,7 +473,8 @@ fn prepare(
             return Err("the corpus is too small for this many devices; use --source or --mib".into());
         }
         let device = activate(url, &tokens[&tenant], i, &dir, requests)?;
-        out.push(Bench { device, data, dir, random_bytes, seed: i as u64 });
+        let restores = a.restore_dir.as_deref().unwrap_or(work).join(format!("d{i}-restores"));
+        out.push(Bench { device, data, restores, random_bytes, seed: i as u64 });
     }
     Ok(out)
 }
@@ -474,7 +504,7 @@ fn run_phase(benches: Vec<Bench>, rounds: usize) -> Result<Phase, Error> {
                     let done = b.device.backup(std::slice::from_ref(&b.data));
                     barrier.wait(); // backups done
                     barrier.wait(); // restores start together
-                    let target = b.dir.join(format!("restore-{round}"));
+                    let target = b.restores.join(format!("restore-{round}"));
                     let restored = done.as_ref().map_err(|e| e.to_string()).and_then(|d| {
                         b.device
                             .restore(&d.id, &target, &[], chunkvault::restore::Overwrite::Always)
@@ -674,7 +704,7 @@ fn run_phase_quiet(benches: Vec<Bench>) -> Result<u64, Error> {
     for mut b in benches {
         b.change(0)?;
         let done = b.device.backup(std::slice::from_ref(&b.data))?;
-        let target = b.dir.join("restore");
+        let target = b.restores.join("restore");
         b.device.restore(&done.id, &target, &[], chunkvault::restore::Overwrite::Always)?;
         if same_tree(&b.data, &target.join(b.data.strip_prefix("/")?)).is_err() {
             errors += 1;
