@@ -799,11 +799,13 @@ fn upload(http: &Http, batches: Receiver<(String, Batch)>) -> Result<Sent, Clien
                     break;
                 }
             };
-            let mut bundle = Vec::new();
+            // Sized once: a bundle grown by doubling would copy its bytes again.
+            let new_bundle = || Vec::with_capacity(MAX_BUNDLE_BODY);
+            let mut bundle = new_bundle();
             for (id, file, range) in batch.items.iter().filter(|(id, _, _)| missing.contains(id)) {
                 let data = &file[range.clone()];
                 if !bundle.is_empty() && bundle.len() + BUNDLE_FRAME_HEADER + data.len() > MAX_BUNDLE_BODY {
-                    let full = std::mem::replace(&mut bundle, Vec::with_capacity(MAX_BUNDLE_BODY));
+                    let full = std::mem::replace(&mut bundle, new_bundle());
                     // Fails only when every worker is gone, which the error check covers.
                     let _ = bundle_tx.send((token.clone(), full));
                 }
