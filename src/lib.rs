@@ -44,6 +44,7 @@ pub mod auth;
 pub mod backend;
 pub mod backup;
 pub mod blob;
+pub mod buffers;
 pub mod cache;
 pub mod check;
 pub mod chunker;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::backend::{Backend, BackendError, ObjectKey};
+use crate::buffers::PACK_BUFFERS;
 use crate::crypto::MasterKey;
 use crate::id::{BlobId, BlobKind};
 use crate::index::{IndexSegment, PackEntries};
@@ -73,16 +74,9 @@ pub struct Packer<'r> {
     written: Shared<Vec<PackEntries>>,
     error: Shared<Option<Arc<UploadError>>>,
     stats: Arc<PackerStats>,
-    spare: Shared<Vec<Vec<u8>>>,
     /// Count and seal blobs (for the sizes) but write nothing.
     dry_run: bool,
 }
-
-/// Buffers of stored packs kept for the next packs: allocating a fresh 18 MiB
-/// buffer per pack cost a backup 5% of its CPU in zeroing new pages. At most
-/// two open, one queued and `uploaders` uploading packs exist at a time, so
-/// a couple of spares is all the reuse there is.
-const SPARE_BUFFERS: usize = 2;
 
 impl<'r> Packer<'r> {
     /// A packer with `uploaders` upload threads and at most `uploaders + 1`
@@ -101,7 +95,6 @@ impl<'r> Packer<'r> {
         let rx = Arc::new(Mutex::new(rx));
         let written: Shared<Vec<PackEntries>> = Arc::default();
         let error: Shared<Option<Arc<UploadError>>> = Arc::default();
-        let spare: Shared<Vec<Vec<u8>>> = Arc::default();
         let workers = (0..uploaders)
             .map(|i| {
                 let ctx = Uploader {
@@ -111,7 +104,6 @@ impl<'r> Packer<'r> {
                     written: written.clone(),
                     error: error.clone(),
                     stats: stats.clone(),
-                    spare: spare.clone(),
                 };
                 std::thread::Builder::new()
                     .name(format!("upload-{i}"))
@@ -128,7 +120,6 @@ impl<'r> Packer<'r> {
             written,
             error,
             stats,
-            spare,
             dry_run,
         }
     }
@@ -213,7 +204,8 @@ impl<'r> Packer<'r> {
         let full = {
             let mut slot = self.open[kind as usize - 1].lock().expect("pack lock");
             let builder = slot.get_or_insert_with(|| {
-                let buf = self.spare.lock().expect("spare lock").pop().unwrap_or_default();
+                // Buffers of stored packs are reused (`buffers::PACK_BUFFERS`).
+                let buf = PACK_BUFFERS.take();
                 PackBuilder::with_buffer(kind, buf, pack_size + pack_size / 8)
             });
             builder.add(id, raw_len, stored);
@@ -285,7 +277,6 @@ struct Uploader {
     written: Shared<Vec<PackEntries>>,
     error: Shared<Option<Arc<UploadError>>>,
     stats: Arc<PackerStats>,
-    spare: Shared<Vec<Vec<u8>>>,
 }
 
 impl Uploader {
@@ -314,10 +305,7 @@ impl Uploader {
         self.backend.put(&ObjectKey::Pack(pack.id), &pack.bytes)?;
         self.stats.packs.fetch_add(1, Ordering::Relaxed);
         self.written.lock().expect("written lock").push(pack.entries);
-        let mut spare = self.spare.lock().expect("spare lock");
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(pack.bytes);
-        }
+        PACK_BUFFERS.give(pack.bytes);
         Ok(())
     }
 }

@@ -657,3 +657,67 @@ fn an_empty_admin_token_is_refused_at_startup() {
         assert!(err.contains("admin token is empty"), "{err}");
     }
 }
+
+/// Restore streams take turns (`--max-concurrent-reads`), each holding a
+/// read buffer while it reads: a client that stops reading must not keep
+/// its turn, or a few such clients would stop every restore on the node.
+#[test]
+fn a_client_that_stops_reading_a_restore_stream_loses_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start(&dir.path().join("root"), &["--max-concurrent-reads", "1", "--body-read-timeout-secs", "1"]);
+    let dev = Dev::activate(dir.path(), &server.url, &deployment_token(&server.url, "acme"), "a@acme.com", "d1");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // More than the stalled client's socket buffer (made small below) and
+    // the server's send buffer and the stream's channel hold, so the
+    // stream blocks on the client.
+    std::fs::write(data.join("big.bin"), pseudo_random(24 << 20, 7)).unwrap();
+    std::fs::write(data.join("small.txt"), b"small and quick").unwrap();
+    let id = dev.backup(&data)["id"].as_str().unwrap().to_owned();
+    let s = dev.session();
+    let path = |name: &str| format!("/v1/snapshots/{id}/file?path={}/{name}", &data.to_str().unwrap()[1..]);
+
+    // The stalled client: sends its request, reads the head, then nothing.
+    let mut stalled = TcpStream::connect(addr(&server)).unwrap();
+    // A fixed small receive buffer: loopback's autotuning would otherwise
+    // take in tens of MiB for a client that reads nothing.
+    let size: libc::c_int = 16 * 1024;
+    // SAFETY: a plain setsockopt on a socket this test owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stalled),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {s}\r\n\r\n", path("big.bin"));
+    stalled.write_all(request.as_bytes()).unwrap();
+    let mut head = [0u8; 64];
+    stalled.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+
+    // The only read turn is the stalled stream's until it gives up on its
+    // client; then the next restore is served. Bounded by the agent's timeout.
+    let quick = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .new_agent();
+    let mut resp = quick
+        .get(&format!("{}{}", server.url, path("small.txt")))
+        .header("Authorization", &format!("Bearer {s}"))
+        .call()
+        .expect("a restore behind a stalled one is served once the stall times out");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.body_mut().read_to_vec().unwrap(), b"small and quick");
+    // The stalled stream was cut, not finished: the client can read what
+    // was buffered on the way, then the connection ends short of the file.
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(rest.len() < 24 << 20, "the stalled stream was not cut ({} bytes)", rest.len());
+    drop(stalled);
+}

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::{RepoError, Repository};
 use crate::backend::ObjectKey;
+use crate::buffers::READ_BUFFERS;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
 use crate::pack::{PackError, FRAME_HEADER_LEN};
@@ -18,11 +19,6 @@ use crate::pack::{PackError, FRAME_HEADER_LEN};
 const COALESCE_GAP: u64 = 1 << 20;
 /// Largest single ranged read.
 const MAX_READ: u64 = 64 << 20;
-
-thread_local! {
-    /// A ranged read of a pack (up to [`MAX_READ`]), reused between reads.
-    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
 
 /// Receives each blob read: its verified plaintext, or why it could not be read.
 pub type DeliverBlob<'a> = dyn Fn(&BlobId, Result<&[u8], RepoError>) + Sync + 'a;
@@ -109,14 +105,16 @@ impl Repository {
             let start = u64::from(group[0].1.offset);
             let last = group.last().expect("non-empty group").1;
             let end = last.frame_end();
-            // One read buffer per thread, reused from group to group.
-            let mut bytes = READ_BUFFER.take();
+            // Reused across groups, threads and repositories (a fresh one
+            // costs its pages' faults; one per thread would be kept by
+            // every thread that ever read).
+            let mut bytes = READ_BUFFERS.take();
             if let Err(e) = self.backend.get_range_into(&ObjectKey::Pack(*pack), start, end - start, &mut bytes) {
                 let e = RepoError::from(e);
                 for (id, _) in group {
                     deliver(id, Err(RepoError::Invalid(format!("reading pack {pack}: {e}"))));
                 }
-                READ_BUFFER.set(bytes);
+                READ_BUFFERS.give(bytes);
                 continue;
             }
             for (id, loc) in group {
@@ -131,7 +129,7 @@ impl Repository {
                     Err(e) => deliver(id, Err(e)),
                 }
             }
-            READ_BUFFER.set(bytes);
+            READ_BUFFERS.give(bytes);
         }
     }
 }

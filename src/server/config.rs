@@ -88,8 +88,9 @@ pub struct ServerConfig {
     /// first request's, and each next one's on a kept-alive connection);
     /// then it is closed. Bounds what idle and half-open connections cost.
     pub header_read_timeout_secs: u64,
-    /// Longest silence, in seconds, while a request body is being read;
-    /// then the request fails with 408.
+    /// Longest silence, in seconds, while a request body is being read
+    /// (then the request fails with 408), and while a client does not take
+    /// the next piece of a restore stream (then the stream is cut short).
     pub body_read_timeout_secs: u64,
     /// Chunk uploads in flight at once, all tenants together; beyond it
     /// `PUT /v1/chunks/{id}` answers 503 `server_busy` with `Retry-After`.
@@ -99,8 +100,20 @@ pub struct ServerConfig {
     /// unread, up to `upload_slot_wait_ms`; then 429 `too_many_uploads`
     /// with `Retry-After`.
     pub max_concurrent_uploads_per_tenant: usize,
-    /// How long an upload waits for one of its tenant's slots.
+    /// How long an upload waits for one of its tenant's slots, and then for
+    /// its share of `max_upload_buffer_mib`.
     pub upload_slot_wait_ms: u64,
+    /// MiB of upload bodies (chunks, bundles) the node holds at once, all
+    /// tenants together: an upload waits, its body unread, until its
+    /// declared length fits (up to `upload_slot_wait_ms`, then 503
+    /// `server_busy`). The bound of the node's memory under many devices;
+    /// at least 32, so that the largest body fits.
+    pub max_upload_buffer_mib: u64,
+    /// Restore streams (`POST /v1/snapshots/{id}/chunks`, `GET
+    /// /v1/snapshots/{id}/file`) reading packs at once, all tenants
+    /// together; more wait their turn. Each holds a pack-sized read buffer
+    /// (up to 18 MiB) while it reads: the bound of restores' memory.
+    pub max_concurrent_reads: usize,
     /// Large JSON requests (snapshot commits, missing-chunk queries: up to
     /// 64 MiB each) handled at once; more wait their turn, unread.
     pub max_concurrent_manifests: usize,
@@ -141,11 +154,21 @@ impl Default for ServerConfig {
             // a refusal costs reading and dropping the whole body (so the
             // client hears the answer) and sending it again later.
             upload_slot_wait_ms: 5000,
+            // 16 bundles of 8 MiB: more in memory only queue at the
+            // tenants' writers (measured in BENCHMARKS.md, "Many devices").
+            max_upload_buffer_mib: 128,
+            // Two readers per core keep the disk and the cores busy; more
+            // only hold more read buffers.
+            max_concurrent_reads: 8,
             max_concurrent_manifests: 2,
             tenant_idle_secs: 300,
         }
     }
 }
+
+/// The smallest `max_upload_buffer_mib`: room for the largest upload body
+/// (a chunk of FastCDC's largest maximum size, 16 MiB, in a bundle) twice.
+pub const MIN_UPLOAD_BUFFER_MIB: u64 = 32;
 
 /// Why a config cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -189,9 +212,11 @@ impl ServerConfig {
         need(
             self.max_concurrent_uploads > 0
                 && self.max_concurrent_uploads_per_tenant > 0
-                && self.max_concurrent_manifests > 0,
+                && self.max_concurrent_manifests > 0
+                && self.max_concurrent_reads > 0,
             "concurrency limits must be positive",
-        )
+        )?;
+        need(self.max_upload_buffer_mib >= MIN_UPLOAD_BUFFER_MIB, "`max_upload_buffer_mib` must be at least 32")
     }
 
     /// Where the registry lives.
@@ -241,6 +266,8 @@ mod tests {
         assert_eq!(secrets.metrics_token_file.as_deref(), Some(std::path::Path::new("/m")));
         let zero: ServerConfig = toml::from_str("root = \"/r\"\nmax_concurrent_uploads = 0").unwrap();
         assert!(zero.validate().is_err());
+        let small: ServerConfig = toml::from_str("root = \"/r\"\nmax_upload_buffer_mib = 16").unwrap();
+        assert!(small.validate().unwrap_err().to_string().contains("max_upload_buffer_mib"));
     }
 
     #[test]

@@ -85,27 +85,59 @@ struct StorageSide {
     states: DeviceStates,
     /// Chunk upload slots per tenant (`max_concurrent_uploads_per_tenant`).
     upload_slots: UploadSlots,
+    /// Restore streams reading at once (`max_concurrent_reads`).
+    read_slots: Arc<tokio::sync::Semaphore>,
     /// Tenant quotas and stored bytes.
     quotas: quota::Quotas,
     /// The tenants' snapshots as reported to the auth role (for the console).
     catalog: catalog::Catalog,
 }
 
-/// Chunk upload slots per tenant. The total is bounded by a tower layer on
+/// What an upload holds while its body is in memory: one of its tenant's
+/// slots and its share of the node's upload buffer (dropped together).
+pub(crate) struct UploadPermit {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Admission of uploads: slots per tenant, and the upload buffer all
+/// tenants share, in KiB. The total count is bounded by a tower layer on
 /// the route; no tower layer knows tenants, which only the verified
-/// session token names, so this part is ours. Tenants come from verified
-/// tokens only, so the map holds no more entries than there are tenants.
+/// session token names, or a body's declared length, so this part is ours.
+/// Tenants come from verified tokens only, so the map holds no more
+/// entries than there are tenants.
 struct UploadSlots {
     per_tenant: usize,
     wait: Duration,
     tenants: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    buffer: Arc<tokio::sync::Semaphore>,
+    buffer_kib: u32,
 }
 
+/// The largest upload body: a chunk of FastCDC's largest maximum size in
+/// a bundle frame (what a body without a declared length is counted as).
+const MAX_UPLOAD_BODY: u64 = fastcdc::v2020::MAXIMUM_MAX as u64 + crate::api::BUNDLE_FRAME_HEADER as u64;
+
 impl UploadSlots {
-    /// A slot for one upload of `tenant`, held until the permit is dropped.
-    /// Waits (first come, first served) up to `wait` with the body unread,
-    /// which costs little; then 429 `too_many_uploads`.
-    async fn take(&self, tenant: &str) -> Result<tokio::sync::OwnedSemaphorePermit, HttpError> {
+    fn new(config: &ServerConfig) -> Self {
+        let buffer_kib = u32::try_from(config.max_upload_buffer_mib.saturating_mul(1024)).unwrap_or(u32::MAX);
+        UploadSlots {
+            per_tenant: config.max_concurrent_uploads_per_tenant,
+            wait: Duration::from_millis(config.upload_slot_wait_ms),
+            tenants: Mutex::default(),
+            buffer: Arc::new(tokio::sync::Semaphore::new(buffer_kib as usize)),
+            buffer_kib,
+        }
+    }
+
+    /// A slot for one upload of `tenant`, then room for its body of
+    /// `declared` bytes (the largest possible body if undeclared), held
+    /// until the permit is dropped. Waits (first come, first served) up to
+    /// `wait` in all, with the body unread, which costs little; then 429
+    /// `too_many_uploads` for the tenant's slots, 503 `server_busy` for
+    /// the buffer.
+    async fn take(&self, tenant: &str, declared: Option<u64>) -> Result<UploadPermit, HttpError> {
+        let deadline = tokio::time::Instant::now() + self.wait;
         let sem = self
             .tenants
             .lock()
@@ -113,12 +145,25 @@ impl UploadSlots {
             .entry(tenant.to_owned())
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_tenant)))
             .clone();
-        match tokio::time::timeout(self.wait, sem.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            // The semaphore is never closed; a timeout is the refusal.
-            _ => Err(HttpError::tenant_busy(self.per_tenant)),
+        // The semaphores are never closed; a timeout is the refusal.
+        let slot = match tokio::time::timeout_at(deadline, sem.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(HttpError::tenant_busy(self.per_tenant)),
+        };
+        let kib = upload_kib(declared, self.buffer_kib);
+        match tokio::time::timeout_at(deadline, self.buffer.clone().acquire_many_owned(kib)).await {
+            Ok(Ok(bytes)) => Ok(UploadPermit { _slot: slot, _bytes: bytes }),
+            _ => Err(HttpError::server_busy()),
         }
     }
+}
+
+/// KiB of the upload buffer a body of `declared` bytes takes: rounded up,
+/// at most the largest body (a longer one is refused unread, 413), and at
+/// most the whole buffer.
+fn upload_kib(declared: Option<u64>, buffer_kib: u32) -> u32 {
+    let bytes = declared.unwrap_or(MAX_UPLOAD_BODY).min(MAX_UPLOAD_BODY);
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, buffer_kib)
 }
 
 /// Shared state of every handler.
@@ -196,16 +241,13 @@ impl App {
                     states.checked_in(cursor);
                     quotas.set_all(&a.registry.quotas()?);
                 }
-                let upload_slots = UploadSlots {
-                    per_tenant: config.max_concurrent_uploads_per_tenant,
-                    wait: Duration::from_millis(config.upload_slot_wait_ms),
-                    tenants: Mutex::default(),
-                };
+                let upload_slots = UploadSlots::new(&config);
                 Some(StorageSide {
                     tenants: Tenants::new(&root, password, init),
                     verifier,
                     states,
                     upload_slots,
+                    read_slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_reads)),
                     quotas,
                     catalog: catalog::Catalog::default(),
                 })
@@ -226,6 +268,14 @@ impl App {
 
     fn storage(&self) -> Result<&StorageSide, HttpError> {
         self.storage.as_ref().ok_or_else(|| HttpError::not_found("this server does not run the storage role"))
+    }
+
+    /// A turn to read packs for a restore stream (waiting for one), and how
+    /// long the stream may wait for its client to take each piece.
+    async fn read_slot(&self) -> Result<(tokio::sync::OwnedSemaphorePermit, Duration), HttpError> {
+        let slots = self.storage()?.read_slots.clone();
+        let slot = slots.acquire_owned().await.map_err(|e| HttpError::internal("read slots", e))?;
+        Ok((slot, Duration::from_secs(self.config.body_read_timeout_secs)))
     }
 
     /// With `metrics_token_file` set, `/metrics` wants that bearer token.
@@ -468,4 +518,61 @@ pub fn run(config: ServerConfig, password: Option<Vec<u8>>, admin_token: Option<
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(buffer_mib: u64, per_tenant: usize, wait_ms: u64) -> UploadSlots {
+        UploadSlots::new(&ServerConfig {
+            max_upload_buffer_mib: buffer_mib,
+            max_concurrent_uploads_per_tenant: per_tenant,
+            upload_slot_wait_ms: wait_ms,
+            ..ServerConfig::default()
+        })
+    }
+
+    #[test]
+    fn an_upload_takes_its_declared_length_in_kib() {
+        assert_eq!(upload_kib(Some(0), 1024), 1);
+        assert_eq!(upload_kib(Some(1025), 1024), 2);
+        assert_eq!(upload_kib(Some(8 << 20), 1 << 20), 8192);
+        // Undeclared: the largest body; a longer declared one is refused
+        // unread later, so it holds no more than the largest body.
+        let largest = MAX_UPLOAD_BODY.div_ceil(1024) as u32;
+        assert_eq!(upload_kib(None, 1 << 20), largest);
+        assert_eq!(upload_kib(Some(u64::MAX), 1 << 20), largest);
+        assert_eq!(upload_kib(None, 100), 100);
+    }
+
+    #[tokio::test]
+    async fn uploads_wait_for_room_in_the_buffer_then_are_refused_busy() {
+        let s = slots(32, 8, 50);
+        let first = s.take("a", Some(20 << 20)).await.unwrap();
+        // Another tenant's body does not fit beside it: it waits, then 503.
+        let refused = s.take("b", Some(20 << 20)).await.err().unwrap();
+        assert_eq!((refused.status, refused.code), (axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_busy"));
+        // A small one fits.
+        let small = s.take("b", Some(1 << 20)).await.unwrap();
+        drop((first, small));
+        // Freed room is taken by a waiting upload.
+        let s = Arc::new(slots(32, 8, 5000));
+        let held = s.take("a", Some(30 << 20)).await.unwrap();
+        let waiting = tokio::spawn({
+            let s = s.clone();
+            async move { s.take("b", Some(30 << 20)).await.map(drop).map_err(|e| e.code) }
+        });
+        tokio::task::yield_now().await;
+        drop(held);
+        waiting.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_tenant_out_of_slots_is_told_too_many_uploads() {
+        let s = slots(128, 1, 20);
+        let _held = s.take("a", Some(1024)).await.unwrap();
+        assert_eq!(s.take("a", Some(1024)).await.err().unwrap().code, "too_many_uploads");
+        s.take("b", Some(1024)).await.unwrap();
+    }
 }

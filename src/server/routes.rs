@@ -160,7 +160,12 @@ async fn bound_head(req: Request, next: Next) -> Response {
 }
 
 fn content_length(h: &HeaderMap) -> u64 {
-    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    declared_length(h).unwrap_or(0)
+}
+
+/// The body length a request declares (`Content-Length`), if it does.
+fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 /// Reads a body of at most `limit` bytes into one buffer; a larger one is
@@ -437,7 +442,7 @@ const LARGE_MANIFEST: u64 = 4 << 20;
 /// Waits for manifest slots: one for a small body, all of them for a large
 /// one (by `Content-Length`; without one, a body counts as large).
 async fn manifest_slot(State((slots, all)): State<(Arc<Semaphore>, u32)>, req: Request, next: Next) -> Response {
-    let len = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let len = declared_length(req.headers());
     let wanted = if len.is_some_and(|l| l <= LARGE_MANIFEST) { 1 } else { all };
     match slots.acquire_many(wanted).await {
         Ok(_permits) => next.run(req).await,
@@ -446,15 +451,17 @@ async fn manifest_slot(State((slots, all)): State<(Arc<Semaphore>, u32)>, req: R
 }
 
 /// Verifies an upload's session and takes one of its tenant's upload slots
-/// (waiting a bounded time), before the total limit and the handler; the
-/// slot is held until the handler has handed the chunk to the writer.
+/// and room for its body in the upload buffer (waiting a bounded time),
+/// before the total limit and the handler; both are held until the handler
+/// has handed the chunks to the writer and dropped the body.
 async fn upload_slot(State(app): AppState, mut req: Request, next: Next) -> Response {
     let owner = match app.session(req.headers()) {
         Ok(owner) => owner,
         Err(e) => return e.into_response(),
     };
+    let declared = declared_length(req.headers());
     let taken = async {
-        let slot = app.storage()?.upload_slots.take(owner.tenant.as_str()).await?;
+        let slot = app.storage()?.upload_slots.take(owner.tenant.as_str(), declared).await?;
         Ok::<_, HttpError>((owner, slot))
     };
     match taken.await {
@@ -684,15 +691,18 @@ async fn read_chunks(State(app): AppState, headers: HeaderMap, Path(id): Path<St
     let id = snapshot_id(&id)?;
     // At most 4096 quoted hex ids; the bound leaves room for whitespace.
     let req: ChunkReadRequest = parse(&headers, body, MAX_CHUNK_READ * 128 + 1024).await?;
+    let app2 = app.clone();
     let (tenant, grant) = blocking(move || {
-        let tenant = app.storage()?.tenants.hold(&owner.tenant)?;
+        let tenant = app2.storage()?.tenants.hold(&owner.tenant)?;
         let grant = tenant.grant_chunks(&owner, &id, req.chunks)?;
         Ok((tenant, grant))
     })
     .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, IngestError>>(4);
+    let (slot, stall) = app.read_slot().await?;
     tokio::task::spawn_blocking(move || {
-        let out = std::sync::Mutex::new(ChannelWriter { tx, buf: Vec::with_capacity(STREAM_PIECE) });
+        let _slot = slot;
+        let out = std::sync::Mutex::new(ChannelWriter::new(tx, stall));
         tenant.read_chunks(&grant, &|id, result| {
             use std::io::Write;
             let (status, payload): (u8, std::borrow::Cow<[u8]>) = match result {
@@ -742,8 +752,9 @@ async fn file(
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
     let path = q.get("path").cloned().ok_or_else(|| HttpError::bad_request("path is required"))?;
+    let app2 = app.clone();
     let (tenant, node) = blocking(move || {
-        let tenant = app.storage()?.tenants.hold(&owner.tenant)?;
+        let tenant = app2.storage()?.tenants.hold(&owner.tenant)?;
         let node = tenant.file(&owner, &id, &path)?;
         Ok((tenant, node))
     })
@@ -753,14 +764,16 @@ async fn file(
     let (start, end) = range.unwrap_or((0, size));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, IngestError>>(4);
     let name = node.name_lossy();
+    let (slot, stall) = app.read_slot().await?;
     tokio::task::spawn_blocking(move || {
-        let mut out = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_PIECE) };
+        let _slot = slot;
+        let mut out = ChannelWriter::new(tx.clone(), stall);
         let result = tenant.read_file(&node, start, end, &mut out).and_then(|_| {
             use std::io::Write;
             out.flush().map_err(|e| IngestError::Read(crate::restore::RestoreError::Output(e)))
         });
         if let Err(e) = result {
-            let _ = tx.blocking_send(Err(e));
+            out.fail(e);
         }
     });
     // Every byte in a piece was verified before it was written to the
@@ -803,19 +816,53 @@ fn parse_range(value: &str, size: u64) -> Reply<(u64, u64)> {
     }
 }
 
-/// A `Write` that sends pieces of a bounded size into the response channel.
+/// A `Write` that sends pieces of a bounded size into the response channel,
+/// from a blocking thread; a client that takes no piece for `stall` ends
+/// the stream (it holds a read slot and a read buffer meanwhile).
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, IngestError>>,
     buf: Vec<u8>,
+    stall: Duration,
+    /// The runtime whose timer bounds each send: writes also come from the
+    /// blob read path's rayon threads, which are outside it.
+    runtime: tokio::runtime::Handle,
+}
+
+impl ChannelWriter {
+    /// Called on a blocking thread of the runtime.
+    fn new(tx: tokio::sync::mpsc::Sender<Result<Bytes, IngestError>>, stall: Duration) -> Self {
+        let runtime = tokio::runtime::Handle::current();
+        ChannelWriter { tx, buf: Vec::with_capacity(STREAM_PIECE), stall, runtime }
+    }
+
+    /// Sends `piece` unless the client is gone or stalled for `stall`.
+    fn send(&self, piece: Result<Bytes, IngestError>) -> std::io::Result<()> {
+        // The timer is made inside `block_on`, in the runtime's context.
+        let send = async { tokio::time::timeout(self.stall, self.tx.send(piece)).await };
+        match self.runtime.block_on(send) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::other("client went away")),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")),
+        }
+    }
+
+    /// Ends the stream with `e` (cut short, or a JSON error if nothing was sent).
+    fn fail(&self, e: IngestError) {
+        let _ = self.send(Err(e));
+    }
 }
 
 impl std::io::Write for ChannelWriter {
+    /// Takes at most what fills the current piece, so that no piece is
+    /// larger than `STREAM_PIECE` (a whole chunk, up to 16 MiB, would make
+    /// the channel hold 4 of those per stream); `write_all` loops.
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
+        let n = data.len().min(STREAM_PIECE - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() >= STREAM_PIECE {
             self.flush()?;
         }
-        Ok(data.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -823,7 +870,7 @@ impl std::io::Write for ChannelWriter {
             return Ok(());
         }
         let piece = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_PIECE)));
-        self.tx.blocking_send(Ok(piece)).map_err(|_| std::io::Error::other("client went away"))
+        self.send(Ok(piece))
     }
 }
 

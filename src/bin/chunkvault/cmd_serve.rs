@@ -88,6 +88,12 @@ pub struct ServeArgs {
     /// Milliseconds an upload waits for a tenant slot before a 429 (default 5000).
     #[arg(long)]
     pub upload_slot_wait_ms: Option<u64>,
+    /// Restore streams reading packs at once, all tenants together (default 8).
+    #[arg(long)]
+    pub max_concurrent_reads: Option<usize>,
+    /// MiB of upload bodies held at once, all tenants together (default 128).
+    #[arg(long)]
+    pub max_upload_buffer_mib: Option<u64>,
     /// File holding the bearer token that /metrics asks for (default: none, open).
     #[arg(long)]
     pub metrics_token_file: Option<PathBuf>,
@@ -151,6 +157,8 @@ pub fn run(_ctx: &Ctx, a: ServeArgs) -> CmdResult {
     c.max_concurrent_uploads_per_tenant =
         a.max_concurrent_uploads_per_tenant.unwrap_or(c.max_concurrent_uploads_per_tenant);
     c.upload_slot_wait_ms = a.upload_slot_wait_ms.unwrap_or(c.upload_slot_wait_ms);
+    c.max_upload_buffer_mib = a.max_upload_buffer_mib.unwrap_or(c.max_upload_buffer_mib);
+    c.max_concurrent_reads = a.max_concurrent_reads.unwrap_or(c.max_concurrent_reads);
     c.metrics_token_file = a.metrics_token_file.or(c.metrics_token_file).or_else(|| credential("metrics_token"));
     // Each secret from, in order: the flag or config key naming its file,
     // its environment variable, the systemd credential of its name.
