@@ -49,6 +49,22 @@ pub enum BlobError {
     IdMismatch(BlobId),
 }
 
+/// What opening a blob checks besides its AEAD tag. The tag already binds
+/// the blob's role and id (the blob's key is derived from its id, and both
+/// are associated data), so damaged, swapped or forged bytes fail either
+/// way; what the re-hash adds is catching a blob a faulty writer sealed
+/// under the wrong id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdCheck {
+    /// Also hash the plaintext and compare it with the id: every read whose
+    /// bytes this process uses, or hands to a reader that does not check.
+    Rehash,
+    /// The tag only: for bytes handed to a reader that hashes every chunk
+    /// against its id itself (the device, on the storage node's chunk
+    /// stream), so the check is not paid twice.
+    ReaderVerifies,
+}
+
 /// Encodes and decodes blobs for one repository.
 ///
 /// Cheap to clone and `Send + Sync`; each thread keeps its own zstd
@@ -160,7 +176,19 @@ impl BlobCodec {
 
     /// Opens stored bytes, decompresses into at most `raw_len` bytes and
     /// verifies that the result is the blob `id`.
-    pub fn open(&self, kind: BlobKind, id: &BlobId, mut stored: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, BlobError> {
+    pub fn open(&self, kind: BlobKind, id: &BlobId, stored: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, BlobError> {
+        self.open_with(kind, id, stored, raw_len, IdCheck::Rehash)
+    }
+
+    /// [`BlobCodec::open`], with the id check `check` asks for.
+    pub fn open_with(
+        &self,
+        kind: BlobKind,
+        id: &BlobId,
+        mut stored: Vec<u8>,
+        raw_len: usize,
+        check: IdCheck,
+    ) -> Result<Vec<u8>, BlobError> {
         self.key.open_blob(Role::from(kind), id, &mut stored).map_err(|e| BlobError::Crypto(*id, e))?;
         let (&flag, payload) = stored.split_first().ok_or(BlobError::BadFlag(*id, 0xff))?;
         let plain = match flag {
@@ -186,7 +214,7 @@ impl BlobCodec {
         if plain.len() != raw_len {
             return Err(BlobError::Length { id: *id, expected: raw_len, got: plain.len() });
         }
-        if self.key.id_key().blob_id(&plain) != *id {
+        if check == IdCheck::Rehash && self.key.id_key().blob_id(&plain) != *id {
             return Err(BlobError::IdMismatch(*id));
         }
         Ok(plain)
@@ -212,6 +240,25 @@ mod tests {
             prop_assert!(stored.len() <= data.len() + 1 + crate::crypto::SEAL_OVERHEAD);
             prop_assert_eq!(c.open(BlobKind::Data, &id, stored, data.len()).unwrap(), data);
         }
+    }
+
+    #[test]
+    fn reader_verifies_skips_only_the_rehash_never_the_tag() {
+        let c = codec();
+        let (data, other) = (b"what was meant".to_vec(), b"what was sealed".to_vec());
+        let id = c.id_key().blob_id(&data);
+        // A faulty writer's blob: authentic, but not the bytes of its id.
+        let wrong = c.seal(BlobKind::Data, &id, &other);
+        let open = |stored: Vec<u8>, check| c.open_with(BlobKind::Data, &id, stored, other.len(), check);
+        assert!(matches!(open(wrong.clone(), IdCheck::Rehash), Err(BlobError::IdMismatch(_))));
+        assert_eq!(open(wrong.clone(), IdCheck::ReaderVerifies).unwrap(), other);
+        // Damaged, or moved under another id: the tag fails either way.
+        let mut damaged = wrong.clone();
+        damaged[3] ^= 1;
+        assert!(matches!(open(damaged, IdCheck::ReaderVerifies), Err(BlobError::Crypto(..))));
+        let elsewhere = c.id_key().blob_id(b"another chunk");
+        let moved = c.open_with(BlobKind::Data, &elsewhere, wrong, other.len(), IdCheck::ReaderVerifies);
+        assert!(matches!(moved, Err(BlobError::Crypto(..))));
     }
 
     #[test]

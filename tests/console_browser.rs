@@ -98,11 +98,14 @@ impl Console {
         self.c.execute(script, vec![]).await.unwrap_or_else(|e| panic!("{script}: {e}"))
     }
 
-    /// Polls a JavaScript expression until it is true.
+    /// Polls a JavaScript expression until it is true. One that throws (an
+    /// element looked up while its list is being rendered again) is not
+    /// true yet.
     async fn until(&self, what: &str, expr: &str) {
         let deadline = Instant::now() + WAIT;
         loop {
-            if self.js(&format!("return Boolean({expr});")).await == json!(true) {
+            if self.js(&format!("try {{ return Boolean({expr}); }} catch (e) {{ return false; }}")).await == json!(true)
+            {
                 return;
             }
             if Instant::now() > deadline {

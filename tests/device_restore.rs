@@ -269,3 +269,59 @@ fn an_idle_tenant_is_closed_and_opened_again_for_the_next_backup() {
     }
     assert!(metric(&server.url, "chunkvault_tenants_open") <= 1.0);
 }
+
+/// A chunk that is authentic (sealed with the tenant's key under its id)
+/// but whose bytes do not hash to that id, as a faulty storage node could
+/// have stored it: the node's chunk stream does not re-hash (the device
+/// does), so it is the device's check that must refuse it. The file is not
+/// written; the others are.
+#[test]
+fn a_chunk_that_does_not_hash_to_its_id_is_refused_by_the_device() {
+    use chunkvault::pack::FRAME_HEADER_LEN;
+    use chunkvault::tree::NodeKind;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let server = Server::start(&root, &[]);
+    let token = deployment_token(&server.url, "acme");
+    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let data = dir.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("ok.txt"), b"fine\n").unwrap();
+    let original = pseudo_random(100_000, 3);
+    fs::write(data.join("forged.bin"), &original).unwrap();
+    let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
+
+    let backend = chunkvault::repo::open_backend(root.join("acme").to_str().unwrap(), false).unwrap();
+    let repo = chunkvault::repo::Repository::open(backend, PASSWORD.as_bytes()).unwrap();
+    let snap = repo.load_snapshot(&id.parse().unwrap()).unwrap();
+    let rel = format!("{}/forged.bin", &data.to_str().unwrap()[1..]);
+    let chunk = match repo.find_node(&snap.tree, &rel).unwrap().unwrap().kind {
+        NodeKind::File { chunks } => chunks[0],
+        _ => panic!("forged.bin is not a file"),
+    };
+    let loc = repo.index().get(&chunk).unwrap();
+    let mut other = original.clone();
+    other[0] ^= 1;
+    let mut stored = Vec::new();
+    repo.codec().seal_into(chunkvault::id::BlobKind::Data, &chunk, &other, &mut stored);
+    assert_eq!(stored.len() as u32, loc.stored_len, "random bytes are stored raw, at the same length");
+    let pack = walk_files(&root.join("acme/packs")).into_iter().find(|p| p.ends_with(loc.pack.to_hex())).unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = loc.offset as usize;
+    bytes[at + 4..at + 8].copy_from_slice(&crc32fast::hash(&stored).to_le_bytes());
+    bytes[at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + stored.len()].copy_from_slice(&stored);
+    fs::set_permissions(&pack, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&pack, bytes).unwrap();
+    drop(repo);
+
+    let t = dir.path().join("T");
+    let out = run(&mut phone.cmd(&["restore", &id, "--target", t.to_str().unwrap()]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // Caught by the device (the node passed the authentic bytes on).
+    assert!(stderr.contains("from the server does not match its id"), "{stderr}");
+    let at = restored(&t, &data);
+    assert!(!at.join("forged.bin").exists(), "a chunk that is not its id is never written");
+    assert_eq!(fs::read(at.join("ok.txt")).unwrap(), b"fine\n");
+    assert_eq!(temporaries(&t), Vec::<PathBuf>::new());
+}

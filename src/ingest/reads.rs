@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::tenants::{Tenant, TenantName};
 use super::{owns, IngestError, Owner};
+use crate::blob::IdCheck;
 use crate::id::{BlobId, SnapshotId};
 use crate::repo::{self, RepoError};
 use crate::restore::RestorePlan;
@@ -158,13 +159,15 @@ impl Tenant {
     }
 
     /// Reads granted chunks in pack order, calling `deliver` (from several
-    /// threads) with each one's verified plaintext or why it failed.
+    /// threads) with each one's authenticated plaintext or why it failed.
     pub fn read_chunks(&self, grant: &ChunkGrant, deliver: &repo::DeliverBlob<'_>) {
         let (packs, missing) = self.repo.plan_blob_reads(grant.0.iter().copied());
         for c in missing {
             deliver(&c, Err(RepoError::MissingBlob(c)));
         }
-        self.repo.read_blobs(&packs, deliver);
+        // The device hashes every chunk against its id before it uses it
+        // (`client::remote`); the tag still authenticates each one here.
+        self.repo.read_blobs_with(&packs, IdCheck::ReaderVerifies, deliver);
     }
 
     /// Every chunk a snapshot's files use (cached, [`ChunkSets`]).

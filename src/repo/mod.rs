@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use rayon::prelude::*;
 
 use crate::backend::{Backend, BackendError, FileType, LocalBackend, ObjectKey};
-use crate::blob::{BlobCodec, BlobError};
+use crate::blob::{BlobCodec, BlobError, IdCheck};
 use crate::cache::Cache;
 use crate::chunker::{Chunker, ChunkerError, ChunkerParams};
 use crate::crypto::{CryptoError, IdKey, KdfParams, MasterKey, Role};
@@ -624,9 +624,22 @@ impl Repository {
         stored_len: u32,
         raw_len: u32,
     ) -> Result<Vec<u8>, RepoError> {
+        self.open_frame_with(id, kind, frame, (offset, stored_len, raw_len), IdCheck::Rehash)
+    }
+
+    /// [`Repository::open_frame`] with the id check `check` asks for;
+    /// `at` is the frame's offset, stored length and plaintext length.
+    pub(crate) fn open_frame_with(
+        &self,
+        id: &BlobId,
+        kind: BlobKind,
+        frame: &[u8],
+        (offset, stored_len, raw_len): (u64, u32, u32),
+        check: IdCheck,
+    ) -> Result<Vec<u8>, RepoError> {
         let stored = pack::check_frame(frame, offset, stored_len)
             .map_err(|source| RepoError::Pack { pack: format!("blob {id}"), source })?;
-        Ok(self.codec.open(kind, id, stored.to_vec(), raw_len as usize)?)
+        Ok(self.codec.open_with(kind, id, stored.to_vec(), raw_len as usize, check)?)
     }
 
     /// Loads and decodes a tree blob.

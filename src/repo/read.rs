@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::{RepoError, Repository};
 use crate::backend::ObjectKey;
+use crate::blob::IdCheck;
 use crate::buffers::READ_BUFFERS;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
@@ -66,7 +67,19 @@ impl Repository {
     /// could not be read. Packs are read in parallel, each in offset order;
     /// `deliver` is called from several threads.
     pub fn read_blobs(&self, packs: &[PackBlobs], deliver: &DeliverBlob<'_>) {
-        packs.par_iter().for_each(|(pack, blobs)| self.read_pack_blobs(pack, blobs, deliver));
+        self.read_blobs_with(packs, IdCheck::Rehash, deliver);
+    }
+
+    /// [`Repository::read_blobs`] with the id check `check` asks for
+    /// ([`IdCheck::ReaderVerifies`] only for bytes handed to a reader that
+    /// hashes each blob against its id itself).
+    pub fn read_blobs_with(&self, packs: &[PackBlobs], check: IdCheck, deliver: &DeliverBlob<'_>) {
+        packs.par_iter().for_each(|(pack, blobs)| {
+            self.read_frames(pack, blobs, check, &mut |id, r| match r {
+                Ok((_, plain)) => deliver(id, Ok(&plain)),
+                Err(e) => deliver(id, Err(e)),
+            })
+        });
     }
 
     /// Reads `ids` through [`Repository::read_blobs`] and returns each one's
@@ -84,23 +97,23 @@ impl Repository {
         read
     }
 
-    /// [`Repository::read_blobs`] for one pack, on the calling thread.
-    pub fn read_pack_blobs(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &DeliverBlob<'_>) {
-        self.read_frames(pack, blobs, &mut |id, r| match r {
-            Ok((_, plain)) => deliver(id, Ok(&plain)),
-            Err(e) => deliver(id, Err(e)),
-        });
-    }
-
-    /// Reads the blobs of one pack like [`Repository::read_pack_blobs`], but
+    /// Reads the blobs of one pack like [`Repository::read_blobs`], but
     /// hands over each one's sealed payload, once its frame opened (crc,
     /// tag, id): damage is never passed on as good.
     pub fn read_pack_sealed(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &mut DeliverSealed<'_>) {
-        self.read_frames(pack, blobs, &mut |id, r| deliver(id, r.map(|(frame, _)| &frame[FRAME_HEADER_LEN..])));
+        self.read_frames(pack, blobs, IdCheck::Rehash, &mut |id, r| {
+            deliver(id, r.map(|(frame, _)| &frame[FRAME_HEADER_LEN..]))
+        });
     }
 
     /// The one loop under both: coalesced ranged reads, each frame opened.
-    fn read_frames(&self, pack: &PackId, blobs: &[(BlobId, BlobLocation)], deliver: &mut DeliverFrame<'_>) {
+    fn read_frames(
+        &self,
+        pack: &PackId,
+        blobs: &[(BlobId, BlobLocation)],
+        check: IdCheck,
+        deliver: &mut DeliverFrame<'_>,
+    ) {
         for group in coalesce(blobs) {
             let start = u64::from(group[0].1.offset);
             let last = group.last().expect("non-empty group").1;
@@ -124,7 +137,8 @@ impl Repository {
                     deliver(id, Err(RepoError::Pack { pack: pack.to_hex(), source: short }));
                     continue;
                 };
-                match self.open_frame(id, loc.kind, frame, u64::from(loc.offset), loc.stored_len, loc.raw_len) {
+                let at = (u64::from(loc.offset), loc.stored_len, loc.raw_len);
+                match self.open_frame_with(id, loc.kind, frame, at, check) {
                     Ok(plain) => deliver(id, Ok((frame, plain))),
                     Err(e) => deliver(id, Err(e)),
                 }
