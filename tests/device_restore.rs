@@ -12,6 +12,15 @@ use std::path::{Path, PathBuf};
 use common::server::*;
 use common::{assert_same_tree, pseudo_random, restored, set_mtime, PASSWORD};
 
+/// A server with its root under `dir`, and a phone activated on it in
+/// tenant `acme`.
+fn phone_on_a_server(dir: &Path) -> (PathBuf, Server, Dev) {
+    let root = dir.join("root");
+    let server = Server::start(&root, &[]);
+    let phone = Dev::activate(dir, &server.url, &deployment_token(&server.url, "acme"), "a@acme.com", "phone");
+    (root, server, phone)
+}
+
 /// Files, an empty directory, symlinks (one dangling), modes and mtimes.
 fn varied(root: &Path) {
     fs::create_dir_all(root.join("sub/deeper")).unwrap();
@@ -61,10 +70,7 @@ use std::process::Command;
 #[test]
 fn device_restore_gives_the_same_tree_as_the_cli_and_strips_special_bits() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let server = Server::start(&root, &[]);
-    let token = deployment_token(&server.url, "acme");
-    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let (root, _server, phone) = phone_on_a_server(dir.path());
     let data = dir.path().join("data");
     varied(&data);
     let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
@@ -93,10 +99,7 @@ fn device_restore_gives_the_same_tree_as_the_cli_and_strips_special_bits() {
 #[test]
 fn device_restore_never_writes_through_a_planted_symlink_and_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let server = Server::start(&root, &[]);
-    let token = deployment_token(&server.url, "acme");
-    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let (root, _server, phone) = phone_on_a_server(dir.path());
     let data = dir.path().join("data");
     varied(&data);
     let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
@@ -147,10 +150,7 @@ fn walk_files(d: &Path) -> Vec<PathBuf> {
 #[test]
 fn wipe_removes_exactly_what_restores_created() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let server = Server::start(&root, &[]);
-    let token = deployment_token(&server.url, "acme");
-    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let (_root, server, phone) = phone_on_a_server(dir.path());
     let data = dir.path().join("data");
     varied(&data);
     let id = phone.backup(&data)["id"].as_str().unwrap().to_owned();
@@ -204,10 +204,7 @@ fn wipe_removes_exactly_what_restores_created() {
 #[test]
 fn a_restore_of_more_chunks_than_one_request_carries() {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let server = Server::start(&root, &[]);
-    let token = deployment_token(&server.url, "acme");
-    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let (_root, _server, phone) = phone_on_a_server(dir.path());
     let data = dir.path().join("data");
     for d in 0..10 {
         fs::create_dir_all(data.join(format!("d{d}"))).unwrap();
@@ -280,10 +277,7 @@ fn a_chunk_that_does_not_hash_to_its_id_is_refused_by_the_device() {
     use chunkvault::pack::FRAME_HEADER_LEN;
     use chunkvault::tree::NodeKind;
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let server = Server::start(&root, &[]);
-    let token = deployment_token(&server.url, "acme");
-    let phone = Dev::activate(dir.path(), &server.url, &token, "a@acme.com", "phone");
+    let (root, _server, phone) = phone_on_a_server(dir.path());
     let data = dir.path().join("data");
     fs::create_dir_all(&data).unwrap();
     fs::write(data.join("ok.txt"), b"fine\n").unwrap();
