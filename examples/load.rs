@@ -361,6 +361,8 @@ struct Phase {
     logical: Vec<u64>,
     uploaded: Vec<u64>,
     restored: Vec<u64>,
+    /// The server's RSS sample count at the end of each round.
+    rss_marks: Vec<usize>,
     errors: AtomicU64,
 }
 
@@ -480,7 +482,9 @@ fn prepare(
 }
 
 /// Runs `rounds` of backup-all, restore-all, verify over the devices.
-fn run_phase(benches: Vec<Bench>, rounds: usize) -> Result<Phase, Error> {
+/// Runs `rounds` rounds of backup, restore and compare on every bench at
+/// once; `rss_mark` gives the server's RSS sample count (at each round's end).
+fn run_phase(benches: Vec<Bench>, rounds: usize, rss_mark: &dyn Fn() -> usize) -> Result<Phase, Error> {
     let n = benches.len();
     let barrier = Arc::new(Barrier::new(n + 1));
     let phase = Arc::new(Mutex::new(Phase::default()));
@@ -549,6 +553,7 @@ fn run_phase(benches: Vec<Bench>, rounds: usize) -> Result<Phase, Error> {
         p.logical.push(logical);
         p.uploaded.push(uploaded);
         p.restored.push(restored);
+        p.rss_marks.push(rss_mark());
         println!(
             "    round {}: backup {backup:.2} s ({:.1} MB/s logical, {:.1} MB sent), restore {restore:.2} s ({:.1} MB/s)",
             round + 1,
@@ -583,7 +588,7 @@ fn bench(a: &Args, server: &Server, admin: &AdminClient, work: &Path) -> Result<
     println!("1 device, 1 tenant, {} rounds:", a.rounds);
     let solo_requests = Arc::new(Requests::default());
     let solo = prepare(a, 0, 1, |_| "solo".into(), &server.url, admin, work, &mut corpus, &solo_requests)?;
-    let single = run_phase(solo, a.rounds)?;
+    let single = run_phase(solo, a.rounds, &|| server.elapsed_marker())?;
     solo_requests.print();
 
     println!("{} devices, {} tenants, {} rounds:", a.devices, a.tenants, a.rounds);
@@ -593,10 +598,10 @@ fn bench(a: &Args, server: &Server, admin: &AdminClient, work: &Path) -> Result<
         prepare(a, 1, a.devices, |i| format!("t{}", i % tenants), &server.url, admin, work, &mut corpus, &requests)?;
     let from = server.elapsed_marker();
     let t = Instant::now();
-    let multi = run_phase(many, a.rounds)?;
+    let multi = run_phase(many, a.rounds, &|| server.elapsed_marker())?;
     let wall = t.elapsed().as_secs_f64();
     requests.print();
-    let samples: Vec<(f64, u64)> = server.samples.lock().expect("samples")[from..].to_vec();
+    let samples: Vec<(f64, u64)> = server.samples.lock().expect("samples").clone();
 
     let hwm = status_kib(server.pid(), "VmHWM:");
     println!("summary:");
@@ -622,7 +627,7 @@ fn bench(a: &Args, server: &Server, admin: &AdminClient, work: &Path) -> Result<
         multi.total_up() / single.total_up(),
         multi.total_down() / single.total_down()
     );
-    print_rss(&samples, hwm);
+    print_rss(&samples, from, &multi.rss_marks, hwm);
     Ok(())
 }
 
@@ -630,18 +635,17 @@ fn rounds_list(p: &Phase, f: fn(&Phase, usize) -> f64) -> String {
     (0..p.logical.len()).map(|r| format!("{:.1}", f(p, r))).collect::<Vec<_>>().join(" / ")
 }
 
-/// RSS min/max/last over the samples, and whether it grew over their second half.
-fn print_rss(samples: &[(f64, u64)], hwm: u64) {
-    let rss: Vec<u64> = samples.iter().map(|s| s.1).collect();
+/// RSS min/max/last over the phase's samples (`samples[from..]`), the peak
+/// of each round (rounds end at `marks`), and whether the later rounds
+/// peaked higher than the earlier ones. Whole rounds are compared, so both
+/// sides hold as much backup as restore; the first round (empty
+/// repositories, every chunk new) is left out.
+fn print_rss(samples: &[(f64, u64)], from: usize, marks: &[usize], hwm: u64) {
+    let rss: Vec<u64> = samples[from.min(samples.len())..].iter().map(|s| s.1).collect();
     if rss.is_empty() {
         return;
     }
     let (min, max, last) = (*rss.iter().min().expect("some"), *rss.iter().max().expect("some"), rss[rss.len() - 1]);
-    let half = &samples[samples.len() / 2..];
-    let q = half.len() / 2;
-    let peak = |s: &[(f64, u64)]| s.iter().map(|x| x.1).max().unwrap_or(0);
-    let (third, fourth) = (peak(&half[..q]), peak(&half[q..]));
-    let grew = fourth as f64 > third as f64 * 1.05;
     println!(
         "  server RSS over the phase ({} samples, 1/s): min {:.0} MiB, max {:.0} MiB, last {:.0} MiB, peak (VmHWM) {:.0} MiB",
         rss.len(),
@@ -650,11 +654,32 @@ fn print_rss(samples: &[(f64, u64)], hwm: u64) {
         mib(last),
         mib(hwm)
     );
+    let mut start = from;
+    let peaks: Vec<u64> = marks
+        .iter()
+        .map(|&end| {
+            let end = end.min(samples.len());
+            let peak = samples[start.min(end)..end].iter().map(|x| x.1).max().unwrap_or(0);
+            start = end;
+            peak
+        })
+        .collect();
+    let list = peaks.iter().map(|&p| format!("{:.0}", mib(p))).collect::<Vec<_>>().join(" / ");
+    let later_rounds = peaks.get(1..).unwrap_or_default();
+    if later_rounds.len() < 2 {
+        println!("  peak per round: {list} MiB");
+        return;
+    }
+    let (earlier, later) = later_rounds.split_at(later_rounds.len() / 2);
+    let (earlier, later) = (*earlier.iter().max().expect("some"), *later.iter().max().expect("some"));
     println!(
-        "  second half: peak of its first half {:.0} MiB, of its second half {:.0} MiB: {}",
-        mib(third),
-        mib(fourth),
-        if grew { "GREW (more than 5%)" } else { "flat (within 5%)" }
+        "  peak per round: {list} MiB; rounds 2-{}: {:.0} MiB, rounds {}-{}: {:.0} MiB: {}",
+        1 + later_rounds.len() / 2,
+        mib(earlier),
+        2 + later_rounds.len() / 2,
+        peaks.len(),
+        mib(later),
+        if later as f64 > earlier as f64 * 1.05 { "GREW (more than 5%)" } else { "flat (within 5%)" }
     );
 }
 
