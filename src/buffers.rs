@@ -41,7 +41,8 @@ impl BufferPool {
     }
 
     /// Spare buffers held now.
-    pub fn spares(&self) -> usize {
+    #[cfg(test)]
+    fn spares(&self) -> usize {
         self.spare.lock().expect("buffer pool lock").len()
     }
 }

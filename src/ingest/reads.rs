@@ -158,8 +158,8 @@ impl Tenant {
         Ok(ChunkGrant(ids))
     }
 
-    /// Reads granted chunks in pack order, calling `deliver` (from several
-    /// threads) with each one's authenticated plaintext or why it failed.
+    /// Reads granted chunks in pack order, on the calling thread, calling
+    /// `deliver` with each one's authenticated plaintext or why it failed.
     pub fn read_chunks(&self, grant: &ChunkGrant, deliver: &repo::DeliverBlob<'_>) {
         let (packs, missing) = self.repo.plan_blob_reads(grant.0.iter().copied());
         for c in missing {
@@ -167,7 +167,13 @@ impl Tenant {
         }
         // The device hashes every chunk against its id before it uses it
         // (`client::remote`); the tag still authenticates each one here.
-        self.repo.read_blobs_with(&packs, IdCheck::ReaderVerifies, deliver);
+        // Pack after pack on this thread, not on the rayon pool: `deliver`
+        // waits for the device to take the bytes (up to the stall timeout),
+        // and a few slow devices must not stall every tenant's sealing and
+        // reads. Parallelism comes from concurrent requests (read turns).
+        for (pack, blobs) in &packs {
+            self.repo.read_pack_blobs(pack, blobs, IdCheck::ReaderVerifies, deliver);
+        }
     }
 
     /// Every chunk a snapshot's files use (cached, [`ChunkSets`]).

@@ -74,11 +74,22 @@ impl Repository {
     /// ([`IdCheck::ReaderVerifies`] only for bytes handed to a reader that
     /// hashes each blob against its id itself).
     pub fn read_blobs_with(&self, packs: &[PackBlobs], check: IdCheck, deliver: &DeliverBlob<'_>) {
-        packs.par_iter().for_each(|(pack, blobs)| {
-            self.read_frames(pack, blobs, check, &mut |id, r| match r {
-                Ok((_, plain)) => deliver(id, Ok(&plain)),
-                Err(e) => deliver(id, Err(e)),
-            })
+        packs.par_iter().for_each(|(pack, blobs)| self.read_pack_blobs(pack, blobs, check, deliver));
+    }
+
+    /// [`Repository::read_blobs_with`] for one pack, on the calling thread:
+    /// for a `deliver` that may block for long (on a network client), which
+    /// must not hold the shared rayon pool meanwhile.
+    pub fn read_pack_blobs(
+        &self,
+        pack: &PackId,
+        blobs: &[(BlobId, BlobLocation)],
+        check: IdCheck,
+        deliver: &DeliverBlob<'_>,
+    ) {
+        self.read_frames(pack, blobs, check, &mut |id, r| match r {
+            Ok((_, plain)) => deliver(id, Ok(&plain)),
+            Err(e) => deliver(id, Err(e)),
         });
     }
 

@@ -95,7 +95,7 @@ struct StorageSide {
 
 /// What an upload holds while its body is in memory: one of its tenant's
 /// slots and its share of the node's upload buffer (dropped together).
-pub(crate) struct UploadPermit {
+struct UploadPermit {
     _slot: tokio::sync::OwnedSemaphorePermit,
     _bytes: tokio::sync::OwnedSemaphorePermit,
 }
