@@ -37,14 +37,21 @@ impl FileTree {
     /// Places a file or symlink node at `path`, or, for a directory node,
     /// sets that directory's metadata; missing directories are created.
     pub fn insert(&mut self, path: &str, mut node: Node) -> Result<(), BackupError> {
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        let Some((name, dirs)) = parts.split_last() else {
+        let mut parts = path.split('/').filter(|p| !p.is_empty());
+        let Some(mut name) = parts.next() else {
             return Err(BackupError::NoPaths(format!("empty path {path:?}")));
         };
         let mut dir = self;
-        for d in dirs {
-            validate_name(d.as_bytes())?;
-            dir = dir.dirs.entry(d.as_bytes().to_vec()).or_default();
+        // Every component but the last is a directory; a commit of many
+        // files walks existing directories, so a name is copied only when
+        // its directory is new.
+        for next in parts {
+            validate_name(name.as_bytes())?;
+            if !dir.dirs.contains_key(name.as_bytes()) {
+                dir.dirs.insert(name.as_bytes().to_vec(), FileTree::default());
+            }
+            dir = dir.dirs.get_mut(name.as_bytes()).expect("inserted above");
+            name = next;
         }
         validate_name(name.as_bytes())?;
         node.name = name.as_bytes().to_vec();
@@ -59,18 +66,35 @@ impl FileTree {
 
     /// Saves every tree blob and returns the root's id; counts the
     /// directories into `summary`. Directories without metadata of their
-    /// own get mode 0755 and the current time.
+    /// own get mode 0755 and the current time. Sibling subtrees are saved
+    /// on all cores (a device's commit names tens of thousands of files).
     pub fn save(self, session: &WriteSession<'_>, summary: &mut Summary) -> Result<BlobId, BackupError> {
-        let mut nodes = self.files;
         let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
-        for (name, mut sub) in self.dirs {
-            let meta = sub.meta.take();
-            let subtree = sub.save(session, summary)?;
-            summary.dirs += 1;
+        let (root, dirs) = self.save_counting(session, now)?;
+        summary.dirs += dirs;
+        Ok(root)
+    }
+
+    /// [`FileTree::save`]: the root's id and the number of directories below it.
+    fn save_counting(self, session: &WriteSession<'_>, now: Timestamp) -> Result<(BlobId, u64), BackupError> {
+        use rayon::prelude::*;
+        let mut nodes = self.files;
+        let subtrees = self
+            .dirs
+            .into_par_iter()
+            .map(|(name, mut sub)| {
+                let meta = sub.meta.take();
+                let (subtree, dirs) = sub.save_counting(session, now)?;
+                Ok((name, meta, subtree, dirs))
+            })
+            .collect::<Result<Vec<_>, BackupError>>()?;
+        let mut dirs = 0;
+        for (name, meta, subtree, below) in subtrees {
+            dirs += below + 1;
             let default = stream_node(NodeKind::Dir { subtree }, 0o755, now, 0);
             nodes.push(Node { name, kind: NodeKind::Dir { subtree }, ..meta.unwrap_or(default) });
         }
-        save_tree(session, nodes)
+        Ok((save_tree(session, nodes)?, dirs))
     }
 }
 
@@ -198,5 +222,57 @@ fn chunker_io(e: crate::chunker::ChunkerError) -> std::io::Error {
     match e {
         crate::chunker::ChunkerError::Io(io) => io,
         other => std::io::Error::other(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::{LockKind, LockOptions};
+    use crate::test_support::local_repo;
+
+    fn file(size: u64) -> Node {
+        stream_node(NodeKind::File { chunks: Vec::new() }, 0o640, Timestamp { sec: 7, nsec: 0 }, size)
+    }
+
+    #[test]
+    fn a_tree_of_many_directories_saves_every_level_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = local_repo(dir.path());
+        let mut root = FileTree::default();
+        // 4 top directories of 5 subdirectories of 6 files each, and a file
+        // at the root; one directory with its own metadata.
+        for a in 0..4 {
+            for b in 0..5 {
+                for c in 0..6 {
+                    root.insert(&format!("d{a}/s{b}//f{c}"), file(c)).unwrap();
+                }
+            }
+        }
+        root.insert("top", file(1)).unwrap();
+        let meta = stream_node(NodeKind::Dir { subtree: BlobId([0; 32]) }, 0o700, Timestamp { sec: 9, nsec: 0 }, 0);
+        root.insert("d2/s3", meta).unwrap();
+        assert!(matches!(root.insert("", file(1)), Err(BackupError::NoPaths(_))));
+        assert!(root.insert("d1/../x", file(1)).is_err(), "a name that is not a plain component is refused");
+
+        let mut session = WriteSession::begin(&repo, LockKind::Shared, LockOptions::default(), 1).unwrap();
+        let mut summary = Summary::default();
+        let id = root.save(&session, &mut summary).unwrap();
+        session.flush().unwrap();
+        assert_eq!(summary.dirs, 4 + 4 * 5);
+        let top = repo.load_tree(&id).unwrap();
+        let names: Vec<&[u8]> = top.nodes().iter().map(|n| n.name.as_slice()).collect();
+        assert_eq!(names, [&b"d0"[..], b"d1", b"d2", b"d3", b"top"]);
+        for a in 0..4 {
+            for b in 0..5 {
+                for c in 0..6u64 {
+                    let node = repo.find_node(&id, &format!("d{a}/s{b}/f{c}")).unwrap().unwrap();
+                    assert_eq!((node.size, node.mode & 0o7777), (c, 0o640));
+                }
+            }
+        }
+        let s3 = repo.find_node(&id, "d2/s3").unwrap().unwrap();
+        assert_eq!((s3.mode & 0o7777, s3.mtime.sec), (0o700, 9));
+        assert_eq!(repo.find_node(&id, "d2/s2").unwrap().unwrap().mode & 0o7777, 0o755);
     }
 }

@@ -777,7 +777,12 @@ fn upload(http: &Http, batches: Receiver<(String, Batch)>) -> Result<Sent, Clien
     std::thread::scope(|s| {
         for _ in 0..BUNDLES_IN_FLIGHT {
             s.spawn(|| {
-                while let Ok((token, body)) = bundle_rx.lock().expect("bundle lock").recv() {
+                loop {
+                    // The lock only for taking a bundle: held by a `while let`
+                    // scrutinee it would last through the upload, and the
+                    // workers would send one bundle at a time.
+                    let next = bundle_rx.lock().expect("bundle lock").recv();
+                    let Ok((token, body)) = next else { break };
                     // After a failure the rest is only drained, so that the
                     // producer never blocks on a full channel.
                     if !has_failed() {
@@ -841,6 +846,82 @@ fn ask_missing(http: &Http, token: &str, batch: &Batch) -> Result<HashSet<BlobId
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A bare HTTP/1.1 server for `upload`: every chunk is missing, and
+    /// no bundle is answered until `together` bundle requests are open at
+    /// once (or 5 s passed: then 500, and the upload fails).
+    fn bundle_server(together: usize) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::Condvar;
+        use std::time::Duration;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let open = Arc::new((Mutex::new(0usize), Condvar::new()));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let open = open.clone();
+                std::thread::spawn(move || {
+                    let mut conn = BufReader::new(conn.unwrap());
+                    loop {
+                        let (mut line, mut len) = (String::new(), 0usize);
+                        if conn.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                        loop {
+                            let mut h = String::new();
+                            conn.read_line(&mut h).unwrap();
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        conn.read_exact(&mut body).unwrap();
+                        let (status, reply) = if path == "/v1/chunks/missing" {
+                            let req: MissingRequest = serde_json::from_slice(&body).unwrap();
+                            (200, serde_json::to_vec(&MissingResponse { missing: req.chunks }).unwrap())
+                        } else {
+                            let (count, arrived) = &*open;
+                            let mut n = count.lock().unwrap();
+                            *n += 1;
+                            arrived.notify_all();
+                            let wait = Duration::from_secs(5);
+                            let (n, _) = arrived.wait_timeout_while(n, wait, |n| *n < together).unwrap();
+                            let status = if *n >= together { 200 } else { 500 };
+                            (status, br#"{"stored":1,"deduplicated":0}"#.to_vec())
+                        };
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            reply.len()
+                        );
+                        let out = conn.get_mut();
+                        out.write_all(head.as_bytes()).and_then(|()| out.write_all(&reply)).unwrap();
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn bundles_are_sent_several_at_once() {
+        // Three chunks of 4 MiB make three bundles; a server that answers
+        // none until two are open at once sees them only if the workers
+        // send concurrently.
+        let file = Arc::new(FileBytes::Read(vec![7; 12 << 20]));
+        let mut batch = Batch::default();
+        for i in 0..3u8 {
+            batch.add(BlobId([i; 32]), &file, usize::from(i) * (4 << 20)..usize::from(i + 1) * (4 << 20));
+        }
+        let (tx, rx) = sync_channel(1);
+        tx.send(("token".to_owned(), batch)).unwrap();
+        drop(tx);
+        let sent = upload(&Http::new(&bundle_server(2)), rx).unwrap();
+        assert_eq!((sent.chunks, sent.bytes), (3, 12 << 20));
+    }
 
     #[test]
     fn managed_config_keys_and_defaults() {

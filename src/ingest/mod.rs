@@ -5,9 +5,11 @@
 //!
 //! The writer is one thread per tenant owning a
 //! [`WriteSession`](crate::repo::WriteSession): uploads hand it
-//! chunks over a channel; a snapshot commit flushes the packer (every pack and
-//! index segment durable) and only then writes the snapshot, so a crash loses
-//! at most chunks not yet named by a committed snapshot.
+//! verified chunks over a channel, and it seals each upload as a task on
+//! the shared rayon pool, many at once; a snapshot commit waits for the
+//! uploads before it, flushes the packer (every pack and index segment
+//! durable) and only then writes the snapshot, so a crash loses at most
+//! chunks not yet named by a committed snapshot.
 //!
 //! The writer holds the repository's shared lock only while it has work (see
 //! [`WriterTiming`] and ARCHITECTURE.md, "The storage node and prune"), so that a prune of

@@ -2,7 +2,7 @@
 //! commits over a channel (ARCHITECTURE.md, "The storage node and prune").
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,17 +48,9 @@ impl Default for WriterTiming {
 }
 
 pub(super) enum Job {
-    Put {
-        id: BlobId,
-        data: Vec<u8>,
-        reply: SyncSender<Result<(), IngestError>>,
-    },
-    /// Verified chunks of one bundle: ids and ranges into `body`.
-    PutMany {
-        body: Vec<u8>,
-        chunks: Vec<(BlobId, std::ops::Range<usize>)>,
-        reply: SyncSender<Result<(), IngestError>>,
-    },
+    /// Verified chunks of one upload (a bundle, or a single chunk): ids and
+    /// ranges into `body`.
+    Upload(Upload),
     Commit {
         owner: Owner,
         req: Box<CommitRequest>,
@@ -66,14 +58,32 @@ pub(super) enum Job {
     },
 }
 
+/// Chunks an upload verified against their ids, waiting to be sealed.
+pub(super) struct Upload {
+    body: Vec<u8>,
+    chunks: Vec<(BlobId, std::ops::Range<usize>)>,
+    reply: SyncSender<Result<(), IngestError>>,
+}
+
 impl Job {
     /// Answers a job the writer cannot take on.
     fn refuse(self, e: IngestError) {
         match self {
-            Job::Put { reply, .. } | Job::PutMany { reply, .. } => drop(reply.send(Err(e))),
+            Job::Upload(u) => drop(u.reply.send(Err(e))),
             Job::Commit { reply, .. } => drop(reply.send(Err(e))),
         }
     }
+}
+
+/// Why the writer stopped sealing uploads as they came.
+enum Stop {
+    /// A job to serve once every upload before it is sealed: a commit, or
+    /// an upload that came after a failure (it goes to a fresh packer).
+    Next(Job),
+    /// No job for `WriterTiming::idle`.
+    Idle,
+    /// Every sender is gone.
+    Closed,
 }
 
 impl Tenant {
@@ -104,9 +114,8 @@ impl Tenant {
             self.stats.chunks_deduplicated.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
-        let (reply, rx) = sync_channel(1);
-        self.send(Job::Put { id, data, reply })?;
-        rx.recv().map_err(|_| IngestError::WriterStopped)??;
+        let len = data.len();
+        self.store(data, vec![(id, 0..len)])?;
         Ok(true)
     }
 
@@ -137,9 +146,7 @@ impl Tenant {
         let stored = new.len() as u64;
         self.stats.chunks_deduplicated.fetch_add(total - stored, Ordering::Relaxed);
         if !new.is_empty() {
-            let (reply, rx) = sync_channel(1);
-            self.send(Job::PutMany { body, chunks: new, reply })?;
-            rx.recv().map_err(|_| IngestError::WriterStopped)??;
+            self.store(body, new)?;
         }
         Ok(BundleResponse { stored, deduplicated: total - stored })
     }
@@ -150,6 +157,14 @@ impl Tenant {
         check_manifest_size(&owner, &req)?;
         let (reply, rx) = sync_channel(1);
         self.send(Job::Commit { owner, req: Box::new(req), reply })?;
+        rx.recv().map_err(|_| IngestError::WriterStopped)?
+    }
+
+    /// Hands verified chunks (ranges into `body`) to the writer and waits
+    /// until they are sealed into its packs.
+    fn store(&self, body: Vec<u8>, chunks: Vec<(BlobId, std::ops::Range<usize>)>) -> Result<(), IngestError> {
+        let (reply, rx) = sync_channel(1);
+        self.send(Job::Upload(Upload { body, chunks, reply }))?;
         rx.recv().map_err(|_| IngestError::WriterStopped)?
     }
 
@@ -182,21 +197,23 @@ impl Writer {
         let mut held: Option<Held<'_>> = None;
         // After releasing for `max_hold`, when the lock may be taken again.
         let mut out_until: Option<Instant> = None;
+        // A job received but not served yet.
+        let mut next: Option<Job> = None;
         loop {
-            let job = if held.is_some() {
-                match jobs.recv_timeout(self.timing.idle) {
+            let job = match next.take() {
+                Some(job) => job,
+                None if held.is_some() => match jobs.recv_timeout(self.timing.idle) {
                     Ok(job) => job,
                     Err(RecvTimeoutError::Timeout) => {
                         self.release(held.take());
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match jobs.recv() {
+                },
+                None => match jobs.recv() {
                     Ok(job) => job,
                     Err(_) => break,
-                }
+                },
             };
             if held.is_none() {
                 if let Some(until) = out_until.take() {
@@ -212,15 +229,37 @@ impl Writer {
                 }
             }
             let h = held.as_mut().expect("held after take");
-            let mut group = Vec::new();
-            self.handle(&mut h.session, job, &mut group);
-            if group.is_empty() {
-                continue;
+            let (stop, failed) = self.seal_uploads(&h.session, job, &jobs);
+            if failed {
+                // A failed packer is sticky: it is discarded (the session
+                // goes on under the same lock and index) and what it held
+                // forgotten; devices upload it again when a commit names it.
+                h.session.discard();
+                self.pending.lock().expect("pending lock").clear();
             }
-            // Group commit: take what is already queued, so that one flush
-            // makes every waiting commit durable (fewer, larger packs).
-            while let Ok(next) = jobs.try_recv() {
-                self.handle(&mut h.session, next, &mut group);
+            let first = match stop {
+                Stop::Idle => {
+                    self.release(held.take());
+                    continue;
+                }
+                Stop::Closed => break,
+                Stop::Next(upload @ Job::Upload(_)) => {
+                    next = Some(upload);
+                    continue;
+                }
+                Stop::Next(Job::Commit { owner, req, reply }) => Pending { owner, req: *req, reply },
+            };
+            // Group commit: take the commits already queued, so that one
+            // flush makes every waiting commit durable (fewer, larger packs).
+            let mut group = vec![first];
+            while let Ok(job) = jobs.try_recv() {
+                match job {
+                    Job::Commit { owner, req, reply } => group.push(Pending { owner, req: *req, reply }),
+                    upload @ Job::Upload(_) => {
+                        next = Some(upload);
+                        break;
+                    }
+                }
             }
             if self.commit_group(h, group) {
                 // The lock may have lapsed, so others may have pruned:
@@ -236,6 +275,65 @@ impl Writer {
         // durable and indexed as when idle, so no accepted chunk needs to
         // be uploaded again; it is named by no snapshot until a commit.
         self.release(held);
+    }
+
+    /// Seals uploads as they arrive, starting with `first`, each as a task
+    /// of its own on the shared rayon pool, so that the uploads of many
+    /// requests are sealed at once and no core waits for the slowest chunk
+    /// of one upload. Stops at the first job that needs every upload before
+    /// it sealed (a commit), at an upload after a failure, when idle or
+    /// closed; returns once every upload it started is sealed and answered,
+    /// with whether any failed. Uploads in flight are bounded by the upload
+    /// requests waiting for their answer.
+    fn seal_uploads(&self, session: &WriteSession<'_>, first: Job, jobs: &Receiver<Job>) -> (Stop, bool) {
+        let failed = AtomicBool::new(false);
+        let stop = rayon::in_place_scope(|scope| {
+            let mut job = first;
+            loop {
+                let upload = match job {
+                    Job::Upload(upload) if !failed.load(Ordering::Relaxed) => upload,
+                    other => return Stop::Next(other),
+                };
+                let failed = &failed;
+                scope.spawn(move |_| {
+                    if !self.seal(session, upload) {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                });
+                job = match jobs.recv_timeout(self.timing.idle) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => return Stop::Idle,
+                    Err(RecvTimeoutError::Disconnected) => return Stop::Closed,
+                };
+            }
+        });
+        (stop, failed.into_inner())
+    }
+
+    /// Seals an upload's chunks into the session's packs on all cores (the
+    /// packer is shared by its callers, as in a local backup), records the
+    /// new ones as pending, and answers the upload. Returns whether the
+    /// packer took them (a failed packer fails every later save).
+    fn seal(&self, session: &WriteSession<'_>, upload: Upload) -> bool {
+        use rayon::prelude::*;
+        let Upload { body, chunks, reply } = upload;
+        // `put_bundle` and `put_chunk` verified every id against its bytes.
+        let saved = chunks
+            .par_iter()
+            .map(|(id, r)| session.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new)))
+            .collect::<Result<Vec<_>, RepoError>>();
+        let sealed = saved.is_ok();
+        let result = saved.map_err(IngestError::from).map(|saved| {
+            let mut pending = self.pending.lock().expect("pending lock");
+            for (id, len, new) in saved {
+                if new {
+                    pending.insert(id, len as u32);
+                    self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let _ = reply.send(result);
+        sealed
     }
 
     /// Begins a write session: the shared lock, then an index made
@@ -262,61 +360,6 @@ impl Writer {
     fn abandon(&self, held: Option<Held<'_>>) {
         self.pending.lock().expect("pending lock").clear();
         drop(held);
-    }
-
-    /// Stores an upload at once; queues a commit into `group`.
-    /// Records chunks the packer took (`(id, length, new)`) as pending; a
-    /// failed packer is sticky, so it is discarded (the session goes on under
-    /// the same lock and index) and what it held forgotten (devices re-upload
-    /// at commit).
-    fn settle_uploads(
-        &self,
-        session: &mut WriteSession<'_>,
-        saved: Result<Vec<(BlobId, usize, bool)>, RepoError>,
-    ) -> Result<(), IngestError> {
-        match saved {
-            Ok(saved) => {
-                let mut pending = self.pending.lock().expect("pending lock");
-                for (id, len, new) in saved {
-                    if new {
-                        pending.insert(id, len as u32);
-                        self.stats.chunks_stored.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => {
-                session.discard();
-                self.pending.lock().expect("pending lock").clear();
-                Err(e.into())
-            }
-        }
-    }
-
-    fn handle(&self, session: &mut WriteSession<'_>, job: Job, group: &mut Vec<Pending>) {
-        match job {
-            Job::Put { id, data, reply } => {
-                // `put_chunk` verified that `id` is the hash of `data`.
-                let saved = session.save_named(BlobKind::Data, id, &data).map(|new| vec![(id, data.len(), new)]);
-                let result = self.settle_uploads(session, saved);
-                let _ = reply.send(result);
-            }
-            Job::PutMany { body, chunks, reply } => {
-                // Sealing (compression, encryption) on all cores: the
-                // packer is shared by its callers, as in a local backup.
-                use rayon::prelude::*;
-                // `put_bundle` verified every id against its bytes.
-                let saved = chunks
-                    .par_iter()
-                    .map(|(id, r)| {
-                        session.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new))
-                    })
-                    .collect::<Result<Vec<_>, _>>();
-                let result = self.settle_uploads(session, saved);
-                let _ = reply.send(result);
-            }
-            Job::Commit { owner, req, reply } => group.push(Pending { owner, req: *req, reply }),
-        }
     }
 
     /// Prepares each commit (checks, tree blobs), then commits the ones
