@@ -1,6 +1,7 @@
 //! Large byte buffers kept for reuse, process-wide.
 //!
-//! Packs (up to 18 MiB) and ranged pack reads (up to 64 MiB) are written
+//! Packs (up to 18 MiB), ranged pack reads (up to 64 MiB), upload bodies
+//! and device bundles (8 MiB) are written
 //! into buffers that are expensive to make fresh (every page is faulted in
 //! and zeroed: 5% of a backup's CPU when each pack had a new one) and
 //! expensive to keep (a storage node serves many tenants and restores at
@@ -55,6 +56,16 @@ pub static PACK_BUFFERS: BufferPool = BufferPool::new(4);
 /// Ranged pack reads of the blob read path (`repo/read.rs`): one in use
 /// per reading thread; spares for the cores' worth of readers.
 pub static READ_BUFFERS: BufferPool = BufferPool::new(4);
+
+/// Bundle upload bodies on a storage node (up to 8 MiB each), from the
+/// request to the end of their sealing: the upload buffer
+/// (`max_upload_buffer_mib`) bounds those in use; spares for a few
+/// uploads' worth.
+pub static UPLOAD_BUFFERS: BufferPool = BufferPool::new(4);
+
+/// Bundles a device builds for upload (8 MiB each), one per sender thread
+/// in flight plus the one being filled.
+pub static BUNDLE_BUFFERS: BufferPool = BufferPool::new(6);
 
 #[cfg(test)]
 mod tests {

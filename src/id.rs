@@ -24,12 +24,37 @@ pub fn parse_hex32(s: &str) -> Result<[u8; 32], IdError> {
     if s.len() != 64 {
         return Err(IdError::Length(s.len()));
     }
-    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(IdError::NotHex(s.chars().take(80).collect()));
-    }
+    // One pass, no allocation: ids are parsed by the hundred thousand from
+    // manifests and restore plans.
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).map_err(|_| IdError::NotHex(s.to_owned()))?;
+    for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(hi), Some(lo)) => *byte = hi << 4 | lo,
+            _ => return Err(IdError::NotHex(s.chars().take(80).collect())),
+        }
+    }
     Ok(out)
+}
+
+/// Reads an id from a string of [`parse_hex32`]'s form, borrowed from the
+/// input where the format allows (no `String` per id).
+struct HexVisitor;
+
+impl serde::de::Visitor<'_> for HexVisitor {
+    type Value = [u8; 32];
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("64 lowercase hex digits")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<[u8; 32], E> {
+        parse_hex32(v).map_err(E::custom)
+    }
 }
 
 macro_rules! typed_id {
@@ -83,14 +108,15 @@ macro_rules! typed_id {
 
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                let mut hex = [0u8; 64];
+                hex::encode_to_slice(self.0, &mut hex).expect("32 bytes are 64 hex digits");
+                s.serialize_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
             }
         }
 
         impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                d.deserialize_str(HexVisitor).map(Self)
             }
         }
     };
@@ -149,6 +175,23 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json, format!("\"{}\"", "07".repeat(32)));
         assert_eq!(serde_json::from_str::<SnapshotId>(&json).unwrap(), id);
+        // An escaped string is read from serde's unescaped copy.
+        let escaped = format!("\"\\u0030\\u0037{}\"", "07".repeat(31));
+        assert_eq!(serde_json::from_str::<SnapshotId>(&escaped).unwrap(), id);
+        for bad in ["7", "null", "[7]", "\"07\"", &format!("\"{}\"", "0G".repeat(32))] {
+            assert!(serde_json::from_str::<SnapshotId>(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_hex32_takes_exactly_lowercase_hex(bytes in proptest::array::uniform32(proptest::prelude::any::<u8>()), s in "[0-9a-fA-Gz/.]{64}") {
+            proptest::prop_assert_eq!(parse_hex32(&hex::encode(bytes)), Ok(bytes));
+            let lower_hex = s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            let mut expected = [0u8; 32];
+            let decoded = hex::decode_to_slice(&s, &mut expected).is_ok() && lower_hex;
+            proptest::prop_assert_eq!(parse_hex32(&s).ok(), decoded.then_some(expected));
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use super::journal::{self, Journal, WipeReport};
 use super::remote::RemoteChunks;
 use super::{ClientError, Http};
 use crate::api::{self, *};
+use crate::buffers::BUNDLE_BUFFERS;
 use crate::chunker::{Chunker, ChunkerParams};
 use crate::crypto::IdKey;
 use crate::id::BlobId;
@@ -789,6 +790,7 @@ fn upload(http: &Http, batches: Receiver<(String, Batch)>) -> Result<Sent, Clien
                         if let Err(e) = http.post_bytes::<BundleResponse>("/v1/chunks/bundle", &token, &body) {
                             fail(e);
                         }
+                        BUNDLE_BUFFERS.give(body);
                     }
                 }
             });
@@ -804,8 +806,13 @@ fn upload(http: &Http, batches: Receiver<(String, Batch)>) -> Result<Sent, Clien
                     break;
                 }
             };
-            // Sized once: a bundle grown by doubling would copy its bytes again.
-            let new_bundle = || Vec::with_capacity(MAX_BUNDLE_BODY);
+            // Sized once (a bundle grown by doubling would copy its bytes
+            // again), and reused: a fresh one faults in every page.
+            let new_bundle = || {
+                let mut bundle = BUNDLE_BUFFERS.take();
+                bundle.reserve_exact(MAX_BUNDLE_BODY);
+                bundle
+            };
             let mut bundle = new_bundle();
             for (id, file, range) in batch.items.iter().filter(|(id, _, _)| missing.contains(id)) {
                 let data = &file[range.clone()];

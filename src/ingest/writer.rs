@@ -11,6 +11,7 @@ use super::tenants::Tenant;
 use super::{check_manifest_size, IngestError, IngestStats, Owner};
 use crate::api::{BundleResponse, CommitRequest, CommitResponse, EntryKind};
 use crate::backup::{stream_node, FileTree};
+use crate::buffers::UPLOAD_BUFFERS;
 use crate::id::{BlobId, BlobKind, SnapshotId};
 use crate::lock::{LockKind, LockOptions};
 use crate::repo::{RepoError, Repository, WriteSession};
@@ -145,7 +146,9 @@ impl Tenant {
         let new: Vec<_> = unique.into_iter().filter(|(id, _)| missing.contains(id)).collect();
         let stored = new.len() as u64;
         self.stats.chunks_deduplicated.fetch_add(total - stored, Ordering::Relaxed);
-        if !new.is_empty() {
+        if new.is_empty() {
+            UPLOAD_BUFFERS.give(body);
+        } else {
             self.store(body, new)?;
         }
         Ok(BundleResponse { stored, deduplicated: total - stored })
@@ -322,6 +325,7 @@ impl Writer {
             .par_iter()
             .map(|(id, r)| session.save_named(BlobKind::Data, *id, &body[r.clone()]).map(|new| (*id, r.len(), new)))
             .collect::<Result<Vec<_>, RepoError>>();
+        UPLOAD_BUFFERS.give(body);
         let sealed = saved.is_ok();
         let result = saved.map_err(IngestError::from).map(|saved| {
             let mut pending = self.pending.lock().expect("pending lock");

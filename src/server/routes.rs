@@ -27,6 +27,7 @@ use super::error::{ErrorCode, HttpError};
 use super::{admin, App, Role};
 use crate::api::{self, *};
 use crate::auth::token::SessionClaims;
+use crate::buffers::UPLOAD_BUFFERS;
 use crate::id::{BlobId, SnapshotId};
 use crate::ingest::{IngestError, Owner, ReadPlan};
 use crate::snapshot::Snapshot;
@@ -182,9 +183,24 @@ async fn read_bounded(
     limit: usize,
     too_large: impl Fn() -> HttpError,
 ) -> Reply<Vec<u8>> {
+    read_bounded_into(Vec::new(), headers, body, limit, too_large).await
+}
+
+/// [`read_bounded`] into `buf` (emptied first; a buffer taken from a pool
+/// saves faulting in a fresh one for every upload).
+async fn read_bounded_into(
+    mut buf: Vec<u8>,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    too_large: impl Fn() -> HttpError,
+) -> Reply<Vec<u8>> {
     let declared = content_length(headers);
     let keep = declared <= limit as u64;
-    let mut buf = Vec::with_capacity(if keep { declared as usize } else { 0 });
+    buf.clear();
+    if keep {
+        buf.reserve_exact(declared as usize);
+    }
     let mut read = 0usize;
     let mut frames = body.into_data_stream();
     while let Some(frame) = frames.next().await {
@@ -534,7 +550,7 @@ async fn put_bundle(
     let max_chunk = tenant.repo().config().chunker.max_size as usize;
     let limit = MAX_BUNDLE_BODY.max(max_chunk + BUNDLE_FRAME_HEADER);
     let too_large = || HttpError::too_large(ErrorCode::BundleTooLarge, format!("bundles are at most {limit} bytes"));
-    let data = read_bounded(&headers, body, limit, too_large).await?;
+    let data = read_bounded_into(UPLOAD_BUFFERS.take(), &headers, body, limit, too_large).await?;
     blocking(move || {
         let chunks = api::parse_bundle(&data, max_chunk).map_err(HttpError::bad_bundle)?;
         let sizes: Vec<_> = chunks.iter().map(|(id, r)| (*id, r.len())).collect();
