@@ -721,3 +721,32 @@ fn a_client_that_stops_reading_a_restore_stream_loses_its_turn() {
     assert!(rest.len() < 24 << 20, "the stalled stream was not cut ({} bytes)", rest.len());
     drop(stalled);
 }
+
+#[test]
+fn a_commit_at_the_deepest_allowed_paths_is_stored_and_planned_without_harm() {
+    // A 4 KiB path of one-letter names is 2,048 levels: the node builds and
+    // saves its trees (once a recursion that overflowed a stack and aborted
+    // the whole node) and walks them for a restore plan.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("root"), &[]);
+    let u = &server.url;
+    let s = session(dir.path(), u, "acme", "d1");
+    let depth = 2048;
+    let chain = vec!["a"; depth - 1].join("/");
+    let mut files = vec![format!(r#"{{"path":"{chain}/f","mode":420,"mtime":0,"size":0,"chunks":[]}}"#)];
+    for d in 1..100 {
+        let fork = vec!["a"; d].join("/");
+        files.push(format!(r#"{{"path":"{fork}/b","mode":420,"mtime":0,"size":0,"chunks":[]}}"#));
+    }
+    let body = format!(r#"{{"hostname":"h","paths":["/a"],"files":[{}]}}"#, files.join(","));
+    let (status, resp) = http("POST", &format!("{u}/v1/snapshots"), Some(&s), Some(body.as_bytes()));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let id = serde_json::from_slice::<serde_json::Value>(&resp).unwrap()["id"].as_str().unwrap().to_owned();
+    let (status, plan) = http("POST", &format!("{u}/v1/snapshots/{id}/restore-plan"), Some(&s), Some(b"{}"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&plan));
+    let plan: serde_json::Value = serde_json::from_slice(&plan).unwrap();
+    let entries = plan["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), (depth - 1) + 100, "every directory and file of the commit");
+    assert!(entries.iter().any(|e| e["path"].as_str() == Some(&format!("{chain}/f"))));
+    assert_eq!(http("GET", &format!("{u}/healthz"), None, None).0, 200);
+}

@@ -66,36 +66,67 @@ impl FileTree {
 
     /// Saves every tree blob and returns the root's id; counts the
     /// directories into `summary`. Directories without metadata of their
-    /// own get mode 0755 and the current time. Sibling subtrees are saved
-    /// on all cores (a device's commit names tens of thousands of files).
+    /// own get mode 0755 and the current time.
+    ///
+    /// Level by level from the deepest, each level's trees on all cores (a
+    /// device's commit names tens of thousands of files), and without
+    /// recursion: a manifest's paths may be 2,048 levels deep, and a
+    /// recursive save (rayon's frames at every level) overflowed a stack.
     pub fn save(self, session: &WriteSession<'_>, summary: &mut Summary) -> Result<BlobId, BackupError> {
+        use rayon::prelude::*;
         let now = Timestamp { sec: chrono::Utc::now().timestamp(), nsec: 0 };
-        let (root, dirs) = self.save_counting(session, now)?;
-        summary.dirs += dirs;
+        // Every directory once, parents before children, with its depth.
+        let mut flat: Vec<(usize, SavedDir)> = Vec::new();
+        let mut todo = vec![(None, 0, Vec::new(), self)];
+        while let Some((parent, depth, name, mut tree)) = todo.pop() {
+            let index = flat.len();
+            for (child, sub) in std::mem::take(&mut tree.dirs) {
+                todo.push((Some(index), depth + 1, child, sub));
+            }
+            flat.push((
+                depth,
+                SavedDir { parent, name, meta: tree.meta.take(), nodes: std::mem::take(&mut tree.files) },
+            ));
+        }
+        summary.dirs += flat.len() as u64 - 1;
+        let deepest = flat.iter().map(|(depth, _)| *depth).max().unwrap_or(0);
+        let mut levels: Vec<Vec<SavedDir>> = (0..=deepest).map(|_| Vec::new()).collect();
+        let mut slot = Vec::with_capacity(flat.len());
+        for (depth, dir) in flat {
+            // A directory's place in its level, for its children to find it.
+            slot.push((depth, levels[depth].len()));
+            levels[depth].push(dir);
+        }
+        // The level below, saved: each directory (its nodes gone) and its tree id.
+        let mut saved_below: Vec<(SavedDir, BlobId)> = Vec::new();
+        while let Some(mut level) = levels.pop() {
+            for (dir, subtree) in saved_below.drain(..) {
+                let (_, at) = slot[dir.parent.expect("only the root has no parent, and it is saved last")];
+                let default = stream_node(NodeKind::Dir { subtree }, 0o755, now, 0);
+                let node = Node { name: dir.name, kind: NodeKind::Dir { subtree }, ..dir.meta.unwrap_or(default) };
+                level[at].nodes.push(node);
+            }
+            saved_below = level
+                .into_par_iter()
+                .map(|mut dir| {
+                    let id = save_tree(session, std::mem::take(&mut dir.nodes))?;
+                    Ok((dir, id))
+                })
+                .collect::<Result<_, BackupError>>()?;
+        }
+        let (_, root) = saved_below.pop().expect("the root level holds the root");
         Ok(root)
     }
+}
 
-    /// [`FileTree::save`]: the root's id and the number of directories below it.
-    fn save_counting(self, session: &WriteSession<'_>, now: Timestamp) -> Result<(BlobId, u64), BackupError> {
-        use rayon::prelude::*;
-        let mut nodes = self.files;
-        let subtrees = self
-            .dirs
-            .into_par_iter()
-            .map(|(name, mut sub)| {
-                let meta = sub.meta.take();
-                let (subtree, dirs) = sub.save_counting(session, now)?;
-                Ok((name, meta, subtree, dirs))
-            })
-            .collect::<Result<Vec<_>, BackupError>>()?;
-        let mut dirs = 0;
-        for (name, meta, subtree, below) in subtrees {
-            dirs += below + 1;
-            let default = stream_node(NodeKind::Dir { subtree }, 0o755, now, 0);
-            nodes.push(Node { name, kind: NodeKind::Dir { subtree }, ..meta.unwrap_or(default) });
-        }
-        Ok((save_tree(session, nodes)?, dirs))
-    }
+/// A directory of a [`FileTree`] on its way to being saved.
+struct SavedDir {
+    /// Its parent's index in the flattened tree (`None` for the root).
+    parent: Option<usize>,
+    name: Vec<u8>,
+    meta: Option<Node>,
+    /// Its files, then its subdirectories once they are saved.
+    nodes: Vec<Node>,
 }
 
 /// Backs up the files an iterator yields into one snapshot whose root holds
@@ -233,6 +264,36 @@ mod tests {
 
     fn file(size: u64) -> Node {
         stream_node(NodeKind::File { chunks: Vec::new() }, 0o640, Timestamp { sec: 7, nsec: 0 }, size)
+    }
+
+    #[test]
+    fn the_deepest_paths_a_manifest_allows_save_without_exhausting_a_stack() {
+        // 2,048 levels (a 4 KiB path of one-letter names), as one chain and
+        // as two chains at every level (so every level splits), saved from
+        // a thread with the default 2 MiB stack like the tenant writer.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = local_repo(dir.path());
+        let depth = crate::api::MAX_MANIFEST_PATH / 2;
+        let chain = vec!["a"; depth - 1].join("/");
+        let mut root = FileTree::default();
+        root.insert(&format!("{chain}/f"), file(1)).unwrap();
+        for d in 1..200 {
+            let fork = vec!["a"; d].join("/");
+            root.insert(&format!("{fork}/b/f"), file(2)).unwrap();
+        }
+        let session = WriteSession::begin(&repo, LockKind::Shared, LockOptions::default(), 1).unwrap();
+        let dirs = std::thread::scope(|s| {
+            let saved = std::thread::Builder::new().stack_size(2 << 20).spawn_scoped(s, || {
+                // A commit refused after its tree was built drops it unsaved.
+                let mut unsaved = FileTree::default();
+                unsaved.insert(&format!("{chain}/f"), file(1)).unwrap();
+                drop(unsaved);
+                let mut summary = Summary::default();
+                root.save(&session, &mut summary).map(|_| summary.dirs)
+            });
+            saved.unwrap().join().unwrap().unwrap()
+        });
+        assert_eq!(dirs, (depth - 1 + 199) as u64);
     }
 
     #[test]
