@@ -57,10 +57,10 @@ pub static PACK_BUFFERS: BufferPool = BufferPool::new(4);
 /// per reading thread; spares for the cores' worth of readers.
 pub static READ_BUFFERS: BufferPool = BufferPool::new(4);
 
-/// Bundle upload bodies on a storage node (up to 8 MiB each), from the
-/// request to the end of their sealing: the upload buffer
-/// (`max_upload_buffer_mib`) bounds those in use; spares for a few
-/// uploads' worth.
+/// Upload bodies on a storage node (bundles up to 8 MiB, single chunks),
+/// from the request to the end of their sealing: the upload buffer
+/// (`max_upload_buffer_mib`) bounds the declared bytes in use; a reused
+/// buffer may be larger than the body it holds, by at most these spares.
 pub static UPLOAD_BUFFERS: BufferPool = BufferPool::new(4);
 
 /// Bundles a device builds for upload (8 MiB each), one per sender thread

@@ -67,19 +67,14 @@ impl Repository {
     /// could not be read. Packs are read in parallel, each in offset order;
     /// `deliver` is called from several threads.
     pub fn read_blobs(&self, packs: &[PackBlobs], deliver: &DeliverBlob<'_>) {
-        self.read_blobs_with(packs, IdCheck::Rehash, deliver);
+        packs.par_iter().for_each(|(pack, blobs)| self.read_pack_blobs(pack, blobs, IdCheck::Rehash, deliver));
     }
 
-    /// [`Repository::read_blobs`] with the id check `check` asks for
-    /// ([`IdCheck::ReaderVerifies`] only for bytes handed to a reader that
-    /// hashes each blob against its id itself).
-    pub fn read_blobs_with(&self, packs: &[PackBlobs], check: IdCheck, deliver: &DeliverBlob<'_>) {
-        packs.par_iter().for_each(|(pack, blobs)| self.read_pack_blobs(pack, blobs, check, deliver));
-    }
-
-    /// [`Repository::read_blobs_with`] for one pack, on the calling thread:
-    /// for a `deliver` that may block for long (on a network client), which
-    /// must not hold the shared rayon pool meanwhile.
+    /// [`Repository::read_blobs`] for one pack, on the calling thread, with
+    /// the id check `check` asks for ([`IdCheck::ReaderVerifies`] only for
+    /// bytes handed to a reader that hashes each blob against its id
+    /// itself). For a `deliver` that may block for long (a network client),
+    /// which must not hold the shared rayon pool meanwhile.
     pub fn read_pack_blobs(
         &self,
         pack: &PackId,

@@ -514,7 +514,8 @@ async fn put_chunk(
     let tenant = blocking(move || Ok(app2.storage()?.tenants.hold(&owner.tenant)?)).await?;
     let max = tenant.repo().config().chunker.max_size as usize;
     let too_large = || HttpError::too_large(ErrorCode::ChunkTooLarge, format!("chunks are at most {max} bytes"));
-    let data = read_bounded(&headers, body, max, too_large).await?;
+    // Pooled like a bundle's body: the writer gives both back once sealed.
+    let data = read_bounded_into(UPLOAD_BUFFERS.take(), &headers, body, max, too_large).await?;
     let new = blocking(move || {
         let admitted = app.storage()?.quotas.admit(name.as_str(), &tenant, &[(id, data.len())])?;
         let new = tenant.put_chunk(id, data)?;
