@@ -1,8 +1,7 @@
 //! Large byte buffers kept for reuse, process-wide.
 //!
-//! Packs (up to 18 MiB), ranged pack reads (up to 64 MiB), upload bodies
-//! and device bundles (8 MiB) are written
-//! into buffers that are expensive to make fresh (every page is faulted in
+//! Packs (up to 18 MiB), ranged pack reads (up to 64 MiB) and a storage
+//! node's upload bodies (8 MiB) are written into buffers that are expensive to make fresh (every page is faulted in
 //! and zeroed: 5% of a backup's CPU when each pack had a new one) and
 //! expensive to keep (a storage node serves many tenants and restores at
 //! once). Each kind has one pool shared by every repository in the process:
@@ -62,10 +61,6 @@ pub static READ_BUFFERS: BufferPool = BufferPool::new(4);
 /// (`max_upload_buffer_mib`) bounds the declared bytes in use; a reused
 /// buffer may be larger than the body it holds, by at most these spares.
 pub static UPLOAD_BUFFERS: BufferPool = BufferPool::new(4);
-
-/// Bundles a device builds for upload (8 MiB each), one per sender thread
-/// in flight plus the one being filled.
-pub static BUNDLE_BUFFERS: BufferPool = BufferPool::new(6);
 
 #[cfg(test)]
 mod tests {

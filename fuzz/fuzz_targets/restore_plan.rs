@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(wire) = serde_json::from_slice::<RestorePlanResponse>(data) else { return };
-    if let Ok(plan) = plan_from_wire(&wire) {
+    if let Ok(plan) = plan_from_wire(wire.entries) {
         for e in plan.dirs.iter().chain(&plan.files).chain(&plan.symlinks) {
             assert!(!e.rel.as_os_str().is_empty());
             assert!(e.rel.components().all(|c| matches!(c, Component::Normal(_))), "{:?}", e.rel);

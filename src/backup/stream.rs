@@ -64,6 +64,41 @@ impl FileTree {
         Ok(())
     }
 
+    /// Adds what `later` holds as if its inserts had come after this tree's
+    /// (files appended, a directory's metadata replaced where `later` has
+    /// it), so that trees built from consecutive slices of a manifest on
+    /// several cores merge into the tree one pass would build. Without
+    /// recursion: paths may be 2,048 levels deep.
+    pub fn merge(&mut self, later: FileTree) {
+        use std::collections::btree_map::Entry;
+        let mut todo = vec![(self, later)];
+        while let Some((into, from)) = todo.pop() {
+            into.files.extend(from.files);
+            if from.meta.is_some() {
+                into.meta = from.meta;
+            }
+            // Directories both have are merged below; the rest move over.
+            let mut both = BTreeMap::new();
+            for (name, sub) in from.dirs {
+                match into.dirs.entry(name) {
+                    Entry::Occupied(o) => {
+                        both.insert(o.key().clone(), sub);
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(sub);
+                    }
+                }
+            }
+            if !both.is_empty() {
+                for (name, child) in into.dirs.iter_mut() {
+                    if let Some(sub) = both.remove(name) {
+                        todo.push((child, sub));
+                    }
+                }
+            }
+        }
+    }
+
     /// Saves every tree blob and returns the root's id; counts the
     /// directories into `summary`. Directories without metadata of their
     /// own get mode 0755 and the current time.
@@ -335,5 +370,48 @@ mod tests {
         let s3 = repo.find_node(&id, "d2/s3").unwrap().unwrap();
         assert_eq!((s3.mode & 0o7777, s3.mtime.sec), (0o700, 9));
         assert_eq!(repo.find_node(&id, "d2/s2").unwrap().unwrap().mode & 0o7777, 0o755);
+    }
+    /// Every directory (path, metadata, files in order), depth first.
+    fn listing(tree: &FileTree, path: String, out: &mut Vec<(String, Option<Node>, Vec<Node>)>) {
+        out.push((path.clone(), tree.meta.clone(), tree.files.clone()));
+        for (name, sub) in &tree.dirs {
+            listing(sub, format!("{path}/{}", String::from_utf8_lossy(name)), out);
+        }
+    }
+
+    proptest::proptest! {
+        /// Trees built from consecutive slices of a manifest and merged in
+        /// order are the tree one pass builds: same directories, files in
+        /// the same order, the last metadata given for a directory.
+        #[test]
+        fn slices_merged_in_order_are_the_tree_one_pass_builds(
+            entries in proptest::collection::vec(("[ab]{1,2}(/[ab]{1,2}){0,3}", proptest::bool::ANY, 0u64..4), 0..40),
+            cuts in proptest::collection::vec(0usize..40, 0..4),
+        ) {
+            let node = |is_dir: bool, size: u64| {
+                let kind = if is_dir { NodeKind::Dir { subtree: BlobId([0; 32]) } } else { NodeKind::File { chunks: Vec::new() } };
+                stream_node(kind, 0o700 + size as u32, Timestamp { sec: size as i64, nsec: 0 }, if is_dir { 0 } else { size })
+            };
+            let mut whole = FileTree::default();
+            for (path, is_dir, size) in &entries {
+                whole.insert(path, node(*is_dir, *size)).unwrap();
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(entries.len())).collect();
+            cuts.push(0);
+            cuts.push(entries.len());
+            cuts.sort_unstable();
+            let mut merged = FileTree::default();
+            for w in cuts.windows(2) {
+                let mut part = FileTree::default();
+                for (path, is_dir, size) in &entries[w[0]..w[1]] {
+                    part.insert(path, node(*is_dir, *size)).unwrap();
+                }
+                merged.merge(part);
+            }
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            listing(&whole, String::new(), &mut a);
+            listing(&merged, String::new(), &mut b);
+            proptest::prop_assert_eq!(a, b);
+        }
     }
 }

@@ -7,9 +7,11 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use super::tenants::Tenant;
 use super::{check_manifest_size, IngestError, IngestStats, Owner};
-use crate::api::{BundleResponse, CommitRequest, CommitResponse, EntryKind};
+use crate::api::{BundleResponse, CommitRequest, CommitResponse, EntryKind, ManifestFile};
 use crate::backup::{stream_node, FileTree};
 use crate::buffers::UPLOAD_BUFFERS;
 use crate::id::{BlobId, BlobKind, SnapshotId};
@@ -397,7 +399,6 @@ impl Writer {
     fn prepare(&self, session: &WriteSession<'_>, owner: Owner, req: CommitRequest) -> Result<Snapshot, IngestError> {
         let started = std::time::Instant::now();
         let mut summary = Summary::default();
-        let mut root = FileTree::default();
         {
             let index = self.repo.index();
             let pending = self.pending.lock().expect("pending lock");
@@ -421,20 +422,28 @@ impl Writer {
             }
         }
         let origin = super::origin(&owner, &req);
-        for f in req.files {
+        for f in req.files.iter().filter(|f| f.kind == EntryKind::File) {
+            summary.files_new += 1;
+            summary.total_bytes += f.size;
+        }
+        // Built on all cores, slice by slice, and merged in manifest order.
+        let insert = |mut tree: FileTree, f: ManifestFile| {
             let mtime = Timestamp { sec: f.mtime, nsec: f.mtime_nsec };
             let kind = match f.kind {
-                EntryKind::File => {
-                    summary.files_new += 1;
-                    summary.total_bytes += f.size;
-                    NodeKind::File { chunks: f.chunks }
-                }
+                EntryKind::File => NodeKind::File { chunks: f.chunks },
                 // The subtree is filled in when the directory's tree is saved.
                 EntryKind::Dir => NodeKind::Dir { subtree: BlobId([0; 32]) },
                 EntryKind::Symlink => NodeKind::Symlink { target: f.target.unwrap_or_default().into_bytes() },
             };
-            root.insert(&f.path, stream_node(kind, f.mode, mtime, f.size))?;
-        }
+            tree.insert(&f.path, stream_node(kind, f.mode, mtime, f.size)).map(|()| tree)
+        };
+        let root = req.files.into_par_iter().with_min_len(4096).try_fold(FileTree::default, insert).try_reduce(
+            FileTree::default,
+            |mut earlier, later| {
+                earlier.merge(later);
+                Ok(earlier)
+            },
+        )?;
         let tree = root.save(session, &mut summary)?;
         summary.duration_secs = started.elapsed().as_secs_f64();
         Ok(origin.snapshot(chrono::Utc::now().fixed_offset(), tree, summary))

@@ -171,10 +171,7 @@ mod tests {
             device: device.into(),
             policies: Default::default(),
         };
-        let req: api::CommitRequest = serde_json::from_value(serde_json::json!({
-            "hostname": "h", "paths": ["/d"], "files": []
-        }))
-        .unwrap();
+        let req = api::CommitRequest { hostname: "h".into(), paths: vec!["/d".into()], tags: vec![], files: vec![] };
         t.commit(owner, req).unwrap().id
     }
 

@@ -665,20 +665,21 @@ fn tree_entry(n: &Node) -> TreeEntry {
 /// A device's restore plan on the wire: every entry with its metadata, and
 /// every chunk once in pack order.
 fn restore_plan_response(read: ReadPlan) -> RestorePlanResponse {
-    let wire = |e: &crate::restore::PlanEntry| {
-        let n = &e.node;
-        let (kind, chunks, target) = match &n.kind {
-            NodeKind::File { chunks } => (EntryKind::File, chunks.clone(), None),
+    // Entries taken apart, not copied: a plan may hold 42,000 files.
+    let wire = |e: crate::restore::PlanEntry| {
+        let n = e.node;
+        let (kind, chunks, target) = match n.kind {
+            NodeKind::File { chunks } => (EntryKind::File, chunks, None),
             NodeKind::Dir { .. } => (EntryKind::Dir, Vec::new(), None),
             NodeKind::Symlink { target } => {
-                (EntryKind::Symlink, Vec::new(), Some(String::from_utf8_lossy(target).into_owned()))
+                (EntryKind::Symlink, Vec::new(), Some(String::from_utf8_lossy(&target).into_owned()))
             }
             // Not reached: fifos and devices are in `plan.specials`, which
             // a device is not sent.
             NodeKind::Special { .. } => (EntryKind::File, Vec::new(), None),
         };
         PlanEntry {
-            path: e.rel.to_string_lossy().into_owned(),
+            path: e.rel.into_os_string().into_string().unwrap_or_else(|p| p.to_string_lossy().into_owned()),
             kind,
             mode: n.mode & 0o7777,
             uid: n.uid,
@@ -690,8 +691,8 @@ fn restore_plan_response(read: ReadPlan) -> RestorePlanResponse {
             target,
         }
     };
-    let plan = &read.plan;
-    let entries = plan.dirs.iter().chain(&plan.files).chain(&plan.symlinks).map(wire).collect();
+    let plan = read.plan;
+    let entries = plan.dirs.into_iter().chain(plan.files).chain(plan.symlinks).map(wire).collect();
     let chunks = read.chunks.into_iter().map(|(id, len)| PlanChunk { id, len }).collect();
     RestorePlanResponse { entries, chunks }
 }
