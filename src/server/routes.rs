@@ -620,18 +620,14 @@ async fn tree(
     params(("id" = String, Path, description = "The snapshot id (64 hex digits)", pattern = "^[0-9a-f]{64}$")),
     request_body = RestorePlanRequest,
     responses((status = 200, description = "Every entry to create, and the chunks needed in the order they read fastest", body = RestorePlanResponse)))]
-async fn restore_plan(
-    State(app): AppState,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Body,
-) -> Reply<Json<RestorePlanResponse>> {
+async fn restore_plan(State(app): AppState, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Reply<Response> {
     let owner = app.session(&headers)?;
     let id = snapshot_id(&id)?;
     let req: RestorePlanRequest = parse(&headers, body, MAX_JSON_BODY * 16).await?;
     blocking(move || {
         let plan = app.storage()?.tenants.hold(&owner.tenant)?.restore_plan(&owner, &id, &req.include)?;
-        Ok(Json(restore_plan_response(plan)))
+        let json = restore_plan_response(plan).to_json();
+        Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
     })
     .await
 }
