@@ -581,6 +581,14 @@ pub struct CommitRequest {
     pub files: Vec<ManifestFile>,
 }
 
+/// Arrays shorter than this (a manifest's or a restore plan's entries) are
+/// parsed, checked, encoded and built on the calling thread: on all cores
+/// only where that pays. Small manifests from many devices handled on the
+/// rayon threads made a storage node's RSS grow round after round under
+/// the 64-device load (351 -> 511 MiB over 24 rounds, against 418 -> 476
+/// when they stayed on the request's thread).
+pub const ON_ALL_CORES_FROM: usize = 4096;
+
 /// A large array (a manifest's or a restore plan's 42,000 entries) parsed
 /// on all cores: split into its items' JSON text first, then each item is
 /// parsed (a 42,000-file manifest is otherwise 40 ms on one core while the
@@ -594,8 +602,12 @@ where
     use rayon::prelude::*;
     use serde::de::Error;
     let raw: Vec<&'de serde_json::value::RawValue> = Vec::deserialize(d)?;
-    let parsed: Vec<Result<T, serde_json::Error>> =
-        raw.par_iter().with_min_len(1024).map(|r| serde_json::from_str(r.get())).collect();
+    let parse = |r: &&serde_json::value::RawValue| serde_json::from_str(r.get());
+    let parsed: Vec<Result<T, serde_json::Error>> = if raw.len() < ON_ALL_CORES_FROM {
+        raw.iter().map(parse).collect()
+    } else {
+        raw.par_iter().with_min_len(1024).map(parse).collect()
+    };
     // The first bad item's error, whichever core met it.
     parsed.into_iter().enumerate().map(|(i, r)| r.map_err(|e| D::Error::custom(format!("entry {i}: {e}")))).collect()
 }
@@ -604,6 +616,10 @@ where
 /// encoded apart, then joined): the counterpart of `array_on_all_cores`.
 fn push_array_on_all_cores<T: Serialize + Sync>(items: &[T], out: &mut Vec<u8>) {
     use rayon::prelude::*;
+    if items.len() < ON_ALL_CORES_FROM {
+        serde_json::to_writer(out, items).expect("plan entries encode");
+        return;
+    }
     let parts: Vec<Vec<u8>> = items
         .par_chunks(1024)
         .map(|slice| {
@@ -663,7 +679,12 @@ impl Validate for CommitRequest {
             }
             Ok(())
         };
-        match self.files.par_iter().with_min_len(1024).find_map_first(|f| check(f).err()) {
+        let first_bad = if self.files.len() < ON_ALL_CORES_FROM {
+            self.files.iter().find_map(|f| check(f).err())
+        } else {
+            self.files.par_iter().with_min_len(1024).find_map_first(|f| check(f).err())
+        };
+        match first_bad {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -1291,8 +1312,9 @@ mod tests {
             chunks: vec![BlobId([(i % 251) as u8; 32]); i % 3],
             target: (i % 5 == 0).then(|| format!("t{i}")),
         };
-        // Empty, one slice, a full slice and one more, several slices.
-        for n in [0, 1, 1024, 1025, 3000] {
+        // Empty, one entry, on the calling thread up to the threshold, on
+        // all cores from it (one full slice of 1,024 more, several).
+        for n in [0, 1, ON_ALL_CORES_FROM - 1, ON_ALL_CORES_FROM, ON_ALL_CORES_FROM + 1024, 9000] {
             let plan = RestorePlanResponse {
                 entries: (0..n).map(entry).collect(),
                 chunks: (0..n / 2).map(|i| PlanChunk { id: BlobId([(i % 13) as u8; 32]), len: i as u32 }).collect(),

@@ -259,6 +259,26 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_large_enough_to_be_built_on_all_cores_is_the_tree_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenants(dir.path()).get(&acme()).unwrap();
+        let data = b"shared".to_vec();
+        let id = t.repo().blob_id(&data);
+        t.put_chunk(id, data.clone()).unwrap();
+        // Directories spread over every slice, files in manifest order.
+        let n = crate::api::ON_ALL_CORES_FROM * 2 + 7;
+        let files = (0..n).map(|i| file_entry(&format!("top/d{}/f{i:05}", i % 50), 6, vec![id])).collect();
+        let done = t.commit(owner("a"), commit_of(files)).unwrap();
+        assert_eq!(done.files, n as u64);
+        let top = t.tree(&owner("a"), &done.id, "top").unwrap();
+        assert_eq!(top.len(), 50);
+        let d7 = t.tree(&owner("a"), &done.id, "top/d7").unwrap();
+        let names: Vec<String> = d7.iter().map(|n| n.name_lossy()).collect();
+        let expected: Vec<String> = (0..n).filter(|i| i % 50 == 7).map(|i| format!("f{i:05}")).collect();
+        assert_eq!(names, expected);
+    }
+
+    #[test]
     fn concurrent_commits_all_land_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let t = tenants(dir.path()).get(&acme()).unwrap();

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::tenants::Tenant;
 use super::{check_manifest_size, IngestError, IngestStats, Owner};
-use crate::api::{BundleResponse, CommitRequest, CommitResponse, EntryKind, ManifestFile};
+use crate::api::{BundleResponse, CommitRequest, CommitResponse, EntryKind, ManifestFile, ON_ALL_CORES_FROM};
 use crate::backup::{stream_node, FileTree};
 use crate::buffers::UPLOAD_BUFFERS;
 use crate::id::{BlobId, BlobKind, SnapshotId};
@@ -426,7 +426,8 @@ impl Writer {
             summary.files_new += 1;
             summary.total_bytes += f.size;
         }
-        // Built on all cores, slice by slice, and merged in manifest order.
+        // A large manifest's tree is built on all cores, slice by slice,
+        // and merged in manifest order.
         let insert = |mut tree: FileTree, f: ManifestFile| {
             let mtime = Timestamp { sec: f.mtime, nsec: f.mtime_nsec };
             let kind = match f.kind {
@@ -437,13 +438,17 @@ impl Writer {
             };
             tree.insert(&f.path, stream_node(kind, f.mode, mtime, f.size)).map(|()| tree)
         };
-        let root = req.files.into_par_iter().with_min_len(4096).try_fold(FileTree::default, insert).try_reduce(
-            FileTree::default,
-            |mut earlier, later| {
-                earlier.merge(later);
-                Ok(earlier)
-            },
-        )?;
+        let root = if req.files.len() < ON_ALL_CORES_FROM {
+            req.files.into_iter().try_fold(FileTree::default(), insert)?
+        } else {
+            req.files.into_par_iter().with_min_len(4096).try_fold(FileTree::default, insert).try_reduce(
+                FileTree::default,
+                |mut earlier, later| {
+                    earlier.merge(later);
+                    Ok(earlier)
+                },
+            )?
+        };
         let tree = root.save(session, &mut summary)?;
         summary.duration_secs = started.elapsed().as_secs_f64();
         Ok(origin.snapshot(chrono::Utc::now().fixed_offset(), tree, summary))
