@@ -214,6 +214,15 @@ mod tests {
         TenantName::new("acme").unwrap()
     }
 
+    /// Tenant `acme` in `dir`, holding one stored chunk of `data`, and that
+    /// chunk's id.
+    pub(super) fn acme_with_chunk(dir: &std::path::Path, data: &[u8]) -> (std::sync::Arc<Tenant>, BlobId) {
+        let t = tenants(dir).get(&acme()).unwrap();
+        let id = t.repo().blob_id(data);
+        t.put_chunk(id, data.to_vec()).unwrap();
+        (t, id)
+    }
+
     pub(super) fn owner(user: &str) -> Owner {
         Owner { tenant: acme(), user: user.into(), device: "d1".into(), policies: Policies::default() }
     }
@@ -261,10 +270,7 @@ mod tests {
     #[test]
     fn a_manifest_large_enough_to_be_built_on_all_cores_is_the_tree_it_names() {
         let dir = tempfile::tempdir().unwrap();
-        let t = tenants(dir.path()).get(&acme()).unwrap();
-        let data = b"shared".to_vec();
-        let id = t.repo().blob_id(&data);
-        t.put_chunk(id, data.clone()).unwrap();
+        let (t, id) = acme_with_chunk(dir.path(), b"shared");
         // Directories spread over every slice, files in manifest order.
         let n = crate::api::ON_ALL_CORES_FROM * 2 + 7;
         let files = (0..n).map(|i| file_entry(&format!("top/d{}/f{i:05}", i % 50), 6, vec![id])).collect();
@@ -308,10 +314,7 @@ mod tests {
     #[test]
     fn a_policy_keeps_reads_to_the_devices_own_snapshots() {
         let dir = tempfile::tempdir().unwrap();
-        let t = tenants(dir.path()).get(&acme()).unwrap();
-        let data = b"phone data".to_vec();
-        let id = t.repo().blob_id(&data);
-        t.put_chunk(id, data.clone()).unwrap();
+        let (t, id) = acme_with_chunk(dir.path(), b"phone data");
         let req = commit_of(vec![file_entry("f", 10, vec![id])]);
         let phone = Owner { device: "phone".into(), ..owner("a") };
         let done = t.commit(phone.clone(), req).unwrap();
