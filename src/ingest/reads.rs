@@ -139,13 +139,14 @@ impl Tenant {
     pub fn restore_plan(&self, owner: &Owner, id: &SnapshotId, include: &[String]) -> Result<ReadPlan, IngestError> {
         let snapshot = self.readable_snapshot(owner, id)?;
         let plan = crate::restore::plan(&self.repo, &snapshot, include).map_err(IngestError::from)?;
+        let needed = plan.chunks();
         if include.is_empty() {
             // The chunk reads that follow check each chunk against this
             // set; without it the first of them walks the snapshot's
             // trees again (60 ms for 42,000 files) while the device waits.
-            self.remember_chunks(id, &plan);
+            self.remember_chunks(id, &needed);
         }
-        let (packs, missing) = self.repo.plan_blob_reads(plan.chunks());
+        let (packs, missing) = self.repo.plan_blob_reads(needed);
         if let Some(id) = missing.first() {
             return Err(IngestError::Repo(RepoError::MissingBlob(*id)));
         }
@@ -188,13 +189,13 @@ impl Tenant {
             return Ok(set);
         }
         let plan = crate::restore::plan(&self.repo, snapshot, &[]).map_err(IngestError::from)?;
-        Ok(self.remember_chunks(id, &plan))
+        Ok(self.remember_chunks(id, &plan.chunks()))
     }
 
-    /// Caches the chunks of `plan`, a whole snapshot's restore plan, as
-    /// the snapshot's [`ChunkSets`] entry.
-    fn remember_chunks(&self, id: &SnapshotId, plan: &crate::restore::RestorePlan) -> Arc<HashSet<BlobId>> {
-        let set: Arc<HashSet<BlobId>> = Arc::new(plan.chunks().into_iter().collect());
+    /// Caches `chunks`, those of a whole snapshot's restore plan, as the
+    /// snapshot's [`ChunkSets`] entry.
+    fn remember_chunks(&self, id: &SnapshotId, chunks: &[BlobId]) -> Arc<HashSet<BlobId>> {
+        let set: Arc<HashSet<BlobId>> = Arc::new(chunks.iter().copied().collect());
         self.chunk_sets.put(&self.name, *id, set.clone());
         set
     }
